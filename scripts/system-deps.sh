@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the system packages the project needs when they are missing (as root, Debian/Ubuntu):
+# redis-server, Java and Maven for the Kafka broker, nftables and iproute2 for the agent tests.
+set -euo pipefail
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+command -v nft >/dev/null || missing+=(nftables)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ "${HOSTISO_WITH_CHROMIUM:-0}" = "1" ]; then
+  command -v chromium >/dev/null || missing+=(chromium)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null; then
+  echo "missing system packages: ${missing[*]} — install them (e.g. sudo apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

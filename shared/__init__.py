@@ -1,0 +1,1 @@
+"""The project's shared package: message contracts, topic names, config and infrastructure helpers."""

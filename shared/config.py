@@ -1,0 +1,86 @@
+"""Configuration base: every service reads only ``HOSTISO_*`` environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Marked dev defaults: usable only with HOSTISO_DEV=1, refused otherwise.
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
+DEV_ENROLLMENT_SECRET = "dev-only-enrollment-secret-change-me"
+_DEV_SECRETS = {DEV_JWT_SECRET, DEV_ENROLLMENT_SECRET}
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable (missing secret, dev secret outside dev mode, bad value)."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class ServiceSettings(BaseSettings):
+    """Settings shared by every service; each service subclasses it for its own port and extras."""
+
+    model_config = SettingsConfigDict(env_prefix="HOSTISO_", extra="ignore", frozen=True)
+
+    dev: bool = Field(False, description="Dev mode: allows the marked dev secrets.")
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    topic_prefix: str = "hostiso."
+    redis_prefix: str = "hostiso:"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    jwt_secret: SecretStr | None = None
+    enrollment_secret: SecretStr | None = None
+    # Base64 (raw 32 bytes) Ed25519 private key; only the enforcer uses it.
+    signing_key: SecretStr | None = None
+    platform_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="Addresses of the platform that isolation always allows (comma-separated).",
+    )
+    allowlist_max_entries: int = Field(100, ge=1, le=10_000)
+    instance_id: str = "local"
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    _platform_split = field_validator("platform_addresses", mode="before")(_split_csv)
+
+    @field_validator("platform_addresses")
+    @classmethod
+    def _platform_are_ip(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_address(item)
+            except ValueError as exc:
+                raise ValueError(
+                    f"HOSTISO_PLATFORM_ADDRESSES: {item!r} is not an IP address"
+                ) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets_outside_dev(self) -> ServiceSettings:
+        if self.dev:
+            return self
+        for name in ("jwt_secret", "enrollment_secret"):
+            secret: SecretStr | None = getattr(self, name)
+            if secret is not None and secret.get_secret_value() in _DEV_SECRETS:
+                raise ValueError(f"HOSTISO_{name.upper()} is the dev default; set a real secret")
+        return self
+
+    def require_secret(self, name: str) -> str:
+        """The secret's value; in dev mode the marked dev default if unset; else a ConfigError."""
+        secret: SecretStr | None = getattr(self, name)
+        if secret is not None:
+            value = secret.get_secret_value()
+            if len(value) < 32:
+                raise ConfigError(f"HOSTISO_{name.upper()} must be at least 32 characters")
+            return value
+        if self.dev:
+            return DEV_JWT_SECRET if name == "jwt_secret" else DEV_ENROLLMENT_SECRET
+        raise ConfigError(f"HOSTISO_{name.upper()} is required outside dev mode (HOSTISO_DEV=1)")

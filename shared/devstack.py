@@ -1,0 +1,133 @@
+"""``make run``: a real local Kafka and Redis, the three services and simulated agents, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from shared.auth import mint_token
+from shared.config import DEV_JWT_SECRET
+from shared.infra import LocalKafka, LocalRedis
+from shared.infra.proc import spawn, stop
+from shared.kafka import ensure_topics
+from shared.topics import Topics
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = {"settings": 8001, "isolation": 8002, "enforcer": 8003}
+DEMO_ACCOUNT = "acct-demo"
+
+
+def _wait_ready(
+    name: str, port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} not ready after {timeout}s; see {log}")
+
+
+def main() -> int:
+    logs = ROOT / ".run"
+    logs.mkdir(exist_ok=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    kafka = LocalKafka()
+    redis = LocalRedis()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        t0 = time.monotonic()
+        kafka.start()
+        print(f"kafka   {kafka.bootstrap} (ready in {time.monotonic() - t0:.1f}s)", flush=True)
+        redis.start()
+        print(f"redis   {redis.url}", flush=True)
+        asyncio.run(ensure_topics(kafka.bootstrap, Topics("hostiso.")))
+        env = dict(
+            os.environ,
+            HOSTISO_DEV="1",
+            HOSTISO_KAFKA_BOOTSTRAP=kafka.bootstrap,
+            HOSTISO_REDIS_URL=redis.url,
+            HOSTISO_LOG_JSON="0",
+        )
+        started: dict[str, int] = {}
+        for name, port in SERVICES.items():
+            if not (ROOT / "services" / name / "__main__.py").exists():
+                continue
+            log = logs / f"{name}.log"
+            proc = spawn(
+                [sys.executable, "-m", f"services.{name}"],
+                log_path=log,
+                cwd=ROOT,
+                env=dict(env, HOSTISO_HTTP_PORT=str(port), HOSTISO_INSTANCE_ID=name),
+            )
+            procs.append(proc)
+            started[name] = port
+        for name, port in started.items():
+            _wait_ready(name, port, procs[list(started).index(name)], logs / f"{name}.log")
+            print(
+                f"{name:9} http://127.0.0.1:{port}  (OpenAPI: http://127.0.0.1:{port}/docs)",
+                flush=True,
+            )
+        if (ROOT / "agent" / "__main__.py").exists() and "enforcer" in started:
+            log = logs / "agents.log"
+            procs.append(
+                spawn(
+                    [
+                        sys.executable,
+                        "-m",
+                        "agent",
+                        "--simulated",
+                        "--count",
+                        "3",
+                        "--account-id",
+                        DEMO_ACCOUNT,
+                        "--settings-url",
+                        "http://127.0.0.1:8001",
+                        "--enforcer-url",
+                        "http://127.0.0.1:8003",
+                    ],
+                    log_path=log,
+                    cwd=ROOT,
+                    env=env,
+                )
+            )
+            print(f"agents  3 simulated agents of {DEMO_ACCOUNT} (log: {log})", flush=True)
+        if "settings" in started:
+            print(f"portal  http://127.0.0.1:{started['settings']}/portal/", flush=True)
+        token = mint_token(DEV_JWT_SECRET, sub="dev-soc", role="soc", ttl_s=86400)
+        print("dev token (role soc, 24 h; mint others with `python -m shared.token`):", flush=True)
+        print(f"  export HOSTISO_TOKEN={token}", flush=True)
+        print(f"logs    {logs}/ — Ctrl-C stops everything.", flush=True)
+        while not stopped.wait(1):
+            for proc in procs:
+                if proc.poll() is not None:
+                    print(
+                        f"a process exited ({proc.args!r} → {proc.returncode}); stopping",
+                        flush=True,
+                    )
+                    stopped.set()
+        return 0
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        redis.close()
+        kafka.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

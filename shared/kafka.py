@@ -1,0 +1,275 @@
+"""Kafka helpers: the producer every service uses, topic creation, and the typed consume loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from pydantic import ValidationError
+
+from shared.messages import DeadLetter, Message, decode
+from shared.topics import TOPIC_SPECS, TopicName, Topics
+
+log = logging.getLogger(__name__)
+
+DLQ_PAYLOAD_LIMIT = 64 * 1024
+
+
+def make_producer(bootstrap: str, *, linger_ms: int = 5, client_id: str = "hostiso") -> Any:
+    """A producer that never loses or reorders an acknowledged send: acks=all + idempotence."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        request_timeout_ms=15_000,
+        max_request_size=2 * 1024 * 1024,
+    )
+
+
+async def ensure_topics(
+    bootstrap: str,
+    topics: Topics,
+    *,
+    replication_factor: int = 1,
+    min_insync_replicas: int | None = None,
+    names: Iterable[TopicName] | None = None,
+) -> list[str]:
+    """Create the topics of TOPIC_SPECS (or ``names``) that are missing; returns those created."""
+    wanted = {n for n in names} if names is not None else None
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    await admin.start()
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        new_topics = []
+        for spec in TOPIC_SPECS:
+            if wanted is not None and spec.name not in wanted:
+                continue
+            full = topics(spec.name)
+            if full in existing:
+                continue
+            configs = {"cleanup.policy": spec.cleanup_policy}
+            if min_insync_replicas is not None:
+                configs["min.insync.replicas"] = str(min_insync_replicas)
+            if spec.compacted:
+                # Compact promptly so a rebuilding consumer reads little more than the state.
+                configs["min.cleanable.dirty.ratio"] = "0.1"
+                configs["segment.ms"] = "600000"
+            new_topics.append(
+                NewTopic(full, spec.partitions, replication_factor, topic_configs=configs)
+            )
+            created.append(full)
+        if new_topics:
+            try:
+                await admin.create_topics(new_topics)
+            except TopicAlreadyExistsError:
+                log.info("topics created concurrently by another process")
+    finally:
+        await admin.close()
+    return created
+
+
+async def wait_topics_ready(bootstrap: str, names: Iterable[str], *, timeout: float = 30.0) -> None:
+    """Wait until every topic has a leader for each partition (metadata propagated)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    wanted = set(names)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for name in wanted:
+            while True:
+                parts = await producer.partitions_for(name)
+                if parts:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"topic {name} has no partitions after {timeout}s")
+                await asyncio.sleep(0.1)
+    finally:
+        await producer.stop()
+
+
+async def publish(producer: Any, topic: str, key: str, message: Message) -> Any:
+    """Send one message and wait for the broker's acknowledgement (acks=all)."""
+    return await producer.send_and_wait(topic, message.to_bytes(), key=key.encode())
+
+
+class MessageRejected(Exception):
+    """A well-formed message that the handler refuses for good (unknown endpoint, wrong account...).
+
+    The consume loop sends it to the DLQ with ``reason`` and carries on; it is never retried.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DeadLetterSink:
+    """Publishes rejected records on ``dlq.v1`` with their reason and origin."""
+
+    def __init__(
+        self,
+        producer: Any,
+        topics: Topics,
+        consumer_group: str,
+        on_dead_letter: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_dead_letter = on_dead_letter
+        self._producer = producer
+        self._topic = topics.dlq
+        self._group = consumer_group
+        self.count = 0
+
+    async def send(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
+        raw = record.value or b""
+        truncated = len(raw) > DLQ_PAYLOAD_LIMIT
+        letter = DeadLetter(
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            consumer_group=self._group,
+            reason=reason[:4000],
+            key=record.key.decode("utf-8", "replace") if record.key is not None else None,
+            payload=raw[:DLQ_PAYLOAD_LIMIT].decode("utf-8", "replace"),
+            payload_truncated=truncated,
+        )
+        await publish(self._producer, self._topic, record.topic, letter)
+        self.count += 1
+        if self._on_dead_letter is not None:
+            self._on_dead_letter()
+        log.warning(
+            "dead-lettered record",
+            extra={
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "reason": reason[:300],
+            },
+        )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A short reason naming each failing field and rule."""
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "<message>"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "invalid message: " + "; ".join(parts)
+
+
+Handler = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
+
+
+class TypedConsumer:
+    """At-least-once consume loop: decode, handle, then commit.
+
+    Offsets are committed only after the handler returned for every record before them
+    (guarantee 9). A record that fails validation, or that the handler rejects with
+    ``MessageRejected``, goes to the DLQ and is committed past. Any other error is treated as
+    transient: the partition is rewound to the failed record and retried after a backoff.
+    """
+
+    def __init__(
+        self,
+        consumer: Any,
+        topics: Topics,
+        handler: Handler,
+        dlq: DeadLetterSink,
+        *,
+        name: str,
+        max_records: int = 500,
+        on_batch_done: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self._topics = topics
+        self._handler = handler
+        self._dlq = dlq
+        self.name = name
+        self._max_records = max_records
+        self._on_batch_done = on_batch_done
+        self.processed = 0
+        self.assigned = asyncio.Event()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=200, max_records=self._max_records)
+            if self.consumer.assignment():
+                self.assigned.set()
+            if not batch:
+                continue
+            failed = False
+            commit: dict[TopicPartition, int] = {}
+            for tp, records in batch.items():
+                for record in records:
+                    try:
+                        await self._handle_one(record)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception(
+                            "handler failed; will retry",
+                            extra={
+                                "consumer": self.name,
+                                "topic": tp.topic,
+                                "offset": record.offset,
+                            },
+                        )
+                        self.consumer.seek(tp, record.offset)
+                        failed = True
+                        break
+                    commit[tp] = record.offset + 1
+                    self.processed += 1
+            if self._on_batch_done is not None and commit:
+                await self._on_batch_done()
+            if commit:
+                await self.consumer.commit(commit)
+            if failed:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.1
+
+    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        topic = self._topics.unprefixed(record.topic)
+        try:
+            message = decode(topic, record.value)
+        except ValidationError as exc:
+            await self._dlq.send(record, describe_validation_error(exc))
+            return
+        except ValueError as exc:
+            await self._dlq.send(record, f"invalid message: {exc}")
+            return
+        try:
+            await self._handler(message, record)
+        except MessageRejected as exc:
+            await self._dlq.send(record, exc.reason)
+
+
+def make_consumer(
+    bootstrap: str,
+    *topics: str,
+    group_id: str | None,
+    client_id: str = "hostiso",
+    auto_offset_reset: str = "earliest",
+) -> Any:
+    """A consumer with auto-commit off: TypedConsumer commits after effects are stored."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=auto_offset_reset,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+        isolation_level="read_committed",
+    )

@@ -1,0 +1,265 @@
+"""Message contracts (DESIGN.md §2, §5): frozen pydantic v2 models, one per message type.
+
+Every message carries a unique ``id``, its ``type``, the time it happened (``occurred_at``)
+and a ``schema_version``. Decoding goes through one discriminated union per topic, so an
+unknown ``type`` or a wrong field is a validation error that the consumer sends to the DLQ.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from shared.topics import TopicName
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+Role = Literal["partner", "soc", "service"]
+IsolationMode = Literal["standard", "strict"]
+PolicyMode = Literal["standard", "strict", "none"]
+IsolationState = Literal[
+    "not_isolated", "isolation_pending", "isolated", "release_pending", "failed"
+]
+
+
+class Contract(BaseModel):
+    """Base of every wire model: immutable, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Message(Contract):
+    """Envelope fields every message carries."""
+
+    id: str = Field(default_factory=new_id, description="Unique message id (UUID).")
+    occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC).")
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Schema version of the type.")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Actor(Contract):
+    """Who did something: the JWT subject and role, and the partner's account."""
+
+    sub: str = Field(min_length=1, max_length=256, examples=["alice@msp.example"])
+    role: Role
+    account_id: str | None = None
+
+
+class AllowlistEntry(Contract):
+    """One Tooling Allowlist entry: a display name and a static IPv4 address."""
+
+    id: str = Field(description="Entry id (UUID).")
+    name: str = Field(min_length=1, max_length=64, examples=["ConnectWise Automate"])
+    address: str = Field(description="Static unicast IPv4 address.", examples=["203.0.113.10"])
+    created_at: datetime
+    created_by: str
+
+
+class AllowedPeer(Contract):
+    """A peer an isolated endpoint may open outbound connections to."""
+
+    name: str
+    address: str
+
+
+# --- settings.allowlist.v1 (compacted, key = account_id) -------------------------------
+
+
+class AllowlistChanged(Message):
+    """Full state of an account's Tooling Allowlist after a change, at a strictly higher version."""
+
+    type: Literal["AllowlistChanged"] = "AllowlistChanged"
+    account_id: str = Field(min_length=1, max_length=128)
+    enabled: bool
+    entries: tuple[AllowlistEntry, ...] = ()
+    version: int = Field(ge=1, description="Settings version, strictly increasing per account.")
+    updated_at: datetime
+    changed_by: Actor
+
+
+# --- endpoints.v1 (compacted, key = endpoint_id) ---------------------------------------
+
+
+class EndpointRegistered(Message):
+    """An endpoint (agent) enrolled: which account it belongs to."""
+
+    type: Literal["EndpointRegistered"] = "EndpointRegistered"
+    endpoint_id: str = Field(min_length=1, max_length=128)
+    account_id: str = Field(min_length=1, max_length=128)
+    hostname: str = Field(min_length=1, max_length=255)
+    platform: Literal["linux", "windows", "macos"]
+    enrolled_at: datetime
+
+
+# --- isolation.requests.v1 / isolation.requests.priority.v1 (key = endpoint_id) --------
+
+
+class IsolateEndpoint(Message):
+    """Command: isolate an endpoint, standard (frozen allowlist) or strict (platform only)."""
+
+    type: Literal["IsolateEndpoint"] = "IsolateEndpoint"
+    request_id: str = Field(default_factory=new_id, description="Idempotency key.")
+    endpoint_id: str = Field(min_length=1, max_length=128)
+    mode: IsolationMode
+    reason: str = Field("", max_length=1000)
+    requested_by: Actor
+
+
+class ReleaseEndpoint(Message):
+    """Command: release an isolated endpoint (policy mode ``none``)."""
+
+    type: Literal["ReleaseEndpoint"] = "ReleaseEndpoint"
+    request_id: str = Field(default_factory=new_id)
+    endpoint_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field("", max_length=1000)
+    requested_by: Actor
+
+
+class StrictIsolateAccount(Message):
+    """Command: strictly isolate every isolated or pending endpoint of an account (RMM compromised)."""
+
+    type: Literal["StrictIsolateAccount"] = "StrictIsolateAccount"
+    request_id: str = Field(default_factory=new_id)
+    account_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field("", max_length=1000)
+    disable_allowlist: bool = True
+    requested_by: Actor
+
+
+IsolationRequest = Annotated[
+    IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount, Field(discriminator="type")
+]
+
+
+# --- frozen policy (DESIGN.md §5) ------------------------------------------------------
+
+
+class FrozenPolicy(Contract):
+    """An endpoint's isolation policy, frozen at isolation time; ``mode: none`` is a release."""
+
+    policy_id: str
+    endpoint_id: str
+    account_id: str
+    sequence: int = Field(ge=1, description="Strictly increasing per endpoint.")
+    mode: PolicyMode
+    allowed_outbound: tuple[AllowedPeer, ...] = ()
+    platform: tuple[str, ...] = ()
+    settings_version: int = Field(ge=0, description="Settings version the snapshot came from.")
+    issued_at: datetime
+    issued_by: str
+    reason: str = ""
+
+
+class SignedPolicy(Contract):
+    """A frozen policy and its Ed25519 signature over ``canonical_policy_bytes(policy)``."""
+
+    policy: FrozenPolicy
+    signature: str = Field(description="Base64 Ed25519 signature.")
+    key_id: str
+
+
+def canonical_policy_bytes(policy: FrozenPolicy) -> bytes:
+    """The bytes that are signed: JSON with sorted keys and no whitespace."""
+    import orjson
+
+    return orjson.dumps(policy.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
+# --- enforcer.commands.v1 / enforcer.commands.priority.v1 (key = endpoint_id) ----------
+
+
+class EnforcePolicy(Message):
+    """Command to the enforcer: make this policy the endpoint's desired policy."""
+
+    type: Literal["EnforcePolicy"] = "EnforcePolicy"
+    request_id: str
+    policy: FrozenPolicy
+
+
+# --- isolation.status.v1 (key = endpoint_id) -------------------------------------------
+
+
+class PolicyStatusReported(Message):
+    """The agent applied (with the rules' hash) or failed to apply a policy sequence."""
+
+    type: Literal["PolicyStatusReported"] = "PolicyStatusReported"
+    endpoint_id: str
+    account_id: str
+    policy_id: str
+    sequence: int = Field(ge=1)
+    status: Literal["applied", "failed"]
+    rules_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    detail: str = Field("", max_length=2000)
+
+
+# --- audit.v1 (key = account_id) -------------------------------------------------------
+
+
+class AuditRecorded(Message):
+    """A change or a refused attempt, for the audit trail."""
+
+    type: Literal["AuditRecorded"] = "AuditRecorded"
+    service: Literal["settings", "isolation", "enforcer"]
+    action: str = Field(examples=["allowlist.entry.add", "isolation.release"])
+    outcome: Literal["ok", "denied", "rejected"]
+    actor: Actor
+    account_id: str | None = None
+    endpoint_id: str | None = None
+    detail: str = ""
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+
+# --- dlq.v1 (key = source topic) -------------------------------------------------------
+
+
+class DeadLetter(Message):
+    """A message a consumer could not accept, with the reason and where it came from."""
+
+    type: Literal["DeadLetter"] = "DeadLetter"
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    consumer_group: str
+    reason: str
+    key: str | None = None
+    payload: str = Field(description="The raw value as text (truncated to 64 KiB).")
+    payload_truncated: bool = False
+
+
+TOPIC_MESSAGE_TYPES: dict[TopicName, Any] = {
+    TopicName.SETTINGS_ALLOWLIST: AllowlistChanged,
+    TopicName.ENDPOINTS: EndpointRegistered,
+    TopicName.ISOLATION_REQUESTS: IsolationRequest,
+    TopicName.ISOLATION_REQUESTS_PRIORITY: IsolationRequest,
+    TopicName.ISOLATION_STATUS: PolicyStatusReported,
+    TopicName.ENFORCER_COMMANDS: EnforcePolicy,
+    TopicName.ENFORCER_COMMANDS_PRIORITY: EnforcePolicy,
+    TopicName.AUDIT: AuditRecorded,
+    TopicName.DLQ: DeadLetter,
+}
+
+_ADAPTERS: dict[TopicName, TypeAdapter[Any]] = {
+    topic: TypeAdapter(model) for topic, model in TOPIC_MESSAGE_TYPES.items()
+}
+
+
+def decode(topic: TopicName, raw: bytes | None) -> Any:
+    """Validate a raw value as the message type(s) of ``topic``; raises pydantic.ValidationError."""
+    if raw is None:
+        raise ValueError("empty value (tombstone) where a message was expected")
+    return _ADAPTERS[topic].validate_json(raw)

@@ -1,0 +1,118 @@
+"""Session-scoped real Kafka and Redis; every test gets its own topic prefix and Redis key prefix.
+
+Order of preference: HOSTISO_TEST_KAFKA_BOOTSTRAP / HOSTISO_TEST_REDIS_URL if set; testcontainers
+if HOSTISO_TEST_DOCKER=1 and a Docker engine answers; otherwise a local broker started from the
+Maven jars and a local redis-server (the default, no Docker needed).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.infra import LocalKafka, LocalRedis
+from shared.kafka import ensure_topics
+from shared.topics import Topics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts and parts[0] in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+def _docker_available() -> bool:
+    if os.environ.get("HOSTISO_TEST_DOCKER") != "1":
+        return False
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    if os.environ.get("HOSTISO_TEST_KAFKA_BOOTSTRAP"):
+        yield os.environ["HOSTISO_TEST_KAFKA_BOOTSTRAP"]
+        return
+    if _docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    kafka = LocalKafka()
+    kafka.start()
+    print(f"\n[hostiso] started Apache Kafka from the Maven jars at {kafka.bootstrap}")
+    try:
+        yield kafka.bootstrap
+    finally:
+        kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if os.environ.get("HOSTISO_TEST_REDIS_URL"):
+        yield os.environ["HOSTISO_TEST_REDIS_URL"]
+        return
+    if _docker_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7").with_command("redis-server --appendonly yes") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        return
+    redis = LocalRedis()
+    redis.start()
+    try:
+        yield redis.url
+    finally:
+        redis.close()
+
+
+@pytest.fixture
+def unique_suffix() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def topic_prefix(unique_suffix: str) -> str:
+    return f"t{unique_suffix}."
+
+
+@pytest.fixture
+def redis_prefix(unique_suffix: str) -> str:
+    return f"t{unique_suffix}:"
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap: str, topic_prefix: str) -> AsyncIterator[Topics]:
+    """This test's own set of topics, created on the real broker."""
+    t = Topics(topic_prefix)
+    await ensure_topics(kafka_bootstrap, t)
+    yield t
+
+
+@pytest.fixture
+def service_env(
+    kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str
+) -> dict[str, str]:
+    """HOSTISO_* variables that point a service at this test's Kafka, Redis and prefixes."""
+    return {
+        "HOSTISO_DEV": "1",
+        "HOSTISO_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "HOSTISO_REDIS_URL": redis_url,
+        "HOSTISO_TOPIC_PREFIX": topic_prefix,
+        "HOSTISO_REDIS_PREFIX": redis_prefix,
+    }

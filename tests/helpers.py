@@ -1,0 +1,80 @@
+"""Test helpers: waiting on a condition with a deadline, reading topics from the start."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.messages import decode
+from shared.topics import Topics
+
+T = TypeVar("T")
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[T | None]] | Callable[[], T | None],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> T:
+    """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last  # type: ignore[no-any-return]
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(p["partition"] for p in described[0]["partitions"])
+
+
+async def read_topic(
+    bootstrap: str, topics: Topics, topic: str, *, expect: int | None = None, timeout: float = 20.0
+) -> list[Any]:
+    """Every message on ``topic`` from the start, decoded; waits until ``expect`` are there."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = await topic_partitions(bootstrap, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: list[Any] = []
+        name = topics.unprefixed(topic)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                out.extend(decode(name, r.value) for r in recs)
+            positions = {tp: await consumer.position(tp) for tp in tps}
+            caught_up = all(positions[tp] >= end[tp] for tp in tps)
+            if expect is None and caught_up:
+                return out
+            if expect is not None and len(out) >= expect:
+                return out
+            if expect is not None and caught_up:
+                end = await consumer.end_offsets(tps)
+        if expect is not None:
+            raise AssertionError(f"expected {expect} messages on {topic}, got {len(out)}")
+        return out
+    finally:
+        await consumer.stop()
