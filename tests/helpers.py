@@ -78,3 +78,57 @@ async def read_topic(
         return out
     finally:
         await consumer.stop()
+
+
+class ServiceProcess:
+    """A service run as a real process (``python -m services.<name>``), for e2e and crash tests."""
+
+    def __init__(self, module: str, env: dict[str, str], port: int, log_path: Any) -> None:
+        self.module = module
+        self.env = env
+        self.port = port
+        self.log_path = log_path
+        self.proc: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        import os
+        import sys
+
+        from shared.infra.proc import spawn
+
+        env = dict(os.environ, **self.env, HOSTISO_HTTP_PORT=str(self.port))
+        self.proc = spawn([sys.executable, "-m", self.module], log_path=self.log_path, env=env)
+        return self
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+
+            async def ready() -> bool:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"{self.module} exited with {self.proc.returncode}:\n"
+                        + self.log_path.read_text(errors="replace")[-4000:]
+                    )
+                try:
+                    return (await client.get(f"{self.url}/ready", timeout=2)).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_for(ready, timeout=timeout, interval=0.2, message=f"{self.module} /ready")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        from shared.infra.proc import stop
+
+        stop(self.proc, kill=True)
+
+    def stop(self) -> None:
+        from shared.infra.proc import stop
+
+        stop(self.proc)
