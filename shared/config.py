@@ -27,7 +27,9 @@ def _split_csv(value: Any) -> Any:
 class ServiceSettings(BaseSettings):
     """Settings shared by every service; each service subclasses it for its own port and extras."""
 
-    model_config = SettingsConfigDict(env_prefix="HOSTISO_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="HOSTISO_", extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     dev: bool = Field(False, description="Dev mode: allows the marked dev secrets.")
     kafka_bootstrap: str = "127.0.0.1:9092"

@@ -70,6 +70,24 @@ def up(
             cluster.stop()
 
 
+@app.command()
+def topics(
+    bootstrap: Annotated[str, typer.Option(envvar="HOSTISO_KAFKA_BOOTSTRAP")] = "127.0.0.1:9092",
+    topic_prefix: Annotated[str, typer.Option(envvar="HOSTISO_TOPIC_PREFIX")] = "hostiso.",
+    replication_factor: Annotated[int, typer.Option(help="1, or 3 on a 3-broker cluster")] = 1,
+) -> None:
+    """Create the missing topics on an existing cluster (used by docker compose)."""
+    created = asyncio.run(
+        ensure_topics(
+            bootstrap,
+            Topics(topic_prefix),
+            replication_factor=replication_factor,
+            min_insync_replicas=2 if replication_factor >= 3 else None,
+        )
+    )
+    typer.echo(f"created {len(created)} topics: {', '.join(created) or '-'}")
+
+
 def main() -> None:
     app()
 
