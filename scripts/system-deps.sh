@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs when they are missing (as root, Debian/Ubuntu):
-# redis-server, Java and Maven for the Kafka broker, nftables and iproute2 for the agent tests.
+# redis-server, Java and Maven for the Kafka broker, nftables and iproute2 for the agent tests,
+# chromium for the portal's browser tests.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -8,9 +9,8 @@ command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v nft >/dev/null || missing+=(nftables)
 command -v ip >/dev/null || missing+=(iproute2)
-if [ "${HOSTISO_WITH_CHROMIUM:-0}" = "1" ]; then
-  command -v chromium >/dev/null || missing+=(chromium)
-fi
+# the portal's browser tests drive Debian's Chromium (Playwright cannot download its own here)
+[ "${HOSTISO_SKIP_CHROMIUM:-0}" = "1" ] || command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null; then
   echo "missing system packages: ${missing[*]} — install them (e.g. sudo apt-get install ${missing[*]})" >&2
