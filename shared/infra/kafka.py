@@ -69,7 +69,7 @@ def ensure_kafka_jars() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.monotonic()
     log.info("resolving Apache Kafka %s jars with Maven into %s", KAFKA_VERSION, libs)
-    subprocess.run(
+    result = subprocess.run(
         [
             mvn,
             "-q",
@@ -82,8 +82,14 @@ def ensure_kafka_jars() -> Path:
             f"-DoutputDirectory={tmp}",
             f"-Dkafka.version={KAFKA_VERSION}",
         ],
-        check=True,
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"mvn could not resolve the Kafka jars:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
+        )
     shutil.rmtree(libs, ignore_errors=True)
     tmp.rename(libs)
     marker.write_text(f"resolved in {time.monotonic() - started:.1f}s\n")
