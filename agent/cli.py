@@ -1,0 +1,126 @@
+"""Command line of the reference agent (``python -m agent``)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.addresses import HostFacts, InvalidAddressError
+from agent.bootstrap import (
+    AgentConfig,
+    AgentConfigError,
+    read_resolvers,
+    run_agents,
+    validate_config,
+)
+from agent.client import EnrollmentRefusedError
+from agent.firewall import Probe
+from agent.nft import InvalidTableNameError
+from agent.state import StateCorruptError
+from agent.verification import SigningKeyError
+from shared.logs import configure_logging
+
+app = typer.Typer(add_completion=False, help="Host isolation reference agent.")
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def _default_state_dir() -> Path:
+    return Path.home() / ".local" / "state" / "hostiso-agent"
+
+
+@app.command()
+def main(
+    enforcer_url: Annotated[
+        str, typer.Option(help="Base URL of the enforcer's agent API.")
+    ] = "http://127.0.0.1:8003",
+    account_id: Annotated[str, typer.Option(help="Account this endpoint belongs to.")] = "",
+    enrollment_key: Annotated[
+        str | None, typer.Option(help="The account's enrollment key.")
+    ] = None,
+    settings_url: Annotated[
+        str | None,
+        typer.Option(help="Dev only: fetch the enrollment key from the settings service."),
+    ] = None,
+    hostname: Annotated[str | None, typer.Option(help="Hostname to enroll as.")] = None,
+    platform: Annotated[str, typer.Option(help="linux | windows | macos")] = "linux",
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where enrollment and the last policy live.")
+    ] = None,
+    platform_addresses: Annotated[
+        str | None, typer.Option(help="Comma list of platform IPs that are always allowed.")
+    ] = None,
+    dns_resolvers: Annotated[
+        str | None, typer.Option(help="Comma list of DNS resolvers (default: /etc/resolv.conf).")
+    ] = None,
+    table_name: Annotated[str, typer.Option(help="nftables table (family inet).")] = "hostiso",
+    signing_public_key: Annotated[
+        str | None, typer.Option(help="Base64 Ed25519 key; else fetched and pinned at enrollment.")
+    ] = None,
+    simulated: Annotated[
+        bool, typer.Option(help="Verify and ack without touching nftables.")
+    ] = False,
+    count: Annotated[int, typer.Option(help="Simulated agents in this process.")] = 1,
+    poll_wait: Annotated[float, typer.Option(help="Long-poll wait in seconds.")] = 25.0,
+    platform_probe: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT that must answer after isolating (default: the enforcer)."),
+    ] = None,
+    negative_probe: Annotated[
+        str | None, typer.Option(help="HOST:PORT that must NOT answer after isolating.")
+    ] = None,
+    table_check_interval: Annotated[
+        float, typer.Option(help="Seconds between table checks.")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    log_json: Annotated[bool, typer.Option(help="JSON log lines.")] = True,
+) -> None:
+    """Enroll, long-poll for signed policies, enforce them, report back."""
+    configure_logging("agent", log_level, log_json)
+    if not account_id:
+        raise typer.BadParameter("--account-id is required", param_hint="--account-id")
+    try:
+        config = AgentConfig(
+            enforcer_url=enforcer_url,
+            account_id=account_id,
+            enrollment_key=enrollment_key,
+            settings_url=settings_url,
+            hostname=hostname or socket.gethostname(),
+            platform=platform,
+            state_dir=state_dir or _default_state_dir(),
+            facts=HostFacts(
+                platform_addresses=_csv(platform_addresses),
+                dns_resolvers=_csv(dns_resolvers)
+                if dns_resolvers is not None
+                else read_resolvers(),
+            ),
+            table_name=table_name,
+            signing_public_key=signing_public_key,
+            simulated=simulated,
+            count=count,
+            poll_wait=poll_wait,
+            platform_probe=Probe.parse(platform_probe) if platform_probe else None,
+            negative_probe=Probe.parse(negative_probe) if negative_probe else None,
+            table_check_interval=table_check_interval,
+        )
+        validate_config(config)
+    except (
+        AgentConfigError,
+        InvalidAddressError,
+        InvalidTableNameError,
+        SigningKeyError,
+        ValueError,
+    ) as exc:
+        typer.echo(f"agent: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        asyncio.run(run_agents(config))
+    except (EnrollmentRefusedError, StateCorruptError) as exc:
+        typer.echo(f"agent: {exc}", err=True)
+        raise typer.Exit(1) from exc

@@ -1,0 +1,200 @@
+"""Host firewall backends: nftables (real, with positive/negative checks and rollback) and simulated."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from agent.addresses import HostFacts, InvalidAddressError
+from agent.nft import is_permitted, render_release, render_ruleset, rules_sha256
+from shared.messages import FrozenPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A TCP endpoint the agent connects to for its positive or negative check."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: str) -> Probe:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"probe {value!r}: expected HOST:PORT")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    """What applying a policy did: the status to report, and whether its rules are in force."""
+
+    status: Literal["applied", "failed"]
+    rules_sha256: str | None
+    detail: str
+    rules_in_force: bool
+    ruleset: str | None = None
+
+
+class HostFirewall(Protocol):
+    """Applies a verified policy to the host."""
+
+    async def apply(self, policy: FrozenPolicy, *, rollback_on_failure: bool) -> ApplyOutcome: ...
+
+    async def table_present(self) -> bool: ...
+
+    def restore_known(self, ruleset: str | None) -> None: ...
+
+
+async def tcp_reachable(probe: Probe, timeout: float) -> tuple[bool, str]:
+    """Connect and close; a dropped SYN just times out, hence the bound."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), timeout)
+    except TimeoutError:
+        return False, f"{probe}: no answer within {timeout:g}s"
+    except OSError as exc:
+        return False, f"{probe}: {exc.strerror or exc!r}"
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError as exc:
+        log.debug("closing probe connection to %s: %r", probe, exc)
+    return True, f"{probe}: connected"
+
+
+class SimulatedFirewall:
+    """Renders (so bad addresses are still refused) and hashes, but touches nothing on the host."""
+
+    def __init__(self, facts: HostFacts, table: str) -> None:
+        self.facts = facts
+        self.table = table
+
+    async def apply(self, policy: FrozenPolicy, *, rollback_on_failure: bool) -> ApplyOutcome:
+        try:
+            ruleset = render_ruleset(policy, self.facts, self.table)
+        except InvalidAddressError as exc:
+            return ApplyOutcome("failed", None, f"refused to render: {exc}", rules_in_force=False)
+        return ApplyOutcome(
+            "applied", rules_sha256(ruleset), "simulated", rules_in_force=True, ruleset=ruleset
+        )
+
+    async def table_present(self) -> bool:
+        return True
+
+    def restore_known(self, ruleset: str | None) -> None:
+        return None
+
+
+class NftablesError(Exception):
+    """``nft`` refused a ruleset or could not run."""
+
+
+class NftablesFirewall:
+    """Applies the rendered table with one ``nft -f`` transaction, checks it, rolls back if needed."""
+
+    def __init__(
+        self,
+        facts: HostFacts,
+        table: str,
+        *,
+        platform_probe: Probe | None,
+        negative_probe: Probe | None,
+        nft_command: Sequence[str] = ("nft",),
+        positive_timeout: float = 3.0,
+        negative_timeout: float = 1.0,
+    ) -> None:
+        self.facts = facts
+        self.table = table
+        self.platform_probe = platform_probe
+        self.negative_probe = negative_probe
+        self.nft_command = tuple(nft_command)
+        self.positive_timeout = positive_timeout
+        self.negative_timeout = negative_timeout
+        # The ruleset we last put in force; rollback goes back to it (or releases if none).
+        self.current_ruleset: str | None = None
+
+    def restore_known(self, ruleset: str | None) -> None:
+        self.current_ruleset = ruleset
+
+    async def _nft(self, *args: str, stdin: str | None = None) -> str:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.nft_command,
+                *args,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise NftablesError(f"cannot run {self.nft_command[0]}: {exc.strerror}") from exc
+        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        if proc.returncode != 0:
+            raise NftablesError(err.decode(errors="replace").strip()[:1000] or "nft failed")
+        return out.decode(errors="replace")
+
+    async def load(self, ruleset: str) -> None:
+        await self._nft("-f", "-", stdin=ruleset)
+
+    async def table_present(self) -> bool:
+        try:
+            await self._nft("list", "table", "inet", self.table)
+        except NftablesError:
+            return False
+        return True
+
+    async def _rollback(self) -> str:
+        previous = self.current_ruleset or render_release(self.table)
+        try:
+            await self.load(previous)
+        except NftablesError as exc:
+            return f"rollback failed too: {exc}"
+        return "rolled back to the previous ruleset" if self.current_ruleset else "rolled back"
+
+    async def apply(self, policy: FrozenPolicy, *, rollback_on_failure: bool) -> ApplyOutcome:
+        try:
+            ruleset = render_ruleset(policy, self.facts, self.table)
+        except InvalidAddressError as exc:
+            return ApplyOutcome("failed", None, f"refused to render: {exc}", rules_in_force=False)
+        digest = rules_sha256(ruleset)
+        try:
+            await self.load(ruleset)
+        except NftablesError as exc:
+            # A failing `nft -f` transaction leaves the previous ruleset untouched.
+            return ApplyOutcome("failed", digest, f"nft -f failed: {exc}", rules_in_force=False)
+        if policy.mode == "none":
+            self.current_ruleset = None
+            return ApplyOutcome("applied", digest, "table deleted", True, ruleset)
+        if self.platform_probe is not None:
+            ok, detail = await tcp_reachable(self.platform_probe, self.positive_timeout)
+            if not ok and rollback_on_failure:
+                rolled = await self._rollback()
+                return ApplyOutcome(
+                    "failed", digest, f"positive check failed: platform {detail}; {rolled}", False
+                )
+            if not ok:
+                log.warning("positive check failed, rules kept: platform %s", detail)
+        self.current_ruleset = ruleset
+        probe = self.negative_probe
+        if probe is not None and not _probe_permitted(policy, self.facts, probe):
+            reachable, detail = await tcp_reachable(probe, self.negative_timeout)
+            if reachable:
+                # Rolling back would only loosen the host further: keep the tighter rules.
+                return ApplyOutcome(
+                    "failed", digest, f"negative check failed: {detail}; rules kept", True, ruleset
+                )
+        return ApplyOutcome("applied", digest, "nftables table in force", True, ruleset)
+
+
+def _probe_permitted(policy: FrozenPolicy, facts: HostFacts, probe: Probe) -> bool:
+    try:
+        return is_permitted(policy, facts, probe.host)
+    except ValueError:
+        return True  # a hostname: cannot say it is non-permitted, so no negative claim

@@ -1,0 +1,66 @@
+"""The agent's state directory: enrollment, the pinned signing key and the last verified policy."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.messages import SignedPolicy
+
+
+class StateCorruptError(Exception):
+    """A state file exists but cannot be read back (truncated, edited, wrong format)."""
+
+
+class AgentState(BaseModel):
+    """Everything the agent must remember across restarts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: str | None = None
+    agent_token: str | None = None
+    signing_key: str | None = Field(None, description="Pinned base64 Ed25519 public key.")
+    last_applied_sequence: int = 0
+    # Polls ask for sequences above this; it moves past a verified policy that failed to apply
+    # so the agent does not loop on it, while last_applied_sequence keeps fencing.
+    poll_cursor: int = 0
+    last_policy: SignedPolicy | None = None
+    last_rules_sha256: str | None = None
+    last_ruleset: str | None = None
+
+
+class StateStore:
+    """One JSON file in the state directory, replaced atomically (write, fsync, rename)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "agent-state.json"
+
+    def load(self) -> AgentState:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return AgentState()
+        try:
+            return AgentState.model_validate_json(raw)
+        except ValidationError as exc:
+            raise StateCorruptError(f"{self.path}: {exc.error_count()} invalid field(s)") from exc
+
+    def save(self, state: AgentState) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".agent-state.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(state.model_dump_json(indent=1).encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
