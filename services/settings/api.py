@@ -1,0 +1,403 @@
+"""REST API of the settings service (DESIGN.md §4): thin routes over the handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from redis.exceptions import RedisError
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+
+from services.settings.domain import (
+    Allowlist,
+    Change,
+    EntryRejectedError,
+    SettingsError,
+    find_entry,
+    parse_if_match,
+)
+from services.settings.handlers import NotPublishedError, SettingsHandlers
+from services.settings.metrics import SettingsMetrics
+from shared.auth import CurrentPrincipal, Principal
+from shared.messages import AllowlistEntry
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+
+AccountId = Annotated[
+    str,
+    Path(
+        pattern=ACCOUNT_ID_PATTERN,
+        description="Account id: letters, digits, '.', '_', '@', '-' (at most 128).",
+        examples=["acct-1"],
+    ),
+]
+EntryId = Annotated[str, Path(max_length=128, description="Entry id (UUID).")]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description='Settings version the change is based on, e.g. "7"; 412 if stale.',
+    ),
+]
+
+
+# --- wire schemas ----------------------------------------------------------------------
+
+
+class EntryView(BaseModel):
+    """One allowlist entry."""
+
+    id: str
+    name: str = Field(examples=["ConnectWise Automate"])
+    address: str = Field(examples=["203.0.113.10"])
+    created_at: datetime
+    created_by: str
+
+    @classmethod
+    def of(cls, entry: AllowlistEntry) -> EntryView:
+        return cls.model_validate(entry.model_dump())
+
+
+class AllowlistView(BaseModel):
+    """An account's Tooling Allowlist; ``version`` is also the ETag."""
+
+    account_id: str
+    enabled: bool = Field(description='The "Tooling Connections" switch.')
+    entries: list[EntryView]
+    version: int = Field(description="Settings version, strictly increasing per account.")
+    updated_at: datetime | None
+
+    @classmethod
+    def of(cls, allowlist: Allowlist) -> AllowlistView:
+        return cls(
+            account_id=allowlist.account_id,
+            enabled=allowlist.enabled,
+            entries=[EntryView.of(e) for e in allowlist.entries],
+            version=allowlist.version,
+            updated_at=allowlist.updated_at,
+        )
+
+
+class EntryWritten(AllowlistView):
+    """The allowlist after an entry was added or changed, and that entry."""
+
+    entry: EntryView
+
+
+class HistoryRecord(BaseModel):
+    """One audited change: who, when, what, the state before and after."""
+
+    version: int
+    action: str = Field(examples=["allowlist.entry.add"])
+    actor: dict[str, Any]
+    at: datetime
+    detail: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    event_id: str
+
+
+class HistoryView(BaseModel):
+    """The audit records of an account's allowlist, newest first."""
+
+    account_id: str
+    version: int
+    records: list[HistoryRecord]
+
+
+class EnrollmentKeyView(BaseModel):
+    """The key this account's agents enroll with."""
+
+    account_id: str
+    enrollment_key: str
+
+
+class SwitchRequest(BaseModel):
+    """Turn "Tooling Connections" on or off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool
+
+
+class NewEntryRequest(BaseModel):
+    """A new entry: a display name and a static IPv4 address."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(description="1–64 printable characters.", examples=["Kaseya VSA"])
+    address: StrictStr = Field(
+        description="One static unicast IPv4 address, dotted quad.", examples=["192.168.10.5"]
+    )
+
+
+class EntryChangeRequest(BaseModel):
+    """Rename and/or readdress an entry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr | None = None
+    address: StrictStr | None = None
+
+
+class ErrorItem(BaseModel):
+    """Where the request went wrong, which rule, and what to do."""
+
+    loc: list[str]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Error answer: ``detail`` names the field and the rule."""
+
+    detail: list[ErrorItem]
+
+
+class UnpublishedBody(BaseModel):
+    """503: the change is saved in the outbox but not yet in Kafka."""
+
+    detail: str
+    version: int
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing, expired or forged bearer token"},
+    403: {"model": ErrorBody, "description": "A partner token for another account"},
+    422: {"model": ErrorBody, "description": "Invalid input (field and rule named)"},
+}
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    404: {"model": ErrorBody, "description": "No such entry"},
+    409: {"model": ErrorBody, "description": "Duplicate address"},
+    412: {"model": ErrorBody, "description": "If-Match names a stale version"},
+    503: {"model": UnpublishedBody, "description": "Saved, but not yet in Kafka"},
+}
+
+
+# --- dependencies ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountAccess:
+    """An authenticated caller allowed to touch ``account_id``."""
+
+    principal: Principal
+    account_id: str
+    handlers: SettingsHandlers
+
+
+def _access(action: str) -> Callable[..., Awaitable[AccountAccess]]:
+    # Runs before the body is validated, so a partner learns nothing about another account.
+    async def dependency(
+        request: Request, account_id: AccountId, principal: CurrentPrincipal
+    ) -> AccountAccess:
+        handlers: SettingsHandlers = request.app.state.handlers
+        await handlers.authorize(principal, account_id, action)
+        return AccountAccess(principal, account_id, handlers)
+
+    return dependency
+
+
+def _if_match(raw: str | None) -> int | None:
+    return parse_if_match(raw)
+
+
+def _with_etag(response: Response, version: int) -> None:
+    response.headers["ETag"] = f'"{version}"'
+
+
+# --- routes ----------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1/accounts/{account_id}", tags=["tooling allowlist"])
+
+
+@router.get("/tooling-allowlist", response_model=AllowlistView, responses=_ERRORS)
+async def read_allowlist(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.read"))], response: Response
+) -> AllowlistView:
+    """The account's Tooling Allowlist; the ETag header is its version."""
+    allowlist = await access.handlers.read_allowlist(access.account_id)
+    _with_etag(response, allowlist.version)
+    return AllowlistView.of(allowlist)
+
+
+@router.patch("/tooling-allowlist", response_model=AllowlistView, responses=_WRITE_ERRORS)
+async def switch_tooling_connections(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.switch"))],
+    body: SwitchRequest,
+    response: Response,
+    if_match: IfMatch = None,
+) -> AllowlistView:
+    """Switch "Tooling Connections" on or off; 2xx means the change event is in Kafka."""
+    allowlist = await access.handlers.set_enabled(
+        access.principal, access.account_id, body.enabled, _if_match(if_match)
+    )
+    _with_etag(response, allowlist.version)
+    return AllowlistView.of(allowlist)
+
+
+@router.post(
+    "/tooling-allowlist/entries",
+    response_model=EntryWritten,
+    status_code=status.HTTP_201_CREATED,
+    responses=_WRITE_ERRORS,
+)
+async def add_entry(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.entry.add"))],
+    body: NewEntryRequest,
+    response: Response,
+    if_match: IfMatch = None,
+) -> EntryWritten:
+    """Add an entry (static IPv4 address); 409 if the address is already listed."""
+    allowlist, change = await access.handlers.add_entry(
+        access.principal, access.account_id, body.name, body.address, _if_match(if_match)
+    )
+    return _entry_written(response, allowlist, change)
+
+
+@router.patch(
+    "/tooling-allowlist/entries/{entry_id}", response_model=EntryWritten, responses=_WRITE_ERRORS
+)
+async def change_entry(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.entry.update"))],
+    entry_id: EntryId,
+    body: EntryChangeRequest,
+    response: Response,
+    if_match: IfMatch = None,
+) -> EntryWritten:
+    """Rename and/or readdress an entry."""
+    if body.name is None and body.address is None:
+        raise EntryRejectedError("body", "empty", "give a new name and/or address")
+    allowlist, change = await access.handlers.update_entry(
+        access.principal, access.account_id, entry_id, body.name, body.address, _if_match(if_match)
+    )
+    if change is None:
+        change = _unchanged(allowlist, entry_id)
+    return _entry_written(response, allowlist, change)
+
+
+@router.delete(
+    "/tooling-allowlist/entries/{entry_id}", response_model=AllowlistView, responses=_WRITE_ERRORS
+)
+async def remove_entry(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.entry.remove"))],
+    entry_id: EntryId,
+    response: Response,
+    if_match: IfMatch = None,
+) -> AllowlistView:
+    """Remove an entry; answers the allowlist without it."""
+    allowlist = await access.handlers.remove_entry(
+        access.principal, access.account_id, entry_id, _if_match(if_match)
+    )
+    _with_etag(response, allowlist.version)
+    return AllowlistView.of(allowlist)
+
+
+@router.get("/tooling-allowlist/history", response_model=HistoryView, responses=_ERRORS)
+async def read_history(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.history"))], response: Response
+) -> HistoryView:
+    """Audit records of every change (actor, time, before and after), newest first."""
+    allowlist, records = await access.handlers.history(access.account_id)
+    _with_etag(response, allowlist.version)
+    return HistoryView(
+        account_id=access.account_id,
+        version=allowlist.version,
+        records=[HistoryRecord.model_validate(r) for r in records],
+    )
+
+
+@router.get("/enrollment-key", response_model=EnrollmentKeyView, responses=_ERRORS)
+async def read_enrollment_key(
+    access: Annotated[AccountAccess, Depends(_access("enrollment_key.read"))],
+) -> EnrollmentKeyView:
+    """The key this account's agents enroll with (enforcer ``POST /v1/agents/enroll``)."""
+    return EnrollmentKeyView(
+        account_id=access.account_id,
+        enrollment_key=access.handlers.enrollment_key(access.account_id),
+    )
+
+
+def _unchanged(allowlist: Allowlist, entry_id: str) -> Change:
+    entry = find_entry(allowlist, entry_id)
+    return Change(action="none", before=allowlist, after=allowlist, entry=entry)
+
+
+def _entry_written(response: Response, allowlist: Allowlist, change: Change | None) -> EntryWritten:
+    _with_etag(response, allowlist.version)
+    if change is None or change.entry is None:
+        raise RuntimeError("an entry write must name its entry")
+    if change.action == "allowlist.entry.add":
+        response.headers["Location"] = (
+            f"/v1/accounts/{allowlist.account_id}/tooling-allowlist/entries/{change.entry.id}"
+        )
+    return EntryWritten(
+        **AllowlistView.of(allowlist).model_dump(), entry=EntryView.of(change.entry)
+    )
+
+
+# --- errors and metrics ----------------------------------------------------------------
+
+_LOCATION = {"name": "body", "address": "body", "If-Match": "header", "entry_id": "path"}
+_LOCATION.update({"account_id": "path", "entries": "allowlist"})
+
+
+def error_body(error: SettingsError) -> dict[str, Any]:
+    loc = [_LOCATION[error.field], error.field] if error.field in _LOCATION else [error.field]
+    return {"detail": [{"loc": loc, "msg": error.message, "type": f"{error.field}.{error.rule}"}]}
+
+
+def install(app: FastAPI, metrics: SettingsMetrics) -> None:
+    """Add the routes, the error mapping and the request metrics to ``app``."""
+    app.include_router(router)
+
+    @app.exception_handler(NotPublishedError)
+    async def _unpublished(request: Request, error: NotPublishedError) -> JSONResponse:
+        metrics.unpublished_writes.inc()
+        return JSONResponse(
+            {"detail": error.message, "version": error.version},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5", "ETag": f'"{error.version}"'},
+        )
+
+    @app.exception_handler(SettingsError)
+    async def _settings_error(request: Request, error: SettingsError) -> JSONResponse:
+        return JSONResponse(error_body(error), status_code=error.status)
+
+    @app.exception_handler(RedisError)
+    async def _store_unavailable(request: Request, error: RedisError) -> JSONResponse:
+        log.error("settings store (Redis) error: %r", error)
+        return JSONResponse(
+            {"detail": "settings store unavailable; the change may not be saved, retry"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "2"},
+        )
+
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+
+
+class _RequestMetrics(BaseHTTPMiddleware):
+    def __init__(self, app: Any, metrics: SettingsMetrics) -> None:
+        super().__init__(app)
+        self._metrics = metrics
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        self._metrics.requests.labels(template, request.method, str(response.status_code)).inc()
+        self._metrics.request_seconds.labels(template, request.method).observe(
+            time.perf_counter() - started
+        )
+        return response

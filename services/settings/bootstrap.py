@@ -1,0 +1,84 @@
+"""Wires the settings service: Runtime, Redis store, outbox relay, handlers and the REST API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from services.settings import api
+from services.settings.adapters.audit import KafkaAuditSink
+from services.settings.adapters.outbox_relay import OutboxRelay
+from services.settings.adapters.redis_store import RedisAllowlistStore
+from services.settings.config import SettingsServiceSettings
+from services.settings.handlers import SettingsHandlers
+from services.settings.metrics import SettingsMetrics
+from shared.http import serve
+from shared.logs import configure_logging
+from shared.runtime import Runtime
+
+SERVICE = "settings"
+
+
+def build_app(settings: SettingsServiceSettings) -> FastAPI:
+    """The settings service app; connections open in its lifespan, not here."""
+    runtime = Runtime(settings, SERVICE)
+    metrics = SettingsMetrics(runtime.registry)
+    store = RedisAllowlistStore(runtime.redis, lambda *parts: runtime.keys(SERVICE, *parts))
+    relay = OutboxRelay(
+        store,
+        runtime.producer,
+        runtime.topics,
+        metrics,
+        lease_ms=settings.relay_lease_ms,
+        batch=settings.relay_batch,
+        idle_s=settings.relay_idle_s,
+        instance_id=settings.instance_id,
+    )
+    handlers = SettingsHandlers(
+        store=store,
+        publication=relay,
+        audit=KafkaAuditSink(runtime.producer, runtime.topics, metrics, settings.audit_timeout_s),
+        max_entries=settings.allowlist_max_entries,
+        publish_wait_s=settings.publish_wait_s,
+        enrollment_secret=settings.require_secret("enrollment_secret"),
+        history_limit=settings.history_limit,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        await relay.start()
+        try:
+            yield
+        finally:
+            # The relay stops before the producer it publishes with.
+            await relay.stop()
+            await runtime.stop()
+
+    app = FastAPI(
+        title="hostiso settings service",
+        description="Tooling Allowlist per account (DESIGN.md §4): the source of truth and the "
+        "only writer of settings.allowlist.v1. A 2xx write means its AllowlistChanged event "
+        "is in Kafka.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.jwt_secret = settings.require_secret("jwt_secret")
+    app.state.handlers = handlers
+    app.state.relay = relay
+    app.state.store = store
+    app.state.runtime = runtime
+    app.state.settings = settings
+    runtime.attach(app)
+    api.install(app, metrics)
+    return app
+
+
+def main() -> None:
+    settings = SettingsServiceSettings()
+    configure_logging(SERVICE, settings.log_level, settings.log_json)
+    app = build_app(settings)
+    asyncio.run(serve(app, settings.http_host, settings.http_port, settings.log_level))

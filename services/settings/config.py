@@ -1,0 +1,29 @@
+"""Settings service configuration (``HOSTISO_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.config import ServiceSettings
+
+
+class SettingsServiceSettings(ServiceSettings):
+    """The shared settings plus the outbox relay and read-your-writes knobs."""
+
+    http_port: int = 8001
+    publish_wait_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long a write waits for its event to be in Kafka before answering 503.",
+    )
+    relay_lease_ms: int = Field(
+        5000, ge=200, description="Lease of the outbox relay leader lock (one relay publishes)."
+    )
+    relay_batch: int = Field(500, ge=1, le=10_000, description="Outbox entries per relay pass.")
+    relay_idle_s: float = Field(
+        0.1, gt=0, description="Relay poll interval when no local write woke it."
+    )
+    audit_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline to publish the audit event of a refused attempt."
+    )
+    history_limit: int = Field(1000, ge=1, description="Most history records one call returns.")

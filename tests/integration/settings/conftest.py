@@ -1,0 +1,94 @@
+"""Fixtures: the settings app built with ``build_app`` and driven in-process on the real stack."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from services.settings.bootstrap import build_app
+from services.settings.config import SettingsServiceSettings
+from shared.auth import mint_token
+from shared.config import DEV_JWT_SECRET
+from shared.messages import Role
+from shared.topics import Topics
+
+
+def token(role: Role, account_id: str | None = None, sub: str = "tester", ttl: int = 600) -> str:
+    return mint_token(DEV_JWT_SECRET, sub=sub, role=role, account_id=account_id, ttl_s=ttl)
+
+
+def bearer(role: Role, account_id: str | None = None, sub: str = "tester") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(role, account_id, sub)}"}
+
+
+SOC = bearer("soc", sub="soc-analyst")
+
+
+@dataclass
+class SettingsApp:
+    """A running in-process settings service and a client for it."""
+
+    app: FastAPI
+    client: httpx.AsyncClient
+    settings: SettingsServiceSettings
+    topics: Topics
+
+    def url(self, account_id: str, suffix: str = "") -> str:
+        return f"/v1/accounts/{account_id}/tooling-allowlist{suffix}"
+
+    async def add(
+        self, account_id: str, name: str, address: str, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.client.post(
+            self.url(account_id, "/entries"),
+            json={"name": name, "address": address},
+            headers=headers or SOC,
+        )
+
+
+SettingsFactory = Callable[..., SettingsServiceSettings]
+
+
+@pytest.fixture
+def make_settings(
+    kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str
+) -> SettingsFactory:
+    def factory(**overrides: Any) -> SettingsServiceSettings:
+        values: dict[str, Any] = {
+            "dev": True,
+            "kafka_bootstrap": kafka_bootstrap,
+            "redis_url": redis_url,
+            "topic_prefix": topic_prefix,
+            "redis_prefix": redis_prefix,
+            "relay_lease_ms": 1000,
+            "log_json": False,
+        }
+        values.update(overrides)
+        return SettingsServiceSettings(**values)
+
+    return factory
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: SettingsServiceSettings) -> AsyncIterator[SettingsApp]:
+    """``build_app`` + lifespan + an httpx client over ASGI, torn down on exit."""
+    app = build_app(settings)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://settings.test", timeout=30
+        ) as client:
+            yield SettingsApp(app, client, settings, Topics(settings.topic_prefix))
+
+
+@pytest.fixture
+async def settings_app(make_settings: SettingsFactory, topics: Topics) -> AsyncIterator[SettingsApp]:
+    async with running_app(make_settings()) as running:
+        yield running
