@@ -1,0 +1,1 @@
+"""Isolation service: frozen snapshots, strict precedence, sequences and live status per endpoint."""

@@ -1,0 +1,5 @@
+"""``python -m services.isolation``: run the isolation service."""
+
+from services.isolation.bootstrap import main
+
+main()

@@ -1,0 +1,174 @@
+"""Redis stores: isolation state with request outcomes (atomic), and the two replicas' data."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from redis.asyncio import Redis
+
+from services.isolation.domain import EndpointIsolation, EndpointRecord, Lane
+from shared.messages import AllowlistChanged, EnforcePolicy
+from shared.redis import Keys
+
+REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
+
+
+class RequestOutcome(BaseModel):
+    """What a request did to one endpoint; kept so a redelivery repeats it instead of redoing it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["policy", "noop"]
+    endpoint_id: str
+    account_id: str
+    detail: str = ""
+    lane: Lane | None = None
+    command: EnforcePolicy | None = None
+
+
+# State and request outcome are written in one script: a crash can never store one without the
+# other, and the revision check makes concurrent writers (two lanes, status, other instances)
+# retry instead of overwriting each other.
+_COMMIT = """
+if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+  return {'dup', redis.call('GET', KEYS[2])}
+end
+local rev = redis.call('HGET', KEYS[1], 'rev') or '0'
+if rev ~= ARGV[1] then
+  return {'conflict', rev}
+end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'doc', ARGV[2], 'rev', tostring(tonumber(rev) + 1))
+  if ARGV[5] == '1' then
+    redis.call('SADD', KEYS[3], ARGV[6])
+  else
+    redis.call('SREM', KEYS[3], ARGV[6])
+  end
+end
+if KEYS[2] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[4]))
+end
+return {'ok', ''}
+"""
+
+# Events may be redelivered or replayed from the start: only a newer version replaces the replica.
+_APPLY_SETTINGS = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'doc', ARGV[2])
+return 1
+"""
+
+
+class CommitConflictError(Exception):
+    """Another writer changed the endpoint's state since it was read; read again and retry."""
+
+
+class DuplicateRequest(Exception):
+    """The request was already applied to this endpoint; ``outcome`` is what it did."""
+
+    def __init__(self, outcome: RequestOutcome) -> None:
+        super().__init__(outcome.kind)
+        self.outcome = outcome
+
+
+class RedisIsolationStore:
+    """Isolation state per endpoint (with a revision) and the account's isolated/pending set."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._commit: Any = redis.register_script(_COMMIT)
+
+    def _state_key(self, endpoint_id: str) -> str:
+        return self._keys("isolation", "state", endpoint_id)
+
+    def _active_key(self, account_id: str) -> str:
+        return self._keys("isolation", "active", account_id)
+
+    def _request_key(self, request_key: str) -> str:
+        return self._keys("isolation", "request", request_key)
+
+    async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
+        doc, rev = await self._redis.hmget(self._state_key(endpoint_id), ["doc", "rev"])
+        if doc is None:
+            return None, 0
+        return EndpointIsolation.model_validate_json(doc), int(rev or 0)
+
+    async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]:
+        if not endpoint_ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for endpoint_id in endpoint_ids:
+            pipe.hget(self._state_key(endpoint_id), "doc")
+        docs = await pipe.execute()
+        return [EndpointIsolation.model_validate_json(d) for d in docs if d is not None]
+
+    async def outcome(self, request_key: str) -> RequestOutcome | None:
+        raw = await self._redis.get(self._request_key(request_key))
+        return None if raw is None else RequestOutcome.model_validate_json(raw)
+
+    async def commit(
+        self,
+        current_rev: int,
+        isolation: EndpointIsolation,
+        *,
+        changed: bool,
+        request_key: str | None = None,
+        outcome: RequestOutcome | None = None,
+    ) -> None:
+        """Store the new state (if ``changed``) and the request outcome, only if unchanged since read."""
+        keys = [
+            self._state_key(isolation.endpoint_id),
+            self._request_key(request_key) if request_key else "",
+            self._active_key(isolation.account_id),
+        ]
+        args = [
+            str(current_rev),
+            isolation.model_dump_json() if changed else "",
+            outcome.model_dump_json() if outcome else "",
+            str(REQUEST_OUTCOME_TTL_S),
+            "1" if isolation.isolated_or_pending else "0",
+            isolation.endpoint_id,
+        ]
+        status, payload = await self._commit(keys=keys, args=args)
+        if status == b"dup":
+            raise DuplicateRequest(RequestOutcome.model_validate_json(payload))
+        if status == b"conflict":
+            raise CommitConflictError(isolation.endpoint_id)
+
+    async def active_endpoints(self, account_id: str) -> list[str]:
+        members = await self._redis.smembers(self._active_key(account_id))
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+class RedisReplicaStore:
+    """Replica data rebuilt from the compacted topics: allowlist per account, endpoint registry."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._apply_settings: Any = redis.register_script(_APPLY_SETTINGS)
+
+    async def apply_settings(self, event: AllowlistChanged) -> bool:
+        key = self._keys("isolation", "settings", event.account_id)
+        applied = await self._apply_settings(
+            keys=[key], args=[str(event.version), event.model_dump_json()]
+        )
+        return bool(applied)
+
+    async def settings(self, account_id: str) -> AllowlistChanged | None:
+        raw = await self._redis.hget(self._keys("isolation", "settings", account_id), "doc")
+        return None if raw is None else AllowlistChanged.model_validate_json(raw)
+
+    async def put_endpoint(self, endpoint: EndpointRecord) -> None:
+        await self._redis.set(
+            self._keys("isolation", "endpoint", endpoint.endpoint_id), endpoint.model_dump_json()
+        )
+
+    async def endpoint(self, endpoint_id: str) -> EndpointRecord | None:
+        raw = await self._redis.get(self._keys("isolation", "endpoint", endpoint_id))
+        return None if raw is None else EndpointRecord.model_validate_json(raw)

@@ -1,0 +1,221 @@
+"""Replicas of the compacted topics, read from the start by every instance, with catch-up on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+from pydantic import ValidationError
+
+from services.isolation.adapters.redis_store import RedisReplicaStore
+from services.isolation.domain import EndpointRecord
+from shared.kafka import DeadLetterSink, MessageRejected, describe_validation_error
+from shared.messages import AllowlistChanged, EndpointRegistered, decode
+from shared.topics import TopicName, Topics
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
+
+
+class ReplicaLagError(Exception):
+    """The replica did not reach the partition's end offset in time."""
+
+
+class CompactedTopicReplica:
+    """Reads one compacted topic from the beginning, without a consumer group.
+
+    Every instance reads every partition itself, so it knows exactly how far its replica got and
+    can wait for a partition's end offset (read-your-writes). Redis absorbs the replays: applying
+    an event twice or an older one changes nothing.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        name: TopicName,
+        apply: Apply,
+        dlq: DeadLetterSink,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._topics = topics
+        self._name = name
+        self.topic = topics(name)
+        self._apply = apply
+        self._dlq = dlq
+        self._consumer: Any = None
+        self._partitions: list[int] = []
+        self._positions: dict[int, int] = {}
+        self._progress = asyncio.Condition()
+        self._started = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._partitioner = DefaultPartitioner()
+        self.caught_up_once = False
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            client_id=f"hostiso-isolation-replica-{self._name.value}",
+        )
+        await self._consumer.start()
+        await self._consumer.topics()
+        partitions = self._consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            raise RuntimeError(f"topic {self.topic} has no partitions")
+        self._partitions = sorted(partitions)
+        tps = [TopicPartition(self.topic, p) for p in self._partitions]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._positions = {p: 0 for p in self._partitions}
+        self._task = asyncio.create_task(self._run(), name=f"replica-{self._name.value}")
+        self._started.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200, max_records=1000)
+            for records in batch.values():
+                for record in records:
+                    await self._apply_one(record)
+            # Positions only move after the records before them are stored in Redis.
+            positions = {
+                p: await self._consumer.position(TopicPartition(self.topic, p))
+                for p in self._partitions
+            }
+            async with self._progress:
+                self._positions = positions
+                self._progress.notify_all()
+
+    async def _apply_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            message = decode(self._name, record.value)
+            await self._apply(message, record)
+        except ValidationError as exc:
+            await self._dlq.send(record, describe_validation_error(exc))
+        except MessageRejected as exc:
+            await self._dlq.send(record, exc.reason)
+        except ValueError as exc:
+            await self._dlq.send(record, f"invalid message: {exc}")
+
+    def partition_for(self, key: str) -> int:
+        """The producer's partition for ``key`` (murmur2, like every Kafka client's default)."""
+        part: int = self._partitioner(key.encode(), self._partitions, self._partitions)
+        return part
+
+    async def catch_up(self, key: str, timeout: float) -> None:
+        """Wait until the replica holds everything written for ``key`` before this call."""
+        await asyncio.wait_for(self._started.wait(), timeout)
+        part = self.partition_for(key)
+        tp = TopicPartition(self.topic, part)
+        end = (await self._consumer.end_offsets([tp]))[tp]
+        try:
+            async with self._progress:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: self._positions.get(part, 0) >= end), timeout
+                )
+        except TimeoutError as exc:
+            raise ReplicaLagError(
+                f"{self.topic}[{part}] replica did not reach offset {end} in {timeout}s"
+            ) from exc
+
+    async def caught_up_all(self) -> bool:
+        """True once the replica has read every partition to the end (readiness)."""
+        if self.caught_up_once:
+            return True
+        if not self._started.is_set():
+            return False
+        tps = [TopicPartition(self.topic, p) for p in self._partitions]
+        ends = await self._consumer.end_offsets(tps)
+        self.caught_up_once = all(self._positions.get(tp.partition, 0) >= ends[tp] for tp in tps)
+        return self.caught_up_once
+
+
+class SettingsReplica:
+    """The accounts' allowlists, from ``settings.allowlist.v1``."""
+
+    def __init__(
+        self,
+        store: RedisReplicaStore,
+        bootstrap: str,
+        topics: Topics,
+        dlq: DeadLetterSink,
+        catch_up_timeout: float,
+    ) -> None:
+        self._store = store
+        self._timeout = catch_up_timeout
+        self.replica = CompactedTopicReplica(
+            bootstrap, topics, TopicName.SETTINGS_ALLOWLIST, self._apply, dlq
+        )
+
+    async def _apply(self, event: AllowlistChanged, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.key is not None and record.key.decode("utf-8", "replace") != event.account_id:
+            raise MessageRejected(
+                f"key {record.key!r} differs from account_id {event.account_id!r}"
+            )
+        if await self._store.apply_settings(event):
+            log.info(
+                "allowlist replica updated",
+                extra={"account_id": event.account_id, "settings_version": event.version},
+            )
+
+    async def current(self, account_id: str) -> AllowlistChanged | None:
+        """The allowlist including every change acknowledged before this call."""
+        await self.replica.catch_up(account_id, self._timeout)
+        return await self._store.settings(account_id)
+
+    async def known(self, account_id: str) -> AllowlistChanged | None:
+        """The allowlist as the replica has it now, without waiting."""
+        return await self._store.settings(account_id)
+
+
+class EndpointRegistry:
+    """Endpoint → account, hostname, platform, from ``endpoints.v1``."""
+
+    def __init__(
+        self,
+        store: RedisReplicaStore,
+        bootstrap: str,
+        topics: Topics,
+        dlq: DeadLetterSink,
+        catch_up_timeout: float,
+    ) -> None:
+        self._store = store
+        self._timeout = catch_up_timeout
+        self.replica = CompactedTopicReplica(
+            bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq
+        )
+
+    async def _apply(self, event: EndpointRegistered, record: ConsumerRecord[bytes, bytes]) -> None:
+        await self._store.put_endpoint(
+            EndpointRecord(
+                endpoint_id=event.endpoint_id,
+                account_id=event.account_id,
+                hostname=event.hostname,
+                platform=event.platform,
+            )
+        )
+
+    async def get(self, endpoint_id: str) -> EndpointRecord | None:
+        """The endpoint; if unknown, first catch up with registrations made before this call."""
+        found = await self._store.endpoint(endpoint_id)
+        if found is not None:
+            return found
+        await self.replica.catch_up(endpoint_id, self._timeout)
+        return await self._store.endpoint(endpoint_id)

@@ -1,0 +1,177 @@
+"""REST routes of the isolation service (DESIGN.md §4): thin, each one call into the use cases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, FastAPI, Path, Query, Request, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from services.isolation.adapters.replicas import ReplicaLagError
+from services.isolation.adapters.settings_client import SettingsUnavailableError
+from services.isolation.domain import EndpointIsolation
+from services.isolation.handlers import (
+    AccountForbiddenError,
+    EndpointNotFoundError,
+    IsolationService,
+    StrictOverrideDeniedError,
+)
+from shared.auth import CurrentPrincipal
+from shared.messages import FrozenPolicy, IsolationMode, IsolationState, PolicyMode
+
+EndpointId = Annotated[str, Path(min_length=1, max_length=128)]
+AccountId = Annotated[str, Path(min_length=1, max_length=128)]
+
+
+class IsolationBody(BaseModel):
+    """Isolate an endpoint: standard freezes the allowlist now; strict allows the platform only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: IsolationMode = Field("standard", examples=["standard", "strict"])
+    reason: str = Field("", max_length=1000, examples=["incident 4711"])
+
+
+class AccountStrictBody(BaseModel):
+    """Strictly isolate every isolated or pending endpoint of the account (RMM compromised)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=1000)
+    disable_allowlist: bool = Field(True, description="Also switch Tooling Connections off.")
+
+
+class Accepted(BaseModel):
+    """The request is in Kafka; the isolation service applies it asynchronously."""
+
+    request_id: str
+
+
+class AccountStrictAccepted(Accepted):
+    """Also says how many endpoints the account-wide strict isolation covers."""
+
+    endpoints: int
+
+
+class IsolationView(BaseModel):
+    """An endpoint's isolation state and the frozen policy in force or pending."""
+
+    endpoint_id: str
+    account_id: str
+    state: IsolationState
+    mode: PolicyMode | None
+    policy: FrozenPolicy | None
+    desired_sequence: int
+    applied_sequence: int
+    rules_sha256: str | None
+    detail: str
+    updated_at: datetime | None
+
+    @classmethod
+    def of(cls, isolation: EndpointIsolation) -> IsolationView:
+        return cls.model_validate(isolation.model_dump())
+
+
+class AccountIsolations(BaseModel):
+    """The account's endpoints that are isolated or pending."""
+
+    account_id: str
+    endpoints: list[IsolationView]
+
+
+class PolicyPreview(BaseModel):
+    """Dry run: the policy the endpoint would get if isolated now (``null``: none would change)."""
+
+    endpoint_id: str
+    mode: IsolationMode
+    policy: FrozenPolicy | None
+
+
+def build_router(service: IsolationService) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["isolation"])
+
+    @router.post(
+        "/endpoints/{endpoint_id}/isolation",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=Accepted,
+    )
+    async def isolate(
+        endpoint_id: EndpointId, body: IsolationBody, principal: CurrentPrincipal
+    ) -> Accepted:
+        request_id = await service.submit_isolation(endpoint_id, body.mode, body.reason, principal)
+        return Accepted(request_id=request_id)
+
+    @router.delete(
+        "/endpoints/{endpoint_id}/isolation",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=Accepted,
+    )
+    async def release(
+        endpoint_id: EndpointId,
+        principal: CurrentPrincipal,
+        reason: Annotated[str, Query(max_length=1000)] = "",
+    ) -> Accepted:
+        return Accepted(request_id=await service.submit_release(endpoint_id, reason, principal))
+
+    @router.post(
+        "/accounts/{account_id}/strict-isolation",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=AccountStrictAccepted,
+    )
+    async def strict_isolate_account(
+        account_id: AccountId, body: AccountStrictBody, principal: CurrentPrincipal
+    ) -> AccountStrictAccepted:
+        request_id, covered = await service.submit_account_strict(
+            account_id, body.reason, body.disable_allowlist, principal
+        )
+        return AccountStrictAccepted(request_id=request_id, endpoints=covered)
+
+    @router.get("/endpoints/{endpoint_id}/isolation", response_model=IsolationView)
+    async def get_isolation(endpoint_id: EndpointId, principal: CurrentPrincipal) -> IsolationView:
+        return IsolationView.of(await service.isolation_of(endpoint_id, principal))
+
+    @router.get("/accounts/{account_id}/isolations", response_model=AccountIsolations)
+    async def list_isolations(
+        account_id: AccountId, principal: CurrentPrincipal
+    ) -> AccountIsolations:
+        states = await service.isolations_of_account(account_id, principal)
+        return AccountIsolations(
+            account_id=account_id, endpoints=[IsolationView.of(s) for s in states]
+        )
+
+    @router.get("/endpoints/{endpoint_id}/isolation/preview", response_model=PolicyPreview)
+    async def preview(
+        endpoint_id: EndpointId,
+        principal: CurrentPrincipal,
+        mode: Annotated[IsolationMode, Query()] = "standard",
+    ) -> PolicyPreview:
+        policy = await service.preview(endpoint_id, mode, principal)
+        return PolicyPreview(endpoint_id=endpoint_id, mode=mode, policy=policy)
+
+    return router
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Named errors become 4xx; infrastructure trouble a 503 that does not leak internals."""
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+    async def forbidden(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_403_FORBIDDEN)
+
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"temporarily unavailable ({type(exc).__name__}); retry"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+
+    app.add_exception_handler(EndpointNotFoundError, not_found)
+    app.add_exception_handler(AccountForbiddenError, forbidden)
+    app.add_exception_handler(StrictOverrideDeniedError, forbidden)
+    for error in (ReplicaLagError, SettingsUnavailableError, KafkaError, RedisError, TimeoutError):
+        app.add_exception_handler(error, unavailable)

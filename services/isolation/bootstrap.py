@@ -1,0 +1,135 @@
+"""Wires the isolation service: Redis stores, replicas, request lanes, status consumer, REST API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from services.isolation.adapters.kafka_publisher import KafkaPublisher
+from services.isolation.adapters.redis_store import RedisIsolationStore, RedisReplicaStore
+from services.isolation.adapters.replicas import EndpointRegistry, SettingsReplica
+from services.isolation.adapters.settings_client import HttpSettingsClient
+from services.isolation.api import add_error_handlers, build_router
+from services.isolation.config import IsolationSettings
+from services.isolation.consumers import IsolationConsumers
+from services.isolation.handlers import IsolationService, SettingsClient
+from shared.http import add_operational_routes, serve
+from shared.kafka import DeadLetterSink
+from shared.logs import configure_logging
+from shared.runtime import Runtime
+
+SERVICE = "isolation"
+
+
+def build_app(
+    settings: IsolationSettings, *, settings_client: SettingsClient | None = None
+) -> FastAPI:
+    """The FastAPI app; connections open in its lifespan, never here."""
+    runtime = Runtime(settings, SERVICE)
+    jwt_secret = settings.require_secret("jwt_secret")
+    replica_store = RedisReplicaStore(runtime.redis, runtime.keys)
+    group = settings.topic_prefix + SERVICE
+
+    def replica_dlq(name: str) -> DeadLetterSink:
+        return DeadLetterSink(
+            runtime.producer, runtime.topics, name, runtime.dlq_total.labels(name).inc
+        )
+
+    allowlists = SettingsReplica(
+        replica_store,
+        settings.kafka_bootstrap,
+        runtime.topics,
+        replica_dlq(group + "-settings-replica"),
+        settings.catch_up_timeout_s,
+    )
+    registry = EndpointRegistry(
+        replica_store,
+        settings.kafka_bootstrap,
+        runtime.topics,
+        replica_dlq(group + "-endpoint-registry"),
+        settings.catch_up_timeout_s,
+    )
+    service = IsolationService(
+        store=RedisIsolationStore(runtime.redis, runtime.keys),
+        settings=allowlists,
+        registry=registry,
+        publisher=KafkaPublisher(runtime.producer, runtime.topics),
+        settings_client=settings_client or HttpSettingsClient(settings.settings_url, jwt_secret),
+        platform=tuple(settings.platform_addresses),
+    )
+    consumers = IsolationConsumers(service, runtime.registry)
+    # One consumer group per lane: the priority lane has its own consumer and group, so strict
+    # requests never queue behind a backlog of normal ones (guarantee 5). Instances of the
+    # service share each group; per-endpoint order holds because requests are keyed by endpoint.
+    runtime.add_consumer(
+        runtime.topics.isolation_requests,
+        group_id=group,
+        handler=consumers.on_normal_request,
+        name="requests",
+    )
+    runtime.add_consumer(
+        runtime.topics.isolation_requests_priority,
+        group_id=group + "-priority",
+        handler=consumers.on_priority_request,
+        name="requests-priority",
+    )
+    runtime.add_consumer(
+        runtime.topics.isolation_status,
+        group_id=group + "-status",
+        handler=consumers.on_status,
+        name="status",
+    )
+    replicas = (allowlists.replica, registry.replica)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            for replica in replicas:
+                await replica.start()
+            yield
+        finally:
+            for replica in replicas:
+                await replica.stop()
+            await runtime.stop()
+
+    async def readiness() -> dict[str, bool]:
+        checks = await runtime.readiness()
+        for replica in replicas:
+            try:
+                checks[f"replica:{replica.topic}"] = await asyncio.wait_for(
+                    replica.caught_up_all(), 2.0
+                )
+            except (TimeoutError, RuntimeError, AttributeError):
+                checks[f"replica:{replica.topic}"] = False
+        return checks
+
+    app = FastAPI(
+        title="hostiso isolation service",
+        description="Endpoint isolation with frozen Tooling Allowlist snapshots (DESIGN.md §4).",
+        lifespan=lifespan,
+    )
+    app.state.jwt_secret = jwt_secret
+    app.state.runtime = runtime
+    app.state.service = service
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
+    add_operational_routes(app, readiness, runtime.registry)
+    add_error_handlers(app)
+    app.include_router(build_router(service))
+    return app
+
+
+def main() -> None:
+    settings = IsolationSettings()
+    configure_logging(SERVICE, settings.log_level, settings.log_json)
+    app = build_app(settings)
+    asyncio.run(serve(app, settings.http_host, settings.http_port, settings.log_level))

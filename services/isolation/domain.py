@@ -1,0 +1,268 @@
+"""Pure isolation rules: snapshot, precedence, sequence and the delivery state machine (no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.messages import (
+    Actor,
+    AllowedPeer,
+    AllowlistChanged,
+    FrozenPolicy,
+    IsolationMode,
+    IsolationState,
+    PolicyMode,
+    PolicyStatusReported,
+)
+
+Lane = Literal["normal", "priority"]
+
+# States in which the endpoint is (meant to be) cut off: an account-wide strict covers them.
+_ISOLATING_STATES: frozenset[IsolationState] = frozenset({"isolation_pending", "isolated"})
+
+
+class EndpointRecord(BaseModel):
+    """An enrolled endpoint, as the registry replica knows it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint_id: str
+    account_id: str
+    hostname: str
+    platform: str
+
+
+class EndpointIsolation(BaseModel):
+    """The isolation state of one endpoint and the policy in force or pending."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint_id: str
+    account_id: str
+    state: IsolationState = "not_isolated"
+    mode: PolicyMode | None = None
+    policy: FrozenPolicy | None = None
+    desired_sequence: int = 0
+    applied_sequence: int = 0
+    rules_sha256: str | None = None
+    detail: str = ""
+    updated_at: datetime | None = None
+
+    @property
+    def isolated_or_pending(self) -> bool:
+        """Isolated, pending, or an isolation that failed to apply (still meant to isolate)."""
+        if self.state in _ISOLATING_STATES:
+            return True
+        return self.state == "failed" and self.mode in ("standard", "strict")
+
+    @property
+    def strict(self) -> bool:
+        return self.mode == "strict" and self.isolated_or_pending
+
+
+def fresh_isolation(endpoint: EndpointRecord) -> EndpointIsolation:
+    """The state of an endpoint that has never been isolated."""
+    return EndpointIsolation(endpoint_id=endpoint.endpoint_id, account_id=endpoint.account_id)
+
+
+@dataclass(frozen=True)
+class PolicyIssued:
+    """The request yields a new policy: store ``isolation`` and send ``policy`` on ``lane``."""
+
+    isolation: EndpointIsolation
+    policy: FrozenPolicy
+
+    @property
+    def lane(self) -> Lane:
+        return lane_for(self.policy)
+
+
+@dataclass(frozen=True)
+class NothingToDo:
+    """The request changes nothing (already in that state; strict is never downgraded)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestDenied:
+    """The caller may not do this (another account, or a partner loosening strict)."""
+
+    reason: str
+    kind: Literal["tenancy", "strict"] = "strict"
+
+
+Decision = PolicyIssued | NothingToDo | RequestDenied
+
+
+class TenancyViolationError(ValueError):
+    """Settings of one account were offered for another account's snapshot."""
+
+
+def may_override_strict(actor: Actor) -> bool:
+    """Only the SOC (and platform services acting for it) may release or loosen strict."""
+    return actor.role in ("soc", "service")
+
+
+def may_touch_account(actor: Actor, account_id: str) -> bool:
+    return actor.role in ("soc", "service") or actor.account_id == account_id
+
+
+def lane_for(policy: FrozenPolicy) -> Lane:
+    """Strict policies overtake any backlog: they travel on the priority lane."""
+    return "priority" if policy.mode == "strict" else "normal"
+
+
+def next_sequence(current: EndpointIsolation) -> int:
+    return current.desired_sequence + 1
+
+
+def snapshot_allowlist(
+    account_id: str, settings: AllowlistChanged | None
+) -> tuple[tuple[AllowedPeer, ...], int]:
+    """The account's allowlist as it is now (empty if off or unknown) and its settings version."""
+    if settings is None:
+        return (), 0
+    if settings.account_id != account_id:
+        # Guarantee 8: a policy only ever holds its own account's entries.
+        raise TenancyViolationError(
+            f"settings of account {settings.account_id} offered for account {account_id}"
+        )
+    if not settings.enabled:
+        return (), settings.version
+    peers = tuple(AllowedPeer(name=e.name, address=e.address) for e in settings.entries)
+    return peers, settings.version
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a new policy needs besides the state: identity, time, author, platform addresses."""
+
+    policy_id: str
+    now: datetime
+    actor: Actor
+    reason: str
+    platform: tuple[str, ...]
+
+
+def _issue(
+    current: EndpointIsolation,
+    mode: PolicyMode,
+    ctx: PolicyContext,
+    settings: AllowlistChanged | None,
+) -> PolicyIssued:
+    if mode == "standard":
+        peers, version = snapshot_allowlist(current.account_id, settings)
+    else:
+        # Strict and release carry no allowlist; the version still records what was known.
+        _, version = snapshot_allowlist(current.account_id, settings)
+        peers = ()
+    policy = FrozenPolicy(
+        policy_id=ctx.policy_id,
+        endpoint_id=current.endpoint_id,
+        account_id=current.account_id,
+        sequence=next_sequence(current),
+        mode=mode,
+        allowed_outbound=peers,
+        platform=ctx.platform,
+        settings_version=version,
+        issued_at=ctx.now,
+        issued_by=ctx.actor.sub,
+        reason=ctx.reason,
+    )
+    state: IsolationState = "release_pending" if mode == "none" else "isolation_pending"
+    isolation = current.model_copy(
+        update={
+            "state": state,
+            "mode": mode,
+            "policy": policy,
+            "desired_sequence": policy.sequence,
+            "rules_sha256": None,
+            "detail": "",
+            "updated_at": ctx.now,
+        }
+    )
+    return PolicyIssued(isolation=isolation, policy=policy)
+
+
+def decide_isolation(
+    current: EndpointIsolation,
+    mode: IsolationMode,
+    ctx: PolicyContext,
+    settings: AllowlistChanged | None,
+) -> Decision:
+    """Isolate standard (freeze the allowlist now) or strict, honouring strict precedence."""
+    if not may_touch_account(ctx.actor, current.account_id):
+        return RequestDenied(
+            f"endpoint {current.endpoint_id} belongs to another account", kind="tenancy"
+        )
+    if current.isolated_or_pending:
+        if current.mode == mode and current.state != "failed":
+            # Guarantee 3: repeating an isolate keeps the frozen snapshot.
+            return NothingToDo(f"endpoint is already {current.state} ({mode})")
+        if current.mode == "strict" and mode == "standard":
+            if not may_override_strict(ctx.actor):
+                return RequestDenied(
+                    "only the SOC may loosen a strict isolation; a partner cannot request "
+                    "standard isolation of a strictly isolated endpoint"
+                )
+            # Guarantee 4: a standard request never downgrades strict, even from the SOC.
+            if current.state != "failed":
+                return NothingToDo("strict isolation is kept; release first to loosen it")
+            return _issue(current, "strict", ctx, settings)
+    return _issue(current, mode, ctx, settings)
+
+
+def decide_release(
+    current: EndpointIsolation, ctx: PolicyContext, settings: AllowlistChanged | None
+) -> Decision:
+    """Release (policy mode ``none``); only the SOC releases a strict isolation."""
+    if not may_touch_account(ctx.actor, current.account_id):
+        return RequestDenied(
+            f"endpoint {current.endpoint_id} belongs to another account", kind="tenancy"
+        )
+    if current.state == "not_isolated" or current.state == "release_pending":
+        return NothingToDo(f"endpoint is {current.state}")
+    if current.strict and not may_override_strict(ctx.actor):
+        return RequestDenied("only the SOC may release a strict isolation")
+    return _issue(current, "none", ctx, settings)
+
+
+class StatusIgnored(ValueError):
+    """A status report that does not concern the current sequence (stale or duplicate)."""
+
+
+def apply_status(current: EndpointIsolation, report: PolicyStatusReported) -> EndpointIsolation:
+    """Guarantee 7: only the agent's report on the CURRENT sequence moves the state."""
+    if current.policy is None or report.sequence != current.desired_sequence:
+        raise StatusIgnored(
+            f"status for sequence {report.sequence}, current is {current.desired_sequence}"
+        )
+    if report.policy_id != current.policy.policy_id:
+        raise StatusIgnored(f"status for policy {report.policy_id}, current differs")
+    if report.status == "applied":
+        state: IsolationState = "not_isolated" if current.mode == "none" else "isolated"
+        if (
+            current.state == state
+            and current.applied_sequence == report.sequence
+            and current.rules_sha256 == report.rules_sha256
+        ):
+            raise StatusIgnored("duplicate applied report")
+        return current.model_copy(
+            update={
+                "state": state,
+                "applied_sequence": report.sequence,
+                "rules_sha256": report.rules_sha256,
+                "detail": report.detail,
+                "updated_at": report.occurred_at,
+            }
+        )
+    if current.state == "failed" and current.detail == report.detail:
+        raise StatusIgnored("duplicate failed report")
+    return current.model_copy(
+        update={"state": "failed", "detail": report.detail, "updated_at": report.occurred_at}
+    )

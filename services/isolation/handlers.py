@@ -1,0 +1,474 @@
+"""Isolation use cases: apply requests, record agent status, answer the REST API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import NoReturn, Protocol
+
+from services.isolation.adapters.redis_store import (
+    CommitConflictError,
+    DuplicateRequest,
+    RequestOutcome,
+)
+from services.isolation.domain import (
+    Decision,
+    EndpointIsolation,
+    EndpointRecord,
+    Lane,
+    NothingToDo,
+    PolicyContext,
+    PolicyIssued,
+    RequestDenied,
+    StatusIgnored,
+    apply_status,
+    decide_isolation,
+    decide_release,
+    fresh_isolation,
+)
+from shared.messages import (
+    Actor,
+    AllowlistChanged,
+    AuditRecorded,
+    EnforcePolicy,
+    FrozenPolicy,
+    IsolateEndpoint,
+    IsolationMode,
+    PolicyStatusReported,
+    ReleaseEndpoint,
+    StrictIsolateAccount,
+    new_id,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+_MAX_CONFLICT_RETRIES = 100
+
+
+# --- ports ----------------------------------------------------------------------------
+
+
+class IsolationStore(Protocol):
+    async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]: ...
+    async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]: ...
+    async def outcome(self, request_key: str) -> RequestOutcome | None: ...
+    async def commit(
+        self,
+        current_rev: int,
+        isolation: EndpointIsolation,
+        *,
+        changed: bool,
+        request_key: str | None = None,
+        outcome: RequestOutcome | None = None,
+    ) -> None: ...
+    async def active_endpoints(self, account_id: str) -> list[str]: ...
+
+
+class SettingsView(Protocol):
+    async def current(self, account_id: str) -> AllowlistChanged | None: ...
+    async def known(self, account_id: str) -> AllowlistChanged | None: ...
+
+
+class Registry(Protocol):
+    async def get(self, endpoint_id: str) -> EndpointRecord | None: ...
+
+
+class Publisher(Protocol):
+    async def send_command(
+        self, lane: Lane, command: EnforcePolicy, audit: AuditRecorded
+    ) -> None: ...
+    async def send_audit(self, audit: AuditRecorded) -> None: ...
+    async def send_request(
+        self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
+    ) -> None: ...
+
+
+class SettingsClient(Protocol):
+    async def disable_allowlist(self, account_id: str, requested_by: Actor) -> None: ...
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class EndpointNotFoundError(LookupError):
+    """No endpoint with this id has enrolled."""
+
+
+class AccountForbiddenError(PermissionError):
+    """The caller may not touch this account (tenancy)."""
+
+
+class StrictOverrideDeniedError(PermissionError):
+    """A partner tried to release or loosen a strict isolation."""
+
+
+class ConcurrentUpdateError(RuntimeError):
+    """The endpoint's state kept changing under us; the consumer retries the record."""
+
+
+# --- use cases ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountStrictResult:
+    """What an account-wide strict isolation did."""
+
+    covered: int
+    issued: int
+
+
+class IsolationService:
+    """Applies isolation requests exactly once per request id, and tracks delivery status."""
+
+    def __init__(
+        self,
+        store: IsolationStore,
+        settings: SettingsView,
+        registry: Registry,
+        publisher: Publisher,
+        settings_client: SettingsClient,
+        platform: tuple[str, ...],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._registry = registry
+        self._publisher = publisher
+        self._settings_client = settings_client
+        self._platform = platform
+        self._clock = clock
+
+    # -- requests (from Kafka; REST requests arrive here through Kafka too) --
+
+    async def isolate(self, request: IsolateEndpoint) -> RequestOutcome:
+        endpoint = await self._known_endpoint(request.endpoint_id)
+        await self._authorize(
+            request.requested_by, endpoint.account_id, "isolation.isolate", endpoint.endpoint_id
+        )
+        settings = None
+        if request.mode == "standard":
+            # Guarantee 2: every allowlist change acknowledged before this request is in Kafka
+            # before it; the replica catches up to that offset before the snapshot is taken.
+            settings = await self._settings.current(endpoint.account_id)
+        else:
+            settings = await self._settings.known(endpoint.account_id)
+        ctx = self._context(request.requested_by, request.reason)
+        return await self._apply(
+            endpoint.endpoint_id,
+            endpoint.account_id,
+            request.request_id,
+            request.requested_by,
+            "isolation.isolate",
+            lambda current: decide_isolation(current, request.mode, ctx, settings),
+        )
+
+    async def release(self, request: ReleaseEndpoint) -> RequestOutcome:
+        endpoint = await self._known_endpoint(request.endpoint_id)
+        await self._authorize(
+            request.requested_by, endpoint.account_id, "isolation.release", endpoint.endpoint_id
+        )
+        settings = await self._settings.known(endpoint.account_id)
+        ctx = self._context(request.requested_by, request.reason)
+        return await self._apply(
+            endpoint.endpoint_id,
+            endpoint.account_id,
+            request.request_id,
+            request.requested_by,
+            "isolation.release",
+            lambda current: decide_release(current, ctx, settings),
+        )
+
+    async def strict_isolate_account(self, request: StrictIsolateAccount) -> AccountStrictResult:
+        actor = request.requested_by
+        await self._authorize(actor, request.account_id, "isolation.strict_account", None)
+        settings = await self._settings.known(request.account_id)
+        covered = 0
+        issued = 0
+        # Isolating comes first: a compromised RMM is cut off even if the settings service is
+        # down; a failing switch-off raises after this and the redelivery repeats only that.
+        for endpoint_id in await self._store.active_endpoints(request.account_id):
+            ctx = self._context(actor, request.reason)
+
+            def tighten(current: EndpointIsolation, ctx: PolicyContext = ctx) -> Decision:
+                return decide_isolation(current, "strict", ctx, settings)
+
+            outcome = await self._apply(
+                endpoint_id,
+                request.account_id,
+                f"{request.request_id}:{endpoint_id}",
+                actor,
+                "isolation.strict_account",
+                tighten,
+            )
+            covered += 1
+            issued += outcome.kind == "policy"
+        if request.disable_allowlist:
+            await self._settings_client.disable_allowlist(request.account_id, actor)
+        await self._publisher.send_audit(
+            AuditRecorded(
+                service="isolation",
+                action="isolation.strict_account",
+                outcome="ok",
+                actor=actor,
+                account_id=request.account_id,
+                detail=f"covered {covered} endpoints, {issued} new strict policies",
+                after={"covered": covered, "disable_allowlist": request.disable_allowlist},
+            )
+        )
+        return AccountStrictResult(covered=covered, issued=issued)
+
+    async def _apply(
+        self,
+        endpoint_id: str,
+        account_id: str,
+        request_key: str,
+        actor: Actor,
+        action: str,
+        decide: Callable[[EndpointIsolation], Decision],
+    ) -> RequestOutcome:
+        prior = await self._store.outcome(request_key)
+        if prior is not None:
+            return await self._repeat(prior, actor, action)
+        for _ in range(_MAX_CONFLICT_RETRIES):
+            current, rev = await self._store.load(endpoint_id)
+            if current is None:
+                current = EndpointIsolation(endpoint_id=endpoint_id, account_id=account_id)
+            decision = decide(current)
+            if isinstance(decision, RequestDenied):
+                await self._deny(actor, account_id, endpoint_id, action, decision)
+            outcome = _outcome_of(decision, current, request_key)
+            try:
+                await self._store.commit(
+                    rev,
+                    decision.isolation if isinstance(decision, PolicyIssued) else current,
+                    changed=isinstance(decision, PolicyIssued),
+                    request_key=request_key,
+                    outcome=outcome,
+                )
+            except CommitConflictError:
+                continue
+            except DuplicateRequest as dup:
+                return await self._repeat(dup.outcome, actor, action)
+            await self._send(outcome, actor, action)
+            return outcome
+        raise ConcurrentUpdateError(f"endpoint {endpoint_id} changed {_MAX_CONFLICT_RETRIES} times")
+
+    async def _repeat(self, outcome: RequestOutcome, actor: Actor, action: str) -> RequestOutcome:
+        # The state may be stored while the command never left (crash in between): re-send it.
+        # The enforcer fences by sequence, so a second copy of the same sequence is harmless.
+        log.info(
+            "request already applied; repeating its command",
+            extra={"endpoint_id": outcome.endpoint_id, "account_id": outcome.account_id},
+        )
+        await self._send(outcome, actor, action)
+        return outcome
+
+    async def _send(self, outcome: RequestOutcome, actor: Actor, action: str) -> None:
+        if outcome.command is None or outcome.lane is None:
+            return
+        policy = outcome.command.policy
+        audit = AuditRecorded(
+            service="isolation",
+            action=action,
+            outcome="ok",
+            actor=actor,
+            account_id=policy.account_id,
+            endpoint_id=policy.endpoint_id,
+            detail=outcome.detail,
+            after={"sequence": policy.sequence, "mode": policy.mode, "policy_id": policy.policy_id},
+        )
+        await self._publisher.send_command(outcome.lane, outcome.command, audit)
+        log.info(
+            "policy issued",
+            extra={
+                "endpoint_id": policy.endpoint_id,
+                "account_id": policy.account_id,
+                "sequence": policy.sequence,
+                "mode": policy.mode,
+                "lane": outcome.lane,
+            },
+        )
+
+    async def _deny(
+        self,
+        actor: Actor,
+        account_id: str,
+        endpoint_id: str | None,
+        action: str,
+        denied: RequestDenied,
+    ) -> NoReturn:
+        reason = denied.reason
+        await self._publisher.send_audit(
+            AuditRecorded(
+                service="isolation",
+                action=action,
+                outcome="denied",
+                actor=actor,
+                account_id=account_id,
+                endpoint_id=endpoint_id,
+                detail=reason,
+            )
+        )
+        log.warning(
+            "request denied",
+            extra={"account_id": account_id, "endpoint_id": endpoint_id, "reason": reason},
+        )
+        if denied.kind == "tenancy":
+            raise AccountForbiddenError(reason)
+        raise StrictOverrideDeniedError(reason)
+
+    async def _authorize(
+        self, actor: Actor, account_id: str, action: str, endpoint_id: str | None
+    ) -> None:
+        if actor.role in ("soc", "service") or actor.account_id == account_id:
+            return
+        what = f"endpoint {endpoint_id}" if endpoint_id else f"account {account_id}"
+        await self._deny(
+            actor,
+            account_id,
+            endpoint_id,
+            action,
+            RequestDenied(f"{what} belongs to another account", kind="tenancy"),
+        )
+
+    async def _known_endpoint(self, endpoint_id: str) -> EndpointRecord:
+        endpoint = await self._registry.get(endpoint_id)
+        if endpoint is None:
+            raise EndpointNotFoundError(f"endpoint_id: no enrolled endpoint {endpoint_id!r}")
+        return endpoint
+
+    def _context(self, actor: Actor, reason: str) -> PolicyContext:
+        return PolicyContext(
+            policy_id=new_id(),
+            now=self._clock(),
+            actor=actor,
+            reason=reason,
+            platform=self._platform,
+        )
+
+    # -- agent status --
+
+    async def record_status(self, report: PolicyStatusReported) -> EndpointIsolation | None:
+        """Move the endpoint's state on the current sequence's report; None if it did not count."""
+        for _ in range(_MAX_CONFLICT_RETRIES):
+            current, rev = await self._store.load(report.endpoint_id)
+            if current is None:
+                raise EndpointNotFoundError(
+                    f"endpoint_id: no isolation state for {report.endpoint_id!r}"
+                )
+            if current.account_id != report.account_id:
+                raise AccountForbiddenError(
+                    f"account_id: {report.account_id!r} is not the endpoint's account"
+                )
+            try:
+                updated = apply_status(current, report)
+            except StatusIgnored as exc:
+                log.info(
+                    "status ignored: %s",
+                    exc,
+                    extra={"endpoint_id": report.endpoint_id, "sequence": report.sequence},
+                )
+                return None
+            try:
+                await self._store.commit(rev, updated, changed=True)
+            except CommitConflictError:
+                continue
+            log.info(
+                "endpoint %s",
+                updated.state,
+                extra={
+                    "endpoint_id": updated.endpoint_id,
+                    "account_id": updated.account_id,
+                    "sequence": report.sequence,
+                },
+            )
+            return updated
+        raise ConcurrentUpdateError(f"endpoint {report.endpoint_id} kept changing")
+
+    # -- REST: decide what can be decided up front, then hand the request to Kafka --
+
+    async def submit_isolation(
+        self, endpoint_id: str, mode: IsolationMode, reason: str, actor: Actor
+    ) -> str:
+        current = await self._visible_isolation(endpoint_id, actor, "isolation.isolate")
+        request = IsolateEndpoint(
+            endpoint_id=endpoint_id, mode=mode, reason=reason, requested_by=actor
+        )
+        decision = decide_isolation(current, mode, self._context(actor, reason), None)
+        if isinstance(decision, RequestDenied):
+            await self._deny(actor, current.account_id, endpoint_id, "isolation.isolate", decision)
+        await self._publisher.send_request("priority" if mode == "strict" else "normal", request)
+        return request.request_id
+
+    async def submit_release(self, endpoint_id: str, reason: str, actor: Actor) -> str:
+        current = await self._visible_isolation(endpoint_id, actor, "isolation.release")
+        decision = decide_release(current, self._context(actor, reason), None)
+        if isinstance(decision, RequestDenied):
+            await self._deny(actor, current.account_id, endpoint_id, "isolation.release", decision)
+        request = ReleaseEndpoint(endpoint_id=endpoint_id, reason=reason, requested_by=actor)
+        # Releasing a strict isolation rides the priority request lane, behind the strict
+        # request it undoes (same lane, same key, so Kafka keeps them in order).
+        await self._publisher.send_request("priority" if current.strict else "normal", request)
+        return request.request_id
+
+    async def submit_account_strict(
+        self, account_id: str, reason: str, disable_allowlist: bool, actor: Actor
+    ) -> tuple[str, int]:
+        await self._authorize(actor, account_id, "isolation.strict_account", None)
+        covered = len(await self._store.active_endpoints(account_id))
+        request = StrictIsolateAccount(
+            account_id=account_id,
+            reason=reason,
+            disable_allowlist=disable_allowlist,
+            requested_by=actor,
+        )
+        await self._publisher.send_request("priority", request)
+        return request.request_id, covered
+
+    async def isolation_of(self, endpoint_id: str, actor: Actor) -> EndpointIsolation:
+        return await self._visible_isolation(endpoint_id, actor, "isolation.read")
+
+    async def isolations_of_account(self, account_id: str, actor: Actor) -> list[EndpointIsolation]:
+        await self._authorize(actor, account_id, "isolation.read", None)
+        states = await self._store.load_many(await self._store.active_endpoints(account_id))
+        return [s for s in states if s.isolated_or_pending]
+
+    async def preview(
+        self, endpoint_id: str, mode: IsolationMode, actor: Actor
+    ) -> FrozenPolicy | None:
+        """The policy an isolation now would issue (dry run: nothing is stored or sent)."""
+        current = await self._visible_isolation(endpoint_id, actor, "isolation.preview")
+        settings = await self._settings.current(current.account_id)
+        decision = decide_isolation(current, mode, self._context(actor, "preview"), settings)
+        if isinstance(decision, PolicyIssued):
+            return decision.policy
+        if isinstance(decision, NothingToDo):
+            return current.policy
+        return None
+
+    async def _visible_isolation(
+        self, endpoint_id: str, actor: Actor, action: str
+    ) -> EndpointIsolation:
+        endpoint = await self._known_endpoint(endpoint_id)
+        await self._authorize(actor, endpoint.account_id, action, endpoint_id)
+        current, _ = await self._store.load(endpoint_id)
+        return current if current is not None else fresh_isolation(endpoint)
+
+
+def _outcome_of(decision: Decision, current: EndpointIsolation, request_key: str) -> RequestOutcome:
+    if isinstance(decision, PolicyIssued):
+        return RequestOutcome(
+            kind="policy",
+            endpoint_id=current.endpoint_id,
+            account_id=current.account_id,
+            detail=f"{decision.policy.mode} policy, sequence {decision.policy.sequence}",
+            lane=decision.lane,
+            command=EnforcePolicy(request_id=request_key, policy=decision.policy),
+        )
+    reason = decision.reason if isinstance(decision, NothingToDo) else "denied"
+    return RequestOutcome(
+        kind="noop", endpoint_id=current.endpoint_id, account_id=current.account_id, detail=reason
+    )
