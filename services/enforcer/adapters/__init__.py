@@ -1,0 +1,1 @@
+"""Redis stores, the pub/sub wake-up hub and the Kafka publisher of the enforcer."""

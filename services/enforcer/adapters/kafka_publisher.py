@@ -1,0 +1,24 @@
+"""Publishes the enforcer's events: endpoints on ``endpoints.v1``, agent reports on ``isolation.status.v1``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.kafka import publish
+from shared.messages import EndpointRegistered, PolicyStatusReported
+from shared.topics import Topics
+
+
+class KafkaEventPublisher:
+    """Each send waits for acks=all, so an answered request's event is in Kafka."""
+
+    def __init__(self, producer: Any, topics: Topics) -> None:
+        self._producer = producer
+        self._topics = topics
+
+    async def endpoint_registered(self, message: EndpointRegistered) -> None:
+        # Compacted topic keyed by endpoint_id: the latest registration is the endpoint's state.
+        await publish(self._producer, self._topics.endpoints, message.endpoint_id, message)
+
+    async def policy_status_reported(self, message: PolicyStatusReported) -> None:
+        await publish(self._producer, self._topics.isolation_status, message.endpoint_id, message)

@@ -1,0 +1,184 @@
+"""Wires the enforcer: Redis stores, wake-up hub, signer, the two command lanes and the agent API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from services.enforcer import api
+from services.enforcer.adapters.kafka_publisher import KafkaEventPublisher
+from services.enforcer.adapters.metrics import EnforcerMetrics
+from services.enforcer.adapters.redis_store import (
+    RedisAgentStore,
+    RedisPolicyStore,
+    load_or_create_dev_signing_key,
+)
+from services.enforcer.adapters.wakeups import RedisPolicyWakeups
+from services.enforcer.config import EnforcerSettings
+from services.enforcer.consumers import PolicyCommandLane
+from services.enforcer.domain import NORMAL_LANE, PRIORITY_LANE, Lane
+from services.enforcer.handlers import EnforcerDeps
+from services.enforcer.signing import (
+    PolicySigner,
+    SigningKeyError,
+    generate_private_key_b64,
+    parse_private_key,
+)
+from shared.config import ConfigError
+from shared.http import add_operational_routes, serve
+from shared.kafka import DeadLetterSink, make_consumer
+from shared.logs import configure_logging
+from shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def configured_signer(settings: EnforcerSettings) -> PolicySigner | None:
+    """The signer from HOSTISO_SIGNING_KEY; None in dev mode without one; else a ConfigError."""
+    if settings.signing_key is None:
+        if settings.dev:
+            return None
+        raise ConfigError(
+            "HOSTISO_SIGNING_KEY is required outside dev mode (HOSTISO_DEV=1): set it to the "
+            "base64 of a raw 32-byte Ed25519 private key"
+        )
+    try:
+        return PolicySigner(parse_private_key(settings.signing_key.get_secret_value()))
+    except SigningKeyError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _add_lane(
+    runtime: Runtime,
+    deps: EnforcerDeps,
+    metrics: EnforcerMetrics,
+    *,
+    lane: Lane,
+    topic: str,
+    max_records: int,
+) -> PolicyCommandLane:
+    settings = runtime.settings
+    # One group per lane: each lane commits and lags on its own, so the priority lane's
+    # position never depends on how far the normal lane got through its backlog.
+    group_id = f"{settings.topic_prefix}enforcer-{lane}"
+    consumer = make_consumer(
+        settings.kafka_bootstrap,
+        topic,
+        group_id=group_id,
+        client_id=f"hostiso-enforcer-{lane}-{settings.instance_id}",
+    )
+    dlq = DeadLetterSink(
+        runtime.producer, runtime.topics, group_id, runtime.dlq_total.labels(f"commands-{lane}").inc
+    )
+    lane_consumer = PolicyCommandLane(
+        consumer,
+        runtime.topics,
+        dlq,
+        lane=lane,
+        deps=deps,
+        metrics=metrics,
+        max_records=max_records,
+    )
+    runtime.consumers.append(lane_consumer)
+    return lane_consumer
+
+
+def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
+    """The enforcer app; refuses to build without the secrets it needs outside dev mode."""
+    settings = settings or EnforcerSettings()
+    enrollment_secret = settings.require_secret("enrollment_secret")
+    signer = configured_signer(settings)
+    runtime = Runtime(settings, "enforcer")
+    wakeups = RedisPolicyWakeups(settings.redis_url, runtime.keys("enforcer", "wake"))
+    policies = RedisPolicyStore(runtime.redis, runtime.keys, runtime.keys("enforcer", "wake"))
+    deps = EnforcerDeps(
+        enrollment_secret=enrollment_secret,
+        agents=RedisAgentStore(runtime.redis, runtime.keys),
+        policies=policies,
+        events=KafkaEventPublisher(runtime.producer, runtime.topics),
+        wakeups=wakeups,
+        signer_or_none=signer,
+    )
+    metrics = EnforcerMetrics(runtime.registry, lambda: wakeups.waiting_count)
+    lanes = {
+        PRIORITY_LANE: _add_lane(
+            runtime,
+            deps,
+            metrics,
+            lane=PRIORITY_LANE,
+            topic=runtime.topics.enforcer_commands_priority,
+            max_records=settings.priority_lane_batch,
+        ),
+        NORMAL_LANE: _add_lane(
+            runtime,
+            deps,
+            metrics,
+            lane=NORMAL_LANE,
+            topic=runtime.topics.enforcer_commands,
+            max_records=settings.normal_lane_batch,
+        ),
+    }
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if deps.signer_or_none is None:
+            # Before the lanes start: nothing is signed until every instance agrees on the key.
+            encoded, created = await load_or_create_dev_signing_key(
+                runtime.redis,
+                runtime.keys("enforcer", "dev-signing-key"),
+                generate_private_key_b64(),
+            )
+            deps.signer_or_none = PolicySigner(parse_private_key(encoded), dev_key=True)
+            log.warning(
+                "DEV SIGNING KEY IN USE (%s, key_id %s): policies are signed with a key kept in "
+                "Redis; set HOSTISO_SIGNING_KEY for any real deployment",
+                "generated now" if created else "shared by this deployment",
+                deps.signer.key_id,
+            )
+        await wakeups.start()
+        await runtime.start()
+        refresher = asyncio.create_task(metrics.refresh_forever(policies.delivery_counts))
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await runtime.stop()
+            await wakeups.stop()
+
+    app = FastAPI(
+        title="hostiso enforcer",
+        description="Agent enrollment and delivery of signed frozen isolation policies.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.deps = deps
+    app.state.metrics = metrics
+    app.state.runtime = runtime
+    app.state.wakeups = wakeups
+    app.state.lanes = lanes
+
+    async def readiness() -> dict[str, bool]:
+        checks = await runtime.readiness()
+        checks["policy-wakeups"] = wakeups.subscribed.is_set()
+        return checks
+
+    add_operational_routes(app, readiness, runtime.registry)
+    api.install(app)
+    return app
+
+
+def main() -> None:
+    settings = EnforcerSettings()
+    configure_logging("enforcer", settings.log_level, settings.log_json)
+    try:
+        app = build_app(settings)
+    except ConfigError as exc:
+        log.critical("enforcer refuses to start: %s", exc)
+        raise SystemExit(2) from exc
+    asyncio.run(serve(app, settings.http_host, settings.http_port))

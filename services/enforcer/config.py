@@ -1,0 +1,22 @@
+"""Enforcer configuration: the shared ``HOSTISO_*`` settings plus long-poll and lane tuning."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.config import ServiceSettings
+
+
+class EnforcerSettings(ServiceSettings):
+    """Settings of the enforcer service (``HOSTISO_*``)."""
+
+    http_port: int = 8003
+    long_poll_max_s: float = Field(
+        60.0, gt=0, le=600, description="Longest wait an agent may ask for on the policy route."
+    )
+    normal_lane_batch: int = Field(
+        1000, ge=1, le=10_000, description="Records per batch on the normal command lane."
+    )
+    priority_lane_batch: int = Field(
+        100, ge=1, le=10_000, description="Records per batch on the priority command lane."
+    )

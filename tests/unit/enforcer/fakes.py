@@ -1,0 +1,130 @@
+"""In-memory fakes of the enforcer's ports, with the same fencing semantics as the Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from services.enforcer.adapters.wakeups import PolicyWaiter
+from services.enforcer.domain import AgentIdentity, HeldPolicy, Lane, StoreOutcome
+from services.enforcer.handlers import AgentRecord, EnforcerDeps, PolicyToStore
+from services.enforcer.signing import PolicySigner, generate_private_key_b64, parse_private_key
+from shared.messages import EndpointRegistered, PolicyStatusReported
+
+SECRET = "unit-test-enrollment-secret-0123456789abcdef"
+
+
+class InMemoryAgents:
+    def __init__(self) -> None:
+        self.by_id: dict[str, AgentRecord] = {}
+        self.by_token: dict[str, AgentRecord] = {}
+
+    async def create(self, record: AgentRecord) -> None:
+        self.by_id[record.agent_id] = record
+        self.by_token[record.token_sha256] = record
+
+    async def delete(self, record: AgentRecord) -> None:
+        self.by_id.pop(record.agent_id, None)
+        self.by_token.pop(record.token_sha256, None)
+
+    async def identity_for_token(self, token_sha256: str) -> AgentIdentity | None:
+        record = self.by_token.get(token_sha256)
+        return None if record is None else AgentIdentity(record.agent_id, record.account_id)
+
+
+class InMemoryWakeups:
+    def __init__(self) -> None:
+        self.waiters: dict[str, set[PolicyWaiter]] = {}
+
+    @contextlib.contextmanager
+    def waiter(self, endpoint_id: str) -> Iterator[PolicyWaiter]:
+        waiter = PolicyWaiter()
+        self.waiters.setdefault(endpoint_id, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            self.waiters[endpoint_id].discard(waiter)
+
+    def notify(self, endpoint_id: str) -> None:
+        for waiter in self.waiters.get(endpoint_id, ()):
+            waiter.wake()
+
+
+class InMemoryPolicies:
+    def __init__(self, agents: InMemoryAgents, wakeups: InMemoryWakeups) -> None:
+        self.held_by_endpoint: dict[str, HeldPolicy] = {}
+        self.delivery: dict[str, tuple[int, str]] = {}
+        self.lanes: dict[str, Lane] = {}
+        self._agents = agents
+        self._wakeups = wakeups
+
+    async def store_if_newer(
+        self, items: Sequence[PolicyToStore], lane: Lane
+    ) -> list[StoreOutcome]:
+        outcomes = []
+        for item in items:
+            policy = item.policy
+            agent = self._agents.by_id.get(policy.endpoint_id)
+            held = self.held_by_endpoint.get(policy.endpoint_id)
+            if agent is not None and agent.account_id != policy.account_id:
+                outcomes.append(StoreOutcome.WRONG_ACCOUNT)
+            elif held is not None and held.sequence >= policy.sequence:
+                outcomes.append(StoreOutcome.STALE)
+            else:
+                self.held_by_endpoint[policy.endpoint_id] = HeldPolicy(
+                    policy.endpoint_id,
+                    policy.account_id,
+                    policy.policy_id,
+                    policy.sequence,
+                    item.signed_json,
+                )
+                self.lanes[policy.endpoint_id] = lane
+                self.delivery[policy.endpoint_id] = (policy.sequence, "pending")
+                self._wakeups.notify(policy.endpoint_id)
+                outcomes.append(StoreOutcome.STORED)
+        return outcomes
+
+    async def held(self, endpoint_id: str) -> HeldPolicy | None:
+        return self.held_by_endpoint.get(endpoint_id)
+
+    async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None:
+        held = self.held_by_endpoint.get(endpoint_id)
+        if held is not None and held.sequence == sequence:
+            self.delivery[endpoint_id] = (sequence, status)
+
+
+class RecordingEvents:
+    def __init__(self) -> None:
+        self.registered: list[EndpointRegistered] = []
+        self.reports: list[PolicyStatusReported] = []
+        self.fail_next = False
+
+    async def endpoint_registered(self, message: EndpointRegistered) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("broker unavailable")
+        self.registered.append(message)
+
+    async def policy_status_reported(self, message: PolicyStatusReported) -> None:
+        self.reports.append(message)
+
+
+def make_deps() -> tuple[EnforcerDeps, InMemoryAgents, InMemoryPolicies, RecordingEvents]:
+    agents = InMemoryAgents()
+    wakeups = InMemoryWakeups()
+    policies = InMemoryPolicies(agents, wakeups)
+    events = RecordingEvents()
+    deps = EnforcerDeps(
+        enrollment_secret=SECRET,
+        agents=agents,
+        policies=policies,
+        events=events,
+        wakeups=wakeups,
+        signer_or_none=PolicySigner(parse_private_key(generate_private_key_b64())),
+    )
+    return deps, agents, policies, events
+
+
+async def yield_to_loop() -> None:
+    await asyncio.sleep(0)
