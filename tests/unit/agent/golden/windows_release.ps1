@@ -1,0 +1,11 @@
+#Requires -RunAsAdministrator
+$ErrorActionPreference = 'Stop'
+$Group = 'HostIso Isolation'
+$SavedProfiles = "$env:ProgramData\HostIso\firewall-profiles.xml"
+Get-NetFirewallRule -Group $Group -ErrorAction SilentlyContinue | Remove-NetFirewallRule
+if (Test-Path $SavedProfiles) {
+    foreach ($p in Import-Clixml $SavedProfiles) {
+        Set-NetFirewallProfile -Name $p.Name -DefaultInboundAction $p.DefaultInboundAction -DefaultOutboundAction $p.DefaultOutboundAction -AllowInboundRules $p.AllowInboundRules
+    }
+    Remove-Item $SavedProfiles
+}

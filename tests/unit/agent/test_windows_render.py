@@ -1,0 +1,72 @@
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.addresses import HostFacts, InvalidAddressError
+from agent.windows import complement, render_windows_script
+from tests.unit.agent.policies import make_policy
+
+GOLDEN = Path(__file__).parent / "golden"
+FACTS = HostFacts(platform_addresses=("198.51.100.2",), dns_resolvers=("192.0.2.53",))
+CASES = {
+    "windows_standard.ps1": make_policy(allowed=("203.0.113.10", "203.0.113.11")),
+    "windows_strict.ps1": make_policy(mode="strict", sequence=2),
+    "windows_release.ps1": make_policy(mode="none", sequence=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_windows_script_matches_golden_file(name: str) -> None:
+    script = render_windows_script(CASES[name], FACTS)
+    path = GOLDEN / name
+    if os.environ.get("HOSTISO_UPDATE_GOLDEN") == "1":
+        path.write_text(script)
+    assert script == path.read_text(), (
+        f"regenerate with HOSTISO_UPDATE_GOLDEN=1 if intended: {name}"
+    )
+
+
+def test_windows_isolation_blocks_all_inbound_and_uses_its_own_group() -> None:
+    script = render_windows_script(CASES["windows_standard.ps1"], FACTS)
+    assert "-DefaultInboundAction Block -AllowInboundRules False" in script
+    assert all(
+        "-Group $Group" in line for line in script.splitlines() if "New-NetFirewallRule" in line
+    )
+
+
+def test_windows_strict_allows_only_platform_peers() -> None:
+    script = render_windows_script(CASES["windows_strict.ps1"], FACTS)
+    assert (
+        "'HostIso allow permitted peers' -RemoteAddress @('198.51.100.1', '198.51.100.2')" in script
+    )
+    assert "203.0.113.10'" not in script.split("block other IPv4")[0]
+
+
+def test_windows_release_removes_our_group_and_restores_profiles() -> None:
+    script = render_windows_script(CASES["windows_release.ps1"], FACTS)
+    assert "Get-NetFirewallRule -Group $Group" in script and "Remove-NetFirewallRule" in script
+    assert "New-NetFirewallRule" not in script
+    assert "Import-Clixml" in script
+
+
+def test_windows_renderer_refuses_junk_addresses() -> None:
+    with pytest.raises(InvalidAddressError):
+        render_windows_script(make_policy(allowed=("rmm.example.com",)), FACTS)
+
+
+@given(
+    permitted=st.lists(st.ip_addresses(v=4), min_size=1, max_size=6),
+    probe=st.ip_addresses(v=4),
+)
+def test_outbound_block_ranges_cover_everything_except_permitted(
+    permitted: list[ipaddress.IPv4Address], probe: ipaddress.IPv4Address
+) -> None:
+    blocked = complement(permitted, 4)
+    inside = any(probe in net for net in blocked)
+    assert inside == (probe not in permitted)
+    for address in permitted:
+        assert not any(address in net for net in blocked)
