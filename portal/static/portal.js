@@ -1,0 +1,710 @@
+// hostiso portal: Tooling Allowlist settings and endpoint isolation, talking to the REST APIs.
+// Security notes: the bearer token lives in sessionStorage only; its claims are decoded here
+// only to choose what to show (the APIs enforce every rule). API data is rendered with
+// textContent, never as HTML.
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "hostiso.token";
+  const ACCOUNT_KEY = "hostiso.account";
+  const TRACKED_KEY = "hostiso.endpoints.";
+  const POLL_MS = 2000;
+
+  const state = {
+    config: { isolation_url: "", settings_url: "" },
+    token: null,
+    claims: null,
+    account: null,
+    allowlist: null,
+    etag: null,
+    endpoints: [],
+    view: "allowlist",
+    pollTimer: null,
+    busy: false,
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs)) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  // ---- token ------------------------------------------------------------------------
+
+  class TokenFormatError extends Error {}
+
+  function decodeClaims(token) {
+    const parts = token.split(".");
+    if (parts.length !== 3) throw new TokenFormatError("This is not a JWT: it must have three dot-separated parts.");
+    let payload;
+    try {
+      const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+      const padded = b64 + "=".repeat((4 - (b64.length % 4)) % 4);
+      const bytes = Uint8Array.from(atob(padded), (c) => c.charCodeAt(0));
+      payload = JSON.parse(new TextDecoder().decode(bytes));
+    } catch {
+      throw new TokenFormatError("The token's payload is not readable base64url JSON.");
+    }
+    if (!["partner", "soc", "service"].includes(payload.role)) {
+      throw new TokenFormatError("The token's role claim must be partner, soc or service.");
+    }
+    if (payload.role === "partner" && !payload.account_id) {
+      throw new TokenFormatError("A partner token needs the account_id claim.");
+    }
+    if (typeof payload.exp === "number" && payload.exp * 1000 < Date.now()) {
+      throw new TokenFormatError("This token has expired; paste a fresh one.");
+    }
+    return payload;
+  }
+
+  const isSoc = () => state.claims && (state.claims.role === "soc" || state.claims.role === "service");
+
+  function setToken(token) {
+    state.token = token;
+    state.claims = decodeClaims(token);
+    sessionStorage.setItem(TOKEN_KEY, token);
+    if (state.claims.role === "partner") {
+      state.account = state.claims.account_id;
+    } else {
+      state.account = sessionStorage.getItem(ACCOUNT_KEY) || null;
+    }
+  }
+
+  function clearToken(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    state.token = null;
+    state.claims = null;
+    $("token-input").value = "";
+    setFieldError("token-input", "token-error", message || "");
+    render();
+  }
+
+  // ---- API --------------------------------------------------------------------------
+
+  class ApiUnreachable extends Error {}
+
+  async function api(service, method, path, { body, ifMatch } = {}) {
+    const base = service === "isolation" ? state.config.isolation_url : state.config.settings_url;
+    const headers = { Accept: "application/json", Authorization: `Bearer ${state.token}` };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (ifMatch) headers["If-Match"] = ifMatch;
+    let response;
+    try {
+      response = await fetch(base + path, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        cache: "no-store",
+      });
+    } catch (err) {
+      throw new ApiUnreachable(`The ${service} API at ${base || window.location.origin} is unreachable (${err.message}).`);
+    }
+    let data = null;
+    const text = await response.text();
+    if (text) {
+      try { data = JSON.parse(text); } catch { data = { detail: text.slice(0, 500) }; }
+    }
+    if (response.status === 401) {
+      clearToken(`The API refused the token: ${detailText(data) || "unauthorised"}`);
+    }
+    if (response.status >= 500) {
+      showBanner(`The ${service} API failed (${response.status}): ${detailText(data) || response.statusText}`);
+    }
+    return { ok: response.ok, status: response.status, data, etag: response.headers.get("ETag") };
+  }
+
+  // FastAPI answers {"detail": "text"} or {"detail": [{"loc": [..., "field"], "msg": "..."}]}.
+  function detailText(data) {
+    if (!data) return "";
+    const detail = data.detail;
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) return detail.map((d) => (d && d.msg) || JSON.stringify(d)).join("; ");
+    if (detail && typeof detail === "object") return detail.msg || detail.message || JSON.stringify(detail);
+    return "";
+  }
+
+  function fieldErrors(data, fields) {
+    const out = { general: [] };
+    const detail = data && data.detail;
+    const items = Array.isArray(detail) ? detail : [detail];
+    for (const item of items) {
+      if (!item) continue;
+      if (typeof item === "object" && Array.isArray(item.loc)) {
+        const field = [...item.loc].reverse().find((part) => fields.includes(part));
+        const msg = item.msg || JSON.stringify(item);
+        if (field) (out[field] = out[field] || []).push(msg);
+        else out.general.push(msg);
+        continue;
+      }
+      const msg = typeof item === "string" ? item : item.msg || JSON.stringify(item);
+      // A plain-text detail still names its field (the API's rule): put it next to that field.
+      const named = fields.find((f) => new RegExp(`\\b${f}\\b`, "i").test(msg));
+      const rmm = /hostname|cloud rmm|ipv4|ipv6|cidr|loopback|multicast|broadcast/i.test(msg);
+      const field = named || (rmm && fields.includes("address") ? "address" : null);
+      if (field) (out[field] = out[field] || []).push(msg);
+      else out.general.push(msg);
+    }
+    return out;
+  }
+
+  function setFieldError(inputId, errorId, message) {
+    const input = inputId ? $(inputId) : null;
+    $(errorId).textContent = message || "";
+    if (input) {
+      if (message) input.setAttribute("aria-invalid", "true");
+      else input.removeAttribute("aria-invalid");
+    }
+  }
+
+  function showBanner(message, kind = "error") {
+    const banner = $("banner");
+    banner.textContent = message;
+    banner.className = kind === "ok" ? "banner banner-ok" : "banner";
+    banner.hidden = !message;
+  }
+
+  function announce(message) {
+    $("live").textContent = message;
+  }
+
+  function fmtTime(iso) {
+    if (!iso) return "—";
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return String(iso);
+    return d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+  }
+
+  async function guarded(fn) {
+    try {
+      await fn();
+    } catch (err) {
+      if (err instanceof ApiUnreachable) showBanner(err.message);
+      else {
+        showBanner(`Unexpected error: ${err.message}`);
+        console.error(err);
+      }
+    }
+  }
+
+  // ---- Tooling Allowlist view -------------------------------------------------------
+
+  const allowlistPath = () => `/v1/accounts/${encodeURIComponent(state.account)}/tooling-allowlist`;
+
+  async function loadAllowlist() {
+    const res = await api("settings", "GET", allowlistPath());
+    if (!res.ok) {
+      if (res.status !== 401) showBanner(`Could not load the allowlist (${res.status}): ${detailText(res.data)}`);
+      state.allowlist = null;
+      renderAllowlist();
+      return;
+    }
+    state.allowlist = res.data;
+    state.etag = res.etag || (res.data && res.data.version !== undefined ? String(res.data.version) : null);
+    renderAllowlist();
+  }
+
+  function renderAllowlist() {
+    const al = state.allowlist;
+    const sw = $("tooling-switch");
+    const enabled = Boolean(al && al.enabled);
+    sw.setAttribute("aria-checked", String(enabled));
+    sw.disabled = !al || state.busy;
+    $("switch-state").textContent = enabled ? "On" : "Off";
+    $("entry-add").disabled = !al || state.busy;
+
+    const body = $("entries-body");
+    body.replaceChildren();
+    const entries = (al && al.entries) || [];
+    for (const entry of entries) body.append(entryRow(entry));
+    $("entries-empty").hidden = entries.length > 0 || !al;
+    $("entries-table").hidden = entries.length === 0;
+    $("allowlist-meta").textContent = al
+      ? `Account ${al.account_id} · settings version ${al.version} · ${entries.length} ${entries.length === 1 ? "entry" : "entries"}` +
+        (al.updated_at ? ` · updated ${fmtTime(al.updated_at)}` : "")
+      : "";
+  }
+
+  function entryRow(entry) {
+    const renameBtn = el("button", { type: "button", class: "btn btn-sm", "aria-label": `Rename ${entry.name}`, text: "Rename" });
+    const removeBtn = el("button", { type: "button", class: "btn btn-sm btn-link-danger", "aria-label": `Remove ${entry.name}`, text: "Remove" });
+    const row = el(
+      "tr",
+      { "data-entry-id": entry.id },
+      el("td", { class: "entry-name", text: entry.name }),
+      el("td", { class: "mono entry-address", text: entry.address }),
+      el("td", { text: entry.created_by || "—" }),
+      el("td", { text: fmtTime(entry.created_at) }),
+      el("td", { class: "actions" }, renameBtn, removeBtn),
+    );
+    renameBtn.addEventListener("click", () => startRename(row, entry));
+    removeBtn.addEventListener("click", () => guarded(() => removeEntry(entry)));
+    return row;
+  }
+
+  function startRename(row, entry) {
+    const inputId = `rename-${entry.id}`;
+    const errorId = `rename-error-${entry.id}`;
+    const input = el("input", { type: "text", id: inputId, value: entry.name, maxlength: 200, "aria-describedby": errorId });
+    const save = el("button", { type: "submit", class: "btn btn-sm btn-primary", text: "Save" });
+    const cancel = el("button", { type: "button", class: "btn btn-sm", text: "Cancel", onclick: () => renderAllowlist() });
+    const form = el(
+      "form",
+      { class: "row-edit", novalidate: true },
+      el("label", { for: inputId, class: "visually-hidden", text: `New name for ${entry.address}` }),
+      input,
+      el("p", { id: errorId, class: "field-error", "aria-live": "polite" }),
+    );
+    const nameCell = row.querySelector(".entry-name");
+    nameCell.replaceChildren(form);
+    row.querySelector(".actions").replaceChildren(save, cancel);
+    const submit = (ev) => {
+      ev.preventDefault();
+      guarded(() => renameEntry(entry, input.value, inputId, errorId));
+    };
+    form.addEventListener("submit", submit);
+    save.addEventListener("click", submit);
+    input.focus();
+    input.select();
+  }
+
+  async function renameEntry(entry, name, inputId, errorId) {
+    const res = await api("settings", "PATCH", `${allowlistPath()}/entries/${encodeURIComponent(entry.id)}`, {
+      body: { name },
+      ifMatch: state.etag,
+    });
+    if (res.ok) {
+      announce(`Renamed to ${name}`);
+      await loadAllowlist();
+      return;
+    }
+    if (await handleStale(res)) return;
+    const errs = fieldErrors(res.data, ["name"]);
+    setFieldError(inputId, errorId, [...(errs.name || []), ...errs.general].join(" ") || `Rename refused (${res.status}).`);
+  }
+
+  async function removeEntry(entry) {
+    const answer = await confirmDialog({
+      title: `Remove ${entry.name}?`,
+      body: `${entry.address} will not be reachable from endpoints isolated from now on. Endpoints already isolated keep their frozen allowlist.`,
+      ok: "Remove entry",
+      danger: true,
+    });
+    if (!answer) return;
+    const res = await api("settings", "DELETE", `${allowlistPath()}/entries/${encodeURIComponent(entry.id)}`, { ifMatch: state.etag });
+    if (res.ok) {
+      announce(`Removed ${entry.name}`);
+      await loadAllowlist();
+      return;
+    }
+    if (await handleStale(res)) return;
+    showBanner(`Could not remove ${entry.name} (${res.status}): ${detailText(res.data)}`);
+  }
+
+  async function toggleSwitch() {
+    if (!state.allowlist || state.busy) return;
+    const wanted = !state.allowlist.enabled;
+    setFieldError(null, "switch-error", "");
+    state.busy = true;
+    renderAllowlist();
+    try {
+      const res = await api("settings", "PATCH", allowlistPath(), { body: { enabled: wanted }, ifMatch: state.etag });
+      if (res.ok) {
+        announce(`Tooling Connections ${wanted ? "on" : "off"}`);
+      } else if (!(await handleStale(res))) {
+        setFieldError(null, "switch-error", detailText(res.data) || `Refused (${res.status}).`);
+      }
+    } finally {
+      state.busy = false;
+      await loadAllowlist();
+    }
+  }
+
+  async function addEntry(ev) {
+    ev.preventDefault();
+    const name = $("entry-name").value;
+    const address = $("entry-address").value;
+    setFieldError("entry-name", "entry-name-error", "");
+    setFieldError("entry-address", "entry-address-error", "");
+    $("add-form-error").textContent = "";
+    // One write at a time: the next one must carry the version this one produces.
+    setAddFormBusy(true);
+    let res;
+    try {
+      res = await api("settings", "POST", `${allowlistPath()}/entries`, { body: { name, address }, ifMatch: state.etag });
+      if (res.ok) {
+        $("entry-name").value = "";
+        $("entry-address").value = "";
+        announce(`Added ${name} (${address})`);
+        await loadAllowlist();
+      }
+    } finally {
+      setAddFormBusy(false);
+    }
+    if (res.ok) {
+      $("entry-name").focus();
+      return;
+    }
+    if (await handleStale(res)) return;
+    const errs = fieldErrors(res.data, ["name", "address"]);
+    if (errs.name) setFieldError("entry-name", "entry-name-error", errs.name.join(" "));
+    if (errs.address) setFieldError("entry-address", "entry-address-error", errs.address.join(" "));
+    if (errs.general.length || (!errs.name && !errs.address)) {
+      $("add-form-error").textContent = errs.general.join(" ") || `Refused (${res.status}).`;
+    }
+    const first = errs.address ? "entry-address" : errs.name ? "entry-name" : null;
+    if (first) $(first).focus();
+  }
+
+  function setAddFormBusy(busy) {
+    for (const id of ["entry-name", "entry-address", "entry-add"]) $(id).disabled = busy || !state.allowlist;
+    $("add-form").setAttribute("aria-busy", String(busy));
+  }
+
+  // 412: someone else changed the allowlist since we read it; reload and let the user retry.
+  async function handleStale(res) {
+    if (res.status !== 412) return false;
+    await loadAllowlist();
+    showBanner(
+      `The allowlist was changed elsewhere; the page now shows version ${state.allowlist ? state.allowlist.version : "?"}. Check it and try again.`,
+    );
+    return true;
+  }
+
+  // ---- Endpoints view ---------------------------------------------------------------
+
+  const trackedKey = () => TRACKED_KEY + state.account;
+  const tracked = () => JSON.parse(sessionStorage.getItem(trackedKey()) || "[]");
+
+  function track(endpointId) {
+    const ids = tracked();
+    if (!ids.includes(endpointId)) {
+      ids.push(endpointId);
+      sessionStorage.setItem(trackedKey(), JSON.stringify(ids));
+    }
+  }
+
+  function untrack(endpointId) {
+    sessionStorage.setItem(trackedKey(), JSON.stringify(tracked().filter((id) => id !== endpointId)));
+  }
+
+  function isolationList(data) {
+    if (Array.isArray(data)) return data;
+    if (data && typeof data === "object") {
+      for (const key of ["isolations", "endpoints", "items"]) if (Array.isArray(data[key])) return data[key];
+    }
+    return [];
+  }
+
+  async function loadEndpoints() {
+    const res = await api("isolation", "GET", `/v1/accounts/${encodeURIComponent(state.account)}/isolations`);
+    if (!res.ok) {
+      if (res.status !== 401) showBanner(`Could not load the endpoints (${res.status}): ${detailText(res.data)}`);
+      return;
+    }
+    const rows = isolationList(res.data);
+    const seen = new Set(rows.map((r) => r.endpoint_id));
+    for (const id of tracked()) {
+      if (seen.has(id)) continue;
+      const one = await api("isolation", "GET", `/v1/endpoints/${encodeURIComponent(id)}/isolation`);
+      if (one.ok && one.data) rows.push(one.data);
+      else if (one.status === 404 || one.status === 403) untrack(id);
+    }
+    rows.sort((a, b) => String(a.endpoint_id).localeCompare(String(b.endpoint_id)));
+    state.endpoints = rows;
+    renderEndpoints();
+  }
+
+  const PENDING = new Set(["isolation_pending", "release_pending"]);
+  const STATE_LABEL = {
+    not_isolated: "Not isolated",
+    isolation_pending: "Isolation pending",
+    isolated: "Isolated",
+    release_pending: "Release pending",
+    failed: "Failed",
+  };
+
+  // Mirrors the API's rules (DESIGN §6.4) only to hide buttons; the API decides.
+  function actionsFor(row) {
+    const soc = isSoc();
+    const mode = row.mode || (row.policy && row.policy.mode) || null;
+    const isolatedLike = ["isolated", "isolation_pending", "failed"].includes(row.state) && mode && mode !== "none";
+    if (row.state === "release_pending") return [];
+    if (!isolatedLike) return ["isolate", "strict"];
+    if (mode === "strict") return soc ? ["release"] : [];
+    return ["strict", "release"];
+  }
+
+  const ACTION = {
+    isolate: { label: "Isolate", cls: "btn btn-sm btn-primary" },
+    strict: { label: "Isolate strict", cls: "btn btn-sm btn-danger" },
+    release: { label: "Release", cls: "btn btn-sm" },
+  };
+
+  function endpointRow(row) {
+    const policy = row.policy || null;
+    const mode = row.mode || (policy && policy.mode) || null;
+    const peers = (policy && policy.allowed_outbound) || [];
+    const inForce = policy && policy.mode && policy.mode !== "none";
+    let allowCell;
+    if (!inForce) allowCell = el("span", { class: "none", text: "—" });
+    else if (peers.length === 0) allowCell = el("span", { class: "none", text: "None (platform only)" });
+    else allowCell = el("ul", { class: "peers" }, ...peers.map((p) => el("li", {}, `${p.name} `, el("span", { class: "addr mono", text: p.address }))));
+    const seq = row.desired_sequence
+      ? `#${row.desired_sequence}` + (row.applied_sequence === row.desired_sequence ? " applied" : row.applied_sequence ? ` (applied #${row.applied_sequence})` : "")
+      : "—";
+    const stateBadge = el("span", { class: `badge badge-${row.state}`, text: STATE_LABEL[row.state] || row.state });
+    const stateCell = el("td", { class: "ep-state" }, stateBadge);
+    if (row.state === "failed" && row.detail) stateCell.append(el("div", { class: "muted", text: row.detail }));
+    const buttons = actionsFor(row).map((action) =>
+      el("button", {
+        type: "button",
+        class: ACTION[action].cls,
+        "data-action": action,
+        "aria-label": `${ACTION[action].label} ${row.endpoint_id}`,
+        text: ACTION[action].label,
+        onclick: () => guarded(() => endpointAction(row, action)),
+      }),
+    );
+    return el(
+      "tr",
+      { "data-endpoint-id": row.endpoint_id },
+      el("td", { class: "mono", text: row.endpoint_id }),
+      stateCell,
+      el("td", { class: "ep-mode" }, mode && mode !== "none" ? el("span", { class: `badge badge-${mode}`, text: mode }) : el("span", { class: "none", text: "—" })),
+      el("td", { class: "ep-allowlist" }, allowCell),
+      el("td", { class: "ep-settings-version", text: inForce ? String(policy.settings_version) : "—" }),
+      el("td", { class: "ep-sequence mono", text: seq, title: row.updated_at ? `updated ${fmtTime(row.updated_at)}` : null }),
+      el("td", { class: "actions" }, ...buttons),
+    );
+  }
+
+  function renderEndpoints() {
+    const body = $("endpoints-body");
+    body.replaceChildren(...state.endpoints.map(endpointRow));
+    $("endpoints-empty").hidden = state.endpoints.length > 0;
+    $("endpoints-table").hidden = state.endpoints.length === 0;
+    const pending = state.endpoints.filter((r) => PENDING.has(r.state)).length;
+    $("endpoints-meta").textContent =
+      `Account ${state.account} · ${state.endpoints.length} endpoint${state.endpoints.length === 1 ? "" : "s"}` +
+      (pending ? ` · ${pending} waiting for the agent to apply` : "") +
+      ` · refreshed ${new Date().toLocaleTimeString()}`;
+  }
+
+  async function endpointAction(row, action) {
+    const id = row.endpoint_id;
+    const text = {
+      isolate: [`Isolate ${id}?`, "The endpoint will reach only the platform and the Tooling Allowlist as it is now (frozen). Inbound connections are blocked."],
+      strict: [`Strictly isolate ${id}?`, "The endpoint will reach only the platform: the Tooling Allowlist is ignored. Only the SOC can release a strict isolation."],
+      release: [`Release ${id}?`, "The endpoint's network access is restored."],
+    }[action];
+    const answer = await confirmDialog({ title: text[0], body: text[1], ok: ACTION[action].label, danger: action !== "release", reason: true });
+    if (!answer) return;
+    const path = `/v1/endpoints/${encodeURIComponent(id)}/isolation`;
+    const res =
+      action === "release"
+        ? await api("isolation", "DELETE", path)
+        : await api("isolation", "POST", path, { body: { mode: action === "strict" ? "strict" : "standard", reason: answer.reason } });
+    if (res.ok) {
+      track(id);
+      showBanner(`${ACTION[action].label}: request accepted for ${id}${res.data && res.data.request_id ? ` (request ${res.data.request_id})` : ""}.`, "ok");
+    } else if (res.status !== 401) {
+      showBanner(`${ACTION[action].label} ${id} refused (${res.status}): ${detailText(res.data)}`);
+    }
+    await loadEndpoints();
+  }
+
+  async function lookup(ev) {
+    ev.preventDefault();
+    const id = $("lookup-input").value.trim();
+    setFieldError("lookup-input", "lookup-error", "");
+    if (!id) {
+      setFieldError("lookup-input", "lookup-error", "Enter an endpoint ID.");
+      return;
+    }
+    const res = await api("isolation", "GET", `/v1/endpoints/${encodeURIComponent(id)}/isolation`);
+    if (!res.ok) {
+      if (res.status !== 401) setFieldError("lookup-input", "lookup-error", detailText(res.data) || `Not found (${res.status}).`);
+      return;
+    }
+    if (res.data && res.data.account_id && res.data.account_id !== state.account) {
+      setFieldError("lookup-input", "lookup-error", `Endpoint ${id} belongs to account ${res.data.account_id}, not ${state.account}.`);
+      return;
+    }
+    track(id);
+    $("lookup-input").value = "";
+    await loadEndpoints();
+  }
+
+  async function rmmCompromised() {
+    const answer = await confirmDialog({
+      title: "RMM compromised?",
+      body: `Every isolated or pending endpoint of account ${state.account} will be strictly isolated (platform traffic only), overriding the Tooling Allowlist. Only the SOC can release a strict isolation.`,
+      ok: "Strictly isolate all",
+      danger: true,
+      reason: true,
+      check: true,
+    });
+    if (!answer) return;
+    const res = await api("isolation", "POST", `/v1/accounts/${encodeURIComponent(state.account)}/strict-isolation`, {
+      body: { reason: answer.reason, disable_allowlist: answer.checked },
+    });
+    if (res.ok) {
+      const n = res.data && typeof res.data.endpoints === "number" ? res.data.endpoints : "the";
+      showBanner(`Strict isolation requested for ${n} endpoint${n === 1 ? "" : "s"}${answer.checked ? "; Tooling Connections switched off" : ""}.`, "ok");
+    } else if (res.status !== 401) {
+      showBanner(`RMM compromised response refused (${res.status}): ${detailText(res.data)}`);
+    }
+    await loadEndpoints();
+  }
+
+  // ---- dialog -----------------------------------------------------------------------
+
+  function confirmDialog({ title, body, ok, danger = false, reason = false, check = false }) {
+    const dialog = $("confirm-dialog");
+    $("confirm-title").textContent = title;
+    $("confirm-body").textContent = body;
+    $("confirm-ok").textContent = ok;
+    $("confirm-ok").className = danger ? "btn btn-danger" : "btn btn-primary";
+    $("confirm-reason-field").hidden = !reason;
+    $("confirm-reason").value = "";
+    $("confirm-check-field").hidden = !check;
+    $("confirm-check").checked = true;
+    $("confirm-error").textContent = "";
+    return new Promise((resolve) => {
+      const finish = (value) => {
+        $("confirm-form").removeEventListener("submit", onSubmit);
+        $("confirm-cancel").removeEventListener("click", onCancel);
+        dialog.removeEventListener("cancel", onCancel);
+        if (dialog.open) dialog.close();
+        resolve(value);
+      };
+      const onSubmit = (ev) => {
+        ev.preventDefault();
+        finish({ reason: $("confirm-reason").value.trim(), checked: $("confirm-check").checked });
+      };
+      const onCancel = (ev) => {
+        if (ev) ev.preventDefault();
+        finish(null);
+      };
+      $("confirm-form").addEventListener("submit", onSubmit);
+      $("confirm-cancel").addEventListener("click", onCancel);
+      dialog.addEventListener("cancel", onCancel);
+      dialog.showModal();
+      (reason ? $("confirm-reason") : $("confirm-ok")).focus();
+    });
+  }
+
+  // ---- routing and rendering --------------------------------------------------------
+
+  function currentView() {
+    return window.location.hash === "#/endpoints" ? "endpoints" : "allowlist";
+  }
+
+  function stopPolling() {
+    if (state.pollTimer) clearInterval(state.pollTimer);
+    state.pollTimer = null;
+  }
+
+  function render() {
+    const signedIn = Boolean(state.token);
+    $("token-view").hidden = signedIn;
+    $("session").hidden = !signedIn;
+    state.view = currentView();
+    for (const link of document.querySelectorAll(".sidenav a")) {
+      if (link.dataset.view === state.view) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    const ready = signedIn && Boolean(state.account);
+    $("allowlist-view").hidden = !(ready && state.view === "allowlist");
+    $("endpoints-view").hidden = !(ready && state.view === "endpoints");
+    stopPolling();
+    if (!signedIn) {
+      $("token-input").focus();
+      return;
+    }
+    $("session-sub").textContent = state.claims.sub || "";
+    $("session-role").textContent = state.claims.role;
+    const partner = state.claims.role === "partner";
+    $("account-input").hidden = partner;
+    $("account-picker-label").hidden = partner;
+    $("account-fixed").hidden = !partner;
+    $("account-fixed").textContent = partner ? state.claims.account_id : "";
+    if (!partner) $("account-input").value = state.account || "";
+    if (!state.account) {
+      showBanner("Enter the account ID to manage (top right), then press Enter.");
+      $("account-input").focus();
+      return;
+    }
+    document.title = `${state.view === "endpoints" ? "Endpoints & Isolation" : "Tooling Allowlist"} · Account Settings · hostiso`;
+    if (state.view === "allowlist") guarded(loadAllowlist);
+    else {
+      guarded(loadEndpoints);
+      state.pollTimer = setInterval(() => {
+        if (!document.hidden && !$("confirm-dialog").open) guarded(loadEndpoints);
+      }, POLL_MS);
+    }
+  }
+
+  async function init() {
+    try {
+      const res = await fetch("config.json", { cache: "no-store" });
+      state.config = await res.json();
+    } catch (err) {
+      showBanner(`Could not load the portal configuration: ${err.message}`);
+      return;
+    }
+    state.config.settings_url = state.config.settings_url || "";
+    state.config.isolation_url = state.config.isolation_url || "";
+
+    $("token-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const token = $("token-input").value.trim();
+      try {
+        setToken(token);
+        setFieldError("token-input", "token-error", "");
+        showBanner("");
+        render();
+      } catch (err) {
+        setFieldError("token-input", "token-error", err instanceof TokenFormatError ? err.message : String(err));
+        $("token-input").focus();
+      }
+    });
+    $("change-token").addEventListener("click", () => clearToken(""));
+    const pickAccount = () => {
+      const value = $("account-input").value.trim();
+      if (!value || value === state.account) return;
+      state.account = value;
+      sessionStorage.setItem(ACCOUNT_KEY, value);
+      showBanner("");
+      render();
+    };
+    $("account-input").addEventListener("change", pickAccount);
+    $("account-input").addEventListener("keydown", (ev) => { if (ev.key === "Enter") pickAccount(); });
+    $("tooling-switch").addEventListener("click", () => guarded(toggleSwitch));
+    $("add-form").addEventListener("submit", (ev) => guarded(() => addEntry(ev)));
+    $("lookup-form").addEventListener("submit", (ev) => guarded(() => lookup(ev)));
+    $("endpoints-refresh").addEventListener("click", () => guarded(loadEndpoints));
+    $("rmm-compromised").addEventListener("click", () => guarded(rmmCompromised));
+    window.addEventListener("hashchange", () => { showBanner(""); render(); });
+
+    const saved = sessionStorage.getItem(TOKEN_KEY);
+    if (saved) {
+      try { setToken(saved); } catch (err) { clearToken(err.message); return; }
+    }
+    render();
+  }
+
+  document.addEventListener("DOMContentLoaded", () => { init(); });
+})();

@@ -1,0 +1,420 @@
+"""Small in-test fakes of the settings and isolation REST APIs (DESIGN §4) for the portal's browser tests.
+
+They implement only the routes the portal calls, with the contract's shapes, status codes and
+rules that the page shows (validation messages, ETag/If-Match, tenancy, strict precedence,
+frozen snapshots). The real services are tested against the same contract in their own suites.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import BaseModel
+
+from portal import mount_portal
+from shared.auth import CurrentPrincipal, Principal
+from shared.infra.proc import free_port
+
+JWT_SECRET = "portal-test-jwt-secret-0123456789abcdef"
+CLOUD_RMM = (
+    "cloud RMMs with dynamic addresses are not supported; "
+    "use the static IPv4 address of a self-hosted server"
+)
+_DOTTED_QUAD = re.compile(r"^(0|[1-9][0-9]{0,2})(\.(0|[1-9][0-9]{0,2})){3}$")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _invalid(field_name: str, msg: str, status: int = 422) -> HTTPException:
+    return HTTPException(
+        status, detail=[{"loc": ["body", field_name], "msg": msg, "type": "value_error"}]
+    )
+
+
+def address_problem(address: str) -> str | None:
+    """The DESIGN §7 rule an address breaks, as the API words it (a subset is enough here)."""
+    if re.search(r"[a-zA-Z]", address) and ":" not in address:
+        return f"address: {CLOUD_RMM}"
+    if "/" in address:
+        return "address: ranges (CIDR) are not allowed; enter a single IPv4 address"
+    if ":" in address:
+        return "address: IPv6 is not supported; enter an IPv4 address"
+    if not _DOTTED_QUAD.match(address):
+        return "address: must be a dotted-quad IPv4 address without leading zeros"
+    ip = ipaddress.IPv4Address(address)
+    if ip in ipaddress.IPv4Network("0.0.0.0/8"):
+        return "address: 0.0.0.0/8 ('this network') is not a usable address"
+    if ip.is_loopback:
+        return "address: loopback addresses are not allowed"
+    return None
+
+
+class EntryIn(BaseModel):
+    name: str
+    address: str
+
+
+class EntryRename(BaseModel):
+    name: str
+
+
+class SwitchIn(BaseModel):
+    enabled: bool
+
+
+class IsolateIn(BaseModel):
+    mode: str
+    reason: str = ""
+
+
+class StrictAccountIn(BaseModel):
+    reason: str = ""
+    disable_allowlist: bool = True
+
+
+@dataclass
+class Allowlist:
+    account_id: str
+    enabled: bool = False
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    version: int = 0
+    updated_at: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "account_id": self.account_id,
+            "enabled": self.enabled,
+            "entries": self.entries,
+            "version": self.version,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass
+class Isolation:
+    endpoint_id: str
+    account_id: str
+    state: str = "not_isolated"
+    mode: str | None = None
+    policy: dict[str, Any] | None = None
+    desired_sequence: int = 0
+    applied_sequence: int = 0
+    updated_at: str | None = None
+    applies_at: float = 0.0
+
+
+class FakePlatform:
+    """Shared state of both fake services: the settings store and the isolation state."""
+
+    def __init__(self, *, apply_delay_s: float = 0.6) -> None:
+        self.lock = threading.Lock()
+        self.allowlists: dict[str, Allowlist] = {}
+        self.isolations: dict[str, Isolation] = {}
+        self.apply_delay_s = apply_delay_s
+        self.if_match_seen: list[str | None] = []
+
+    def register(self, endpoint_id: str, account_id: str) -> None:
+        self.isolations[endpoint_id] = Isolation(endpoint_id, account_id)
+
+    def allowlist(self, account_id: str) -> Allowlist:
+        return self.allowlists.setdefault(account_id, Allowlist(account_id))
+
+    def bump(self, allowlist: Allowlist) -> None:
+        allowlist.version += 1
+        allowlist.updated_at = _now()
+
+    def progress(self, iso: Isolation) -> Isolation:
+        # Stands in for the agent's ack: the desired policy counts as applied after a delay.
+        if iso.state.endswith("_pending") and time.monotonic() >= iso.applies_at:
+            iso.applied_sequence = iso.desired_sequence
+            iso.state = "not_isolated" if iso.state == "release_pending" else "isolated"
+        return iso
+
+    def issue(self, iso: Isolation, mode: str, reason: str, by: Principal) -> None:
+        allowlist = self.allowlist(iso.account_id)
+        peers: list[dict[str, str]] = []
+        if mode == "standard" and allowlist.enabled:
+            peers = [{"name": e["name"], "address": e["address"]} for e in allowlist.entries]
+        iso.desired_sequence += 1
+        iso.mode = None if mode == "none" else mode
+        iso.state = "release_pending" if mode == "none" else "isolation_pending"
+        iso.policy = {
+            "policy_id": str(uuid.uuid4()),
+            "endpoint_id": iso.endpoint_id,
+            "account_id": iso.account_id,
+            "sequence": iso.desired_sequence,
+            "mode": mode,
+            "allowed_outbound": peers,
+            "platform": ["127.0.0.1"],
+            "settings_version": allowlist.version,
+            "issued_at": _now(),
+            "issued_by": by.sub,
+            "reason": reason,
+        }
+        iso.updated_at = _now()
+        iso.applies_at = time.monotonic() + self.apply_delay_s
+
+
+def _tenant(principal: Principal, account_id: str) -> None:
+    if not principal.may_touch_account(account_id):
+        raise HTTPException(403, detail=f"account_id: {principal.sub} may not touch {account_id}")
+
+
+def _check_if_match(platform: FakePlatform, allowlist: Allowlist, if_match: str | None) -> None:
+    platform.if_match_seen.append(if_match)
+    if if_match is None:
+        return
+    if if_match.removeprefix("W/").strip('"') != str(allowlist.version):
+        raise HTTPException(
+            412, detail=f"If-Match: stale version {if_match}, current is {allowlist.version}"
+        )
+
+
+def build_settings_app(platform: FakePlatform, *, isolation_url: str) -> FastAPI:
+    app = FastAPI()
+    app.state.jwt_secret = JWT_SECRET
+    base = "/v1/accounts/{account_id}/tooling-allowlist"
+
+    def answer(response: Response, allowlist: Allowlist) -> dict[str, Any]:
+        response.headers["ETag"] = f'"{allowlist.version}"'
+        return allowlist.as_json()
+
+    @app.get(base)
+    def get_allowlist(account_id: str, who: CurrentPrincipal, response: Response) -> Any:
+        _tenant(who, account_id)
+        with platform.lock:
+            return answer(response, platform.allowlist(account_id))
+
+    @app.patch(base)
+    def patch_allowlist(
+        account_id: str,
+        body: SwitchIn,
+        who: CurrentPrincipal,
+        response: Response,
+        if_match: str | None = Header(None),
+    ) -> Any:
+        _tenant(who, account_id)
+        with platform.lock:
+            allowlist = platform.allowlist(account_id)
+            _check_if_match(platform, allowlist, if_match)
+            allowlist.enabled = body.enabled
+            platform.bump(allowlist)
+            return answer(response, allowlist)
+
+    @app.post(base + "/entries", status_code=201)
+    def add_entry(
+        account_id: str,
+        body: EntryIn,
+        who: CurrentPrincipal,
+        response: Response,
+        if_match: str | None = Header(None),
+    ) -> Any:
+        _tenant(who, account_id)
+        name = body.name.strip()
+        if not 1 <= len(name) <= 64:
+            raise _invalid("name", "name: must be 1–64 printable characters after trimming")
+        problem = address_problem(body.address)
+        if problem:
+            raise _invalid("address", problem)
+        with platform.lock:
+            allowlist = platform.allowlist(account_id)
+            _check_if_match(platform, allowlist, if_match)
+            if any(e["address"] == body.address for e in allowlist.entries):
+                raise HTTPException(
+                    409, detail=f"address: {body.address} is already in the allowlist"
+                )
+            entry = {
+                "id": str(uuid.uuid4()),
+                "name": name,
+                "address": body.address,
+                "created_at": _now(),
+                "created_by": who.sub,
+            }
+            allowlist.entries.append(entry)
+            platform.bump(allowlist)
+            response.headers["ETag"] = f'"{allowlist.version}"'
+            return entry
+
+    @app.patch(base + "/entries/{entry_id}")
+    def rename_entry(
+        account_id: str,
+        entry_id: str,
+        body: EntryRename,
+        who: CurrentPrincipal,
+        response: Response,
+        if_match: str | None = Header(None),
+    ) -> Any:
+        _tenant(who, account_id)
+        name = body.name.strip()
+        if not 1 <= len(name) <= 64:
+            raise _invalid("name", "name: must be 1–64 printable characters after trimming")
+        with platform.lock:
+            allowlist = platform.allowlist(account_id)
+            _check_if_match(platform, allowlist, if_match)
+            for entry in allowlist.entries:
+                if entry["id"] == entry_id:
+                    entry["name"] = name
+                    platform.bump(allowlist)
+                    return answer(response, allowlist)
+        raise HTTPException(404, detail=f"entry_id: no entry {entry_id}")
+
+    @app.delete(base + "/entries/{entry_id}", status_code=204)
+    def remove_entry(
+        account_id: str, entry_id: str, who: CurrentPrincipal, if_match: str | None = Header(None)
+    ) -> Response:
+        _tenant(who, account_id)
+        with platform.lock:
+            allowlist = platform.allowlist(account_id)
+            _check_if_match(platform, allowlist, if_match)
+            kept = [e for e in allowlist.entries if e["id"] != entry_id]
+            if len(kept) == len(allowlist.entries):
+                raise HTTPException(404, detail=f"entry_id: no entry {entry_id}")
+            allowlist.entries = kept
+            platform.bump(allowlist)
+        return Response(status_code=204)
+
+    mount_portal(app, isolation_url=isolation_url)
+    return app
+
+
+def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAPI:
+    app = FastAPI()
+    app.state.jwt_secret = JWT_SECRET
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=[portal_origin],
+        allow_methods=["*"],
+        allow_headers=["Authorization", "Content-Type", "If-Match"],
+        expose_headers=["ETag"],
+    )
+
+    def endpoint(endpoint_id: str, who: Principal) -> Isolation:
+        iso = platform.isolations.get(endpoint_id)
+        if iso is None:
+            raise HTTPException(404, detail=f"endpoint_id: unknown endpoint {endpoint_id}")
+        _tenant(who, iso.account_id)
+        return platform.progress(iso)
+
+    def as_json(iso: Isolation) -> dict[str, Any]:
+        return {
+            "endpoint_id": iso.endpoint_id,
+            "account_id": iso.account_id,
+            "state": iso.state,
+            "mode": iso.mode,
+            "policy": iso.policy,
+            "desired_sequence": iso.desired_sequence,
+            "applied_sequence": iso.applied_sequence,
+            "updated_at": iso.updated_at,
+        }
+
+    @app.get("/v1/endpoints/{endpoint_id}/isolation")
+    def get_isolation(endpoint_id: str, who: CurrentPrincipal) -> Any:
+        with platform.lock:
+            return as_json(endpoint(endpoint_id, who))
+
+    @app.post("/v1/endpoints/{endpoint_id}/isolation", status_code=202)
+    def isolate(endpoint_id: str, body: IsolateIn, who: CurrentPrincipal) -> Any:
+        if body.mode not in ("standard", "strict"):
+            raise _invalid("mode", "mode: must be standard or strict")
+        with platform.lock:
+            iso = endpoint(endpoint_id, who)
+            isolated = iso.state in ("isolated", "isolation_pending")
+            # Strict wins; repeating an isolate on an isolated endpoint changes nothing.
+            if not isolated or (body.mode == "strict" and iso.mode != "strict"):
+                platform.issue(iso, body.mode, body.reason, who)
+        return {"request_id": str(uuid.uuid4())}
+
+    @app.delete("/v1/endpoints/{endpoint_id}/isolation", status_code=202)
+    def release(endpoint_id: str, who: CurrentPrincipal) -> Any:
+        with platform.lock:
+            iso = endpoint(endpoint_id, who)
+            if iso.mode == "strict" and who.role == "partner":
+                raise HTTPException(403, detail="only the SOC may release a strict isolation")
+            if iso.state in ("isolated", "isolation_pending", "failed"):
+                platform.issue(iso, "none", "", who)
+        return {"request_id": str(uuid.uuid4())}
+
+    @app.post("/v1/accounts/{account_id}/strict-isolation", status_code=202)
+    def strict_account(account_id: str, body: StrictAccountIn, who: CurrentPrincipal) -> Any:
+        _tenant(who, account_id)
+        with platform.lock:
+            covered = [
+                platform.progress(iso)
+                for iso in platform.isolations.values()
+                if iso.account_id == account_id
+                and platform.progress(iso).state in ("isolated", "isolation_pending")
+            ]
+            for iso in covered:
+                if iso.mode != "strict":
+                    platform.issue(iso, "strict", body.reason, who)
+            if body.disable_allowlist:
+                allowlist = platform.allowlist(account_id)
+                allowlist.enabled = False
+                platform.bump(allowlist)
+        return {"request_id": str(uuid.uuid4()), "endpoints": len(covered)}
+
+    @app.get("/v1/accounts/{account_id}/isolations")
+    def list_isolations(account_id: str, who: CurrentPrincipal) -> Any:
+        _tenant(who, account_id)
+        with platform.lock:
+            return [
+                as_json(iso)
+                for iso in platform.isolations.values()
+                if iso.account_id == account_id and platform.progress(iso).state != "not_isolated"
+            ]
+
+    return app
+
+
+class ServerThread:
+    """A uvicorn server on a free port in a daemon thread."""
+
+    def __init__(self, app: FastAPI, port: int) -> None:
+        self.port = port
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_fake_stack(platform: FakePlatform) -> tuple[ServerThread, ServerThread]:
+    """The settings fake (serving the portal) and the isolation fake on two origins, as deployed."""
+    settings_port, isolation_port = free_port(), free_port()
+    settings_url = f"http://127.0.0.1:{settings_port}"
+    isolation_url = f"http://127.0.0.1:{isolation_port}"
+    isolation = ServerThread(
+        build_isolation_app(platform, portal_origin=settings_url), isolation_port
+    ).start()
+    settings = ServerThread(
+        build_settings_app(platform, isolation_url=isolation_url), settings_port
+    ).start()
+    return settings, isolation
