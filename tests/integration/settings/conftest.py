@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from services.settings.bootstrap import build_app
 from services.settings.config import SettingsServiceSettings
 from shared.auth import mint_token
 from shared.config import DEV_JWT_SECRET
+from shared.kafka import ensure_topics
 from shared.messages import Role
 from shared.topics import Topics
 
@@ -89,6 +91,26 @@ async def running_app(settings: SettingsServiceSettings) -> AsyncIterator[Settin
 
 
 @pytest.fixture
-async def settings_app(make_settings: SettingsFactory, topics: Topics) -> AsyncIterator[SettingsApp]:
+async def settings_app(
+    make_settings: SettingsFactory, topics: Topics
+) -> AsyncIterator[SettingsApp]:
     async with running_app(make_settings()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def module_app(kafka_bootstrap: str, redis_url: str) -> AsyncIterator[SettingsApp]:
+    """One app (own topic and key prefixes) shared by a module's table-driven tests."""
+    suffix = uuid.uuid4().hex[:10]
+    settings = SettingsServiceSettings(
+        dev=True,
+        kafka_bootstrap=kafka_bootstrap,
+        redis_url=redis_url,
+        topic_prefix=f"m{suffix}.",
+        redis_prefix=f"m{suffix}:",
+        relay_lease_ms=1000,
+        log_json=False,
+    )
+    await ensure_topics(kafka_bootstrap, Topics(settings.topic_prefix))
+    async with running_app(settings) as running:
         yield running
