@@ -173,12 +173,20 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     return app
 
 
-def main() -> None:
-    settings = EnforcerSettings()
-    configure_logging("enforcer", settings.log_level, settings.log_json)
+async def _serve(settings: EnforcerSettings) -> None:
+    # Built inside the loop: the Kafka clients bind to the running loop when constructed.
     try:
         app = build_app(settings)
     except ConfigError as exc:
         log.critical("enforcer refuses to start: %s", exc)
         raise SystemExit(2) from exc
-    asyncio.run(serve(app, settings.http_host, settings.http_port))
+    await serve(app, settings.http_host, settings.http_port, settings.log_level)
+
+
+def main() -> None:
+    try:
+        settings = EnforcerSettings()
+    except ValueError as exc:
+        raise SystemExit(f"enforcer refuses to start: {exc}") from exc
+    configure_logging("enforcer", settings.log_level, settings.log_json)
+    asyncio.run(_serve(settings))

@@ -1,0 +1,137 @@
+"""In-process enforcer apps on the real Kafka and Redis, and a minimal client that plays the agent."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from services.enforcer.bootstrap import build_app
+from services.enforcer.config import EnforcerSettings
+from shared.config import DEV_ENROLLMENT_SECRET
+from shared.enrollment import enrollment_key
+from shared.kafka import make_producer, publish
+from shared.messages import EnforcePolicy, FrozenPolicy, utcnow
+from shared.topics import Topics
+
+
+def policy_command(
+    endpoint_id: str,
+    sequence: int,
+    *,
+    mode: str = "standard",
+    account_id: str = "acct-1",
+) -> EnforcePolicy:
+    policy = FrozenPolicy(
+        policy_id=f"pol-{endpoint_id[:8]}-{sequence}",
+        endpoint_id=endpoint_id,
+        account_id=account_id,
+        sequence=sequence,
+        mode=mode,  # type: ignore[arg-type]
+        allowed_outbound=(),
+        platform=("198.51.100.1",),
+        settings_version=1,
+        issued_at=utcnow(),
+        issued_by="test",
+        reason="test",
+    )
+    return EnforcePolicy(request_id=f"req-{endpoint_id}-{sequence}", policy=policy)
+
+
+@dataclass
+class AgentClient:
+    """Plays the agent: bearer token on its own routes."""
+
+    http: httpx.AsyncClient
+    agent_id: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def poll(self, after: int = 0, wait: float = 0) -> httpx.Response:
+        return await self.http.get(
+            f"/v1/agents/{self.agent_id}/policy",
+            params={"after": after, "wait": wait},
+            headers=self.auth,
+            timeout=wait + 30,
+        )
+
+    async def report(self, **body: Any) -> httpx.Response:
+        return await self.http.post(
+            f"/v1/agents/{self.agent_id}/policy-status", json=body, headers=self.auth
+        )
+
+
+async def enroll(http: httpx.AsyncClient, account_id: str = "acct-1") -> AgentClient:
+    response = await http.post(
+        "/v1/agents/enroll",
+        json={
+            "account_id": account_id,
+            "enrollment_key": enrollment_key(DEV_ENROLLMENT_SECRET, account_id),
+            "hostname": "web-01",
+            "platform": "linux",
+        },
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    return AgentClient(http, body["agent_id"], body["agent_token"])
+
+
+@pytest.fixture
+def enforcer_settings(
+    kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str, topics: Topics
+) -> Callable[..., EnforcerSettings]:
+    def make(**overrides: Any) -> EnforcerSettings:
+        values: dict[str, Any] = {
+            "dev": True,
+            "kafka_bootstrap": kafka_bootstrap,
+            "redis_url": redis_url,
+            "topic_prefix": topic_prefix,
+            "redis_prefix": redis_prefix,
+            "log_json": False,
+            **overrides,
+        }
+        return EnforcerSettings.model_validate(values)
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def running_enforcer(
+    settings: EnforcerSettings,
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = build_app(settings)
+    async with LifespanManager(app, startup_timeout=90, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://enforcer") as http:
+            yield app, http
+
+
+@pytest.fixture
+async def enforcer(
+    enforcer_settings: Callable[..., EnforcerSettings],
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    async with running_enforcer(enforcer_settings()) as running:
+        yield running
+
+
+@pytest.fixture
+async def producer(kafka_bootstrap: str) -> AsyncIterator[Any]:
+    prod = make_producer(kafka_bootstrap)
+    await prod.start()
+    try:
+        yield prod
+    finally:
+        await prod.stop()
+
+
+async def send_command(producer: Any, topic: str, command: EnforcePolicy) -> None:
+    await publish(producer, topic, command.policy.endpoint_id, command)
