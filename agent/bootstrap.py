@@ -169,11 +169,12 @@ def build_loops(config: AgentConfig, http: httpx.AsyncClient, stats: AgentStats)
 
 async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> AgentStats:
     """Run every agent until ``stop`` (or SIGINT/SIGTERM); returns the counters."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
     stats = AgentStats()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=config.count + 10)
     async with httpx.AsyncClient(limits=limits) as http:
