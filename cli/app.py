@@ -1,0 +1,725 @@
+"""``hostiso``: the operator CLI over the settings and isolation REST APIs.
+
+Exit codes: 0 ok, 1 the API refused (4xx) or an endpoint failed to apply, 2 usage,
+3 API unreachable or 5xx, 4 ``watch`` timed out before every endpoint applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import jwt
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.client import ApiRefusedError, ApiUnavailableError, PlatformClient
+from cli.delivery import (
+    ANY_SETTLED,
+    Outcome,
+    Target,
+    isolate_target,
+    outcome,
+    release_target,
+    tally,
+)
+
+
+class ExitCode(IntEnum):
+    """The CLI's exit codes, stable for scripts."""
+
+    OK = 0
+    REFUSED = 1
+    USAGE = 2
+    UNAVAILABLE = 3
+    NOT_SETTLED = 4
+
+
+@dataclass
+class CliOptions:
+    """Global options; tests pass one as ``obj`` with an in-memory ``transport``."""
+
+    settings_url: str = "http://127.0.0.1:8001"
+    isolation_url: str = "http://127.0.0.1:8002"
+    token: str | None = None
+    timeout: float = 10.0
+    transport: httpx.BaseTransport | None = None
+
+
+app = typer.Typer(
+    name="hostiso",
+    help="Operate host isolation: the Tooling Allowlist, isolations, and local infrastructure.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+allowlist_app = typer.Typer(help="The account's Tooling Allowlist.", no_args_is_help=True)
+account_app = typer.Typer(help="Account-wide actions.", no_args_is_help=True)
+infra_app = typer.Typer(help="Local Kafka and Redis without Docker.", no_args_is_help=True)
+app.add_typer(allowlist_app, name="allowlist")
+app.add_typer(account_app, name="account")
+app.add_typer(infra_app, name="infra")
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(code: ExitCode, message: str) -> NoReturn:
+    _err().print(f"[bold red]error:[/] {message}", markup=True)
+    raise typer.Exit(int(code))
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    settings_url: Annotated[
+        str, typer.Option(envvar="HOSTISO_SETTINGS_URL", help="Settings API base URL.")
+    ] = "http://127.0.0.1:8001",
+    isolation_url: Annotated[
+        str, typer.Option(envvar="HOSTISO_ISOLATION_URL", help="Isolation API base URL.")
+    ] = "http://127.0.0.1:8002",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="HOSTISO_TOKEN", help="Bearer JWT (dev: `hostiso token`)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="HTTP timeout in seconds.")] = 10.0,
+) -> None:
+    """Operate host isolation over the platform's REST APIs."""
+    preset = ctx.obj if isinstance(ctx.obj, CliOptions) else CliOptions()
+    ctx.obj = CliOptions(
+        settings_url=settings_url,
+        isolation_url=isolation_url,
+        token=token,
+        timeout=timeout,
+        transport=preset.transport,
+    )
+
+
+def _options(ctx: typer.Context) -> CliOptions:
+    options = ctx.find_object(CliOptions)
+    return options if options is not None else CliOptions()
+
+
+def _token_claims(token: str) -> dict[str, Any]:
+    # Unverified on purpose: only to default the partner's account; the API verifies the token.
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return {}
+    return claims
+
+
+@contextmanager
+def platform(ctx: typer.Context) -> Iterator[PlatformClient]:
+    """A client for this invocation; API refusals and outages become exit codes with the API's detail."""
+    options = _options(ctx)
+    if not options.token:
+        fail(
+            ExitCode.USAGE,
+            "no token: pass --token or set HOSTISO_TOKEN (dev: export HOSTISO_TOKEN=$(hostiso token))",
+        )
+    client = PlatformClient(
+        settings_url=options.settings_url,
+        isolation_url=options.isolation_url,
+        token=options.token,
+        timeout=options.timeout,
+        transport=options.transport,
+    )
+    try:
+        yield client
+    except ApiRefusedError as exc:
+        fail(ExitCode.REFUSED, f"refused ({exc.status}): {exc.detail}")
+    except ApiUnavailableError as exc:
+        fail(ExitCode.UNAVAILABLE, str(exc))
+    finally:
+        client.close()
+
+
+def resolve_account(ctx: typer.Context, account: str | None) -> str:
+    if account:
+        return account
+    options = _options(ctx)
+    claimed = _token_claims(options.token or "").get("account_id")
+    if isinstance(claimed, str) and claimed:
+        return claimed
+    fail(ExitCode.USAGE, "no account: pass --account or set HOSTISO_ACCOUNT")
+
+
+AccountOption = Annotated[
+    str | None,
+    typer.Option(
+        "--account",
+        "-a",
+        envvar="HOSTISO_ACCOUNT",
+        help="Account id (default: the partner token's account).",
+    ),
+]
+IfMatchOption = Annotated[
+    str | None,
+    typer.Option(help="Only if the allowlist is still at this version (412 otherwise)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
+
+
+def _when(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        return "—"
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return value
+
+
+def _print_json(body: Any) -> None:
+    typer.echo(json.dumps(body, indent=2, sort_keys=True))
+
+
+# --- allowlist ---------------------------------------------------------------------------
+
+
+def _print_allowlist(body: dict[str, Any]) -> None:
+    out = _out()
+    switch = "[green]On[/]" if body.get("enabled") else "[yellow]Off[/]"
+    entries = body.get("entries") or []
+    out.print(
+        f"Tooling Connections: {switch}   account {body.get('account_id')}   "
+        f"version {body.get('version')}   {len(entries)} entries",
+        markup=True,
+    )
+    if not entries:
+        out.print("No entries.")
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("Name", "Address", "Added by", "Added", "Entry id"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(
+            str(entry.get("name", "")),
+            str(entry.get("address", "")),
+            str(entry.get("created_by", "")),
+            _when(entry.get("created_at")),
+            str(entry.get("id", "")),
+        )
+    out.print(table)
+    out.print("Changes reach only endpoints isolated afterwards.")
+
+
+@allowlist_app.command("show")
+def allowlist_show(
+    ctx: typer.Context, account: AccountOption = None, as_json: JsonOption = False
+) -> None:
+    """Show the switch and the entries."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.get_allowlist(account_id)
+    if as_json:
+        _print_json(answer.body)
+    else:
+        _print_allowlist(answer.body)
+
+
+def _set_enabled(ctx: typer.Context, account: str | None, if_match: str | None, on: bool) -> None:
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        api.set_enabled(account_id, on, if_match=if_match)
+        body = api.get_allowlist(account_id).body
+    _out().print(
+        f"Tooling Connections {'on' if on else 'off'} for {account_id} (version {body.get('version')}); "
+        "endpoints already isolated keep their frozen allowlist."
+    )
+
+
+@allowlist_app.command("enable")
+def allowlist_enable(
+    ctx: typer.Context, account: AccountOption = None, if_match: IfMatchOption = None
+) -> None:
+    """Switch Tooling Connections on."""
+    _set_enabled(ctx, account, if_match, True)
+
+
+@allowlist_app.command("disable")
+def allowlist_disable(
+    ctx: typer.Context, account: AccountOption = None, if_match: IfMatchOption = None
+) -> None:
+    """Switch Tooling Connections off."""
+    _set_enabled(ctx, account, if_match, False)
+
+
+@allowlist_app.command("add")
+def allowlist_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Display name, e.g. 'ConnectWise Automate'.")],
+    address: Annotated[str, typer.Argument(help="Static IPv4 address of a self-hosted RMM.")],
+    account: AccountOption = None,
+    if_match: IfMatchOption = None,
+) -> None:
+    """Add an entry (static IPv4 only: cloud RMMs are not supported)."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        body = api.add_entry(account_id, name, address, if_match=if_match).body
+    entry_id = body.get("id") if isinstance(body, dict) else None
+    _out().print(f"Added {name!r} {address}" + (f" (entry {entry_id})" if entry_id else ""))
+
+
+@allowlist_app.command("rename")
+def allowlist_rename(
+    ctx: typer.Context,
+    entry_id: Annotated[str, typer.Argument(help="Entry id (see `allowlist show`).")],
+    name: Annotated[str, typer.Argument(help="New display name.")],
+    account: AccountOption = None,
+    if_match: IfMatchOption = None,
+) -> None:
+    """Rename an entry."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        api.rename_entry(account_id, entry_id, name, if_match=if_match)
+    _out().print(f"Renamed entry {entry_id} to {name!r}")
+
+
+@allowlist_app.command("remove")
+def allowlist_remove(
+    ctx: typer.Context,
+    entry_id: Annotated[str, typer.Argument(help="Entry id (see `allowlist show`).")],
+    account: AccountOption = None,
+    if_match: IfMatchOption = None,
+) -> None:
+    """Remove an entry."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        api.remove_entry(account_id, entry_id, if_match=if_match)
+    _out().print(f"Removed entry {entry_id}")
+
+
+# --- isolation ---------------------------------------------------------------------------
+
+ReasonOption = Annotated[str, typer.Option(help="Why (recorded in the audit trail).")]
+WatchOption = Annotated[bool, typer.Option("--watch", help="Wait until every agent applied.")]
+TimeoutOption = Annotated[float, typer.Option("--wait-timeout", help="Seconds to wait.")]
+IntervalOption = Annotated[float, typer.Option(help="Seconds between polls.")]
+
+
+def _sequence(api: PlatformClient, endpoint_id: str) -> int:
+    value = api.get_isolation(endpoint_id).get("desired_sequence")
+    return value if isinstance(value, int) else 0
+
+
+@app.command()
+def isolate(
+    ctx: typer.Context,
+    endpoints: Annotated[list[str], typer.Argument(help="Endpoint ids.")],
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Platform traffic only; ignores the allowlist.")
+    ] = False,
+    reason: ReasonOption = "",
+    watch_: WatchOption = False,
+    wait_timeout: TimeoutOption = 120.0,
+    interval: IntervalOption = 1.0,
+) -> None:
+    """Isolate endpoints (standard: frozen allowlist; --strict: platform only)."""
+    mode = "strict" if strict else "standard"
+    targets: dict[str, Target] = {}
+    with platform(ctx) as api:
+        for endpoint_id in endpoints:
+            before = _sequence(api, endpoint_id) if watch_ else 0
+            answer = api.isolate(endpoint_id, mode=mode, reason=reason)
+            targets[endpoint_id] = isolate_target(mode, before)
+            _out().print(
+                f"{mode} isolation of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+            )
+        if watch_:
+            _watch(
+                api,
+                lambda: {eid: api.get_isolation(eid) for eid in targets},
+                targets,
+                wait_timeout,
+                interval,
+            )
+
+
+@app.command()
+def release(
+    ctx: typer.Context,
+    endpoints: Annotated[list[str], typer.Argument(help="Endpoint ids.")],
+    watch_: WatchOption = False,
+    wait_timeout: TimeoutOption = 120.0,
+    interval: IntervalOption = 1.0,
+) -> None:
+    """Release isolated endpoints (a strict isolation only by the SOC)."""
+    targets: dict[str, Target] = {}
+    with platform(ctx) as api:
+        for endpoint_id in endpoints:
+            before = _sequence(api, endpoint_id) if watch_ else 0
+            answer = api.release(endpoint_id)
+            targets[endpoint_id] = release_target(before)
+            _out().print(
+                f"release of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+            )
+        if watch_:
+            _watch(
+                api,
+                lambda: {eid: api.get_isolation(eid) for eid in targets},
+                targets,
+                wait_timeout,
+                interval,
+            )
+
+
+@account_app.command("strict")
+def account_strict(
+    ctx: typer.Context,
+    account: AccountOption = None,
+    reason: ReasonOption = "RMM compromised",
+    keep_allowlist: Annotated[
+        bool, typer.Option("--keep-allowlist", help="Leave Tooling Connections as they are.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    watch_: WatchOption = False,
+    wait_timeout: TimeoutOption = 120.0,
+    interval: IntervalOption = 1.0,
+) -> None:
+    """RMM compromised: strictly isolate every isolated endpoint and switch the allowlist off."""
+    account_id = resolve_account(ctx, account)
+    if not yes and not typer.confirm(
+        f"Strictly isolate every isolated endpoint of {account_id}"
+        + ("" if keep_allowlist else " and switch Tooling Connections off")
+        + "?",
+        default=False,
+    ):
+        fail(ExitCode.USAGE, "not confirmed (pass --yes to skip the question)")
+    with platform(ctx) as api:
+        before = {row["endpoint_id"]: row for row in api.list_isolations(account_id)}
+        answer = api.strict_account(account_id, reason=reason, disable_allowlist=not keep_allowlist)
+        covered = answer.body.get("endpoints")
+        _out().print(
+            f"strict isolation of {covered} endpoint(s) of {account_id} accepted "
+            f"(request {answer.body.get('request_id')})"
+            + ("" if keep_allowlist else "; Tooling Connections off")
+        )
+        if watch_:
+            targets = {
+                eid: isolate_target(
+                    "strict",
+                    _int(row.get("desired_sequence")) if row.get("mode") != "strict" else 0,
+                )
+                for eid, row in before.items()
+            }
+            _watch(
+                api,
+                _account_fetcher(api, account_id, list(targets)),
+                targets,
+                wait_timeout,
+                interval,
+            )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _account_fetcher(
+    api: PlatformClient, account_id: str, known: list[str]
+) -> Callable[[], dict[str, dict[str, Any]]]:
+    # Released endpoints leave the account's list; ask for those one by one.
+    def fetch() -> dict[str, dict[str, Any]]:
+        rows = {
+            row["endpoint_id"]: row
+            for row in api.list_isolations(account_id)
+            if "endpoint_id" in row
+        }
+        for endpoint_id in known:
+            if endpoint_id not in rows:
+                rows[endpoint_id] = api.get_isolation(endpoint_id)
+        return rows
+
+    return fetch
+
+
+def _watch(
+    api: PlatformClient,
+    fetch: Callable[[], dict[str, dict[str, Any]]],
+    targets: dict[str, Target],
+    wait_timeout: float,
+    interval: float,
+) -> None:
+    """Poll until every target is applied; a progress bar when several endpoints are involved."""
+    deadline = time.monotonic() + wait_timeout
+    console = _err()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=len(targets) < 2 or not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("applied", total=len(targets), detail="")
+        while True:
+            rows = fetch()
+            outcomes = {eid: outcome(rows.get(eid, {}), target) for eid, target in targets.items()}
+            counts = tally(list(outcomes.values()))
+            progress.update(
+                task,
+                completed=counts.done + counts.failed,
+                detail=f"{counts.failed} failed" if counts.failed else "",
+            )
+            if counts.finished or time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
+    _print_isolations([rows.get(eid, {"endpoint_id": eid}) for eid in targets])
+    failed = [eid for eid, o in outcomes.items() if o is Outcome.FAILED]
+    waiting = [eid for eid, o in outcomes.items() if o is Outcome.WAITING]
+    if failed:
+        fail(ExitCode.REFUSED, f"{len(failed)} endpoint(s) failed to apply: {', '.join(failed)}")
+    if waiting:
+        fail(
+            ExitCode.NOT_SETTLED,
+            f"timed out after {wait_timeout:g}s; still waiting for {', '.join(waiting)}",
+        )
+    _out().print(f"all {len(targets)} endpoint(s) applied")
+
+
+def _print_isolations(rows: list[dict[str, Any]]) -> None:
+    table = Table(show_edge=False, header_style="bold")
+    for column in (
+        "Endpoint",
+        "State",
+        "Mode",
+        "Allowed outbound",
+        "Settings v",
+        "Seq desired/applied",
+        "Updated",
+    ):
+        table.add_column(column)
+    for row in rows:
+        policy = row.get("policy") if isinstance(row.get("policy"), dict) else None
+        peers = (policy or {}).get("allowed_outbound") or []
+        in_force = policy is not None and policy.get("mode") not in (None, "none")
+        allowed = (
+            ", ".join(f"{p.get('name')} {p.get('address')}" for p in peers)
+            if peers
+            else ("platform only" if in_force else "—")
+        )
+        table.add_row(
+            str(row.get("endpoint_id", "")),
+            str(row.get("state", "?")),
+            str(row.get("mode") or "—"),
+            allowed,
+            str(policy.get("settings_version")) if in_force and policy else "—",
+            f"{row.get('desired_sequence', 0)}/{row.get('applied_sequence', 0)}",
+            _when(row.get("updated_at")),
+        )
+    _out().print(table)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    account: AccountOption = None,
+    endpoint: Annotated[
+        list[str] | None, typer.Option("--endpoint", "-e", help="Only these endpoints.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A table of the account's isolations (or of the given endpoints)."""
+    with platform(ctx) as api:
+        if endpoint:
+            rows = [api.get_isolation(eid) for eid in endpoint]
+        else:
+            rows = api.list_isolations(resolve_account(ctx, account))
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        _out().print("No isolated or pending endpoints.")
+        return
+    _print_isolations(rows)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    account: AccountOption = None,
+    endpoint: Annotated[
+        list[str] | None, typer.Option("--endpoint", "-e", help="Only these endpoints.")
+    ] = None,
+    wait_timeout: TimeoutOption = 120.0,
+    interval: IntervalOption = 1.0,
+) -> None:
+    """Poll until every endpoint reports its newest policy applied (exit 4 on timeout)."""
+    with platform(ctx) as api:
+        if endpoint:
+            ids = list(endpoint)
+
+            def fetch() -> dict[str, dict[str, Any]]:
+                return {eid: api.get_isolation(eid) for eid in ids}
+
+        else:
+            account_id = resolve_account(ctx, account)
+            ids = [
+                row["endpoint_id"]
+                for row in api.list_isolations(account_id)
+                if "endpoint_id" in row
+            ]
+            fetch = _account_fetcher(api, account_id, ids)
+        if not ids:
+            _out().print("Nothing to watch: no isolated or pending endpoints.")
+            return
+        _watch(api, fetch, dict.fromkeys(ids, ANY_SETTLED), wait_timeout, interval)
+
+
+# --- dev token and local infrastructure --------------------------------------------------
+
+
+@app.command()
+def token(
+    role: Annotated[str, typer.Option(help="partner, soc or service")] = "soc",
+    sub: Annotated[str, typer.Option(help="Subject (who).")] = "dev-operator",
+    account_id: Annotated[str | None, typer.Option(help="The partner's account.")] = None,
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+) -> None:
+    """Dev only (HOSTISO_DEV=1): print a token signed with the dev JWT secret."""
+    from shared.auth import mint_token
+    from shared.config import ConfigError, ServiceSettings
+
+    if role not in ("partner", "soc", "service"):
+        fail(ExitCode.USAGE, "--role must be partner, soc or service")
+    try:
+        settings = ServiceSettings()
+        if not settings.dev:
+            fail(ExitCode.USAGE, "`hostiso token` is a dev tool: set HOSTISO_DEV=1")
+        secret = settings.require_secret("jwt_secret")
+    except (ConfigError, ValueError) as exc:
+        fail(ExitCode.USAGE, str(exc))
+    try:
+        typer.echo(mint_token(secret, sub=sub, role=role, account_id=account_id, ttl_s=ttl))  # type: ignore[arg-type]
+    except ValueError as exc:
+        fail(ExitCode.USAGE, f"--account-id: {exc}")
+
+
+def _run_dir() -> Path:
+    return Path(os.environ.get("HOSTISO_RUN_DIR", ".run"))
+
+
+def spawn_infra(args: list[str], *, detach: bool, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m shared.infra``; detached, it gets its own session and outlives us."""
+    command = [sys.executable, "-m", "shared.infra", *args]
+    if not detach:
+        return subprocess.Popen(command)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+@infra_app.command("up")
+def infra_up(
+    nodes: Annotated[int, typer.Option(help="Kafka nodes: 1, or 3 for RF 3 / min ISR 2.")] = 1,
+    topic_prefix: Annotated[
+        str, typer.Option(help="Create the topics with this prefix.")
+    ] = "hostiso.",
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Run in the background; stop with `infra down`.")
+    ] = False,
+    ready_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for readiness (--detach).")
+    ] = 180.0,
+) -> None:
+    """Start a local Kafka broker and redis-server (delegates to `python -m shared.infra up`)."""
+    args = ["up", "--nodes", str(nodes), "--topic-prefix", topic_prefix]
+    run_dir = _run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "infra.log"
+    pid_path = run_dir / "infra.pid"
+    if not detach:
+        proc = spawn_infra(args, detach=False, log_path=log_path)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            # The child got the same SIGINT and is cleaning up its broker; wait for it.
+            code = proc.wait()
+        raise typer.Exit(code)
+    if pid_path.exists():
+        fail(
+            ExitCode.USAGE,
+            f"already running (pid {pid_path.read_text().strip()}); `hostiso infra down` first",
+        )
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    proc = spawn_infra(args, detach=True, log_path=log_path)
+    pid_path.write_text(str(proc.pid))
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")[offset:] if log_path.exists() else ""
+        if "Ctrl-C stops everything" in text:
+            for line in text.splitlines():
+                if "HOSTISO_" in line:
+                    _out().print(line)
+            _out().print(
+                f"running in the background (pid {proc.pid}, log {log_path}); stop: hostiso infra down"
+            )
+            return
+        if proc.poll() is not None:
+            pid_path.unlink(missing_ok=True)
+            fail(ExitCode.UNAVAILABLE, f"infrastructure exited ({proc.returncode}); see {log_path}")
+        time.sleep(0.2)
+    fail(
+        ExitCode.UNAVAILABLE,
+        f"not ready after {ready_timeout:g}s; see {log_path} (stop: hostiso infra down)",
+    )
+
+
+@infra_app.command("down")
+def infra_down(
+    stop_timeout: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 30.0,
+) -> None:
+    """Stop the infrastructure started with `infra up --detach`."""
+    pid_path = _run_dir() / "infra.pid"
+    if not pid_path.exists():
+        _out().print("nothing to stop (no detached infrastructure)")
+        return
+    pid = int(pid_path.read_text().strip())
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_path.unlink(missing_ok=True)
+        _out().print(f"already stopped (pid {pid})")
+        return
+    deadline = time.monotonic() + stop_timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    pid_path.unlink(missing_ok=True)
+    _out().print(f"stopped (pid {pid})")
+
+
+def main() -> None:
+    app()
