@@ -357,6 +357,11 @@
       return;
     }
     if (await handleStale(res)) return;
+    if (res.status >= 500) {
+      // 503 may mean "saved, not yet published": show what the store holds now.
+      await loadAllowlist();
+      return;
+    }
     const errs = fieldErrors(res.data, ["name", "address"]);
     if (errs.name) setFieldError("entry-name", "entry-name-error", errs.name.join(" "));
     if (errs.address) setFieldError("entry-address", "entry-address-error", errs.address.join(" "));

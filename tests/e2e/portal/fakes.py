@@ -316,6 +316,8 @@ def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAP
             "policy": iso.policy,
             "desired_sequence": iso.desired_sequence,
             "applied_sequence": iso.applied_sequence,
+            "rules_sha256": None,
+            "detail": "",
             "updated_at": iso.updated_at,
         }
 
@@ -369,11 +371,15 @@ def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAP
     def list_isolations(account_id: str, who: CurrentPrincipal) -> Any:
         _tenant(who, account_id)
         with platform.lock:
-            return [
-                as_json(iso)
-                for iso in platform.isolations.values()
-                if iso.account_id == account_id and platform.progress(iso).state != "not_isolated"
-            ]
+            return {
+                "account_id": account_id,
+                "endpoints": [
+                    as_json(iso)
+                    for iso in platform.isolations.values()
+                    if iso.account_id == account_id
+                    and platform.progress(iso).state != "not_isolated"
+                ],
+            }
 
     return app
 

@@ -106,7 +106,8 @@ class FakeApis:
                 return httpx.Response(202, json={"request_id": "req-acct", "endpoints": 2})
             if re.fullmatch(r"/v1/accounts/[^/]+/isolations", path):
                 rows = [self.isolation(eid) for eid in self.timelines]
-                return httpx.Response(200, json=[r for r in rows if r["state"] != "not_isolated"])
+                listed = [r for r in rows if r["state"] != "not_isolated"]
+                return httpx.Response(200, json={"account_id": "acct-a", "endpoints": listed})
         return httpx.Response(404, json={"detail": f"no route {request.method} {path}"})
 
 
@@ -403,3 +404,12 @@ def test_infra_down_without_a_detached_run_is_a_no_op(tmp_path: Path) -> None:
     result = run(None, "infra", "down", token=None, env={"HOSTISO_RUN_DIR": str(tmp_path)})
     assert result.exit_code == 0
     assert "nothing to stop" in result.stdout
+
+
+def test_client_reads_both_list_shapes() -> None:
+    from cli.client import isolation_rows
+
+    row = _isolation("ep-1", "isolated", "strict", 1, 1)
+    assert isolation_rows([row]) == [row]
+    assert isolation_rows({"account_id": "acct-a", "endpoints": [row]}) == [row]
+    assert isolation_rows({"unexpected": 1}) == []
