@@ -1,0 +1,426 @@
+"""``python -m services.enforcer.measure``: delivery latency, waiting-agent capacity, strict override under backlog.
+
+Runs the enforcer as a real process against the Kafka and Redis given by HOSTISO_KAFKA_BOOTSTRAP /
+HOSTISO_REDIS_URL (or starts local ones), plays agents with httpx, and prints the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import orjson
+import typer
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.config import DEV_ENROLLMENT_SECRET
+from shared.enrollment import enrollment_key
+from shared.infra.proc import free_port, spawn, stop
+from shared.kafka import ensure_topics, make_producer, publish
+from shared.messages import EnforcePolicy, FrozenPolicy, utcnow
+from shared.topics import Topics
+
+SEQUENCE_MARK = 987654321
+
+
+def command_template(mode: str = "standard") -> bytes:
+    """A small valid EnforcePolicy with placeholders for the endpoint and the sequence."""
+    policy = FrozenPolicy(
+        policy_id="P",
+        endpoint_id="ENDPOINT",
+        account_id="acct-bench",
+        sequence=SEQUENCE_MARK,
+        mode=mode,
+        platform=("198.51.100.1",),
+        settings_version=1,
+        issued_at=utcnow(),
+        issued_by="bench",
+    )
+    return EnforcePolicy(request_id="R", policy=policy).model_dump_json().encode()
+
+
+def render_command(template: bytes, endpoint_id: str, sequence: int) -> bytes:
+    return template.replace(b"ENDPOINT", endpoint_id.encode()).replace(
+        str(SEQUENCE_MARK).encode(), str(sequence).encode()
+    )
+
+
+async def produce_backlog(
+    bootstrap: str, topic: str, count: int, *, endpoints: int = 10_000, prefix: str = "bk"
+) -> float:
+    """Put ``count`` commands for ``endpoints`` fake endpoints on ``topic`` fast; returns seconds."""
+    template = command_template()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_batch_size=1024 * 1024
+    )
+    await producer.start()
+    started = time.monotonic()
+    try:
+        for i in range(count):
+            endpoint_id = f"{prefix}-{i % endpoints}"
+            value = render_command(template, endpoint_id, i // endpoints + 1)
+            await producer.send(topic, value, key=endpoint_id.encode())
+            if i % 20_000 == 19_999:
+                await producer.flush()
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
+
+
+async def committed_total(bootstrap: str, group_id: str) -> int:
+    """Sum of the committed offsets of a consumer group (records it has consumed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return sum(max(0, meta.offset) for meta in offsets.values())
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Stack:
+    """Kafka and Redis for a measurement: the configured ones, or local ones started here."""
+
+    def __init__(self) -> None:
+        self.bootstrap = os.environ.get("HOSTISO_KAFKA_BOOTSTRAP", "")
+        self.redis_url = os.environ.get("HOSTISO_REDIS_URL", "")
+        self._owned: list[Any] = []
+
+    def __enter__(self) -> Stack:
+        from shared.infra import LocalKafka, LocalRedis
+
+        if not self.bootstrap:
+            kafka = LocalKafka()
+            kafka.start()
+            self._owned.append(kafka)
+            self.bootstrap = kafka.bootstrap
+        if not self.redis_url:
+            redis = LocalRedis().start()
+            self._owned.append(redis)
+            self.redis_url = redis.url
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owned in reversed(self._owned):
+            with contextlib.suppress(Exception):
+                owned.stop() if hasattr(owned, "bootstrap") else owned.close()
+
+
+@contextlib.contextmanager
+def enforcer_process(stack: Stack, prefix: str, log_dir: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    env = dict(
+        os.environ,
+        HOSTISO_DEV="1",
+        HOSTISO_KAFKA_BOOTSTRAP=stack.bootstrap,
+        HOSTISO_REDIS_URL=stack.redis_url,
+        HOSTISO_TOPIC_PREFIX=f"{prefix}.",
+        HOSTISO_REDIS_PREFIX=f"{prefix}:",
+        HOSTISO_HTTP_PORT=str(port),
+        HOSTISO_LOG_LEVEL="WARNING",
+    )
+    proc = spawn(
+        [sys.executable, "-m", "services.enforcer"], log_path=log_dir / "enforcer.log", env=env
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        stop(proc)
+
+
+async def wait_ready(url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"{url}/ready", timeout=2)).status_code == 200:
+                    return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"enforcer at {url} not ready after {timeout}s")
+
+
+async def enroll_many(
+    http: httpx.AsyncClient, count: int, concurrency: int = 100
+) -> list[tuple[str, str]]:
+    key = enrollment_key(DEV_ENROLLMENT_SECRET, "acct-bench")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> tuple[str, str]:
+        async with gate:
+            response = await http.post(
+                "/v1/agents/enroll",
+                json={
+                    "account_id": "acct-bench",
+                    "enrollment_key": key,
+                    "hostname": f"h{i}",
+                    "platform": "linux",
+                },
+            )
+            response.raise_for_status()
+            body = response.json()
+            return body["agent_id"], body["agent_token"]
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+@contextlib.asynccontextmanager
+async def started_producer(bootstrap: str) -> AsyncIterator[Any]:
+    producer = make_producer(bootstrap)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+def policy_for(endpoint_id: str, sequence: int, mode: str = "standard") -> EnforcePolicy:
+    return EnforcePolicy.model_validate_json(
+        render_command(command_template(mode), endpoint_id, sequence)
+    )
+
+
+async def measure_delivery(stack: Stack, samples: int, log_dir: Path) -> dict[str, float]:
+    """Stored → waiting agent answered, and produced → answered, one waiting agent at a time."""
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    topics = Topics(f"{prefix}.")
+    await ensure_topics(stack.bootstrap, topics)
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(stack.redis_url)
+    with enforcer_process(stack, prefix, log_dir) as (url, _pid):
+        await wait_ready(url)
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=90) as http,
+            started_producer(stack.bootstrap) as producer,
+        ):
+            ((agent_id, token),) = await enroll_many(http, 1)
+            auth = {"Authorization": f"Bearer {token}"}
+            stored_to_answer: list[float] = []
+            produced_to_answer: list[float] = []
+            for sequence in range(1, samples + 1):
+                waiting = asyncio.create_task(
+                    http.get(
+                        f"/v1/agents/{agent_id}/policy",
+                        params={"after": sequence - 1, "wait": 30},
+                        headers=auth,
+                    )
+                )
+                await asyncio.sleep(0.02)  # let the poll reach the server and wait
+                produced = time.time()
+                await publish(
+                    producer,
+                    topics.enforcer_commands_priority,
+                    agent_id,
+                    policy_for(agent_id, sequence, "strict"),
+                )
+                response = await waiting
+                answered = time.time()
+                assert response.status_code == 200, response.status_code
+                stored_ms = await redis.hget(f"{prefix}:enforcer:policy:{agent_id}", "stored_at_ms")
+                stored_to_answer.append(answered - int(stored_ms or 0) / 1000)
+                produced_to_answer.append(answered - produced)
+    await redis.aclose()
+    return {
+        "stored_to_answered_p50_ms": 1000 * statistics.median(stored_to_answer),
+        "stored_to_answered_p99_ms": 1000 * percentile(stored_to_answer, 0.99),
+        "produced_to_answered_p50_ms": 1000 * statistics.median(produced_to_answer),
+        "produced_to_answered_p99_ms": 1000 * percentile(produced_to_answer, 0.99),
+    }
+
+
+async def measure_strict_override(stack: Stack, backlog: int, log_dir: Path) -> dict[str, float]:
+    """A strict command on the priority lane → the waiting agent, with ``backlog`` normal commands queued."""
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    topics = Topics(f"{prefix}.")
+    await ensure_topics(stack.bootstrap, topics)
+    produce_s = (
+        await produce_backlog(stack.bootstrap, topics.enforcer_commands, backlog)
+        if backlog
+        else 0.0
+    )
+    with enforcer_process(stack, prefix, log_dir) as (url, _pid):
+        await wait_ready(url)
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=90) as http,
+            started_producer(stack.bootstrap) as producer,
+        ):
+            ((agent_id, token),) = await enroll_many(http, 1)
+            waiting = asyncio.create_task(
+                http.get(
+                    f"/v1/agents/{agent_id}/policy",
+                    params={"after": 0, "wait": 60},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            )
+            await asyncio.sleep(0.05)
+            sent = time.monotonic()
+            await publish(
+                producer,
+                topics.enforcer_commands_priority,
+                agent_id,
+                policy_for(agent_id, 1, "strict"),
+            )
+            response = await waiting
+            latency = time.monotonic() - sent
+            consumed = await committed_total(stack.bootstrap, f"{prefix}.enforcer-normal")
+            assert response.status_code == 200
+    return {
+        "backlog": backlog,
+        "backlog_produce_s": produce_s,
+        "strict_latency_ms": 1000 * latency,
+        "normal_consumed_when_strict_arrived": consumed,
+    }
+
+
+CLIENT_SCRIPT = r"""
+import asyncio, sys, time, httpx, orjson
+async def main():
+    url, wait = sys.argv[1], float(sys.argv[2])
+    agents = orjson.loads(sys.stdin.buffer.read())
+    limits = httpx.Limits(max_connections=len(agents) + 10, max_keepalive_connections=len(agents) + 10)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=wait + 60) as http:
+        async def one(agent_id, token):
+            r = await http.get(f"/v1/agents/{agent_id}/policy", params={"after": 0, "wait": wait},
+                               headers={"Authorization": f"Bearer {token}"})
+            return r.status_code, time.time()
+        results = await asyncio.gather(*(one(a, t) for a, t in agents), return_exceptions=True)
+    codes = {}
+    last = 0.0
+    for r in results:
+        key = type(r).__name__ if isinstance(r, BaseException) else str(r[0])
+        codes[key] = codes.get(key, 0) + 1
+        if not isinstance(r, BaseException):
+            last = max(last, r[1])
+    print(orjson.dumps({"codes": codes, "last_answer": last}).decode(), flush=True)
+asyncio.run(main())
+"""
+
+
+async def measure_capacity(stack: Stack, agents: int, log_dir: Path) -> dict[str, Any]:
+    """How many long-polling agents one enforcer process holds, its RSS, and time to answer them all."""
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    topics = Topics(f"{prefix}.")
+    await ensure_topics(stack.bootstrap, topics)
+    with enforcer_process(stack, prefix, log_dir) as (url, pid):
+        await wait_ready(url)
+        rss_idle = rss_mib(pid)
+        async with httpx.AsyncClient(base_url=url, timeout=90) as http:
+            started = time.monotonic()
+            enrolled = await enroll_many(http, agents)
+            enroll_s = time.monotonic() - started
+            client = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CLIENT_SCRIPT,
+                url,
+                "55",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert client.stdin is not None
+            client.stdin.write(orjson.dumps(enrolled))
+            await client.stdin.drain()
+            client.stdin.close()
+            deadline = time.monotonic() + 120
+            waiting = 0.0
+            while time.monotonic() < deadline:
+                metrics = (await http.get("/metrics")).text
+                waiting = next(
+                    float(line.split()[1])
+                    for line in metrics.splitlines()
+                    if line.startswith("hostiso_enforcer_waiting_agents ")
+                )
+                if waiting >= agents:
+                    break
+                await asyncio.sleep(0.5)
+            rss_waiting = rss_mib(pid)
+            template = command_template("strict")
+            producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, acks="all", linger_ms=10)
+            await producer.start()
+            sent = time.time()
+            for agent_id, _ in enrolled:
+                await producer.send(
+                    topics.enforcer_commands_priority,
+                    render_command(template, agent_id, 1),
+                    key=agent_id.encode(),
+                )
+            await producer.flush()
+            await producer.stop()
+            out, _ = await client.communicate()
+            result = orjson.loads(out)
+    return {
+        "agents": agents,
+        "enroll_s": enroll_s,
+        "waiting_seen": waiting,
+        "rss_idle_mib": rss_idle,
+        "rss_with_waiting_mib": rss_waiting,
+        "answers": result["codes"],
+        "all_answered_after_send_s": result["last_answer"] - sent,
+    }
+
+
+def main(
+    samples: Annotated[int, typer.Option(help="delivery latency samples")] = 200,
+    agents: Annotated[
+        str, typer.Option(help="comma-separated waiting-agent counts")
+    ] = "2000,5000,10000",
+    backlog: Annotated[
+        int, typer.Option(help="normal-lane backlog for the strict override")
+    ] = 100_000,
+) -> None:
+    """Print the enforcer's figures as JSON lines."""
+    log_dir = Path(tempfile.mkdtemp(prefix="hostiso-measure-"))
+
+    async def run() -> None:
+        with Stack() as stack:
+            print(
+                orjson.dumps(
+                    {"delivery": await measure_delivery(stack, samples, log_dir)}
+                ).decode(),
+                flush=True,
+            )
+            for count in (int(n) for n in agents.split(",") if n):
+                print(
+                    orjson.dumps(
+                        {"capacity": await measure_capacity(stack, count, log_dir)}
+                    ).decode(),
+                    flush=True,
+                )
+            for size in (0, backlog):
+                print(
+                    orjson.dumps(
+                        {"strict_override": await measure_strict_override(stack, size, log_dir)}
+                    ).decode(),
+                    flush=True,
+                )
+        print(f"enforcer logs in {log_dir}", flush=True)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    typer.run(main)
