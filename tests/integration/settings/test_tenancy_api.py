@@ -1,0 +1,149 @@
+"""Tenancy (guarantee 8): every route, role and own or other account; 401 for bad tokens; 403 audited."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import jwt
+import pytest
+
+from shared.auth import mint_token
+from shared.config import DEV_JWT_SECRET
+from shared.messages import AuditRecorded, Role
+from tests.helpers import read_topic, wait_for
+from tests.integration.settings.conftest import SOC, SettingsApp, bearer
+
+# (route name, method, path suffix after /v1/accounts/{id}, json body, success status)
+ROUTES: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
+    ("read", "GET", "/tooling-allowlist", None, 200),
+    ("switch", "PATCH", "/tooling-allowlist", {"enabled": True}, 200),
+    ("add", "POST", "/tooling-allowlist/entries", {"name": "RMM", "address": "10.9.9.9"}, 201),
+    ("rename", "PATCH", "/tooling-allowlist/entries/{entry}", {"name": "Renamed"}, 200),
+    ("remove", "DELETE", "/tooling-allowlist/entries/{entry}", None, 200),
+    ("history", "GET", "/tooling-allowlist/history", None, 200),
+    ("enrollment-key", "GET", "/enrollment-key", None, 200),
+]
+ROLES: list[Role] = ["partner", "soc", "service"]
+
+
+async def _prepare(app: SettingsApp) -> tuple[str, str]:
+    account = f"acct-{uuid.uuid4().hex[:8]}"
+    created = await app.add(account, "Existing", "10.1.1.1")
+    assert created.status_code == 201
+    return account, created.json()["entry"]["id"]
+
+
+async def _call(
+    app: SettingsApp, route: tuple[str, str, str, Any, int], account: str, entry: str, headers: Any
+) -> Any:
+    _, method, suffix, body, _ = route
+    url = f"/v1/accounts/{account}" + suffix.format(entry=entry)
+    return await app.client.request(method, url, json=body, headers=headers)
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[r[0] for r in ROUTES])
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("whose", ["own", "other"])
+async def test_route_role_account_matrix(
+    module_app: SettingsApp, route: tuple[str, str, str, Any, int], role: Role, whose: str
+) -> None:
+    account, entry = await _prepare(module_app)
+    token_account = None
+    if role == "partner":
+        token_account = account if whose == "own" else f"acct-{uuid.uuid4().hex[:8]}"
+    response = await _call(module_app, route, account, entry, bearer(role, token_account))
+    before = (await module_app.client.get(module_app.url(account), headers=SOC)).json()
+    if role == "partner" and whose == "other":
+        assert response.status_code == 403, response.text
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["path", "account_id"]
+        assert "may not access account" in error["msg"]
+        assert before["version"] == 1, "a refused write must change nothing"
+    else:
+        assert response.status_code == route[4], response.text
+        if route[1] != "GET":
+            assert before["version"] == 2
+        if route[0] == "enrollment-key":
+            assert response.json()["account_id"] == account
+            assert len(response.json()["enrollment_key"]) == 64
+
+
+def _bad_tokens() -> dict[str, dict[str, str]]:
+    now = int(time.time())
+    expired = jwt.encode(
+        {"sub": "x", "role": "soc", "iat": now - 100, "exp": now - 10}, DEV_JWT_SECRET, "HS256"
+    )
+    forged = mint_token("another-secret-that-is-long-enough-000000", sub="x", role="soc")
+    no_account = jwt.encode({"sub": "x", "role": "partner", "exp": now + 60}, DEV_JWT_SECRET)
+    bad_role = jwt.encode({"sub": "x", "role": "admin", "exp": now + 60}, DEV_JWT_SECRET)
+    return {
+        "missing": {},
+        "not-bearer": {"Authorization": "Basic dXNlcjpwYXNz"},
+        "garbage": {"Authorization": "Bearer not.a.jwt"},
+        "expired": {"Authorization": f"Bearer {expired}"},
+        "forged": {"Authorization": f"Bearer {forged}"},
+        "partner-without-account": {"Authorization": f"Bearer {no_account}"},
+        "unknown-role": {"Authorization": f"Bearer {bad_role}"},
+    }
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[r[0] for r in ROUTES])
+@pytest.mark.parametrize("kind", list(_bad_tokens()))
+async def test_missing_expired_or_forged_tokens_get_401(
+    module_app: SettingsApp, route: tuple[str, str, str, Any, int], kind: str
+) -> None:
+    response = await _call(module_app, route, "acct-401", "e", _bad_tokens()[kind])
+    assert response.status_code == 401, response.text
+    assert isinstance(response.json()["detail"], str)
+
+
+async def test_refused_cross_account_attempt_is_in_the_audit_topic(
+    module_app: SettingsApp, kafka_bootstrap: str
+) -> None:
+    victim = f"acct-{uuid.uuid4().hex[:8]}"
+    response = await module_app.client.post(
+        module_app.url(victim, "/entries"),
+        json={"name": "evil", "address": "not even valid"},
+        headers=bearer("partner", "acct-attacker", sub="mallory"),
+    )
+    assert response.status_code == 403, "tenancy is decided before the body is looked at"
+
+    async def denied() -> list[AuditRecorded]:
+        records = await read_topic(kafka_bootstrap, module_app.topics, module_app.topics.audit)
+        return [r for r in records if r.account_id == victim and r.outcome == "denied"]
+
+    [record] = await wait_for(denied, timeout=20, message="denied audit record")
+    assert record.actor.sub == "mallory" and record.actor.account_id == "acct-attacker"
+    assert record.action == "allowlist.entry.add"
+
+
+async def test_changes_and_rejections_are_audited_on_the_audit_topic(
+    module_app: SettingsApp, kafka_bootstrap: str
+) -> None:
+    account = f"acct-{uuid.uuid4().hex[:8]}"
+    assert (await module_app.add(account, "RMM", "10.2.2.2")).status_code == 201
+    assert (await module_app.add(account, "Dup", "10.2.2.2")).status_code == 409
+    assert (await module_app.add(account, "Bad", "10.2")).status_code == 422
+    stale = await module_app.client.patch(
+        module_app.url(account), json={"enabled": True}, headers={**SOC, "If-Match": '"0"'}
+    )
+    assert stale.status_code == 412
+
+    async def audited() -> list[AuditRecorded] | None:
+        records = await read_topic(kafka_bootstrap, module_app.topics, module_app.topics.audit)
+        mine = [r for r in records if r.account_id == account]
+        return mine if len(mine) >= 4 else None
+
+    records = await wait_for(audited, timeout=20, message="audit records")
+    outcomes = sorted((r.action, r.outcome) for r in records)
+    assert outcomes == [
+        ("allowlist.enable", "rejected"),
+        ("allowlist.entry.add", "ok"),
+        ("allowlist.entry.add", "rejected"),
+        ("allowlist.entry.add", "rejected"),
+    ]
+    ok = next(r for r in records if r.outcome == "ok")
+    assert ok.before == {"enabled": False, "version": 0, "entries": []}
+    assert ok.after is not None and ok.after["entries"][0]["address"] == "10.2.2.2"
