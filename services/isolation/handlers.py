@@ -65,6 +65,7 @@ class IsolationStore(Protocol):
         outcome: RequestOutcome | None = None,
     ) -> None: ...
     async def active_endpoints(self, account_id: str) -> list[str]: ...
+    async def mark_sent(self, request_key: str) -> None: ...
 
 
 class SettingsView(Protocol):
@@ -231,7 +232,7 @@ class IsolationService:
     ) -> RequestOutcome:
         prior = await self._store.outcome(request_key)
         if prior is not None:
-            return await self._repeat(prior, actor, action)
+            return await self._repeat(request_key, prior, actor, action)
         for _ in range(_MAX_CONFLICT_RETRIES):
             current, rev = await self._store.load(endpoint_id)
             if current is None:
@@ -251,22 +252,28 @@ class IsolationService:
             except CommitConflictError:
                 continue
             except DuplicateRequest as dup:
-                return await self._repeat(dup.outcome, actor, action)
-            await self._send(outcome, actor, action)
+                return await self._repeat(request_key, dup.outcome, actor, action)
+            await self._send(request_key, outcome, actor, action)
             return outcome
         raise ConcurrentUpdateError(f"endpoint {endpoint_id} changed {_MAX_CONFLICT_RETRIES} times")
 
-    async def _repeat(self, outcome: RequestOutcome, actor: Actor, action: str) -> RequestOutcome:
-        # The state may be stored while the command never left (crash in between): re-send it.
-        # The enforcer fences by sequence, so a second copy of the same sequence is harmless.
+    async def _repeat(
+        self, request_key: str, outcome: RequestOutcome, actor: Actor, action: str
+    ) -> RequestOutcome:
+        if outcome.sent or outcome.command is None:
+            return outcome
+        # The state was stored but the command may never have left (crash in between): send it
+        # again. The enforcer fences by sequence, so a second copy of one sequence is harmless.
         log.info(
-            "request already applied; repeating its command",
+            "request already applied; sending its command again",
             extra={"endpoint_id": outcome.endpoint_id, "account_id": outcome.account_id},
         )
-        await self._send(outcome, actor, action)
+        await self._send(request_key, outcome, actor, action)
         return outcome
 
-    async def _send(self, outcome: RequestOutcome, actor: Actor, action: str) -> None:
+    async def _send(
+        self, request_key: str, outcome: RequestOutcome, actor: Actor, action: str
+    ) -> None:
         if outcome.command is None or outcome.lane is None:
             return
         policy = outcome.command.policy
@@ -281,6 +288,7 @@ class IsolationService:
             after={"sequence": policy.sequence, "mode": policy.mode, "policy_id": policy.policy_id},
         )
         await self._publisher.send_command(outcome.lane, outcome.command, audit)
+        await self._store.mark_sent(request_key)
         log.info(
             "policy issued",
             extra={

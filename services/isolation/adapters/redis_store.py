@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from services.isolation.domain import EndpointIsolation, EndpointRecord, Lane
@@ -25,6 +25,7 @@ class RequestOutcome(BaseModel):
     detail: str = ""
     lane: Lane | None = None
     command: EnforcePolicy | None = None
+    sent: bool = Field(False, description="The command is acknowledged by Kafka.")
 
 
 # State and request outcome are written in one script: a crash can never store one without the
@@ -32,7 +33,7 @@ class RequestOutcome(BaseModel):
 # retry instead of overwriting each other.
 _COMMIT = """
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
-  return {'dup', redis.call('GET', KEYS[2])}
+  return {'dup', redis.call('GET', KEYS[2]), redis.call('EXISTS', KEYS[4])}
 end
 local rev = redis.call('HGET', KEYS[1], 'rev') or '0'
 if rev ~= ARGV[1] then
@@ -107,9 +108,20 @@ class RedisIsolationStore:
         docs = await pipe.execute()
         return [EndpointIsolation.model_validate_json(d) for d in docs if d is not None]
 
+    def _sent_key(self, request_key: str) -> str:
+        return self._keys("isolation", "request-sent", request_key)
+
     async def outcome(self, request_key: str) -> RequestOutcome | None:
-        raw = await self._redis.get(self._request_key(request_key))
-        return None if raw is None else RequestOutcome.model_validate_json(raw)
+        raw, sent = await self._redis.mget(
+            [self._request_key(request_key), self._sent_key(request_key)]
+        )
+        if raw is None:
+            return None
+        return RequestOutcome.model_validate_json(raw).model_copy(update={"sent": sent is not None})
+
+    async def mark_sent(self, request_key: str) -> None:
+        """The command left: a redelivery of the request need not send it again."""
+        await self._redis.set(self._sent_key(request_key), b"1", ex=REQUEST_OUTCOME_TTL_S)
 
     async def commit(
         self,
@@ -125,6 +137,7 @@ class RedisIsolationStore:
             self._state_key(isolation.endpoint_id),
             self._request_key(request_key) if request_key else "",
             self._active_key(isolation.account_id),
+            self._sent_key(request_key) if request_key else "",
         ]
         args = [
             str(current_rev),
@@ -134,9 +147,10 @@ class RedisIsolationStore:
             "1" if isolation.isolated_or_pending else "0",
             isolation.endpoint_id,
         ]
-        status, payload = await self._commit(keys=keys, args=args)
+        status, payload, *sent = await self._commit(keys=keys, args=args)
         if status == b"dup":
-            raise DuplicateRequest(RequestOutcome.model_validate_json(payload))
+            prior = RequestOutcome.model_validate_json(payload)
+            raise DuplicateRequest(prior.model_copy(update={"sent": bool(sent and sent[0])}))
         if status == b"conflict":
             raise CommitConflictError(isolation.endpoint_id)
 

@@ -68,13 +68,15 @@ class CompactedTopicReplica:
             client_id=f"hostiso-isolation-replica-{self._name.value}",
         )
         await self._consumer.start()
-        await self._consumer.topics()
-        partitions = self._consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            raise RuntimeError(f"topic {self.topic} has no partitions")
-        self._partitions = sorted(partitions)
+        # Without a group, subscribing assigns every partition, with no committed offsets:
+        # the replica reads from the beginning of the compacted topic.
+        self._consumer.subscribe([self.topic])
+        while not self._consumer.assignment():
+            await self._consumer.getmany(timeout_ms=100, max_records=1)
+            if self._consumer.assignment():
+                break
+        self._partitions = sorted(tp.partition for tp in self._consumer.assignment())
         tps = [TopicPartition(self.topic, p) for p in self._partitions]
-        self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         self._positions = {p: 0 for p in self._partitions}
         self._task = asyncio.create_task(self._run(), name=f"replica-{self._name.value}")

@@ -1,0 +1,127 @@
+"""In-memory fakes of the isolation service's ports, with the same semantics as the adapters."""
+
+from __future__ import annotations
+
+from services.isolation.adapters.redis_store import (
+    CommitConflictError,
+    DuplicateRequest,
+    RequestOutcome,
+)
+from services.isolation.domain import EndpointIsolation, EndpointRecord, Lane
+from shared.messages import (
+    Actor,
+    AllowlistChanged,
+    AuditRecorded,
+    EnforcePolicy,
+    IsolateEndpoint,
+    ReleaseEndpoint,
+    StrictIsolateAccount,
+)
+
+
+class MemoryStore:
+    """State with a revision per endpoint and request outcomes, committed together."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, tuple[EndpointIsolation, int]] = {}
+        self.outcomes: dict[str, RequestOutcome] = {}
+        self.sent: set[str] = set()
+
+    async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
+        state, rev = self.states.get(endpoint_id, (None, 0))
+        return state, rev
+
+    async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]:
+        return [self.states[e][0] for e in endpoint_ids if e in self.states]
+
+    async def outcome(self, request_key: str) -> RequestOutcome | None:
+        found = self.outcomes.get(request_key)
+        if found is None:
+            return None
+        return found.model_copy(update={"sent": request_key in self.sent})
+
+    async def mark_sent(self, request_key: str) -> None:
+        self.sent.add(request_key)
+
+    async def commit(
+        self,
+        current_rev: int,
+        isolation: EndpointIsolation,
+        *,
+        changed: bool,
+        request_key: str | None = None,
+        outcome: RequestOutcome | None = None,
+    ) -> None:
+        if request_key and request_key in self.outcomes:
+            prior = self.outcomes[request_key]
+            raise DuplicateRequest(prior.model_copy(update={"sent": request_key in self.sent}))
+        if self.states.get(isolation.endpoint_id, (None, 0))[1] != current_rev:
+            raise CommitConflictError(isolation.endpoint_id)
+        if changed:
+            self.states[isolation.endpoint_id] = (isolation, current_rev + 1)
+        if request_key and outcome:
+            self.outcomes[request_key] = outcome
+
+    async def active_endpoints(self, account_id: str) -> list[str]:
+        return sorted(
+            e
+            for e, (s, _) in self.states.items()
+            if s.account_id == account_id and s.isolated_or_pending
+        )
+
+
+class MemorySettings:
+    def __init__(self) -> None:
+        self.by_account: dict[str, AllowlistChanged] = {}
+        self.catch_ups = 0
+
+    async def current(self, account_id: str) -> AllowlistChanged | None:
+        self.catch_ups += 1
+        return self.by_account.get(account_id)
+
+    async def known(self, account_id: str) -> AllowlistChanged | None:
+        return self.by_account.get(account_id)
+
+
+class MemoryRegistry:
+    def __init__(self, *endpoints: EndpointRecord) -> None:
+        self.endpoints = {e.endpoint_id: e for e in endpoints}
+
+    async def get(self, endpoint_id: str) -> EndpointRecord | None:
+        return self.endpoints.get(endpoint_id)
+
+
+class MemoryPublisher:
+    def __init__(self) -> None:
+        self.commands: list[tuple[Lane, EnforcePolicy]] = []
+        self.audits: list[AuditRecorded] = []
+        self.requests: list[
+            tuple[Lane, IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount]
+        ] = []
+        self.fail_next_command = False
+
+    async def send_command(self, lane: Lane, command: EnforcePolicy, audit: AuditRecorded) -> None:
+        if self.fail_next_command:
+            self.fail_next_command = False
+            raise ConnectionError("broker gone")
+        self.commands.append((lane, command))
+        self.audits.append(audit)
+
+    async def send_audit(self, audit: AuditRecorded) -> None:
+        self.audits.append(audit)
+
+    async def send_request(
+        self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
+    ) -> None:
+        self.requests.append((lane, request))
+
+
+class MemorySettingsClient:
+    def __init__(self) -> None:
+        self.disabled: list[str] = []
+        self.fail = False
+
+    async def disable_allowlist(self, account_id: str, requested_by: Actor) -> None:
+        if self.fail:
+            raise ConnectionError("settings service down")
+        self.disabled.append(account_id)
