@@ -1,0 +1,1 @@
+"""Benchmarks and fault injection on the real Kafka and Redis (``make bench``, ``make chaos``)."""
