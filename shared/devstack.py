@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 
 from shared.auth import mint_token
-from shared.config import DEV_JWT_SECRET
+from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
+from shared.enrollment import enrollment_key
 from shared.infra import LocalKafka, LocalRedis
 from shared.infra.proc import spawn, stop
 from shared.kafka import ensure_topics
@@ -96,10 +97,18 @@ def main() -> int:
                         "3",
                         "--account-id",
                         DEMO_ACCOUNT,
-                        "--settings-url",
-                        "http://127.0.0.1:8001",
+                        "--enrollment-key",
+                        enrollment_key(DEV_ENROLLMENT_SECRET, DEMO_ACCOUNT),
                         "--enforcer-url",
                         "http://127.0.0.1:8003",
+                        "--state-dir",
+                        str(logs / "agents"),
+                        "--hostname",
+                        "demo-host",
+                        "--platform-addresses",
+                        "127.0.0.1",
+                        "--dns-resolvers",
+                        "127.0.0.53",
                     ],
                     log_path=log,
                     cwd=ROOT,
@@ -110,7 +119,10 @@ def main() -> int:
         if "settings" in started:
             print(f"portal  http://127.0.0.1:{started['settings']}/portal/", flush=True)
         token = mint_token(DEV_JWT_SECRET, sub="dev-soc", role="soc", ttl_s=86400)
-        print("dev token (role soc, 24 h; mint others with `python -m shared.token`):", flush=True)
+        print(
+            "dev token (role soc, 24 h; others: `HOSTISO_DEV=1 .venv/bin/hostiso token --role partner --account-id acct-demo`):",
+            flush=True,
+        )
         print(f"  export HOSTISO_TOKEN={token}", flush=True)
         print(f"logs    {logs}/ — Ctrl-C stops everything.", flush=True)
         while not stopped.wait(1):
