@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 from pydantic import ValidationError
@@ -47,7 +47,17 @@ class StatusReport:
     rules_sha256: str | None
     detail: str
 
-    def to_json(self) -> dict[str, object]:
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> StatusReport:
+        return cls(
+            sequence=int(body["sequence"]),
+            policy_id=str(body["policy_id"]),
+            status="applied" if body["status"] == "applied" else "failed",
+            rules_sha256=body.get("rules_sha256"),
+            detail=str(body.get("detail", "")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
         return {
             "sequence": self.sequence,
             "policy_id": self.policy_id,

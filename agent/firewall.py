@@ -182,6 +182,8 @@ class NftablesFirewall:
             if not ok:
                 log.warning("positive check failed, rules kept: platform %s", detail)
         self.current_ruleset = ruleset
+        if not await self.table_present():
+            return ApplyOutcome("failed", digest, "negative check failed: table not loaded", False)
         probe = self.negative_probe
         if probe is not None and not _probe_permitted(policy, self.facts, probe):
             reachable, detail = await tcp_reachable(probe, self.negative_timeout)

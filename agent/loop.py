@@ -157,6 +157,9 @@ class AgentLoop:
         if self.table_check_interval:
             watchdog = asyncio.create_task(self._watch_table(stop, self.table_check_interval))
         try:
+            if self.state.pending_report is not None:
+                pending = StatusReport.from_json(self.state.pending_report)
+                await self._report(stop, enrollment, pending)
             await self._poll_loop(stop, enrollment)
         finally:
             if watchdog is not None:
@@ -212,6 +215,8 @@ class AgentLoop:
                 await backoff.wait()
                 continue
             backoff.reset()
+            self.state.pending_report = decision.report.to_json()
+            self.store.save(self.state)
             await self._report(stop, enrollment, decision.report)
 
     async def _report(
@@ -226,6 +231,7 @@ class AgentLoop:
         while not stop.is_set():
             try:
                 await self.client.report(enrollment, report)
+                self._sent(report)
                 return
             except EnforcerUnavailableError as exc:
                 log.warning("status report failed, retrying: %s", exc, extra=context)
@@ -233,8 +239,14 @@ class AgentLoop:
             except (ReportRefusedError, AgentUnknownError) as exc:
                 self.stats.reports_lost += 1
                 log.error("status report refused: %s", exc, extra=context)
+                self._sent(report)
                 return
         self.stats.reports_lost += 1
+
+    def _sent(self, report: StatusReport) -> None:
+        if self.state.pending_report == report.to_json():
+            self.state.pending_report = None
+            self.store.save(self.state)
 
     async def _watch_table(self, stop: asyncio.Event, interval: float) -> None:
         applier = self.applier

@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +32,9 @@ class AgentState(BaseModel):
     last_policy: SignedPolicy | None = None
     last_rules_sha256: str | None = None
     last_ruleset: str | None = None
+    # A status report not yet accepted by the enforcer: resent at start, because the enforcer
+    # will not hand us that sequence again once we poll past it.
+    pending_report: dict[str, Any] | None = None
 
 
 class StateStore:

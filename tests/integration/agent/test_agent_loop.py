@@ -281,3 +281,32 @@ async def test_cli_refuses_bad_configuration_with_a_clear_message(
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     assert message in err.decode()
+
+
+async def test_report_lost_to_a_crash_after_applying_is_sent_at_restart(
+    enforcer: FakeEnforcer, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    agent = RunningAgent(enforcer, tmp_path, http).start()
+    agent_id = await _enrolled(agent)
+    await agent.halt()
+    # As if the agent died after persisting sequence 3 but before its report got through.
+    policy = make_policy(endpoint_id=agent_id, sequence=3)
+    store = StateStore(tmp_path)
+    state = store.load()
+    state.last_applied_sequence = state.poll_cursor = 3
+    state.last_policy = enforcer.signer.sign(policy)
+    state.pending_report = {
+        "sequence": 3,
+        "policy_id": policy.policy_id,
+        "status": "applied",
+        "rules_sha256": rules_sha256(render_ruleset(policy, FACTS)),
+        "detail": "simulated",
+    }
+    store.save(state)
+
+    restarted = RunningAgent(enforcer, tmp_path, http).start()
+    try:
+        await wait_for(lambda: _reports(enforcer, agent_id, sequence=3, status="applied"))
+        await wait_for(lambda: StateStore(tmp_path).load().pending_report is None)
+    finally:
+        await restarted.halt()
