@@ -80,5 +80,10 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
 def main() -> None:
     settings = SettingsServiceSettings()
     configure_logging(SERVICE, settings.log_level, settings.log_json)
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: SettingsServiceSettings) -> None:
+    # The Kafka client binds to the running loop, so the app is built inside it.
     app = build_app(settings)
-    asyncio.run(serve(app, settings.http_host, settings.http_port, settings.log_level))
+    await serve(app, settings.http_host, settings.http_port, settings.log_level)
