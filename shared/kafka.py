@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -20,16 +21,59 @@ log = logging.getLogger(__name__)
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
 
+class LazyClient:
+    """An aiokafka client built on ``start()``, inside the running loop; attributes forward to it.
+
+    aiokafka binds its clients to the running event loop at construction, so wiring code (a
+    ``build_app`` that runs before the loop) holds this handle instead. A failed ``start()`` drops
+    the half-started client, so a retry builds a fresh one.
+    """
+
+    def __init__(self, factory: Callable[[], Any], what: str) -> None:
+        self._factory = factory
+        self._what = what
+        self._client: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        client = self._factory()
+        try:
+            await client.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await client.stop()
+            raise
+        self._client = client
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            raise RuntimeError(f"{self._what} used before start()")
+        return getattr(self._client, name)
+
+
 def make_producer(bootstrap: str, *, linger_ms: int = 5, client_id: str = "hostiso") -> Any:
     """A producer that never loses or reorders an acknowledged send: acks=all + idempotence."""
-    return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        client_id=client_id,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=linger_ms,
-        request_timeout_ms=15_000,
-        max_request_size=2 * 1024 * 1024,
+    return LazyClient(
+        lambda: AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            request_timeout_ms=15_000,
+            max_request_size=2 * 1024 * 1024,
+        ),
+        f"Kafka producer {client_id}",
     )
 
 
@@ -71,9 +115,31 @@ async def ensure_topics(
                 await admin.create_topics(new_topics)
             except TopicAlreadyExistsError:
                 log.info("topics created concurrently by another process")
+            await _wait_for_leaders(admin, created)
     finally:
         await admin.close()
     return created
+
+
+async def _wait_for_leaders(admin: Any, names: list[str], timeout: float = 60.0) -> None:
+    """Wait until every partition of ``names`` has a leader the brokers know of.
+
+    Creation returns once the controller committed it; a producer that writes before the
+    brokers applied that metadata gets NotLeaderForPartition and retries until its timeout.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    pending = set(names)
+    while pending:
+        described = await admin.describe_topics(sorted(pending))
+        for topic in described:
+            parts = topic.get("partitions") or []
+            if topic.get("error_code", 0) == 0 and parts and all(p["leader"] >= 0 for p in parts):
+                pending.discard(topic["topic"])
+        if not pending:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"topics without leaders after {timeout}s: {sorted(pending)}")
+        await asyncio.sleep(0.1)
 
 
 async def wait_topics_ready(bootstrap: str, names: Iterable[str], *, timeout: float = 30.0) -> None:
@@ -261,15 +327,18 @@ def make_consumer(
     auto_offset_reset: str = "earliest",
 ) -> Any:
     """A consumer with auto-commit off: TypedConsumer commits after effects are stored."""
-    return AIOKafkaConsumer(
-        *topics,
-        bootstrap_servers=bootstrap,
-        group_id=group_id,
-        client_id=client_id,
-        enable_auto_commit=False,
-        auto_offset_reset=auto_offset_reset,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=1_000,
-        isolation_level="read_committed",
+    return LazyClient(
+        lambda: AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            isolation_level="read_committed",
+        ),
+        f"Kafka consumer {client_id}",
     )
