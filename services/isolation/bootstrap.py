@@ -116,6 +116,7 @@ def build_app(
     app.state.jwt_secret = jwt_secret
     app.state.runtime = runtime
     app.state.service = service
+    app.state.replica_store = replica_store
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(settings.cors_origins),

@@ -50,6 +50,7 @@ class CompactedTopicReplica:
         self._apply = apply
         self._dlq = dlq
         self._consumer: Any = None
+        self._offsets: Any = None
         self._partitions: list[int] = []
         self._positions: dict[int, int] = {}
         self._progress = asyncio.Condition()
@@ -68,6 +69,16 @@ class CompactedTopicReplica:
             client_id=f"hostiso-isolation-replica-{self._name.value}",
         )
         await self._consumer.start()
+        # End offsets are asked on a connection of their own: the broker answers requests of one
+        # connection in order, so behind the replica's long-poll fetch they would wait for it.
+        self._offsets = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            client_id=f"hostiso-isolation-offsets-{self._name.value}",
+        )
+        await self._offsets.start()
         # Without a group, subscribing assigns every partition, with no committed offsets:
         # the replica reads from the beginning of the compacted topic.
         self._consumer.subscribe([self.topic])
@@ -87,8 +98,9 @@ class CompactedTopicReplica:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        for consumer in (self._consumer, self._offsets):
+            if consumer is not None:
+                await consumer.stop()
 
     async def _run(self) -> None:
         while True:
@@ -126,7 +138,7 @@ class CompactedTopicReplica:
         await asyncio.wait_for(self._started.wait(), timeout)
         part = self.partition_for(key)
         tp = TopicPartition(self.topic, part)
-        end = (await self._consumer.end_offsets([tp]))[tp]
+        end = (await self._offsets.end_offsets([tp]))[tp]
         try:
             async with self._progress:
                 await asyncio.wait_for(
@@ -144,7 +156,7 @@ class CompactedTopicReplica:
         if not self._started.is_set():
             return False
         tps = [TopicPartition(self.topic, p) for p in self._partitions]
-        ends = await self._consumer.end_offsets(tps)
+        ends = await self._offsets.end_offsets(tps)
         self.caught_up_once = all(self._positions.get(tp.partition, 0) >= ends[tp] for tp in tps)
         return self.caught_up_once
 
