@@ -1,0 +1,524 @@
+"""The six figures of issue 6, measured on one running stack (``python -m bench``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from bench.baseline import bare_relay_rate
+from bench.stack import Stack, StatusWatcher, percentile, rss_kib
+from shared.messages import (
+    Actor,
+    EnforcePolicy,
+    FrozenPolicy,
+    IsolateEndpoint,
+    ReleaseEndpoint,
+    StrictIsolateAccount,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+SOC = Actor(sub="bench-soc", role="soc")
+WAIT_S = 180.0
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """How big each measurement is; the defaults are the reduced (CI-sized) run."""
+
+    pipeline_agents: int = 200
+    throughput_requests: int = 1500
+    relay_messages: int = 5000
+    latency_seconds: float = 8.0
+    latency_load_fraction: float = 0.3
+    backlog: int = 20_000
+    strict_samples: int = 15
+    account_endpoints: int = 300
+    fanout_small: int = 10
+    fanout_samples: int = 20
+    allowlist_entries: int = 5
+
+    @classmethod
+    def full(cls) -> BenchSizes:
+        return cls(
+            pipeline_agents=500,
+            throughput_requests=10_000,
+            relay_messages=20_000,
+            latency_seconds=20.0,
+            backlog=100_000,
+            strict_samples=30,
+            account_endpoints=10_000,
+            fanout_samples=40,
+        )
+
+    @classmethod
+    def tiny(cls) -> BenchSizes:
+        return cls(
+            pipeline_agents=30,
+            throughput_requests=150,
+            relay_messages=1000,
+            latency_seconds=3.0,
+            backlog=3000,
+            strict_samples=5,
+            account_endpoints=40,
+            fanout_small=5,
+            fanout_samples=8,
+            allowlist_entries=2,
+        )
+
+
+def _ms(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(1000 * percentile(list(values), 0.50), 1),
+        "p95_ms": round(1000 * percentile(list(values), 0.95), 1),
+        "p99_ms": round(1000 * percentile(list(values), 0.99), 1),
+        "max_ms": round(1000 * max(values), 1) if values else float("nan"),
+        "samples": len(values),
+    }
+
+
+class Driver:
+    """Sends requests and waits for the agents' applied reports."""
+
+    def __init__(self, stack: Stack, watcher: StatusWatcher) -> None:
+        self.stack = stack
+        self.watcher = watcher
+        self.isolated: dict[str, bool] = {}
+
+    async def toggle(self, endpoint: str) -> float:
+        """Isolate (standard) or release ``endpoint``; seconds from send to agent-applied."""
+        topics = self.stack.topics
+        future = self.watcher.expect(endpoint)
+        message: IsolateEndpoint | ReleaseEndpoint
+        if self.isolated.get(endpoint):
+            message = ReleaseEndpoint(endpoint_id=endpoint, requested_by=SOC, reason="bench")
+        else:
+            message = IsolateEndpoint(
+                endpoint_id=endpoint, mode="standard", requested_by=SOC, reason="bench"
+            )
+        sent = time.time()
+        await self.stack.send(topics.isolation_requests, endpoint, message)
+        _, applied_at = await asyncio.wait_for(future, WAIT_S)
+        self.isolated[endpoint] = not self.isolated.get(endpoint)
+        return max(0.0, applied_at - sent)
+
+    async def strict(self, endpoint: str) -> float:
+        future = self.watcher.expect(endpoint)
+        sent = time.time()
+        await self.stack.send(
+            self.stack.topics.isolation_requests_priority,
+            endpoint,
+            IsolateEndpoint(endpoint_id=endpoint, mode="strict", requested_by=SOC, reason="bench"),
+        )
+        _, applied_at = await asyncio.wait_for(future, WAIT_S)
+        self.isolated[endpoint] = True
+        return max(0.0, applied_at - sent)
+
+
+async def throughput(driver: Driver, endpoints: list[str], total: int) -> dict[str, Any]:
+    """Closed loop: every endpoint always has one request in flight, until ``total`` are applied."""
+    remaining = total
+
+    async def worker(endpoint: str) -> int:
+        nonlocal remaining
+        done = 0
+        while remaining > 0:
+            remaining -= 1
+            await driver.toggle(endpoint)
+            done += 1
+        return done
+
+    started = time.perf_counter()
+    done = sum(await asyncio.gather(*(worker(e) for e in endpoints)))
+    elapsed = time.perf_counter() - started
+    return {"requests": done, "seconds": round(elapsed, 2), "requests_per_s": done / elapsed}
+
+
+async def latency(
+    driver: Driver, endpoints: list[str], rate: float, seconds: float
+) -> dict[str, Any]:
+    """Open loop at ``rate`` requests/s (an idle endpoint each time): send → agent-applied."""
+    idle = list(endpoints)
+    random.shuffle(idle)
+    latencies: list[float] = []
+    skipped = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(endpoint: str) -> None:
+        latencies.append(await driver.toggle(endpoint))
+        idle.append(endpoint)
+
+    interval = 1.0 / rate
+    started = time.perf_counter()
+    n = 0
+    while time.perf_counter() - started < seconds:
+        target = started + n * interval
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        n += 1
+        if not idle:
+            skipped += 1
+            continue
+        task = asyncio.create_task(one(idle.pop(0)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return {"offered_per_s": round(rate, 1), "skipped_no_idle_endpoint": skipped, **_ms(latencies)}
+
+
+def _command(endpoint: str, account: str, sequence: int, mode: str) -> bytes:
+    policy = FrozenPolicy(
+        policy_id=f"bench-{endpoint}-{sequence}",
+        endpoint_id=endpoint,
+        account_id=account,
+        sequence=sequence,
+        mode=mode,  # type: ignore[arg-type]
+        platform=("127.0.0.1",),
+        settings_version=0,
+        issued_at=utcnow(),
+        issued_by="bench",
+        reason="bench",
+    )
+    return EnforcePolicy(request_id=policy.policy_id, policy=policy).to_bytes()
+
+
+async def produce_backlog(stack: Stack, count: int, tag: str) -> float:
+    """``count`` normal commands for 10,000 never-enrolled endpoints, as fast as the broker takes them."""
+    template = _command("ENDPOINT", "acct-backlog", 987654321, "standard")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=stack.bootstrap, acks=1, linger_ms=20, max_batch_size=1024 * 1024
+    )
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        for i in range(count):
+            endpoint = f"{tag}-{i % 10_000}"
+            value = template.replace(b"ENDPOINT", endpoint.encode()).replace(
+                b"987654321", str(i // 10_000 + 1).encode()
+            )
+            await producer.send(stack.topics.enforcer_commands, value, key=endpoint.encode())
+            if i % 20_000 == 19_999:
+                await producer.flush()
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+async def group_lag(stack: Stack, group: str, topic: str) -> int:
+    """Records on ``topic`` that ``group`` has not committed yet."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    ends = await _end_offsets(stack, topic)
+    return sum(
+        max(0, end - (committed[tp].offset if tp in committed else 0)) for tp, end in ends.items()
+    )
+
+
+async def _end_offsets(stack: Stack, topic: str) -> dict[TopicPartition, int]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+async def priority(
+    driver: Driver, endpoints: list[str], account: str, backlog: int, samples: int
+) -> dict[str, Any]:
+    """Strict override latency: idle lanes, behind a normal backlog, and a single FIFO lane."""
+    stack = driver.stack
+    idle_eps = endpoints[:samples]
+    lane_eps = endpoints[samples : 2 * samples]
+    fifo_eps = endpoints[2 * samples : 3 * samples]
+    normal_group = f"{stack.topics.prefix}enforcer-normal"
+    idle = [await driver.strict(e) for e in idle_eps]
+
+    produce_s = await produce_backlog(stack, backlog, "bk1")
+    lag_at_start = await group_lag(stack, normal_group, stack.topics.enforcer_commands)
+    under_backlog = [await driver.strict(e) for e in lane_eps]
+    lag_after = await group_lag(stack, normal_group, stack.topics.enforcer_commands)
+    drained = time.perf_counter()
+    while await group_lag(stack, normal_group, stack.topics.enforcer_commands) > 0:
+        await asyncio.sleep(0.5)
+        if time.perf_counter() - drained > 600:
+            break
+
+    # The baseline our lanes beat: the strict command queued behind the same backlog on one lane.
+    await produce_backlog(stack, backlog, "bk2")
+    futures = []
+    sent = time.time()
+    for endpoint in fifo_eps:
+        floor = driver.watcher.applied_seq.get(endpoint, 0)
+        futures.append(driver.watcher.expect(endpoint, floor))
+        await stack.send(
+            stack.topics.enforcer_commands,
+            endpoint,
+            _command(endpoint, account, floor + 1000, "strict"),
+        )
+    fifo = [max(0.0, at - sent) for _, at in await asyncio.gather(*futures)]
+    idle_ms = _ms(idle)
+    lanes_ms = _ms(under_backlog)
+    return {
+        "backlog": backlog,
+        "backlog_produce_s": round(produce_s, 2),
+        "normal_lag_when_strict_sent": lag_at_start,
+        "normal_lag_after_last_strict": lag_after,
+        "idle": idle_ms,
+        "priority_lane_under_backlog": lanes_ms,
+        "single_fifo_lane_under_backlog": _ms(fifo),
+        "ratio_p99_backlog_vs_idle": round(lanes_ms["p99_ms"] / max(idle_ms["p99_ms"], 1e-3), 2),
+        "goal_ratio_max": 2.0,
+    }
+
+
+async def account_strict(
+    driver: Driver, endpoints: list[str], account: str, pipeline_rate: float
+) -> dict[str, Any]:
+    """Isolate every endpoint of ``account``, then strict the account: time until all hold strict."""
+    stack = driver.stack
+    gate = asyncio.Semaphore(200)
+
+    async def isolate(endpoint: str) -> None:
+        async with gate:
+            if not driver.isolated.get(endpoint):
+                await driver.toggle(endpoint)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(isolate(e) for e in endpoints))
+    isolate_s = time.perf_counter() - started
+    futures = [driver.watcher.expect(e) for e in endpoints]
+    sent = time.perf_counter()
+    await stack.send(
+        stack.topics.isolation_requests_priority,
+        account,
+        StrictIsolateAccount(account_id=account, requested_by=SOC, reason="bench: RMM compromised"),
+    )
+    await asyncio.wait_for(asyncio.gather(*futures), WAIT_S * 5)
+    elapsed = time.perf_counter() - sent
+    rate = len(endpoints) / elapsed
+    return {
+        "endpoints": len(endpoints),
+        "standard_isolation_of_all_s": round(isolate_s, 2),
+        "strict_all_held_s": round(elapsed, 2),
+        "endpoints_per_s": round(rate, 1),
+        "ratio_vs_pipeline_throughput": round(rate / pipeline_rate, 2) if pipeline_rate else None,
+    }
+
+
+async def waiting_agents(stack: Stack) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{stack.services['enforcer'].url}/metrics", timeout=10)).text
+    for line in text.splitlines():
+        if line.startswith("hostiso_enforcer_waiting_agents "):
+            return float(line.split()[1])
+    return float("nan")
+
+
+async def wait_waiting(stack: Stack, count: int, timeout: float = 300.0) -> float:
+    deadline = time.monotonic() + timeout
+    seen = 0.0
+    while time.monotonic() < deadline:
+        seen = await waiting_agents(stack)
+        if seen >= count:
+            return seen
+        await asyncio.sleep(0.5)
+    return seen
+
+
+async def delivery(
+    driver: Driver, endpoints: list[str], account: str, samples: int
+) -> dict[str, Any]:
+    """Command on the priority lane → agent-applied, one at a time, for ``samples`` agents."""
+    stack = driver.stack
+    latencies = []
+    for endpoint in (endpoints * samples)[:samples]:
+        floor = driver.watcher.applied_seq.get(endpoint, 0)
+        future = driver.watcher.expect(endpoint, floor)
+        sent = time.time()
+        await stack.send(
+            stack.topics.enforcer_commands_priority,
+            endpoint,
+            _command(endpoint, account, floor + 1, "strict"),
+        )
+        _, at = await asyncio.wait_for(future, WAIT_S)
+        latencies.append(max(0.0, at - sent))
+    return _ms(latencies)
+
+
+async def footprint(stack: Stack, isolated: int, accounts: int, entries: int) -> dict[str, Any]:
+    """Redis ``MEMORY USAGE`` of the services' keys, grouped by kind."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(stack.redis.url)
+    kinds: dict[str, list[int]] = {}
+    try:
+        keys = [k async for k in redis.scan_iter(match=f"{stack.redis_prefix}*", count=5000)]
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.memory_usage(key, samples=0)
+            sizes = await pipe.execute()
+    finally:
+        await redis.aclose()
+    for key, size in zip(keys, sizes, strict=True):
+        parts = key.decode()[len(stack.redis_prefix) :].split(":")
+        kind = ":".join(parts[:2])
+        if parts[:2] == ["settings", "allowlist"] and len(parts) >= 4:
+            kind = f"settings:allowlist:*:{parts[3]}"
+        kinds.setdefault(kind, []).append(int(size or 0))
+    by_kind = {k: {"keys": len(v), "bytes": sum(v)} for k, v in sorted(kinds.items())}
+
+    def total(*names: str) -> int:
+        return sum(by_kind.get(n, {"bytes": 0})["bytes"] for n in names)
+
+    per_endpoint = total("isolation:state", "enforcer:policy") / max(isolated, 1)
+    per_request = total("isolation:request", "isolation:request-sent") / max(
+        by_kind.get("isolation:request", {"keys": 1})["keys"], 1
+    )
+    per_agent = total("enforcer:agent", "enforcer:token", "isolation:endpoint") / max(
+        by_kind.get("enforcer:agent", {"keys": 1})["keys"], 1
+    )
+    allowlist = [k for k in by_kind if k.startswith("settings:allowlist:")]
+    per_account = total(*allowlist, "isolation:settings") / max(accounts, 1)
+    return {
+        "isolated_endpoints": isolated,
+        "bytes_per_isolated_endpoint": round(per_endpoint),
+        "bytes_per_request_outcome_7d_ttl": round(per_request),
+        "bytes_per_enrolled_agent": round(per_agent),
+        "accounts_with_allowlist": accounts,
+        "entries_per_allowlist": entries,
+        "bytes_per_account_allowlist": round(per_account),
+        "by_kind": by_kind,
+    }
+
+
+async def add_allowlist(stack: Stack, account: str, entries: int, base: int) -> None:
+    url = stack.services["settings"].url
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.patch(
+            f"{url}/v1/accounts/{account}/tooling-allowlist",
+            json={"enabled": True},
+            headers=stack.auth(),
+        )
+        response.raise_for_status()
+        for i in range(entries):
+            response = await http.post(
+                f"{url}/v1/accounts/{account}/tooling-allowlist/entries",
+                json={"name": f"RMM {i}", "address": f"203.0.{base}.{10 + i}"},
+                headers=stack.auth(),
+            )
+            response.raise_for_status()
+
+
+def summarize_profile(path: Path, lines: int = 40) -> list[str]:
+    """The heaviest lines of a pyinstrument text profile."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace").splitlines()
+    return text[:lines]
+
+
+async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) -> dict[str, Any]:
+    """Start the stack, measure the six figures, stop everything; returns the report."""
+    stack = Stack(workdir)
+    report: dict[str, Any] = {"sizes": asdict(sizes), "workdir": str(workdir)}
+    started = time.perf_counter()
+    try:
+        await stack.start_infra()
+        await stack.start_services(profile=("isolation", "enforcer") if profile else ())
+        watcher = StatusWatcher(stack.bootstrap, stack.topics.isolation_status)
+        await watcher.start()
+        driver = Driver(stack, watcher)
+        enforcer_pid = stack.services["enforcer"].pid
+        accounts = ("acct-bench", "acct-strict")
+        for i, account in enumerate(accounts):
+            await add_allowlist(stack, account, sizes.allowlist_entries, i + 1)
+
+        # Figure 5, first half: delivery with only a few agents waiting.
+        few = await stack.start_agents("acct-fanout", sizes.fanout_small)
+        await wait_waiting(stack, sizes.fanout_small)
+        small = await delivery(driver, few.endpoints, "acct-fanout", sizes.fanout_samples)
+        rss_small = rss_kib(enforcer_pid)
+
+        pipeline = await stack.start_agents("acct-bench", sizes.pipeline_agents)
+        strict_group = await stack.start_agents(
+            "acct-strict", sizes.account_endpoints, timeout=max(300.0, sizes.account_endpoints / 20)
+        )
+        total_agents = sizes.fanout_small + sizes.pipeline_agents + sizes.account_endpoints
+        waiting = await wait_waiting(stack, total_agents)
+        large = await delivery(driver, few.endpoints, "acct-fanout", sizes.fanout_samples)
+        report["fanout"] = {
+            "agents_small": sizes.fanout_small,
+            "delivery_small": small,
+            "agents_large": total_agents,
+            "waiting_seen_large": waiting,
+            "delivery_large": large,
+            "ratio_p99_large_vs_small": round(large["p99_ms"] / max(small["p99_ms"], 1e-3), 2),
+            "enforcer_rss_mib_small": round(rss_small / 1024, 1),
+            "enforcer_rss_mib_large": round(rss_kib(enforcer_pid) / 1024, 1),
+        }
+
+        relay = await bare_relay_rate(stack.bootstrap, sizes.relay_messages)
+        pipe = await throughput(driver, pipeline.endpoints, sizes.throughput_requests)
+        report["throughput"] = {
+            **pipe,
+            "baseline_bare_relay_msgs_per_s": round(relay, 1),
+            "ratio": round(pipe["requests_per_s"] / relay, 3),
+            "goal_ratio_min": 0.4,
+        }
+        pipe["requests_per_s"] = round(pipe["requests_per_s"], 1)
+        rate = sizes.latency_load_fraction * report["throughput"]["requests_per_s"]
+        report["latency"] = await latency(driver, pipeline.endpoints, rate, sizes.latency_seconds)
+
+        report["account_strict"] = await account_strict(
+            driver, strict_group.endpoints, "acct-strict", report["throughput"]["requests_per_s"]
+        )
+        isolated = sum(1 for v in driver.isolated.values() if v)
+        report["footprint"] = await footprint(
+            stack, isolated, len(accounts), sizes.allowlist_entries
+        )
+
+        by_isolation = sorted(pipeline.endpoints, key=lambda e: driver.isolated.get(e, False))
+        report["priority"] = await priority(
+            driver, by_isolation, "acct-bench", sizes.backlog, sizes.strict_samples
+        )
+        report["agents_applied_reports_seen"] = watcher.applied_count
+        await watcher.stop()
+    finally:
+        await stack.close()
+    if profile:
+        report["profile"] = {
+            name: summarize_profile(workdir / f"{name}.profile.txt")
+            for name in ("isolation", "enforcer")
+        }
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+__all__ = ["BenchSizes", "run_bench"]

@@ -1,0 +1,112 @@
+"""Writing the JSON report and printing readable tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers], *[[_fmt(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def bench_table(report: dict[str, Any]) -> str:
+    t, lat, pr, acct, fan, fp = (
+        report["throughput"],
+        report["latency"],
+        report["priority"],
+        report["account_strict"],
+        report["fanout"],
+        report["footprint"],
+    )
+    rows = [
+        (
+            "1 pipeline throughput (req/s, request → agent applied)",
+            t["requests_per_s"],
+            f"{t['requests']} requests",
+        ),
+        ("1 bare aiokafka relay, same broker (msg/s)", t["baseline_bare_relay_msgs_per_s"], ""),
+        ("1 ratio pipeline / relay (goal ≥ 0.4)", t["ratio"], ""),
+        (
+            f"2 latency p50 / p95 / p99 ms at {lat['offered_per_s']} req/s",
+            f"{lat['p50_ms']} / {lat['p95_ms']} / {lat['p99_ms']}",
+            f"{lat['samples']} samples",
+        ),
+        ("3 strict p99 ms, idle lanes", pr["idle"]["p99_ms"], f"{pr['idle']['samples']} samples"),
+        (
+            f"3 strict p99 ms, {pr['backlog']:,} normal backlogged (priority lane)",
+            pr["priority_lane_under_backlog"]["p99_ms"],
+            f"lag {pr['normal_lag_when_strict_sent']:,} → {pr['normal_lag_after_last_strict']:,}",
+        ),
+        ("3 ratio backlog / idle (goal ≤ 2)", pr["ratio_p99_backlog_vs_idle"], ""),
+        (
+            "3 strict p99 ms, single FIFO lane behind the backlog",
+            pr["single_fifo_lane_under_backlog"]["p99_ms"],
+            "baseline",
+        ),
+        (
+            f"4 account-wide strict of {acct['endpoints']:,} endpoints (s)",
+            acct["strict_all_held_s"],
+            f"{acct['endpoints_per_s']} endpoints/s",
+        ),
+        ("4 ratio endpoints/s vs figure 1", acct["ratio_vs_pipeline_throughput"], ""),
+        (
+            f"5 delivery p99 ms, {fan['agents_small']} agents waiting",
+            fan["delivery_small"]["p99_ms"],
+            f"RSS {fan['enforcer_rss_mib_small']} MiB",
+        ),
+        (
+            f"5 delivery p99 ms, {fan['agents_large']:,} agents waiting",
+            fan["delivery_large"]["p99_ms"],
+            f"RSS {fan['enforcer_rss_mib_large']} MiB",
+        ),
+        ("5 ratio large / small", fan["ratio_p99_large_vs_small"], ""),
+        (
+            "6 Redis bytes per isolated endpoint",
+            fp["bytes_per_isolated_endpoint"],
+            f"+ {fp['bytes_per_request_outcome_7d_ttl']} B per request outcome (7 d TTL)",
+        ),
+        ("6 Redis bytes per enrolled agent", fp["bytes_per_enrolled_agent"], ""),
+        (
+            f"6 Redis bytes per account allowlist ({fp['entries_per_allowlist']} entries)",
+            fp["bytes_per_account_allowlist"],
+            "incl. history + replica",
+        ),
+    ]
+    return table(("figure", "value", "note"), rows)
+
+
+def chaos_table(report: dict[str, Any]) -> str:
+    rows = [
+        (s["scenario"], s["accepted"], s["lost"], s["wrong"], s["duplicates"], s.get("note", ""))
+        for s in report["scenarios"]
+    ]
+    return table(("scenario", "accepted", "lost", "wrong", "duplicates", "note"), rows)

@@ -1,0 +1,427 @@
+"""The system under test: real Kafka and Redis, the three services and simulated agents as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from shared.auth import mint_token
+from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
+from shared.enrollment import enrollment_key
+from shared.infra import KafkaCluster, LocalRedis
+from shared.infra.proc import free_port, spawn, stop
+from shared.kafka import ensure_topics, make_producer, wait_topics_ready
+from shared.messages import Message
+from shared.topics import TOPIC_SPECS, Topics
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("settings", "isolation", "enforcer")
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+@dataclass
+class ServiceProc:
+    """One service run as ``python -m services.<name>`` (optionally under pyinstrument)."""
+
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    profile_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", f"services.{self.name}"]
+        if self.profile_path is not None:
+            args = [
+                sys.executable,
+                "-m",
+                "pyinstrument",
+                "--renderer",
+                "text",
+                "--show-all",
+                "-o",
+                str(self.profile_path),
+                "-m",
+                f"services.{self.name}",
+            ]
+        self.proc = spawn(args, log_path=self.log_path, cwd=ROOT, env=self.env)
+        self.starts += 1
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        stop(self.proc, kill=True)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        stop(self.proc, timeout=timeout)
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if self.proc is None or self.proc.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{self.name} exited before it was ready:\n{tail}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.url}/ready", timeout=2)).status_code == 200:
+                        return
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s (log: {self.log_path})")
+
+
+@dataclass
+class AgentGroup:
+    """``python -m agent --simulated --count N`` for one account, and the endpoints it enrolled."""
+
+    account_id: str
+    count: int
+    state_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    endpoints: list[str] = field(default_factory=list)
+
+    def start(self, enforcer_url: str, env: dict[str, str], poll_wait: float) -> None:
+        self.proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "--simulated",
+                "--count",
+                str(self.count),
+                "--account-id",
+                self.account_id,
+                "--enrollment-key",
+                enrollment_key(DEV_ENROLLMENT_SECRET, self.account_id),
+                "--enforcer-url",
+                enforcer_url,
+                "--hostname",
+                f"{self.account_id}-host",
+                "--state-dir",
+                str(self.state_dir),
+                "--platform-addresses",
+                "127.0.0.1",
+                "--dns-resolvers",
+                "",
+                "--poll-wait",
+                str(poll_wait),
+                "--log-level",
+                "WARNING",
+            ],
+            log_path=self.log_path,
+            cwd=ROOT,
+            env=env,
+        )
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def held(self) -> dict[str, dict[str, Any]]:
+        """What each agent holds now, from its state file: endpoint → {sequence, policy}."""
+        out: dict[str, dict[str, Any]] = {}
+        for path in self.state_dir.glob("agent-*/agent-state.json"):
+            with contextlib.suppress(OSError, orjson.JSONDecodeError):
+                state = orjson.loads(path.read_bytes())
+                if state.get("agent_id"):
+                    signed = state.get("last_policy") or {}
+                    out[state["agent_id"]] = {
+                        "sequence": int(state.get("last_applied_sequence") or 0),
+                        "policy": signed.get("policy"),
+                    }
+        return out
+
+
+class Stack:
+    """Kafka (1 or 3 nodes), Redis with AOF, the services and agent groups, in one work dir."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        kafka_nodes: int = 1,
+        appendfsync: str = "everysec",
+        kafka_heap: str = "512m",
+        service_env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.kafka = KafkaCluster(nodes_count=kafka_nodes, heap=kafka_heap)
+        self.redis = LocalRedis(appendfsync=appendfsync)
+        tag = uuid.uuid4().hex[:8]
+        self.topics = Topics(f"b{tag}.")
+        self.redis_prefix = f"b{tag}:"
+        self.services: dict[str, ServiceProc] = {}
+        self.agents: list[AgentGroup] = []
+        self.producer: Any = None
+        self._extra_env = service_env or {}
+        self.soc_token = mint_token(DEV_JWT_SECRET, sub="bench-soc", role="soc", ttl_s=86400)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka.bootstrap
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.soc_token}"}
+
+    async def start_infra(self) -> None:
+        await asyncio.to_thread(self.kafka.start)
+        await asyncio.to_thread(self.redis.start)
+        await ensure_topics(
+            self.bootstrap,
+            self.topics,
+            replication_factor=self.kafka.replication_factor,
+            min_insync_replicas=self.kafka.min_insync_replicas,
+        )
+        await wait_topics_ready(self.bootstrap, [self.topics(s.name) for s in TOPIC_SPECS])
+        self.producer = make_producer(self.bootstrap, client_id="hostiso-bench")
+        await self.producer.start()
+
+    def base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            HOSTISO_DEV="1",
+            HOSTISO_KAFKA_BOOTSTRAP=self.bootstrap,
+            HOSTISO_REDIS_URL=self.redis.url,
+            HOSTISO_TOPIC_PREFIX=self.topics.prefix,
+            HOSTISO_REDIS_PREFIX=self.redis_prefix,
+            HOSTISO_LOG_LEVEL="WARNING",
+        )
+        env.update(self._extra_env)
+        return env
+
+    async def start_services(
+        self, names: Iterable[str] = SERVICES, *, profile: Iterable[str] = ()
+    ) -> None:
+        profiled = set(profile)
+        ports = {name: free_port() for name in SERVICES}
+        env = self.base_env()
+        env["HOSTISO_SETTINGS_URL"] = f"http://127.0.0.1:{ports['settings']}"
+        for name in names:
+            service = ServiceProc(
+                name=name,
+                port=ports[name],
+                env=dict(env, HOSTISO_HTTP_PORT=str(ports[name]), HOSTISO_INSTANCE_ID=name),
+                log_path=self.workdir / f"{name}.log",
+                profile_path=self.workdir / f"{name}.profile.txt" if name in profiled else None,
+            )
+            service.start()
+            self.services[name] = service
+        for service in self.services.values():
+            await service.wait_ready()
+
+    async def restart_service(self, name: str, *, kill: bool = True) -> None:
+        service = self.services[name]
+        if kill:
+            service.kill()
+        else:
+            service.stop()
+        service.start()
+        await service.wait_ready()
+
+    async def start_agents(
+        self, account_id: str, count: int, *, poll_wait: float = 20.0, timeout: float = 300.0
+    ) -> AgentGroup:
+        """Start ``count`` simulated agents and wait until each one's enrollment is on endpoints.v1."""
+        index = len(self.agents)
+        group = AgentGroup(
+            account_id=account_id,
+            count=count,
+            state_dir=self.workdir / f"agents{index}",
+            log_path=self.workdir / f"agents{index}.log",
+        )
+        group.start(self.services["enforcer"].url, self.base_env(), poll_wait)
+        self.agents.append(group)
+        group.endpoints = await self.enrolled_endpoints(account_id, count, timeout=timeout)
+        return group
+
+    async def enrolled_endpoints(self, account_id: str, count: int, *, timeout: float) -> list[str]:
+        found: list[str] = []
+        deadline = time.monotonic() + timeout
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            topic = self.topics.endpoints
+            parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            seen: set[str] = set()
+            while len(found) < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(found)}/{count} agents of {account_id} enrolled")
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batch.values():
+                    for record in records:
+                        data = orjson.loads(record.value or b"{}")
+                        endpoint = data.get("endpoint_id")
+                        if data.get("account_id") == account_id and endpoint not in seen:
+                            seen.add(endpoint)
+                            found.append(endpoint)
+        finally:
+            await consumer.stop()
+        return found
+
+    async def send(self, topic: str, key: str, message: Message | bytes) -> Any:
+        """Queue a send; the returned future resolves when the broker acknowledged it."""
+        value = message if isinstance(message, bytes) else message.to_bytes()
+        return await self.producer.send(topic, value, key=key.encode())
+
+    async def close(self) -> None:
+        for group in self.agents:
+            group.stop()
+        for service in self.services.values():
+            service.stop()
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
+        await asyncio.to_thread(self.redis.close)
+        await asyncio.to_thread(self.kafka.stop)
+
+
+class StatusWatcher:
+    """Follows ``isolation.status.v1`` and resolves expectations "endpoint applied a newer sequence"."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._consumer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.applied_seq: dict[str, int] = {}
+        self.applied_count = 0
+        self.failed_count = 0
+        self._expect: dict[str, list[tuple[int, asyncio.Future[tuple[int, float]]]]] = {}
+
+    async def start(self, *, from_beginning: bool = False) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+            client_id="hostiso-bench-status",
+        )
+        await self._consumer.start()
+        await self._consumer._client.force_metadata_update()
+        parts = self._consumer.partitions_for_topic(self._topic) or set()
+        tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        if from_beginning:
+            await self._consumer.seek_to_beginning(*tps)
+        else:
+            await self._consumer.seek_to_end(*tps)
+            for tp in tps:
+                await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._run(), name="status-watcher")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batch = await self._consumer.getmany(timeout_ms=100, max_records=5000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker restarts in chaos: keep following
+                log.warning("status watcher: %r", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for records in batch.values():
+                for record in records:
+                    self._on(record.value or b"{}")
+
+    def _on(self, raw: bytes) -> None:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        endpoint = data.get("endpoint_id")
+        if data.get("status") != "applied" or not isinstance(endpoint, str):
+            self.failed_count += data.get("status") == "failed"
+            return
+        sequence = int(data.get("sequence") or 0)
+        self.applied_count += 1
+        if sequence > self.applied_seq.get(endpoint, 0):
+            self.applied_seq[endpoint] = sequence
+        waiting = self._expect.get(endpoint)
+        if not waiting:
+            return
+        occurred = _timestamp(data.get("occurred_at"))
+        keep = []
+        for above, future in waiting:
+            if sequence > above and not future.done():
+                future.set_result((sequence, occurred))
+            elif not future.done():
+                keep.append((above, future))
+        if keep:
+            self._expect[endpoint] = keep
+        else:
+            del self._expect[endpoint]
+
+    def expect(self, endpoint: str, above: int | None = None) -> asyncio.Future[tuple[int, float]]:
+        """A future for the next applied report of ``endpoint`` with a sequence above ``above``
+        (default: the highest applied so far); resolves to (sequence, reported-at epoch s)."""
+        future: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
+        floor = self.applied_seq.get(endpoint, 0) if above is None else above
+        self._expect.setdefault(endpoint, []).append((floor, future))
+        return future
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def _timestamp(value: Any) -> float:
+    from datetime import datetime
+
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return time.time()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
