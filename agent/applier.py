@@ -23,7 +23,7 @@ class AgentStats:
     refused: int = 0
     refused_unreportable: int = 0
     poll_errors: int = 0
-    reports_lost: int = 0
+    reports_refused: int = 0
     table_restored: int = 0
     by_refusal: dict[str, int] = field(default_factory=dict)
 
@@ -111,22 +111,20 @@ class PolicyApplier:
             state.last_rules_sha256 = outcome.rules_sha256
             state.last_ruleset = outcome.ruleset if policy.mode != "none" else None
         state.poll_cursor = max(state.poll_cursor, policy.sequence)
-        self.store.save(state)
+        report = StatusReport(
+            policy.sequence, policy.policy_id, outcome.status, outcome.rules_sha256, outcome.detail
+        )
+        # Saved with the outcome: once we poll past this sequence the enforcer will not hand it
+        # to us again, so an unsent report must survive a crash and be sent at start.
+        state.pending_report = report.to_json()
+        await self.store.persist(state)
         if outcome.status == "applied":
             self.stats.applied += 1
             log.info("policy applied (%s)", policy.mode, extra=self._context(signed))
         else:
             self.stats.apply_failed += 1
             log.error("policy failed: %s", outcome.detail, extra=self._context(signed))
-        return Decision(
-            StatusReport(
-                policy.sequence,
-                policy.policy_id,
-                outcome.status,
-                outcome.rules_sha256,
-                outcome.detail,
-            )
-        )
+        return Decision(report)
 
     async def reapply_last(self) -> None:
         """At start: put the last verified policy back in force (rules do not survive a reboot)."""
@@ -151,7 +149,7 @@ class PolicyApplier:
             self.state.poll_cursor = 0
             self.state.last_ruleset = None
             self.firewall.restore_known(None)
-            self.store.save(self.state)
+            await self.store.persist(self.state)
             return
         # No rollback at start: the network may simply not be up yet, and un-isolating an
         # isolated host because of that would be the wrong way round.

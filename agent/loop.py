@@ -127,7 +127,7 @@ class AgentLoop:
                 self.state.poll_cursor = 0
             self.state.agent_id = enrolled.agent_id
             self.state.agent_token = enrolled.agent_token
-            self.store.save(self.state)
+            await self.store.persist(self.state)
             log.info(
                 "enrolled",
                 extra={"account_id": self.identity.account_id, "endpoint_id": enrolled.agent_id},
@@ -215,8 +215,6 @@ class AgentLoop:
                 await backoff.wait()
                 continue
             backoff.reset()
-            self.state.pending_report = decision.report.to_json()
-            self.store.save(self.state)
             await self._report(stop, enrollment, decision.report)
 
     async def _report(
@@ -231,22 +229,22 @@ class AgentLoop:
         while not stop.is_set():
             try:
                 await self.client.report(enrollment, report)
-                self._sent(report)
+                await self._sent(report)
                 return
             except EnforcerUnavailableError as exc:
                 log.warning("status report failed, retrying: %s", exc, extra=context)
                 await backoff.wait()
             except (ReportRefusedError, AgentUnknownError) as exc:
-                self.stats.reports_lost += 1
+                self.stats.reports_refused += 1
                 log.error("status report refused: %s", exc, extra=context)
-                self._sent(report)
+                await self._sent(report)
                 return
-        self.stats.reports_lost += 1
+        self.stats.reports_refused += 1
 
-    def _sent(self, report: StatusReport) -> None:
+    async def _sent(self, report: StatusReport) -> None:
         if self.state.pending_report == report.to_json():
             self.state.pending_report = None
-            self.store.save(self.state)
+            await self.store.persist(self.state)
 
     async def _watch_table(self, stop: asyncio.Event, interval: float) -> None:
         applier = self.applier

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -55,11 +56,22 @@ class StateStore:
             raise StateCorruptError(f"{self.path}: {exc.error_count()} invalid field(s)") from exc
 
     def save(self, state: AgentState) -> None:
+        self._write(state.model_dump_json(indent=1).encode())
+
+    async def persist(self, state: AgentState) -> None:
+        """``save`` without blocking the event loop on fsync (many agents share one loop).
+
+        The snapshot is taken in the loop, so later changes to ``state`` cannot tear the write;
+        each agent awaits its own writes, so they never overlap on one file.
+        """
+        await asyncio.to_thread(self._write, state.model_dump_json(indent=1).encode())
+
+    def _write(self, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".agent-state.")
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(state.model_dump_json(indent=1).encode())
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
