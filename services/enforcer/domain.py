@@ -89,18 +89,20 @@ def newest_per_endpoint(
     """Split a batch into the newest command per endpoint and the ones it supersedes.
 
     Within one batch only the highest sequence per endpoint can win the compare-and-set, so the
-    others need neither signing nor a round trip; they count as stale.
+    others need neither signing nor a round trip; they count as stale. Commands are grouped by
+    endpoint *and* account, so a command naming a foreign account is never hidden behind a newer
+    one: it reaches the store's tenancy check and is rejected on its own.
     """
-    newest: dict[str, EnforcePolicy] = {}
+    newest: dict[tuple[str, str], EnforcePolicy] = {}
     superseded: list[EnforcePolicy] = []
     for command in commands:
-        endpoint_id = command.policy.endpoint_id
-        current = newest.get(endpoint_id)
+        key = (command.policy.endpoint_id, command.policy.account_id)
+        current = newest.get(key)
         if current is None:
-            newest[endpoint_id] = command
+            newest[key] = command
         elif command.policy.sequence > current.policy.sequence:
             superseded.append(current)
-            newest[endpoint_id] = command
+            newest[key] = command
         else:
             superseded.append(command)
     return list(newest.values()), superseded

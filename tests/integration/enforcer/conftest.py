@@ -16,9 +16,9 @@ from services.enforcer.bootstrap import build_app
 from services.enforcer.config import EnforcerSettings
 from shared.config import DEV_ENROLLMENT_SECRET
 from shared.enrollment import enrollment_key
-from shared.kafka import make_producer, publish
+from shared.kafka import make_producer, publish, wait_topics_ready
 from shared.messages import EnforcePolicy, FrozenPolicy, utcnow
-from shared.topics import Topics
+from shared.topics import TOPIC_SPECS, Topics
 
 
 def policy_command(
@@ -86,9 +86,12 @@ async def enroll(http: httpx.AsyncClient, account_id: str = "acct-1") -> AgentCl
 
 
 @pytest.fixture
-def enforcer_settings(
+async def enforcer_settings(
     kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str, topics: Topics
 ) -> Callable[..., EnforcerSettings]:
+    # Fresh topics get their partition leaders a moment after creation; start once they have them.
+    await wait_topics_ready(kafka_bootstrap, [topics(spec.name) for spec in TOPIC_SPECS])
+
     def make(**overrides: Any) -> EnforcerSettings:
         values: dict[str, Any] = {
             "dev": True,

@@ -68,15 +68,15 @@ async def test_waiting_agent_is_answered_soon_after_a_policy_is_stored(
 ) -> None:
     app, http = enforcer
     agent = await enroll(http)
-    waiting = asyncio.create_task(agent.poll(after=0, wait=30))
+    waiting = asyncio.create_task(agent.poll(after=0, wait=60))
     await wait_for(lambda: app.state.wakeups.waiting_count >= 1, message="agent waiting")
     await send_command(
         producer,
         topics.enforcer_commands_priority,
         policy_command(agent.agent_id, 1, mode="strict"),
     )
-    # A generous deadline: far below the 30 s wait, so only a wake-up can answer in time.
-    response = await asyncio.wait_for(waiting, timeout=10)
+    # A generous deadline: far below the 60 s wait, so only a wake-up can answer in time.
+    response = await asyncio.wait_for(waiting, timeout=20)
     assert sequence_of(response) == 1
 
 
@@ -86,13 +86,13 @@ async def test_policy_stored_by_another_instance_wakes_an_agent_waiting_on_this_
     first_app, first_http = enforcer
     agent = await enroll(first_http)
     async with running_enforcer(enforcer_settings(instance_id="second")) as (second_app, _):
-        waiting = asyncio.create_task(agent.poll(after=0, wait=30))
+        waiting = asyncio.create_task(agent.poll(after=0, wait=60))
         await wait_for(lambda: first_app.state.wakeups.waiting_count >= 1, message="waiting")
         result = await store_policy_commands(
             second_app.state.deps, [policy_command(agent.agent_id, 1)], PRIORITY_LANE
         )
         assert result.stored == 1
-        assert sequence_of(await asyncio.wait_for(waiting, timeout=10)) == 1
+        assert sequence_of(await asyncio.wait_for(waiting, timeout=20)) == 1
 
 
 async def test_invalid_and_foreign_account_commands_go_to_the_dlq_and_the_lane_carries_on(
@@ -105,9 +105,9 @@ async def test_invalid_and_foreign_account_commands_go_to_the_dlq_and_the_lane_c
     await send_command(producer, topics.enforcer_commands, foreign)
     await send_command(producer, topics.enforcer_commands, policy_command(agent.agent_id, 2))
     assert sequence_of(await agent.poll(after=0, wait=20)) == 2
+    lane = app.state.lanes[NORMAL_LANE]
     letters = await read_topic(kafka_bootstrap, topics, topics.dlq, expect=2)
     reasons = sorted(letter.reason for letter in letters)
     assert any("invalid message" in r for r in reasons)
     assert any("another account" in r for r in reasons)
-    lane = app.state.lanes[NORMAL_LANE]
-    await wait_for(lambda: lane.processed == 3, message="all three records committed")
+    await wait_for(lambda: lane.processed >= 3, message="all three records committed")

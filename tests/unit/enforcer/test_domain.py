@@ -22,8 +22,10 @@ from shared.messages import EnforcePolicy
 from tests.samples import sample_policy
 
 
-def command(endpoint_id: str, sequence: int) -> EnforcePolicy:
-    policy = sample_policy(sequence).model_copy(update={"endpoint_id": endpoint_id})
+def command(endpoint_id: str, sequence: int, account_id: str = "acct-1") -> EnforcePolicy:
+    policy = sample_policy(sequence).model_copy(
+        update={"endpoint_id": endpoint_id, "account_id": account_id}
+    )
     return EnforcePolicy(request_id=f"r-{endpoint_id}-{sequence}", policy=policy)
 
 
@@ -43,6 +45,15 @@ def test_batch_keeps_the_highest_sequence_per_endpoint_whatever_the_order() -> N
     newest, superseded = newest_per_endpoint(batch)
     assert {(c.policy.endpoint_id, c.policy.sequence) for c in newest} == {("a", 5), ("b", 1)}
     assert len(superseded) == 3
+
+
+def test_batch_never_hides_a_foreign_account_command_behind_a_newer_one() -> None:
+    newest, superseded = newest_per_endpoint([command("a", 1, "acct-2"), command("a", 2)])
+    assert {(c.policy.account_id, c.policy.sequence) for c in newest} == {
+        ("acct-2", 1),
+        ("acct-1", 2),
+    }
+    assert superseded == []
 
 
 def test_token_is_random_and_stored_only_as_its_sha256() -> None:

@@ -126,6 +126,21 @@ async def test_policy_for_an_endpoint_of_another_account_is_rejected() -> None:
     assert "another account" in result.rejected[0][1]
 
 
+async def test_foreign_account_command_is_rejected_even_beside_a_newer_one_in_its_batch() -> None:
+    deps, *_ = make_deps()
+    key = enrollment_key(SECRET, "acct-1")
+    agent = await enroll_agent(
+        deps, account_id="acct-1", enrollment_key=key, hostname="x", platform="linux"
+    )
+    foreign = command(1, endpoint_id=agent.agent_id)
+    foreign = foreign.model_copy(
+        update={"policy": foreign.policy.model_copy(update={"account_id": "acct-2"})}
+    )
+    own = command(2, endpoint_id=agent.agent_id)
+    result = await store_policy_commands(deps, [foreign, own], NORMAL_LANE)
+    assert result.stored == 1 and [c for c, _ in result.rejected] == [foreign]
+
+
 async def test_stored_policy_is_signed_once_and_verifies() -> None:
     deps, _, policies, _ = make_deps()
     await store_policy_commands(deps, [command(4)], NORMAL_LANE)
