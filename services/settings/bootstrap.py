@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from portal import mount_portal
 from services.settings import api
 from services.settings.adapters.audit import KafkaAuditSink
 from services.settings.adapters.outbox_relay import OutboxRelay
@@ -74,6 +75,7 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     app.state.settings = settings
     runtime.attach(app)
     api.install(app, metrics)
+    mount_portal(app, isolation_url=settings.isolation_public_url)
     return app
 
 

@@ -27,3 +27,7 @@ class SettingsServiceSettings(ServiceSettings):
         2.0, gt=0, description="Deadline to publish the audit event of a refused attempt."
     )
     history_limit: int = Field(1000, ge=1, description="Most history records one call returns.")
+    isolation_public_url: str = Field(
+        "http://127.0.0.1:8002",
+        description="The isolation API's URL as the browser reaches it (the portal page calls it).",
+    )
