@@ -99,13 +99,14 @@ class AgentLoop:
             return Enrollment(self.state.agent_id, self.state.agent_token)
         return None
 
-    async def _enroll(self, stop: asyncio.Event) -> Enrollment:
+    async def _enroll(self, stop: asyncio.Event, *, repin: bool = False) -> Enrollment:
         backoff = Backoff(stop, cap=self.backoff_cap)
         while True:
             try:
-                key = self.configured_key
-                if key is None and self.state.signing_key is None:
-                    # Trust on first use: pinned now, never replaced by a later fetch.
+                if self.configured_key is None and (repin or self.state.signing_key is None):
+                    # Trust on first use, pinned with the enrollment. A new enrollment (the
+                    # enforcer lost ours) is a new identity and pins afresh; deployments that
+                    # must not trust the network here pass --signing-public-key.
                     self.state.signing_key = await self.client.signing_key()
                 enrolled = await self.client.enroll(
                     account_id=self.identity.account_id,
@@ -193,7 +194,8 @@ class AgentLoop:
                 log.warning(
                     "enforcer no longer knows this agent (%s); enrolling again", exc, extra=context
                 )
-                enrollment = await self._enroll(stop)
+                enrollment = await self._enroll(stop, repin=True)
+                applier.key = self._pinned_key()
                 context["endpoint_id"] = enrollment.agent_id
                 continue
             except UnreadablePolicyError as exc:

@@ -186,12 +186,14 @@ async def test_unreadable_policy_is_counted_not_reported_and_enforcer_errors_are
         await agent.halt()
 
 
-async def test_agent_enrolls_again_when_the_enforcer_forgot_it(
+async def test_agent_enrolls_again_and_repins_the_key_when_the_enforcer_forgot_it(
     enforcer: FakeEnforcer, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     agent = RunningAgent(enforcer, tmp_path, http).start()
     try:
         first = await _enrolled(agent)
+        # As after a wiped dev Redis: agent unknown, and a freshly generated signing key.
+        enforcer.signer = TestSigner()
         enforcer.forget(first)
         enforcer.publish(first, enforcer.signer.sign(make_policy(endpoint_id=first)))
         second = await wait_for(
@@ -199,6 +201,7 @@ async def test_agent_enrolls_again_when_the_enforcer_forgot_it(
         )
         enforcer.publish(second, enforcer.signer.sign(make_policy(endpoint_id=second)))
         await wait_for(lambda: _reports(enforcer, second, sequence=1, status="applied"))
+        assert StateStore(tmp_path).load().signing_key == enforcer.signer.public_b64
     finally:
         await agent.halt()
 
