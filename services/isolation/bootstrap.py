@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.isolation.adapters.kafka_publisher import KafkaPublisher
+from services.isolation.adapters.lanes import add_lane
 from services.isolation.adapters.redis_store import RedisIsolationStore, RedisReplicaStore
 from services.isolation.adapters.replicas import EndpointRegistry, SettingsReplica
 from services.isolation.adapters.settings_client import HttpSettingsClient
@@ -65,19 +66,22 @@ def build_app(
     # One consumer group per lane: the priority lane has its own consumer and group, so strict
     # requests never queue behind a backlog of normal ones (guarantee 5). Instances of the
     # service share each group; per-endpoint order holds because requests are keyed by endpoint.
-    runtime.add_consumer(
+    add_lane(
+        runtime,
         runtime.topics.isolation_requests,
         group_id=group,
         handler=consumers.on_normal_request,
         name="requests",
     )
-    runtime.add_consumer(
+    add_lane(
+        runtime,
         runtime.topics.isolation_requests_priority,
         group_id=group + "-priority",
         handler=consumers.on_priority_request,
         name="requests-priority",
     )
-    runtime.add_consumer(
+    add_lane(
+        runtime,
         runtime.topics.isolation_status,
         group_id=group + "-status",
         handler=consumers.on_status,
