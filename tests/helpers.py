@@ -83,16 +83,19 @@ async def read_topic(
 class ServiceProcess:
     """A service run as a real process (``python -m services.<name>``), for e2e and crash tests."""
 
-    def __init__(self, module: str, env: dict[str, str], port: int, log_path: Any) -> None:
+    def __init__(
+        self, module: str, env: dict[str, str], port: int, log_path: Any, host: str = "127.0.0.1"
+    ) -> None:
         self.module = module
         self.env = env
         self.port = port
         self.log_path = log_path
+        self.host = host
         self.proc: Any = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> ServiceProcess:
         import os
@@ -100,7 +103,9 @@ class ServiceProcess:
 
         from shared.infra.proc import spawn
 
-        env = dict(os.environ, **self.env, HOSTISO_HTTP_PORT=str(self.port))
+        env = dict(
+            os.environ, **self.env, HOSTISO_HTTP_PORT=str(self.port), HOSTISO_HTTP_HOST=self.host
+        )
         self.proc = spawn([sys.executable, "-m", self.module], log_path=self.log_path, env=env)
         return self
 

@@ -1,0 +1,342 @@
+"""The whole system for real: Kafka, Redis, the three services as processes, and the reference
+agent inside a network namespace enforcing with nftables.
+
+Topology (addresses from the 198.18.0.0/15 benchmarking range):
+
+    root namespace (Kafka, Redis, services)          ns `host` (agent, listener :9000)
+    enforcer on 198.18.1.1  ── veth ──────────────── 198.18.1.2
+                                                      198.18.0.1 ── veth ── ns `peer`
+                                                                 RMM 198.18.0.20, unlisted 198.18.0.30
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.auth import mint_token
+from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
+from shared.enrollment import enrollment_key
+from shared.infra.proc import free_port
+from shared.topics import Topics
+from tests.e2e.agent.test_nftables_netns import _read_line
+from tests.helpers import ServiceProcess, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PLATFORM_ROOT, PLATFORM_HOST = "198.18.1.1", "198.18.1.2"
+HOST_IP, PEER_IP, RMM, UNLISTED = "198.18.0.1", "198.18.0.2", "198.18.0.20", "198.18.0.30"
+RESOLVER = "198.18.0.53"
+PEER_PORT, LISTENER_PORT = 8080, 9000
+ACCOUNT = "acct-netns"
+SOC = {"Authorization": f"Bearer {mint_token(DEV_JWT_SECRET, sub='soc-e2e', role='soc')}"}
+
+
+def _missing_prerequisite() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces and nftables"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` (packages iproute2 and nftables; .ci/run installs them)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(
+    _missing_prerequisite() is not None, reason=str(_missing_prerequisite())
+)
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=30)
+
+
+class Lab:
+    """Namespaces `host` and `peer`, a veth from the root namespace to `host`, servers in `peer`."""
+
+    def __init__(self) -> None:
+        s = uuid.uuid4().hex[:6]
+        self.host, self.peer = f"hi-fh-{s}", f"hi-fp-{s}"
+        self.links: list[str] = []
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen[str]] = []
+        self.suffix = s
+
+    def ns_python(self, ns: str, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, sys.executable, *args]
+
+    def setup(self) -> None:
+        for ns in (self.host, self.peer):
+            _run("ip", "netns", "add", ns)
+            self.namespaces.append(ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        root_if, host_up = f"hir{self.suffix}", f"hiu{self.suffix}"
+        _run(
+            "ip",
+            "link",
+            "add",
+            root_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            host_up,
+            "netns",
+            self.host,
+        )
+        self.links.append(root_if)
+        _run("ip", "addr", "add", f"{PLATFORM_ROOT}/24", "dev", root_if)
+        _run("ip", "link", "set", root_if, "up")
+        _run("ip", "-n", self.host, "addr", "add", f"{PLATFORM_HOST}/24", "dev", host_up)
+        _run("ip", "-n", self.host, "link", "set", host_up, "up")
+        host_if, peer_if = f"hih{self.suffix}", f"hip{self.suffix}"
+        _run(
+            "ip",
+            "link",
+            "add",
+            host_if,
+            "netns",
+            self.host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_if,
+            "netns",
+            self.peer,
+        )
+        _run("ip", "-n", self.host, "addr", "add", f"{HOST_IP}/24", "dev", host_if)
+        for address in (PEER_IP, RMM, UNLISTED):
+            _run("ip", "-n", self.peer, "addr", "add", f"{address}/24", "dev", peer_if)
+        _run("ip", "-n", self.host, "link", "set", host_if, "up")
+        _run("ip", "-n", self.peer, "link", "set", peer_if, "up")
+        self.serve(self.peer, PEER_PORT)
+        self.serve(self.host, LISTENER_PORT)
+
+    def spawn(self, args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(args, cwd=ROOT, text=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, ns: str, port: int) -> None:
+        proc = self.spawn(
+            self.ns_python(ns, "-m", "tests.e2e.agent.netprobe", "serve", str(port)),
+            stdout=subprocess.PIPE,
+        )
+        assert _read_line(proc, 15) == "ready"
+
+    def probe(self, ns: str, *targets: str, source: str | None = None) -> dict[str, bool]:
+        extra = ["--timeout", "0.75", *(["--source", source] if source else [])]
+        out = _run(*self.ns_python(ns, "-m", "tests.e2e.agent.netprobe", "probe", *extra, *targets))
+        result: dict[str, bool] = json.loads(out.stdout)
+        return result
+
+    def reachability(self, enforcer_port: int) -> dict[str, bool]:
+        targets = {
+            "platform": f"{PLATFORM_ROOT}:{enforcer_port}",
+            "rmm": f"{RMM}:{PEER_PORT}",
+            "unlisted": f"{UNLISTED}:{PEER_PORT}",
+        }
+        got = self.probe(self.host, *targets.values())
+        return {name: got[target] for name, target in targets.items()}
+
+    def inbound_from(self, source: str) -> bool:
+        target = f"{HOST_IP}:{LISTENER_PORT}"
+        return self.probe(self.peer, target, source=source)[target]
+
+    def open_inbound_session(self, source: str) -> subprocess.Popen[str]:
+        proc = self.spawn(
+            self.ns_python(
+                self.peer, "-m", "tests.e2e.agent.netprobe", "session", "--source", source,
+                f"{HOST_IP}:{LISTENER_PORT}",
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert _read_line(proc, 15) == "connected"
+        return proc
+
+    @staticmethod
+    def session_send(proc: subprocess.Popen[str]) -> str:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return _read_line(proc, 10)
+
+    def table_exists(self) -> bool:
+        listed = _run(
+            "ip", "netns", "exec", self.host, "nft", "list", "table", "inet", "hostiso", check=False
+        )
+        return listed.returncode == 0
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait(timeout=10)
+        for link in self.links:
+            _run("ip", "link", "del", link, check=False)
+        for ns in self.namespaces:
+            _run("ip", "netns", "del", ns, check=False)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    net = Lab()
+    try:
+        net.setup()
+        yield net
+    finally:
+        net.cleanup()
+
+
+@pytest.fixture
+async def stack(
+    service_env: dict[str, str], topics: Topics, tmp_path: Path, lab: Lab
+) -> AsyncIterator[dict[str, ServiceProcess]]:
+    ports = {name: free_port() for name in ("settings", "isolation", "enforcer")}
+    env = dict(
+        service_env,
+        HOSTISO_PLATFORM_ADDRESSES=PLATFORM_ROOT,
+        HOSTISO_SETTINGS_URL=f"http://127.0.0.1:{ports['settings']}",
+        HOSTISO_LOG_JSON="1",
+    )
+    services = {
+        "settings": ServiceProcess(
+            "services.settings", env, ports["settings"], tmp_path / "settings.log"
+        ),
+        "isolation": ServiceProcess(
+            "services.isolation", env, ports["isolation"], tmp_path / "isolation.log"
+        ),
+        # The agent reaches the enforcer over the veth: it listens on the platform address.
+        "enforcer": ServiceProcess(
+            "services.enforcer",
+            env,
+            ports["enforcer"],
+            tmp_path / "enforcer.log",
+            host=PLATFORM_ROOT,
+        ),
+    }
+    try:
+        for proc in services.values():
+            proc.start()
+        for proc in services.values():
+            await proc.wait_ready(timeout=90)
+        yield services
+    finally:
+        for proc in services.values():
+            proc.stop()
+
+
+async def test_isolation_enforced_by_nftables_end_to_end(
+    stack: dict[str, ServiceProcess], lab: Lab, tmp_path: Path
+) -> None:
+    settings, isolation, enforcer = stack["settings"], stack["isolation"], stack["enforcer"]
+    async with httpx.AsyncClient(timeout=15) as http:
+        allowlist = f"{settings.url}/v1/accounts/{ACCOUNT}/tooling-allowlist"
+        added = await http.post(
+            f"{allowlist}/entries", json={"name": "Self-hosted RMM", "address": RMM}, headers=SOC
+        )
+        assert added.status_code == 201, added.text
+        enabled = await http.patch(allowlist, json={"enabled": True}, headers=SOC)
+        assert enabled.status_code == 200, enabled.text
+
+        state_dir = tmp_path / "agent-state"
+        agent = lab.spawn(
+            lab.ns_python(
+                lab.host, "-m", "agent",
+                "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
+                "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
+                "--hostname", "netns-host", "--state-dir", str(state_dir),
+                "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
+                "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
+            ),
+            stdout=open(tmp_path / "agent.log", "w"),  # noqa: ASYNC230, SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def enrolled_id() -> str | None:
+            path = state_dir / "agent-state.json"
+            if agent.poll() is not None:
+                raise AssertionError((tmp_path / "agent.log").read_text()[-3000:])
+            return json.loads(path.read_text()).get("agent_id") if path.exists() else None
+
+        endpoint_id = await wait_for(enrolled_id, timeout=30, message="agent enrolled")
+        view_url = f"{isolation.url}/v1/endpoints/{endpoint_id}/isolation"
+
+        async def known_to_isolation() -> bool:
+            return (await http.get(view_url, headers=SOC)).status_code == 200
+
+        await wait_for(known_to_isolation, timeout=30, message="endpoint registered with isolation")
+        before = lab.reachability(enforcer.port)
+        assert before == {"platform": True, "rmm": True, "unlisted": True}
+        session = lab.open_inbound_session(RMM)
+        assert lab.session_send(session) == "echo"
+
+        async def settled(mode: str) -> dict[str, Any] | None:
+            view: dict[str, Any] = (await http.get(view_url, headers=SOC)).json()
+            if view["state"] == "failed":
+                raise AssertionError(f"agent reported failure: {view}")
+            done = view["mode"] == mode and view["desired_sequence"] == view["applied_sequence"]
+            return view if done and view["state"] in ("isolated", "not_isolated") else None
+
+        # Standard isolation: the frozen allowlist lets the RMM through, nothing else.
+        response = await http.post(
+            view_url, json={"mode": "standard", "reason": "e2e"}, headers=SOC
+        )
+        assert response.status_code == 202, response.text
+        pending = (await http.get(view_url, headers=SOC)).json()
+        assert pending["state"] in ("isolation_pending", "isolated")
+        view = await wait_for(lambda: settled("standard"), timeout=60, message="standard applied")
+        assert view["state"] == "isolated"
+        assert [p["address"] for p in view["policy"]["allowed_outbound"]] == [RMM]
+        state = json.loads((state_dir / "agent-state.json").read_text())
+        assert (
+            view["rules_sha256"] == state["last_rules_sha256"] and len(view["rules_sha256"]) == 64
+        )
+        assert lab.table_exists()
+        assert lab.reachability(enforcer.port) == {"platform": True, "rmm": True, "unlisted": False}
+        assert not lab.inbound_from(RMM), "inbound from the allowlisted address must be blocked"
+        assert not lab.inbound_from(PEER_IP)
+        assert lab.session_send(session).startswith("cut"), (
+            "a session opened inbound before isolation survived"
+        )
+
+        # A settings change does not touch the isolated endpoint (frozen snapshot).
+        disabled = await http.patch(allowlist, json={"enabled": False}, headers=SOC)
+        assert disabled.status_code == 200, disabled.text
+        again = (await http.get(view_url, headers=SOC)).json()
+        assert again["desired_sequence"] == view["desired_sequence"]
+        assert lab.reachability(enforcer.port)["rmm"] is True
+
+        # Strict: platform only.
+        response = await http.post(
+            view_url, json={"mode": "strict", "reason": "rmm suspect"}, headers=SOC
+        )
+        assert response.status_code == 202, response.text
+        view = await wait_for(lambda: settled("strict"), timeout=60, message="strict applied")
+        assert view["policy"]["allowed_outbound"] == []
+        assert lab.reachability(enforcer.port) == {
+            "platform": True,
+            "rmm": False,
+            "unlisted": False,
+        }
+
+        # Release: everything open again, our table gone.
+        response = await http.request(
+            "DELETE", view_url, json={"reason": "incident closed"}, headers=SOC
+        )
+        assert response.status_code == 202, response.text
+        view = await wait_for(lambda: settled("none"), timeout=60, message="release applied")
+        assert view["state"] == "not_isolated"
+        assert not lab.table_exists()
+        assert lab.reachability(enforcer.port) == {"platform": True, "rmm": True, "unlisted": True}
+        assert lab.inbound_from(RMM)
