@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from aiokafka.errors import KafkaError
@@ -33,6 +34,7 @@ from services.enforcer.domain import (
     UnknownAgentTokenError,
 )
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["agents"])
 _bearer = HTTPBearer(auto_error=False)
 
@@ -217,10 +219,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("answered 503: redis error %r", exc, extra={"path": request.url.path})
         return _unavailable("the enforcer's store is unavailable; retry shortly")
 
     @app.exception_handler(KafkaError)
     async def _kafka_down(request: Request, exc: KafkaError) -> JSONResponse:
+        log.warning("answered 503: kafka error %r", exc, extra={"path": request.url.path})
         return _unavailable("the event log is unavailable; retry shortly")
 
     @app.exception_handler(handlers.SignerNotReadyError)

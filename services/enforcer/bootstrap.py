@@ -16,6 +16,7 @@ from services.enforcer.adapters.redis_store import (
     RedisAgentStore,
     RedisPolicyStore,
     load_or_create_dev_signing_key,
+    make_bounded_redis,
 )
 from services.enforcer.adapters.wakeups import RedisPolicyWakeups
 from services.enforcer.config import EnforcerSettings
@@ -94,10 +95,11 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
     wakeups = RedisPolicyWakeups(settings.redis_url, runtime.keys("enforcer", "wake"))
-    policies = RedisPolicyStore(runtime.redis, runtime.keys, runtime.keys("enforcer", "wake"))
+    store_redis = make_bounded_redis(settings.redis_url, settings.redis_max_connections)
+    policies = RedisPolicyStore(store_redis, runtime.keys, runtime.keys("enforcer", "wake"))
     deps = EnforcerDeps(
         enrollment_secret=enrollment_secret,
-        agents=RedisAgentStore(runtime.redis, runtime.keys),
+        agents=RedisAgentStore(store_redis, runtime.keys),
         policies=policies,
         events=KafkaEventPublisher(runtime.producer, runtime.topics),
         wakeups=wakeups,
@@ -150,6 +152,8 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
                 await refresher
             await runtime.stop()
             await wakeups.stop()
+            await store_redis.aclose()
+            await store_redis.connection_pool.disconnect()
 
     app = FastAPI(
         title="hostiso enforcer",

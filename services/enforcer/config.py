@@ -14,6 +14,12 @@ class EnforcerSettings(ServiceSettings):
     long_poll_max_s: float = Field(
         60.0, gt=0, le=600, description="Longest wait an agent may ask for on the policy route."
     )
+    redis_max_connections: int = Field(
+        64,
+        ge=2,
+        le=10_000,
+        description="Redis connections this process may open; requests queue for one beyond that.",
+    )
     normal_lane_batch: int = Field(
         1000, ge=1, le=10_000, description="Records per batch on the normal command lane."
     )
