@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.messages import (
     Actor,
     AllowedPeer,
     AllowlistChanged,
+    EnforcePolicy,
     FrozenPolicy,
     IsolationMode,
     IsolationState,
@@ -62,6 +63,20 @@ class EndpointIsolation(BaseModel):
     @property
     def strict(self) -> bool:
         return self.mode == "strict" and self.isolated_or_pending
+
+
+class RequestOutcome(BaseModel):
+    """What a request did to one endpoint; kept so a redelivery repeats it instead of redoing it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["policy", "noop"]
+    endpoint_id: str
+    account_id: str
+    detail: str = ""
+    lane: Lane | None = None
+    command: EnforcePolicy | None = None
+    sent: bool = Field(False, description="The command is acknowledged by Kafka.")
 
 
 def fresh_isolation(endpoint: EndpointRecord) -> EndpointIsolation:

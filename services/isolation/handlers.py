@@ -6,13 +6,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NoReturn, Protocol
+from typing import Literal, NoReturn, Protocol
 
-from services.isolation.adapters.redis_store import (
-    CommitConflictError,
-    DuplicateRequest,
-    RequestOutcome,
-)
 from services.isolation.domain import (
     Decision,
     EndpointIsolation,
@@ -22,6 +17,7 @@ from services.isolation.domain import (
     PolicyContext,
     PolicyIssued,
     RequestDenied,
+    RequestOutcome,
     StatusIgnored,
     apply_status,
     decide_isolation,
@@ -88,10 +84,28 @@ class Publisher(Protocol):
 
 
 class SettingsClient(Protocol):
-    async def disable_allowlist(self, account_id: str, requested_by: Actor) -> None: ...
+    async def disable_allowlist(self, account_id: str, requested_by: Actor) -> None:
+        """Raise SettingsRefusedError if refused for good; any other error is retried."""
+        ...
 
 
 # --- errors ---------------------------------------------------------------------------
+
+
+class CommitConflictError(Exception):
+    """Another writer changed the endpoint's state since it was read; read again and retry."""
+
+
+class DuplicateRequest(Exception):
+    """The request was already applied to this endpoint; ``outcome`` is what it did."""
+
+    def __init__(self, outcome: RequestOutcome) -> None:
+        super().__init__(outcome.kind)
+        self.outcome = outcome
+
+
+class SettingsRefusedError(Exception):
+    """The settings service refused the change for good (4xx); retrying would not help."""
 
 
 class EndpointNotFoundError(LookupError):
@@ -206,16 +220,24 @@ class IsolationService:
             )
             covered += 1
             issued += outcome.kind == "policy"
+        audit_outcome: Literal["ok", "rejected"] = "ok"
+        detail = f"covered {covered} endpoints"
         if request.disable_allowlist:
-            await self._settings_client.disable_allowlist(request.account_id, actor)
+            try:
+                await self._settings_client.disable_allowlist(request.account_id, actor)
+            except SettingsRefusedError as exc:
+                # The endpoints are strictly isolated already; a refusal is audited, not retried.
+                audit_outcome = "rejected"
+                detail += f"; allowlist not switched off: {exc}"
+                log.error(detail, extra={"account_id": request.account_id})
         await self._publisher.send_audit(
             AuditRecorded(
                 service="isolation",
                 action="isolation.strict_account",
-                outcome="ok",
+                outcome=audit_outcome,
                 actor=actor,
                 account_id=request.account_id,
-                detail=f"covered {covered} endpoints, {issued} new strict policies",
+                detail=detail,
                 after={"covered": covered, "disable_allowlist": request.disable_allowlist},
             )
         )

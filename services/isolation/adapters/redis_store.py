@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from services.isolation.domain import EndpointIsolation, EndpointRecord, Lane
-from shared.messages import AllowlistChanged, EnforcePolicy
+from services.isolation.domain import EndpointIsolation, EndpointRecord, RequestOutcome
+from services.isolation.handlers import CommitConflictError, DuplicateRequest
+from shared.messages import AllowlistChanged
 from shared.redis import Keys
 
 REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
-
-
-class RequestOutcome(BaseModel):
-    """What a request did to one endpoint; kept so a redelivery repeats it instead of redoing it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: Literal["policy", "noop"]
-    endpoint_id: str
-    account_id: str
-    detail: str = ""
-    lane: Lane | None = None
-    command: EnforcePolicy | None = None
-    sent: bool = Field(False, description="The command is acknowledged by Kafka.")
 
 
 # State and request outcome are written in one script: a crash can never store one without the
@@ -62,18 +48,6 @@ end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'doc', ARGV[2])
 return 1
 """
-
-
-class CommitConflictError(Exception):
-    """Another writer changed the endpoint's state since it was read; read again and retry."""
-
-
-class DuplicateRequest(Exception):
-    """The request was already applied to this endpoint; ``outcome`` is what it did."""
-
-    def __init__(self, outcome: RequestOutcome) -> None:
-        super().__init__(outcome.kind)
-        self.outcome = outcome
 
 
 class RedisIsolationStore:

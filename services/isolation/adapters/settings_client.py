@@ -6,6 +6,7 @@ import logging
 
 import httpx
 
+from services.isolation.handlers import SettingsRefusedError
 from shared.auth import mint_token
 from shared.messages import Actor
 
@@ -19,16 +20,25 @@ class SettingsUnavailableError(Exception):
 class HttpSettingsClient:
     """``PATCH /v1/accounts/{id}/tooling-allowlist {"enabled": false}`` with a service token."""
 
-    def __init__(self, base_url: str, jwt_secret: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        jwt_secret: str,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._base_url = base_url.rstrip("/")
         self._secret = jwt_secret
         self._timeout = timeout
+        self._transport = transport
 
     async def disable_allowlist(self, account_id: str, requested_by: Actor) -> None:
         token = mint_token(self._secret, sub="isolation-service", role="service", ttl_s=300)
         url = f"{self._base_url}/v1/accounts/{account_id}/tooling-allowlist"
         try:
-            async with httpx.AsyncClient(timeout=self._timeout) as client:
+            async with httpx.AsyncClient(
+                timeout=self._timeout, transport=self._transport
+            ) as client:
                 response = await client.patch(
                     url,
                     json={"enabled": False},
@@ -39,6 +49,10 @@ class HttpSettingsClient:
                 )
         except httpx.HTTPError as exc:
             raise SettingsUnavailableError(f"settings service unreachable: {exc!r}") from exc
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            raise SettingsRefusedError(
+                f"settings service refused ({response.status_code}): {response.text[:300]}"
+            )
         if response.status_code >= 300:
             raise SettingsUnavailableError(
                 f"settings service answered {response.status_code}: {response.text[:300]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -158,10 +159,11 @@ class Harness:
         return body
 
 
-@pytest.fixture
-async def h(
+@contextlib.asynccontextmanager
+async def running_isolation(
     kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str
-) -> AsyncIterator[Harness]:
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The service's app with its lifespan running, and an HTTP client on it, once /ready."""
     settings = IsolationSettings(
         dev=True,
         kafka_bootstrap=kafka_bootstrap,
@@ -174,17 +176,28 @@ async def h(
     client = RecordingSettingsClient()
     app = build_app(settings, settings_client=client)
     app.state.settings_client = client
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://isolation") as http:
+
+            async def ready() -> bool:
+                return (await http.get("/ready")).status_code == 200
+
+            await wait_for(ready, timeout=60, interval=0.2, message="isolation /ready")
+            yield app, http
+
+
+@pytest.fixture
+async def h(
+    kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str
+) -> AsyncIterator[Harness]:
     producer = make_producer(kafka_bootstrap)
     await producer.start()
     try:
-        async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://isolation") as http:
-
-                async def ready() -> bool:
-                    return (await http.get("/ready")).status_code == 200
-
-                await wait_for(ready, timeout=60, interval=0.2, message="isolation /ready")
-                yield Harness(app, http, producer, topics, kafka_bootstrap)
+        async with running_isolation(kafka_bootstrap, redis_url, topics, redis_prefix) as (
+            app,
+            http,
+        ):
+            yield Harness(app, http, producer, topics, kafka_bootstrap)
     finally:
         await producer.stop()

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from services.isolation.adapters.redis_store import (
-    CommitConflictError,
-    DuplicateRequest,
-    RequestOutcome,
-)
-from services.isolation.domain import EndpointIsolation, EndpointRecord, Lane
+from services.isolation.domain import EndpointIsolation, EndpointRecord, Lane, RequestOutcome
+from services.isolation.handlers import CommitConflictError, DuplicateRequest
 from shared.messages import (
     Actor,
     AllowlistChanged,
