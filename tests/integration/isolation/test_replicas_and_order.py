@@ -6,7 +6,7 @@ import asyncio
 from collections import defaultdict
 
 from shared.messages import Actor, IsolateEndpoint, ReleaseEndpoint
-from tests.helpers import read_topic
+from tests.helpers import read_topic, wait_for
 from tests.integration.isolation.conftest import Harness, running_isolation
 
 SOC = Actor(sub="soc", role="soc")
@@ -94,3 +94,34 @@ async def test_sequences_strictly_increase_when_both_lanes_touch_one_endpoint(h:
         assert all(len(ids) == 1 for ids in sequences.values()), endpoint
         state = await h.state(endpoint)
         assert state["desired_sequence"] == len(sequences)
+
+
+async def test_strict_request_overtakes_a_backlog_of_normal_requests(h: Harness) -> None:
+    endpoints = [f"ep-bk{i}" for i in range(100)]
+    await asyncio.gather(*(h.register(e, "acct-bk") for e in [*endpoints, "ep-urgent"]))
+    backlog = []
+    for round_ in range(4):
+        for endpoint in endpoints:
+            message = (
+                IsolateEndpoint(endpoint_id=endpoint, mode="standard", requested_by=SOC)
+                if round_ % 2 == 0
+                else ReleaseEndpoint(endpoint_id=endpoint, requested_by=SOC)
+            )
+            backlog.append(
+                await h.producer.send(
+                    h.topics.isolation_requests, message.to_bytes(), key=endpoint.encode()
+                )
+            )
+    await asyncio.gather(*backlog)
+    response = await h.http.post(
+        "/v1/endpoints/ep-urgent/isolation", json={"mode": "strict"}, headers=h.token()
+    )
+    assert response.status_code == 202
+    await wait_for(
+        lambda: h.processed("requests-priority") >= 1, timeout=30, message="strict request"
+    )
+    (strict,) = await h.commands(expect=1, priority=True)
+    assert strict.policy.endpoint_id == "ep-urgent"
+    # The strict request was applied while the normal lane still held a backlog (one shared
+    # lane would have applied it only after all of them).
+    assert h.processed("requests") < len(backlog)
