@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -13,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.messages import DeadLetter, Message, decode
 from shared.topics import TOPIC_SPECS, TopicName, Topics
 
@@ -33,6 +35,8 @@ class LazyClient:
         self._factory = factory
         self._what = what
         self._client: Any = None
+        # Records the broker acknowledged, by topic (producers only): read by /metrics.
+        self.records_acked: Counter[str] = Counter()
 
     @property
     def started(self) -> bool:
@@ -59,6 +63,22 @@ class LazyClient:
         if self._client is None:
             raise RuntimeError(f"{self._what} used before start()")
         return getattr(self._client, name)
+
+    async def send_and_wait(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+        """The producer's ``send_and_wait``, counted once the broker acknowledged it."""
+        metadata = await self.__getattr__("send_and_wait")(topic, *args, **kwargs)
+        self.records_acked[topic] += 1
+        return metadata
+
+    async def send(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+        """The producer's ``send``; the returned future counts the record when acknowledged."""
+        future = await self.__getattr__("send")(topic, *args, **kwargs)
+        future.add_done_callback(lambda done: self._count_acked(topic, done))
+        return future
+
+    def _count_acked(self, topic: str, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.records_acked[topic] += 1
 
 
 def make_producer(bootstrap: str, *, linger_ms: int = 5, client_id: str = "hostiso") -> Any:
@@ -162,8 +182,16 @@ async def wait_topics_ready(bootstrap: str, names: Iterable[str], *, timeout: fl
 
 
 async def publish(producer: Any, topic: str, key: str, message: Message) -> Any:
-    """Send one message and wait for the broker's acknowledgement (acks=all)."""
-    return await producer.send_and_wait(topic, message.to_bytes(), key=key.encode())
+    """Send one message and wait for the broker's acknowledgement (acks=all).
+
+    With tracing on, the record carries the trace context in its headers.
+    """
+    if not tracing.enabled():
+        return await producer.send_and_wait(topic, message.to_bytes(), key=key.encode())
+    with tracing.publish_span(topic, key, message) as headers:
+        return await producer.send_and_wait(
+            topic, message.to_bytes(), key=key.encode(), headers=headers
+        )
 
 
 class MessageRejected(Exception):
@@ -304,19 +332,37 @@ class TypedConsumer:
                 backoff = 0.1
 
     async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if not tracing.enabled():
+            await self._decode_and_handle(record, None)
+            return
+        with tracing.consume_span(record) as span:
+            await self._decode_and_handle(record, span)
+
+    async def _decode_and_handle(self, record: ConsumerRecord[bytes, bytes], span: Any) -> None:
         topic = self._topics.unprefixed(record.topic)
         try:
             message = decode(topic, record.value)
         except ValidationError as exc:
-            await self._dlq.send(record, describe_validation_error(exc))
+            await self._dead_letter(record, describe_validation_error(exc), span, exc)
             return
         except ValueError as exc:
-            await self._dlq.send(record, f"invalid message: {exc}")
+            await self._dead_letter(record, f"invalid message: {exc}", span, exc)
             return
         try:
-            await self._handler(message, record)
+            if span is None:
+                await self._handler(message, record)
+            else:
+                with tracing.handling(span, record, message):
+                    await self._handler(message, record)
         except MessageRejected as exc:
-            await self._dlq.send(record, exc.reason)
+            await self._dead_letter(record, exc.reason, span, exc)
+
+    async def _dead_letter(
+        self, record: ConsumerRecord[bytes, bytes], reason: str, span: Any, exc: Exception
+    ) -> None:
+        if span is not None:
+            tracing.record_error(span, exc, dead_lettered=True)
+        await self._dlq.send(record, reason)
 
 
 def make_consumer(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from shared import tracing
 from shared.config import ServiceSettings
 from shared.http import add_operational_routes, with_timeout
 from shared.kafka import (
@@ -36,6 +39,8 @@ class Runtime:
     def __init__(self, settings: ServiceSettings, service: str) -> None:
         self.settings = settings
         self.service = service
+        # HOSTISO_OTEL_EXPORTER: tracing stays off (no SDK, no headers) unless it names one.
+        tracing.configure_from_environment(service)
         self.topics = Topics(settings.topic_prefix)
         self.keys = Keys(settings.redis_prefix)
         self.registry = CollectorRegistry()
@@ -56,6 +61,7 @@ class Runtime:
             ["consumer"],
             registry=self.registry,
         )
+        self.registry.register(_FlowCollector(self))
 
     def add_consumer(
         self,
@@ -166,6 +172,34 @@ class Runtime:
                 await self.stop()
 
         return _lifespan
+
+
+class _FlowCollector(Collector):
+    """Records consumed per consumer (lane) and acknowledged per topic, read at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        consumed = CounterMetricFamily(
+            "hostiso_consumer_records",
+            "Records each consumer (lane) handled and committed past, DLQ'd ones included",
+            labels=["consumer"],
+        )
+        for typed in self._runtime.consumers:
+            consumed.add_metric([typed.name], float(typed.processed))
+        yield consumed
+        published = CounterMetricFamily(
+            "hostiso_kafka_records_published",
+            "Records this process's producer had acknowledged by Kafka (acks=all), by topic",
+            labels=["topic"],
+        )
+        acked = getattr(self._runtime.producer, "records_acked", None) or {}
+        prefix = self._runtime.topics.prefix
+        for topic, count in sorted(acked.items()):
+            name = topic[len(prefix) :] if topic.startswith(prefix) else topic
+            published.add_metric([name], float(count))
+        yield published
 
 
 async def _retry(action: Callable[[], Any], what: str, attempts: int = 60) -> None:
