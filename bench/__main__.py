@@ -36,6 +36,7 @@ def main(
 ) -> None:
     """Start Kafka, Redis, the services and simulated agents; measure; print and write the report."""
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     sizes = BenchSizes.full() if full else BenchSizes()
     workdir = scratch_dir("hostiso-bench-")
     typer.echo(f"bench: {'full' if full else 'reduced'} sizes, logs in {workdir}")

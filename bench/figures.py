@@ -39,12 +39,13 @@ class BenchSizes:
 
     pipeline_agents: int = 200
     throughput_requests: int = 1500
+    throughput_max_s: float = 40.0
     relay_messages: int = 5000
     latency_seconds: float = 8.0
     latency_load_fraction: float = 0.3
     backlog: int = 20_000
     strict_samples: int = 15
-    account_endpoints: int = 300
+    account_endpoints: int = 150
     fanout_small: int = 10
     fanout_samples: int = 20
     allowlist_entries: int = 5
@@ -54,6 +55,7 @@ class BenchSizes:
         return cls(
             pipeline_agents=500,
             throughput_requests=10_000,
+            throughput_max_s=300.0,
             relay_messages=20_000,
             latency_seconds=20.0,
             backlog=100_000,
@@ -126,14 +128,18 @@ class Driver:
         return max(0.0, applied_at - sent)
 
 
-async def throughput(driver: Driver, endpoints: list[str], total: int) -> dict[str, Any]:
-    """Closed loop: every endpoint always has one request in flight, until ``total`` are applied."""
+async def throughput(
+    driver: Driver, endpoints: list[str], total: int, max_s: float = 1e9
+) -> dict[str, Any]:
+    """Closed loop: every endpoint always has one request in flight, until ``total`` are applied
+    (or no new request after ``max_s`` seconds)."""
     remaining = total
+    stop_at = time.perf_counter() + max_s
 
     async def worker(endpoint: str) -> int:
         nonlocal remaining
         done = 0
-        while remaining > 0:
+        while remaining > 0 and time.perf_counter() < stop_at:
             remaining -= 1
             await driver.toggle(endpoint)
             done += 1
@@ -332,6 +338,61 @@ async def account_strict(
     }
 
 
+async def _read_all(stack: Stack, topic: str) -> list[tuple[int, bytes]]:
+    """(broker timestamp ms, value) of every record on ``topic`` up to its end now."""
+    from aiokafka import AIOKafkaConsumer
+
+    ends = await _end_offsets(stack, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: list[tuple[int, bytes]] = []
+    try:
+        consumer.assign(list(ends))
+        await consumer.seek_to_beginning(*ends)
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            out.extend((r.timestamp, r.value or b"") for rs in batch.values() for r in rs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def hops(stack: Stack) -> dict[str, Any]:
+    """Where a request's time goes: request produced → command produced → agent report."""
+    import orjson
+
+    requests = {
+        orjson.loads(v)["request_id"]: ts
+        for ts, v in await _read_all(stack, stack.topics.isolation_requests)
+    }
+    commands = {}
+    for ts, v in await _read_all(stack, stack.topics.enforcer_commands):
+        data = orjson.loads(v)
+        policy = data["policy"]
+        commands[(policy["endpoint_id"], policy["sequence"])] = (data["request_id"], ts)
+    reports: dict[tuple[str, int], float] = {}
+    for _, v in await _read_all(stack, stack.topics.isolation_status):
+        data = orjson.loads(v)
+        key = (data["endpoint_id"], data["sequence"])
+        reports.setdefault(key, _ts(data["occurred_at"]))
+    to_command: list[float] = []
+    to_report: list[float] = []
+    for key, (request_id, command_ts) in commands.items():
+        if request_id in requests and key in reports:
+            to_command.append((command_ts - requests[request_id]) / 1000)
+            to_report.append(reports[key] - command_ts / 1000)
+    return {
+        "request_to_command (isolation service)": _ms(to_command),
+        "command_to_agent_report (enforcer + agent)": _ms(to_report),
+    }
+
+
+def _ts(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
 async def waiting_agents(stack: Stack) -> float:
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"{stack.services['enforcer'].url}/metrics", timeout=10)).text
@@ -436,7 +497,7 @@ async def add_allowlist(stack: Stack, account: str, entries: int, base: int) -> 
             response.raise_for_status()
 
 
-def summarize_profile(path: Path, lines: int = 40) -> list[str]:
+def summarize_profile(path: Path, lines: int = 80) -> list[str]:
     """The heaviest lines of a pyinstrument text profile."""
     if not path.exists():
         return []
@@ -485,7 +546,9 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
         }
 
         relay = await bare_relay_rate(stack.bootstrap, sizes.relay_messages)
-        pipe = await throughput(driver, pipeline.endpoints, sizes.throughput_requests)
+        pipe = await throughput(
+            driver, pipeline.endpoints, sizes.throughput_requests, sizes.throughput_max_s
+        )
         report["throughput"] = {
             **pipe,
             "baseline_bare_relay_msgs_per_s": round(relay, 1),
@@ -493,6 +556,7 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
             "goal_ratio_min": 0.4,
         }
         pipe["requests_per_s"] = round(pipe["requests_per_s"], 1)
+        report["throughput"]["hops"] = await hops(stack)
         rate = sizes.latency_load_fraction * report["throughput"]["requests_per_s"]
         report["latency"] = await latency(driver, pipeline.endpoints, rate, sizes.latency_seconds)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,7 +79,6 @@ class ServiceProc:
                 "pyinstrument",
                 "--renderer",
                 "text",
-                "--show-all",
                 "-o",
                 str(self.profile_path),
                 "-m",
@@ -92,6 +92,13 @@ class ServiceProc:
         stop(self.proc, kill=True)
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self.profile_path is not None and self.alive():
+            # pyinstrument writes its report when the program ends on KeyboardInterrupt.
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
         stop(self.proc, timeout=timeout)
 
     async def wait_ready(self, timeout: float = 120.0) -> None:

@@ -1,0 +1,650 @@
+"""``python -m bench.chaos [--full] [--report PATH]``: faults injected under isolation work, end state checked.
+
+Every scenario drives isolate/release requests (accepted = acknowledged by Kafka, acks=all) and, for
+the settings service, allowlist entries (accepted = HTTP 2xx), injects its fault, waits for the
+system to settle, then counts against what was accepted:
+
+- lost: an accepted request that issued no policy, an endpoint whose final state is not its last
+  request's, or an acknowledged allowlist entry missing afterwards;
+- wrong: an agent holding an older sequence than the isolation service's desired one, or a policy
+  of another endpoint / account, or an allowlist entry of another account;
+- duplicates: one request that issued policies under more than one sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import orjson
+import typer
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from bench.figures import SOC, _end_offsets, _read_all
+from bench.report import chaos_table, write_json
+from bench.stack import Stack
+from shared.messages import IsolateEndpoint, ReleaseEndpoint
+
+log = logging.getLogger(__name__)
+
+ACCOUNTS = ("acct-chaos-a", "acct-chaos-b")
+
+
+@dataclass(frozen=True)
+class ChaosSizes:
+    """How much work each scenario drives; defaults are the reduced run."""
+
+    agents_per_account: int = 25
+    isolations: int = 600
+    rate: float = 25.0
+    kills_in_turn_rounds: int = 1
+    kills_random: int = 1
+    fuzz_http: int = 1000
+    fuzz_kafka: int = 1000
+    settle_s: float = 180.0
+    cluster: bool = True
+
+    @classmethod
+    def full(cls) -> ChaosSizes:
+        return cls(
+            agents_per_account=100,
+            isolations=10_000,
+            rate=60.0,
+            kills_in_turn_rounds=3,
+            kills_random=3,
+            fuzz_http=10_000,
+            fuzz_kafka=10_000,
+            settle_s=900.0,
+        )
+
+    @classmethod
+    def tiny(cls) -> ChaosSizes:
+        return cls(
+            agents_per_account=8,
+            isolations=120,
+            rate=20.0,
+            kills_in_turn_rounds=1,
+            kills_random=0,
+            fuzz_http=300,
+            fuzz_kafka=300,
+            settle_s=150.0,
+            cluster=False,
+        )
+
+
+@dataclass
+class Workload:
+    """What was accepted during one scenario."""
+
+    requests: dict[str, str] = field(default_factory=dict)  # request_id → endpoint
+    last: dict[str, str] = field(default_factory=dict)  # endpoint → "standard" | "none"
+    entries: dict[str, set[str]] = field(default_factory=dict)  # account → addresses acked
+    send_errors: int = 0
+
+
+class Chaos:
+    """One stack, its agents, and the bookkeeping of what each endpoint was last asked."""
+
+    def __init__(self, stack: Stack, sizes: ChaosSizes) -> None:
+        self.stack = stack
+        self.sizes = sizes
+        self.endpoints: dict[str, str] = {}  # endpoint → account
+        self.isolated: dict[str, bool] = {}
+        self.addresses: dict[str, set[str]] = {a: set() for a in ACCOUNTS}
+        self._entry_counter = 0
+
+    async def setup(self) -> None:
+        for account in ACCOUNTS:
+            await self.add_entry(account, Workload())
+            await self.toggle_switch(account)
+            group = await self.stack.start_agents(account, self.sizes.agents_per_account)
+            for endpoint in group.endpoints:
+                self.endpoints[endpoint] = account
+
+    async def toggle_switch(self, account: str) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.patch(
+                f"{self.stack.services['settings'].url}/v1/accounts/{account}/tooling-allowlist",
+                json={"enabled": True},
+                headers=self.stack.auth(),
+            )
+            response.raise_for_status()
+
+    async def add_entry(self, account: str, work: Workload) -> None:
+        """Add one entry; it counts as accepted only on a 2xx answer."""
+        self._entry_counter += 1
+        n = self._entry_counter
+        octet = ACCOUNTS.index(account) + 1
+        address = f"198.{18 + octet}.{n // 250}.{n % 250 + 1}"
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                response = await http.post(
+                    f"{self.stack.services['settings'].url}/v1/accounts/{account}/tooling-allowlist/entries",
+                    json={"name": f"rmm-{n}", "address": address},
+                    headers=self.stack.auth(),
+                )
+        except httpx.HTTPError:
+            return
+        if response.status_code in (200, 201):
+            work.entries.setdefault(account, set()).add(address)
+            self.addresses[account].add(address)
+
+    async def send_toggle(self, endpoint: str, work: Workload) -> None:
+        topics = self.stack.topics
+        message: IsolateEndpoint | ReleaseEndpoint
+        if self.isolated.get(endpoint):
+            message = ReleaseEndpoint(endpoint_id=endpoint, requested_by=SOC, reason="chaos")
+            mode = "none"
+        else:
+            message = IsolateEndpoint(
+                endpoint_id=endpoint, mode="standard", requested_by=SOC, reason="chaos"
+            )
+            mode = "standard"
+        while True:
+            try:
+                future = await self.stack.send(topics.isolation_requests, endpoint, message)
+                await future
+                break
+            except Exception as exc:  # not accepted: the broker may be restarting; send again
+                work.send_errors += 1
+                log.info("request not accepted, resending: %r", exc)
+                await asyncio.sleep(0.5)
+        self.isolated[endpoint] = not self.isolated.get(endpoint)
+        work.requests[message.request_id] = endpoint
+        work.last[endpoint] = mode
+
+    async def drive(
+        self, count: int, fault: Callable[[], Awaitable[str]] | None = None
+    ) -> tuple[Workload, str]:
+        """Send ``count`` requests at the configured rate while ``fault`` runs; returns both."""
+        work = Workload()
+        endpoints = list(self.endpoints)
+        note = ""
+        fault_task = asyncio.create_task(fault()) if fault is not None else None
+        interval = 1.0 / self.sizes.rate
+        started = time.perf_counter()
+        pending: set[asyncio.Task[None]] = set()
+        locks = {e: asyncio.Lock() for e in endpoints}
+
+        async def one(endpoint: str) -> None:
+            # One send in flight per endpoint keeps each endpoint's requests in order.
+            async with locks[endpoint]:
+                await self.send_toggle(endpoint, work)
+
+        for i in range(count):
+            delay = started + i * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(endpoints[i % len(endpoints)]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            if i % 50 == 25:
+                account = ACCOUNTS[(i // 50) % len(ACCOUNTS)]
+                entry = asyncio.create_task(self.add_entry(account, work))
+                pending.add(entry)
+                entry.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+        if fault_task is not None:
+            note = await fault_task
+        return work, note
+
+    async def isolation_state(
+        self, http: httpx.AsyncClient, endpoint: str
+    ) -> dict[str, Any] | None:
+        url = f"{self.stack.services['isolation'].url}/v1/endpoints/{endpoint}/isolation"
+        try:
+            response = await http.get(url, headers=self.stack.auth())
+        except httpx.HTTPError:
+            return None
+        data: dict[str, Any] | None = response.json() if response.status_code == 200 else None
+        return data
+
+    async def settle_and_check(self, name: str, work: Workload, note: str) -> dict[str, Any]:
+        """Wait until every endpoint's agent holds the desired policy, then count."""
+        deadline = time.monotonic() + self.sizes.settle_s
+        states: dict[str, dict[str, Any] | None] = {}
+        held: dict[str, dict[str, Any]] = {}
+        async with httpx.AsyncClient(timeout=10) as http:
+            while True:
+                states = dict(
+                    zip(
+                        self.endpoints,
+                        await asyncio.gather(
+                            *(self.isolation_state(http, e) for e in self.endpoints)
+                        ),
+                        strict=True,
+                    )
+                )
+                held = {}
+                for group in self.stack.agents:
+                    held.update(group.held())
+                if (
+                    all(
+                        _settled(states.get(e), held.get(e), work.last.get(e))
+                        for e in self.endpoints
+                    )
+                    or time.monotonic() > deadline
+                ):
+                    break
+                await asyncio.sleep(1.0)
+        issued = await self.issued_sequences()
+        lost = sum(1 for request_id in work.requests if not issued.get(request_id))
+        duplicates = sum(1 for seqs in issued.values() if len(seqs) > 1)
+        wrong = 0
+        unsettled = 0
+        for endpoint, account in self.endpoints.items():
+            state, agent = states.get(endpoint), held.get(endpoint)
+            expected = work.last.get(endpoint)
+            if state is None or agent is None:
+                unsettled += 1
+                continue
+            if expected is not None and state.get("mode") != expected:
+                lost += 1
+            if agent["sequence"] < int(state.get("desired_sequence") or 0):
+                wrong += 1
+                continue
+            policy = agent.get("policy") or {}
+            if policy and (
+                policy.get("endpoint_id") != endpoint or policy.get("account_id") != account
+            ):
+                wrong += 1
+                continue
+            peers = {p["address"] for p in policy.get("allowed_outbound") or ()}
+            if not peers <= self.addresses[account]:
+                wrong += 1
+        lost += await self.missing_entries(work)
+        return {
+            "scenario": name,
+            "accepted": len(work.requests) + sum(len(v) for v in work.entries.values()),
+            "lost": lost,
+            "wrong": wrong,
+            "duplicates": duplicates,
+            "unsettled_endpoints": unsettled,
+            "requests": len(work.requests),
+            "allowlist_entries_acked": sum(len(v) for v in work.entries.values()),
+            "send_retries": work.send_errors,
+            "note": note,
+        }
+
+    async def issued_sequences(self) -> dict[str, set[int]]:
+        """request_id → the sequences its commands carried (both command lanes)."""
+        issued: dict[str, set[int]] = {}
+        for topic in (
+            self.stack.topics.enforcer_commands,
+            self.stack.topics.enforcer_commands_priority,
+        ):
+            for _, value in await _read_all(self.stack, topic):
+                try:
+                    data = orjson.loads(value)
+                    request_id, sequence = data["request_id"], int(data["policy"]["sequence"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # the malformed scenario's junk: the DLQ check accounts for it
+                issued.setdefault(request_id, set()).add(sequence)
+        return issued
+
+    async def missing_entries(self, work: Workload) -> int:
+        missing = 0
+        async with httpx.AsyncClient(timeout=10) as http:
+            for account, acked in work.entries.items():
+                response = await http.get(
+                    f"{self.stack.services['settings'].url}/v1/accounts/{account}/tooling-allowlist",
+                    headers=self.stack.auth(),
+                )
+                present = {e["address"] for e in response.json()["entries"]}
+                missing += len(acked - present)
+        return missing
+
+
+def _settled(
+    state: dict[str, Any] | None, agent: dict[str, Any] | None, expected: str | None
+) -> bool:
+    if state is None or agent is None:
+        return False
+    desired = int(state.get("desired_sequence") or 0)
+    if expected is not None and state.get("mode") != expected:
+        return False
+    return int(state.get("applied_sequence") or 0) == desired and agent["sequence"] >= desired
+
+
+# --- faults ---------------------------------------------------------------------------
+
+
+def kill_services(
+    chaos: Chaos, rounds: int, extra: int, spacing: float
+) -> Callable[[], Awaitable[str]]:
+    async def fault() -> str:
+        order = [n for _ in range(rounds) for n in ("settings", "isolation", "enforcer")]
+        order += [random.choice(("settings", "isolation", "enforcer")) for _ in range(extra)]
+        for name in order:
+            await asyncio.sleep(random.uniform(0.3, spacing))
+            await chaos.stack.restart_service(name, kill=True)
+        counts = {n: order.count(n) for n in ("settings", "isolation", "enforcer")}
+        return "SIGKILL " + ", ".join(f"{n}×{c}" for n, c in counts.items())
+
+    return fault
+
+
+def restart_broker(chaos: Chaos, after: float) -> Callable[[], Awaitable[str]]:
+    async def fault() -> str:
+        await asyncio.sleep(after)
+        started = time.perf_counter()
+        await asyncio.to_thread(chaos.stack.kafka.restart)
+        return f"broker restarted (down {time.perf_counter() - started:.1f}s)"
+
+    return fault
+
+
+def kill_leader(chaos: Chaos, after: float) -> Callable[[], Awaitable[str]]:
+    async def fault() -> str:
+        await asyncio.sleep(after)
+        stack = chaos.stack
+        busiest = None
+        for topic in (stack.topics.isolation_requests, stack.topics.enforcer_commands):
+            for tp, end in (await _end_offsets(stack, topic)).items():
+                if busiest is None or end > busiest[1]:
+                    busiest = (tp, end)
+        assert busiest is not None
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([busiest[0].topic])
+        finally:
+            await admin.close()
+        leader = next(
+            p["leader"]
+            for p in described[0]["partitions"]
+            if p["partition"] == busiest[0].partition
+        )
+        index = next(i for i, n in enumerate(stack.kafka.nodes) if n.node_id == leader)
+        await asyncio.to_thread(stack.kafka.stop_node, index, kill=True)
+        await asyncio.sleep(5)
+        await asyncio.to_thread(stack.kafka.start_node, index)
+        return (
+            f"SIGKILL leader node {leader} of {busiest[0].topic}[{busiest[0].partition}], restarted"
+        )
+
+    return fault
+
+
+def restart_redis(chaos: Chaos, after: float) -> Callable[[], Awaitable[str]]:
+    async def fault() -> str:
+        await asyncio.sleep(after)
+        await asyncio.to_thread(chaos.stack.redis.restart, kill=True)
+        return "redis SIGKILL + restart (AOF, appendfsync always)"
+
+    return fault
+
+
+# --- malformed traffic ------------------------------------------------------------------
+
+
+def _junk(rng: random.Random) -> bytes:
+    choice = rng.randrange(9)
+    if choice == 0:
+        return rng.randbytes(rng.randrange(1, 200))
+    if choice == 1:
+        return b'{"type": "IsolateEndpoint", "endpoint_id": '  # truncated JSON
+    if choice == 2:
+        return orjson.dumps({"type": "IsolateEndpoint", "endpoint_id": 42, "mode": ["x"]})
+    if choice == 3:
+        return orjson.dumps({"type": "NoSuchType", "id": "x"})
+    if choice == 4:
+        return b'{"a": "' + b"x" * rng.randrange(100_000, 900_000) + b'"}'
+    if choice == 5:
+        return b"[" * 5000 + b"]" * 5000
+    if choice == 6:
+        return orjson.dumps(
+            {"type": "EnforcePolicy", "request_id": "r", "policy": {"sequence": -1}}
+        )
+    if choice == 7:
+        return "\u202e\U0001f4a5 ünïcode".encode() * rng.randrange(1, 50)
+    return b"null"
+
+
+async def fuzz_kafka(
+    stack: Stack, count: int, rng: random.Random
+) -> tuple[set[tuple[str, int, int]], int]:
+    """Raw bad records on every consumed topic; returns their (topic, partition, offset)."""
+    topics = [
+        stack.topics.isolation_requests,
+        stack.topics.isolation_requests_priority,
+        stack.topics.isolation_status,
+        stack.topics.enforcer_commands,
+        stack.topics.enforcer_commands_priority,
+        stack.topics.settings_allowlist,
+        stack.topics.endpoints,
+    ]
+    producer = AIOKafkaProducer(
+        bootstrap_servers=stack.bootstrap, acks="all", linger_ms=5, max_request_size=2 * 1024 * 1024
+    )
+    await producer.start()
+    sent: set[tuple[str, int, int]] = set()
+    try:
+        futures = []
+        for i in range(count):
+            topic = topics[i % len(topics)]
+            futures.append(
+                await producer.send(topic, _junk(rng), key=f"fuzz-{rng.randrange(50)}".encode())
+            )
+            if len(futures) >= 200:
+                for meta in await asyncio.gather(*futures):
+                    sent.add((meta.topic, meta.partition, meta.offset))
+                futures = []
+        for meta in await asyncio.gather(*futures):
+            sent.add((meta.topic, meta.partition, meta.offset))
+    finally:
+        await producer.stop()
+    return sent, len(sent)
+
+
+async def fuzz_http(stack: Stack, count: int, rng: random.Random) -> dict[str, int]:
+    """Bad bodies and tokens on every write route; counts answers by class."""
+    settings, isolation, enforcer = (
+        stack.services[n].url for n in ("settings", "isolation", "enforcer")
+    )
+    targets = [
+        ("POST", f"{settings}/v1/accounts/acct-chaos-a/tooling-allowlist/entries"),
+        ("PATCH", f"{settings}/v1/accounts/acct-chaos-a/tooling-allowlist"),
+        ("POST", f"{isolation}/v1/endpoints/nope/isolation"),
+        ("POST", f"{isolation}/v1/accounts/acct-fuzz/strict-isolation"),
+        ("POST", f"{enforcer}/v1/agents/enroll"),
+        ("POST", f"{enforcer}/v1/agents/x/policy-status"),
+    ]
+    bad_tokens = ["Bearer x.y.z", "Bearer ", "Basic abc", "Bearer " + "a" * 5000]
+    counts = {"2xx": 0, "4xx": 0, "5xx": 0, "errors": 0}
+    gate = asyncio.Semaphore(20)
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def one(i: int) -> None:
+            method, url = targets[i % len(targets)]
+            headers = (
+                dict(stack.auth())
+                if rng.random() < 0.8
+                else {"Authorization": rng.choice(bad_tokens)}
+            )
+            headers["Content-Type"] = "application/json"
+            body = _junk(rng)
+            if rng.random() < 0.3:
+                body = orjson.dumps(
+                    rng.choice(
+                        [
+                            {"name": "x" * 65, "address": "10.0.0.1"},
+                            {"name": "ok", "address": "rmm.example.com"},
+                            {"name": "ok", "address": "010.1.1.1"},
+                            {"enabled": "yes"},
+                            {"mode": "loose"},
+                            {"account_id": "", "enrollment_key": 1},
+                            {"sequence": "a", "status": "applied"},
+                        ]
+                    )
+                )
+            async with gate:
+                try:
+                    response = await http.request(method, url, content=body, headers=headers)
+                except httpx.HTTPError:
+                    counts["errors"] += 1
+                    return
+            counts[f"{response.status_code // 100}xx"] = (
+                counts.get(f"{response.status_code // 100}xx", 0) + 1
+            )
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+    return counts
+
+
+async def dlq_records(stack: Stack) -> dict[tuple[str, int, int], str]:
+    out: dict[tuple[str, int, int], str] = {}
+    for _, value in await _read_all(stack, stack.topics.dlq):
+        data = orjson.loads(value)
+        out[(data["source_topic"], data["source_partition"], data["source_offset"])] = data[
+            "reason"
+        ]
+    return out
+
+
+async def malformed(chaos: Chaos) -> dict[str, Any]:
+    stack = chaos.stack
+    rng = random.Random(6)
+    starts = {n: s.starts for n, s in stack.services.items()}
+    holder: dict[str, Any] = {}
+
+    async def fault() -> str:
+        holder["bad"], _ = await fuzz_kafka(stack, chaos.sizes.fuzz_kafka, rng)
+        holder["http"] = await fuzz_http(stack, chaos.sizes.fuzz_http, rng)
+        return ""
+
+    work, _ = await chaos.drive(max(60, chaos.sizes.isolations // 4), fault)
+    result = await chaos.settle_and_check("malformed traffic (HTTP + Kafka fuzz)", work, "")
+    deadline = time.monotonic() + 120
+    bad: set[tuple[str, int, int]] = holder["bad"]
+    while True:
+        dlq = await dlq_records(stack)
+        missing = [k for k in bad if not dlq.get(k)]
+        if not missing or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(2)
+    crashed = [n for n, s in stack.services.items() if not s.alive() or s.starts != starts[n]]
+    http_counts = holder["http"]
+    result.update(
+        fuzz_http=http_counts,
+        fuzz_kafka=len(bad),
+        bad_kafka_without_dlq_reason=len(missing),
+        crashed_services=crashed,
+    )
+    result["note"] = (
+        f"{sum(http_counts.values())} HTTP bodies: {http_counts.get('5xx', 0)}×5xx; "
+        f"{len(bad)} bad records, {len(bad) - len(missing)} in DLQ with a reason; "
+        f"crashes: {len(crashed)}"
+    )
+    # A 5xx, a crash or a bad record missing from the DLQ is a failure of this scenario.
+    result["failures"] = http_counts.get("5xx", 0) + len(crashed) + len(missing)
+    return result
+
+
+# --- runner ---------------------------------------------------------------------------
+
+
+async def _single_node_scenarios(workdir: Path, sizes: ChaosSizes) -> list[dict[str, Any]]:
+    # appendfsync always: a SIGKILLed Redis keeps every acknowledged write (everysec may lose 1 s).
+    stack = Stack(workdir / "single", appendfsync="always")
+    (workdir / "single").mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        await stack.start_infra()
+        await stack.start_services()
+        chaos = Chaos(stack, sizes)
+        await chaos.setup()
+        duration = sizes.isolations / sizes.rate
+        kills = 3 * sizes.kills_in_turn_rounds + sizes.kills_random
+        work, note = await chaos.drive(
+            sizes.isolations,
+            kill_services(
+                chaos, sizes.kills_in_turn_rounds, sizes.kills_random, max(1.0, duration / kills)
+            ),
+        )
+        results.append(await chaos.settle_and_check("SIGKILL services + restart", work, note))
+        small = max(60, sizes.isolations // 4)
+        work, note = await chaos.drive(small, restart_broker(chaos, small / sizes.rate / 3))
+        results.append(await chaos.settle_and_check("Kafka broker restart", work, note))
+        work, note = await chaos.drive(small, restart_redis(chaos, small / sizes.rate / 3))
+        results.append(await chaos.settle_and_check("Redis SIGKILL + restart (AOF)", work, note))
+        results.append(await malformed(chaos))
+    finally:
+        await stack.close()
+    return results
+
+
+async def _cluster_scenario(workdir: Path, sizes: ChaosSizes) -> dict[str, Any]:
+    (workdir / "cluster").mkdir(parents=True, exist_ok=True)
+    stack = Stack(workdir / "cluster", kafka_nodes=3, kafka_heap="384m", appendfsync="always")
+    try:
+        await stack.start_infra()
+        await stack.start_services()
+        chaos = Chaos(stack, sizes)
+        await chaos.setup()
+        small = max(60, sizes.isolations // 4)
+        work, note = await chaos.drive(small, kill_leader(chaos, small / sizes.rate / 3))
+        return await chaos.settle_and_check("3-node cluster: SIGKILL busiest leader", work, note)
+    finally:
+        await stack.close()
+
+
+async def run_chaos(workdir: Path, sizes: ChaosSizes) -> dict[str, Any]:
+    started = time.perf_counter()
+    scenarios = await _single_node_scenarios(workdir, sizes)
+    if sizes.cluster:
+        scenarios.append(await _cluster_scenario(workdir, sizes))
+    return {
+        "sizes": asdict(sizes),
+        "scenarios": scenarios,
+        "workdir": str(workdir),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    full: Annotated[
+        bool, typer.Option(help="Issue 6's sizes (10,000 isolations, 10,000 fuzzed).")
+    ] = False,
+    report: Annotated[Path, typer.Option(help="Where the JSON report goes.")] = Path(
+        "artifacts/chaos-report.json"
+    ),
+    cluster: Annotated[bool, typer.Option(help="Also run the 3-node cluster scenario.")] = True,
+) -> None:
+    """Run every fault scenario and print scenario x (accepted, lost, wrong, duplicates)."""
+    from bench.__main__ import scratch_dir
+
+    logging.basicConfig(level=logging.ERROR)
+    # Brokers are killed on purpose here: the clients' reconnect chatter is expected noise.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    sizes = ChaosSizes.full() if full else ChaosSizes()
+    if not cluster:
+        sizes = ChaosSizes(**{**asdict(sizes), "cluster": False})
+    workdir = scratch_dir("hostiso-chaos-")
+    typer.echo(f"chaos: {'full' if full else 'reduced'} sizes, logs in {workdir}")
+    result = asyncio.run(run_chaos(workdir, sizes))
+    write_json(report, result)
+    typer.echo(chaos_table(result))
+    failed = sum(
+        s["lost"] + s["wrong"] + s["duplicates"] + s.get("failures", 0) for s in result["scenarios"]
+    )
+    typer.echo(f"\nreport: {report}  ({result['wall_s']} s)")
+    if failed:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
