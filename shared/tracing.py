@@ -75,7 +75,9 @@ def configure_tracing(
     if span_exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     else:
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        # One JSON object per line on stdout, like the logs on stderr, for line-based shippers.
+        console = ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
+        provider.add_span_processor(BatchSpanProcessor(console))
     _provider = provider
     _tracer = provider.get_tracer("hostiso")
     log.info("tracing on", extra={"service": service, "exporter": exporter or "custom"})
