@@ -213,6 +213,34 @@ def handling(span: Any, record: Any, message: Any) -> Iterator[None]:
         yield
 
 
+def record_received(record: Any, message: Any) -> None:
+    """A zero-length CONSUMER span for a record a batched consumer stored with others.
+
+    Batched loops (the enforcer's command lanes) handle many records in one Redis pipeline; this
+    marks each record's arrival in the trace its headers carry. No-op with tracing off.
+    """
+    if _tracer is None:
+        return
+    parent = _propagator.extract(_headers_carrier(getattr(record, "headers", None)))
+    span = _tracer.start_span(
+        f"{record.topic} process",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes=_attributes(record.topic, _key(record), message),
+    )
+    span.end()
+
+
+def current_ids() -> tuple[str, str] | None:
+    """Hex trace and span ids of the current span, for log lines; None when not tracing."""
+    if _tracer is None:
+        return None
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
+
+
 def record_error(span: Any, exc: BaseException, *, dead_lettered: bool = False) -> None:
     span.record_exception(exc)
     span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))

@@ -158,3 +158,33 @@ async def test_agent_ack_joins_the_trace_of_the_command_it_acknowledges(
     assert [link.context.trace_id for link in acknowledged.links] == [
         agent.get_span_context().trace_id
     ]
+
+
+async def test_batched_consumer_marks_each_record_in_its_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    producer = FakeProducer()
+    command = EnforcePolicy(request_id="r-2", policy=sample_policy(sequence=3))
+    await publish(producer, TOPICS.enforcer_commands, "ep-1", command)
+    record = producer.record()
+    tracing.record_received(record, command)
+    published, received = spans.get_finished_spans()
+    assert received.name == "hostiso.enforcer.commands.v1 process"
+    assert received.context.trace_id == published.context.trace_id
+    assert received.attributes is not None
+    assert received.attributes["hostiso.sequence"] == 3
+
+
+def test_log_lines_carry_the_trace_id_while_tracing(spans: InMemorySpanExporter) -> None:
+    import json
+    import logging
+
+    from shared.logs import JsonFormatter
+
+    formatter = JsonFormatter("test")
+    tracer = trace.get_tracer("test", tracer_provider=tracing._provider)
+    with tracer.start_as_current_span("work") as span:
+        line = json.loads(formatter.format(logging.makeLogRecord({"msg": "inside"})))
+    assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    outside = json.loads(formatter.format(logging.makeLogRecord({"msg": "outside"})))
+    assert "trace_id" not in outside
