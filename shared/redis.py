@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 
-def make_redis(url: str) -> Redis:
-    """A client that returns bytes; callers decode what they read."""
-    return Redis.from_url(url, decode_responses=False, health_check_interval=30)
+def make_redis(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0) -> Redis:
+    """A client with a bounded pool; callers decode the bytes they read.
+
+    The default pool opens one connection per concurrent command, so a burst (thousands of
+    long-polling agents, a hot consumer) can exhaust Redis' or the OS's limits; a blocking pool
+    makes such bursts queue for a connection instead.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout_s, health_check_interval=30
+    )
+    return Redis(connection_pool=pool, decode_responses=False)
 
 
 class Keys:

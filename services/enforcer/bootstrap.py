@@ -16,7 +16,6 @@ from services.enforcer.adapters.redis_store import (
     RedisAgentStore,
     RedisPolicyStore,
     load_or_create_dev_signing_key,
-    make_bounded_redis,
 )
 from services.enforcer.adapters.wakeups import RedisPolicyWakeups
 from services.enforcer.config import EnforcerSettings
@@ -33,6 +32,7 @@ from shared.config import ConfigError
 from shared.http import add_operational_routes, serve
 from shared.kafka import DeadLetterSink, make_consumer
 from shared.logs import configure_logging
+from shared.redis import make_redis
 from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
     wakeups = RedisPolicyWakeups(settings.redis_url, runtime.keys("enforcer", "wake"))
-    store_redis = make_bounded_redis(settings.redis_url, settings.redis_max_connections)
+    store_redis = make_redis(
+        settings.redis_url, max_connections=settings.redis_max_connections, pool_timeout_s=20
+    )
     policies = RedisPolicyStore(store_redis, runtime.keys, runtime.keys("enforcer", "wake"))
     deps = EnforcerDeps(
         enrollment_secret=enrollment_secret,

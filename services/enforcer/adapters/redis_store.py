@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.enforcer.domain import AgentIdentity, HeldPolicy, Lane, StoreOutcome
@@ -57,16 +57,6 @@ else
 end
 return 1
 """
-
-
-def make_bounded_redis(url: str, max_connections: int) -> Redis:
-    """A client whose pool is bounded: thousands of concurrent polls share a few connections.
-
-    An unbounded pool opens one connection per concurrent command, so a burst of agents would
-    exhaust Redis' client limit; a blocking pool makes the burst queue for a connection instead.
-    """
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20)
-    return Redis(connection_pool=pool, health_check_interval=30)
 
 
 def _text(value: bytes | str | None) -> str:
