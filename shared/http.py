@@ -118,7 +118,15 @@ class RequestObservability:
 async def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
     """Run uvicorn in this event loop until cancelled or signalled (SIGINT/SIGTERM)."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level.lower(), access_log=False, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=False,
+        lifespan="on",
+        # Long polls hold requests for up to a minute; on SIGTERM they are cut after a short
+        # grace (agents simply poll again) instead of delaying the shutdown until they end.
+        timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
     await server.serve()

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.domain import Lane
 from services.enforcer.handlers import EnforcerDeps, store_policy_commands
+from shared import tracing
 from shared.kafka import DeadLetterSink, TypedConsumer, describe_validation_error
 from shared.messages import EnforcePolicy, decode
 from shared.topics import Topics
@@ -105,6 +106,7 @@ class PolicyCommandLane(TypedConsumer):
                 except ValueError as exc:
                     dead.append((record, f"invalid message: {exc}"))
                     continue
+                tracing.record_received(record, message)
                 commands.append(message)
                 record_of[id(message)] = record
         result = await store_policy_commands(self._deps, commands, self.lane)
