@@ -1,70 +1,134 @@
-"""A request lane that works on the partitions of a fetched batch concurrently."""
+"""A request lane that works on the keys of a fetched batch concurrently, each key in order."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
+from contextvars import ContextVar
+from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
 from shared.kafka import DeadLetterSink, Handler, TypedConsumer, make_consumer
 from shared.runtime import Runtime
+from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
+# When the record being handled was fetched (event-loop clock). Read-your-writes needs an end
+# offset looked up AFTER the request was fetched; a lookup that started later may be shared.
+FETCHED_AT: ContextVar[float | None] = ContextVar("hostiso_isolation_fetched_at", default=None)
 
-class PartitionConcurrentConsumer(TypedConsumer):
-    """TypedConsumer whose partitions run side by side; records of one partition stay in order.
+MAX_RECORDS = 1000
+MAX_IN_FLIGHT = 256
 
-    Requests are keyed by endpoint, so one endpoint's requests share a partition and are still
-    applied one after the other; endpoints on different partitions no longer wait for each
-    other's Redis and Kafka round trips. Offsets are committed per partition only up to the last
-    record whose effects are stored and sent (at-least-once, as in TypedConsumer).
+ChainKey = tuple[TopicPartition, bytes | None]
+
+
+class KeyConcurrentConsumer(TypedConsumer):
+    """TypedConsumer whose records of different keys run side by side; one key's stay in order.
+
+    The record key is the ordering key (endpoint_id for endpoint requests, account_id for the
+    account-wide strict): only records of one key depend on each other, so they are chained in
+    offset order and every other key runs concurrently (at most ``max_in_flight`` records at a
+    time). Offsets are committed per partition only up to the first record that did not finish,
+    which keeps at-least-once: a record that failed transiently, and everything after it in its
+    partition, is fetched again after a backoff (finished records are then repeated, which the
+    handlers absorb by request id). Refused and malformed records go to the DLQ as before.
     """
+
+    def __init__(
+        self,
+        consumer: Any,
+        topics: Topics,
+        handler: Handler,
+        dlq: DeadLetterSink,
+        *,
+        name: str,
+        max_records: int = MAX_RECORDS,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        super().__init__(consumer, topics, handler, dlq, name=name, max_records=max_records)
+        self._max_in_flight = max_in_flight
 
     async def run(self) -> None:
         backoff = 0.1
+        slots = asyncio.Semaphore(self._max_in_flight)
+        loop = asyncio.get_running_loop()
         while True:
             batch = await self.consumer.getmany(timeout_ms=200, max_records=self._max_records)
             if self.consumer.assignment():
                 self.assigned.set()
             if not batch:
                 continue
-            results = await asyncio.gather(
-                *(self._run_partition(tp, records) for tp, records in batch.items())
-            )
-            commit = {tp: offset for tp, offset, _ in results if offset is not None}
+            # Set in this task's context before the chains' tasks copy it.
+            FETCHED_AT.set(loop.time())
+            commit, failed = await self._run_batch(batch, slots)
+            for tp, offset in failed.items():
+                self.consumer.seek(tp, offset)
             if commit:
                 await self.consumer.commit(commit)
-            if any(failed for _, _, failed in results):
+            if failed:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             else:
                 backoff = 0.1
 
-    async def _run_partition(
-        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
-    ) -> tuple[TopicPartition, int | None, bool]:
-        next_offset: int | None = None
+    async def _run_batch(
+        self,
+        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        slots: asyncio.Semaphore,
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        chains: dict[ChainKey, list[ConsumerRecord[bytes, bytes]]] = defaultdict(list)
+        for tp, records in batch.items():
+            for record in records:
+                chains[(tp, record.key)].append(record)
+        failed: dict[TopicPartition, int] = {}
+        await asyncio.gather(
+            *(self._run_chain(tp, records, slots, failed) for (tp, _), records in chains.items())
+        )
+        commit: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            upto = failed.get(tp, records[-1].offset + 1)
+            if upto > records[0].offset:
+                commit[tp] = upto
+        return commit, failed
+
+    async def _run_chain(
+        self,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        slots: asyncio.Semaphore,
+        failed: dict[TopicPartition, int],
+    ) -> None:
         for record in records:
-            try:
-                await self._handle_one(record)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception(
-                    "handler failed; will retry",
-                    extra={"consumer": self.name, "topic": tp.topic, "offset": record.offset},
-                )
-                self.consumer.seek(tp, record.offset)
-                return tp, next_offset, True
-            next_offset = record.offset + 1
+            async with slots:
+                try:
+                    await self._handle_one(record)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception(
+                        "handler failed; will retry",
+                        extra={"consumer": self.name, "topic": tp.topic, "offset": record.offset},
+                    )
+                    # The rest of this key's chain waits for the retry: its order must hold.
+                    failed[tp] = min(failed.get(tp, record.offset), record.offset)
+                    return
             self.processed += 1
-        return tp, next_offset, False
 
 
-def add_lane(runtime: Runtime, topic: str, *, group_id: str, handler: Handler, name: str) -> None:
-    """Register a partition-concurrent consumer with the runtime (started and supervised by it)."""
+def add_lane(
+    runtime: Runtime,
+    topic: str,
+    *,
+    group_id: str,
+    handler: Handler,
+    name: str,
+    max_in_flight: int = MAX_IN_FLIGHT,
+) -> None:
+    """Register a key-concurrent consumer with the runtime (started and supervised by it)."""
     consumer = make_consumer(
         runtime.settings.kafka_bootstrap,
         topic,
@@ -75,5 +139,7 @@ def add_lane(runtime: Runtime, topic: str, *, group_id: str, handler: Handler, n
         runtime.producer, runtime.topics, group_id, runtime.dlq_total.labels(name).inc
     )
     runtime.consumers.append(
-        PartitionConcurrentConsumer(consumer, runtime.topics, handler, dlq, name=name)
+        KeyConcurrentConsumer(
+            consumer, runtime.topics, handler, dlq, name=name, max_in_flight=max_in_flight
+        )
     )

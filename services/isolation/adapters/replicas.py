@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
+from services.isolation.adapters.lanes import FETCHED_AT
 from services.isolation.adapters.redis_store import RedisReplicaStore
 from services.isolation.domain import EndpointRecord
 from shared.kafka import DeadLetterSink, MessageRejected, describe_validation_error
@@ -57,6 +58,8 @@ class CompactedTopicReplica:
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._partitioner = DefaultPartitioner()
+        self._lookup: tuple[float, asyncio.Future[dict[int, int]]] | None = None
+        self._next_lookup: asyncio.Future[dict[int, int]] | None = None
         self.caught_up_once = False
 
     async def start(self) -> None:
@@ -134,20 +137,57 @@ class CompactedTopicReplica:
         return part
 
     async def catch_up(self, key: str, timeout: float) -> None:
-        """Wait until the replica holds everything written for ``key`` before this call."""
-        await asyncio.wait_for(self._started.wait(), timeout)
+        """Wait until the replica holds everything written for ``key`` before the request.
+
+        The request is the record being handled (its fetch time, from the lane) or, outside a
+        lane, this call. Everything acknowledged before it is below the partition's end offset
+        as looked up by any ListOffsets that STARTED after it, so concurrent callers share one
+        lookup instead of queueing a round trip each.
+        """
+        loop = asyncio.get_running_loop()
+        since = FETCHED_AT.get()
+        if since is None:
+            since = loop.time()
         part = self.partition_for(key)
-        tp = TopicPartition(self.topic, part)
-        end = (await self._offsets.end_offsets([tp]))[tp]
         try:
-            async with self._progress:
-                await asyncio.wait_for(
-                    self._progress.wait_for(lambda: self._positions.get(part, 0) >= end), timeout
-                )
+            async with asyncio.timeout(timeout):
+                await self._started.wait()
+                end = (await self._end_offsets_since(since))[part]
+                if self._positions.get(part, 0) >= end:
+                    return
+                async with self._progress:
+                    await self._progress.wait_for(lambda: self._positions.get(part, 0) >= end)
         except TimeoutError as exc:
             raise ReplicaLagError(
-                f"{self.topic}[{part}] replica did not reach offset {end} in {timeout}s"
+                f"{self.topic}[{part}] replica did not catch up in {timeout}s"
             ) from exc
+
+    async def _end_offsets_since(self, since: float) -> dict[int, int]:
+        """End offsets of every partition from a lookup that started at or after ``since``."""
+        latest = self._lookup
+        if latest is not None and latest[0] >= since:
+            lookup = latest[1]
+            if not lookup.done() or (not lookup.cancelled() and lookup.exception() is None):
+                return await asyncio.shield(lookup)
+        if self._next_lookup is None:
+            self._next_lookup = asyncio.ensure_future(self._start_lookup())
+        return await asyncio.shield(self._next_lookup)
+
+    async def _start_lookup(self) -> dict[int, int]:
+        # One lookup in flight at a time: callers arriving meanwhile all join the next one, which
+        # starts after each of them asked (so after each of their requests was fetched).
+        latest = self._lookup
+        if latest is not None and not latest[1].done():
+            await asyncio.wait([latest[1]])
+        lookup = asyncio.ensure_future(self._list_end_offsets())
+        self._lookup = (asyncio.get_running_loop().time(), lookup)
+        self._next_lookup = None
+        return await lookup
+
+    async def _list_end_offsets(self) -> dict[int, int]:
+        tps = [TopicPartition(self.topic, p) for p in self._partitions]
+        ends = await self._offsets.end_offsets(tps)
+        return {tp.partition: int(ends[tp]) for tp in tps}
 
     async def caught_up_all(self) -> bool:
         """True once the replica has read every partition to the end (readiness)."""
