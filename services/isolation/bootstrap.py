@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from services.isolation.adapters.kafka_publisher import KafkaPublisher
 from services.isolation.adapters.lanes import add_lane
+from services.isolation.adapters.redis_batch import RedisBatcher
 from services.isolation.adapters.redis_store import RedisIsolationStore, RedisReplicaStore
 from services.isolation.adapters.replicas import EndpointRegistry, SettingsReplica
 from services.isolation.adapters.settings_client import HttpSettingsClient
@@ -32,7 +33,9 @@ def build_app(
     """The FastAPI app; connections open in its lifespan, never here."""
     runtime = Runtime(settings, SERVICE)
     jwt_secret = settings.require_secret("jwt_secret")
-    replica_store = RedisReplicaStore(runtime.redis, runtime.keys)
+    # One batcher for every Redis command of the request path: concurrent handlers share pipelines.
+    batcher = RedisBatcher(runtime.redis)
+    replica_store = RedisReplicaStore(runtime.redis, runtime.keys, batcher)
     group = settings.topic_prefix + SERVICE
 
     def replica_dlq(name: str) -> DeadLetterSink:
@@ -55,7 +58,7 @@ def build_app(
         settings.catch_up_timeout_s,
     )
     service = IsolationService(
-        store=RedisIsolationStore(runtime.redis, runtime.keys),
+        store=RedisIsolationStore(runtime.redis, runtime.keys, batcher),
         settings=allowlists,
         registry=registry,
         publisher=KafkaPublisher(runtime.producer, runtime.topics),

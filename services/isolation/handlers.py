@@ -51,6 +51,9 @@ class IsolationStore(Protocol):
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]: ...
     async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]: ...
     async def outcome(self, request_key: str) -> RequestOutcome | None: ...
+    async def begin(
+        self, endpoint_id: str, request_key: str
+    ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]: ...
     async def commit(
         self,
         current_rev: int,
@@ -252,13 +255,15 @@ class IsolationService:
         action: str,
         decide: Callable[[EndpointIsolation], Decision],
     ) -> RequestOutcome:
-        prior = await self._store.outcome(request_key)
+        # The request's earlier outcome and the endpoint's state are read together (one round
+        # trip); the revision check at commit makes the pair safe to act on.
+        prior, stored, rev = await self._store.begin(endpoint_id, request_key)
         if prior is not None:
             return await self._repeat(request_key, prior, actor, action)
-        for _ in range(_MAX_CONFLICT_RETRIES):
-            current, rev = await self._store.load(endpoint_id)
-            if current is None:
-                current = EndpointIsolation(endpoint_id=endpoint_id, account_id=account_id)
+        for attempt in range(_MAX_CONFLICT_RETRIES):
+            if attempt:
+                stored, rev = await self._store.load(endpoint_id)
+            current = stored or EndpointIsolation(endpoint_id=endpoint_id, account_id=account_id)
             decision = decide(current)
             if isinstance(decision, RequestDenied):
                 await self._deny(actor, account_id, endpoint_id, action, decision)

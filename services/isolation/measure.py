@@ -43,6 +43,27 @@ from shared.messages import (
 from shared.topics import Topics
 
 ACCOUNT = "acct-measure"
+
+# The service under pyinstrument. uvicorn re-raises SIGTERM after its graceful shutdown; a
+# handler turns that into SystemExit so the report is still written.
+_PROFILED_SERVICE = """
+import signal, sys
+from pyinstrument import Profiler
+
+def _exit(*_):
+    raise SystemExit(0)
+
+signal.signal(signal.SIGTERM, _exit)
+profiler = Profiler(interval=0.002)
+profiler.start()
+try:
+    from services.isolation.bootstrap import main
+    main()
+finally:
+    profiler.stop()
+    with open(sys.argv[1], "w") as out:
+        out.write(profiler.output_text(unicode=False, color=False))
+"""
 ACTOR = Actor(sub="measure", role="soc")
 
 
@@ -184,7 +205,13 @@ async def _run_phase(
 
 
 async def _measure(
-    bootstrap: str, redis_url: str, requests: int, endpoints: int, rate: float, log_dir: Path
+    bootstrap: str,
+    redis_url: str,
+    requests: int,
+    endpoints: int,
+    rate: float,
+    log_dir: Path,
+    profile: Path | None,
 ) -> None:
     prefix = f"m{uuid.uuid4().hex[:8]}."
     topics = Topics(prefix)
@@ -202,9 +229,10 @@ async def _measure(
         HOSTISO_HTTP_PORT=str(port),
         HOSTISO_LOG_LEVEL="WARNING",
     )
-    proc = spawn(
-        [sys.executable, "-m", "services.isolation"], log_path=log_dir / "isolation.log", env=env
-    )
+    command = [sys.executable, "-m", "services.isolation"]
+    if profile is not None:
+        command = [sys.executable, "-c", _PROFILED_SERVICE, str(profile)]
+    proc = spawn(command, log_path=log_dir / "isolation.log", env=env)
     watcher = CommandWatcher(bootstrap, topics)
     try:
         await _prepare(producer, topics, endpoints)
@@ -250,6 +278,9 @@ def main(
         str | None, typer.Option(help="Kafka bootstrap (else a local one)")
     ] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL (else a local one)")] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="profile the service with pyinstrument into this file")
+    ] = None,
 ) -> None:
     """Run the measurement and print requests/s and p50/p99 latency."""
     log_dir = Path(tempfile.mkdtemp(prefix="hostiso-measure-"))
@@ -264,7 +295,7 @@ def main(
             redis_url = redis.url
         if bootstrap is None or redis_url is None:
             raise typer.BadParameter("no Kafka bootstrap or Redis URL")
-        asyncio.run(_measure(bootstrap, redis_url, requests, endpoints, rate, log_dir))
+        asyncio.run(_measure(bootstrap, redis_url, requests, endpoints, rate, log_dir, profile))
     finally:
         if redis is not None:
             redis.close()

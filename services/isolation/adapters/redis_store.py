@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
 
+from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
 from services.isolation.domain import EndpointIsolation, EndpointRecord, RequestOutcome
 from services.isolation.handlers import CommitConflictError, DuplicateRequest
 from shared.messages import AllowlistChanged
@@ -53,10 +55,11 @@ return 1
 class RedisIsolationStore:
     """Isolation state per endpoint (with a revision) and the account's isolated/pending set."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, batcher: RedisBatcher | None = None) -> None:
         self._redis = redis
         self._keys = keys
-        self._commit: Any = redis.register_script(_COMMIT)
+        self._batch = batcher or RedisBatcher(redis)
+        self._commit = BatchScript(_COMMIT)
 
     def _state_key(self, endpoint_id: str) -> str:
         return self._keys("isolation", "state", endpoint_id)
@@ -68,10 +71,21 @@ class RedisIsolationStore:
         return self._keys("isolation", "request", request_key)
 
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
-        doc, rev = await self._redis.hmget(self._state_key(endpoint_id), ["doc", "rev"])
-        if doc is None:
-            return None, 0
-        return EndpointIsolation.model_validate_json(doc), int(rev or 0)
+        doc, rev = await self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev")
+        return _isolation(doc, rev)
+
+    async def begin(
+        self, endpoint_id: str, request_key: str
+    ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]:
+        """What the request already did (if anything), and the endpoint's state and revision."""
+        (raw, sent), (doc, rev) = await asyncio.gather(
+            self._batch.command(
+                "MGET", self._request_key(request_key), self._sent_key(request_key)
+            ),
+            self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev"),
+        )
+        current, revision = _isolation(doc, rev)
+        return _outcome(raw, sent), current, revision
 
     async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]:
         if not endpoint_ids:
@@ -86,16 +100,16 @@ class RedisIsolationStore:
         return self._keys("isolation", "request-sent", request_key)
 
     async def outcome(self, request_key: str) -> RequestOutcome | None:
-        raw, sent = await self._redis.mget(
-            [self._request_key(request_key), self._sent_key(request_key)]
+        raw, sent = await self._batch.command(
+            "MGET", self._request_key(request_key), self._sent_key(request_key)
         )
-        if raw is None:
-            return None
-        return RequestOutcome.model_validate_json(raw).model_copy(update={"sent": sent is not None})
+        return _outcome(raw, sent)
 
     async def mark_sent(self, request_key: str) -> None:
         """The command left: a redelivery of the request need not send it again."""
-        await self._redis.set(self._sent_key(request_key), b"1", ex=REQUEST_OUTCOME_TTL_S)
+        await self._batch.command(
+            "SET", self._sent_key(request_key), b"1", "EX", REQUEST_OUTCOME_TTL_S
+        )
 
     async def commit(
         self,
@@ -121,7 +135,7 @@ class RedisIsolationStore:
             "1" if isolation.isolated_or_pending else "0",
             isolation.endpoint_id,
         ]
-        status, payload, *sent = await self._commit(keys=keys, args=args)
+        status, payload, *sent = await self._batch.script(self._commit, keys, args)
         if status == b"dup":
             prior = RequestOutcome.model_validate_json(payload)
             raise DuplicateRequest(prior.model_copy(update={"sent": bool(sent and sent[0])}))
@@ -136,9 +150,10 @@ class RedisIsolationStore:
 class RedisReplicaStore:
     """Replica data rebuilt from the compacted topics: allowlist per account, endpoint registry."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, batcher: RedisBatcher | None = None) -> None:
         self._redis = redis
         self._keys = keys
+        self._batch = batcher or RedisBatcher(redis)
         self._apply_settings: Any = redis.register_script(_APPLY_SETTINGS)
 
     async def apply_settings(self, event: AllowlistChanged) -> bool:
@@ -149,7 +164,9 @@ class RedisReplicaStore:
         return bool(applied)
 
     async def settings(self, account_id: str) -> AllowlistChanged | None:
-        raw = await self._redis.hget(self._keys("isolation", "settings", account_id), "doc")
+        raw = await self._batch.command(
+            "HGET", self._keys("isolation", "settings", account_id), "doc"
+        )
         return None if raw is None else AllowlistChanged.model_validate_json(raw)
 
     async def put_endpoint(self, endpoint: EndpointRecord) -> None:
@@ -158,5 +175,17 @@ class RedisReplicaStore:
         )
 
     async def endpoint(self, endpoint_id: str) -> EndpointRecord | None:
-        raw = await self._redis.get(self._keys("isolation", "endpoint", endpoint_id))
+        raw = await self._batch.command("GET", self._keys("isolation", "endpoint", endpoint_id))
         return None if raw is None else EndpointRecord.model_validate_json(raw)
+
+
+def _isolation(doc: bytes | None, rev: bytes | None) -> tuple[EndpointIsolation | None, int]:
+    if doc is None:
+        return None, 0
+    return EndpointIsolation.model_validate_json(doc), int(rev or 0)
+
+
+def _outcome(raw: bytes | None, sent: bytes | None) -> RequestOutcome | None:
+    if raw is None:
+        return None
+    return RequestOutcome.model_validate_json(raw).model_copy(update={"sent": sent is not None})

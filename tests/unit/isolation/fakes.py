@@ -36,6 +36,12 @@ class MemoryStore:
             return None
         return found.model_copy(update={"sent": request_key in self.sent})
 
+    async def begin(
+        self, endpoint_id: str, request_key: str
+    ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]:
+        state, rev = await self.load(endpoint_id)
+        return await self.outcome(request_key), state, rev
+
     async def mark_sent(self, request_key: str) -> None:
         self.sent.add(request_key)
 
