@@ -22,6 +22,7 @@ from shared.messages import (
     EnforcePolicy,
     FrozenPolicy,
     IsolateEndpoint,
+    PolicyMode,
     ReleaseEndpoint,
     StrictIsolateAccount,
     utcnow,
@@ -185,13 +186,13 @@ async def latency(
     return {"offered_per_s": round(rate, 1), "skipped_no_idle_endpoint": skipped, **_ms(latencies)}
 
 
-def _command(endpoint: str, account: str, sequence: int, mode: str) -> bytes:
+def _command(endpoint: str, account: str, sequence: int, mode: PolicyMode) -> bytes:
     policy = FrozenPolicy(
         policy_id=f"bench-{endpoint}-{sequence}",
         endpoint_id=endpoint,
         account_id=account,
         sequence=sequence,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         platform=("127.0.0.1",),
         settings_version=0,
         issued_at=utcnow(),

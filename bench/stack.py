@@ -314,6 +314,14 @@ class Stack:
         value = message if isinstance(message, bytes) else message.to_bytes()
         return await self.producer.send(topic, value, key=key.encode())
 
+    async def reset_producer(self) -> None:
+        """A fresh producer (new producer id): aiokafka's idempotent producer does not recover
+        from OutOfOrderSequenceNumber after a broker restart."""
+        with contextlib.suppress(Exception):
+            await self.producer.stop()
+        self.producer = make_producer(self.bootstrap, client_id="hostiso-bench")
+        await self.producer.start()
+
     async def close(self) -> None:
         for group in self.agents:
             group.stop()

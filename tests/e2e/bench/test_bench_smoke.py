@@ -1,0 +1,47 @@
+"""The bench and the chaos run end to end at tiny sizes on real Kafka, Redis and service processes."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench.chaos import ChaosSizes, run_chaos
+from bench.figures import BenchSizes, run_bench
+from bench.report import bench_table, chaos_table
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(autouse=True)
+def quiet_kafka_clients() -> None:
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+async def test_reduced_bench_reports_every_figure() -> None:
+    with tempfile.TemporaryDirectory(prefix="hostiso-bench-test-", dir="/dev/shm") as tmp:
+        report = await run_bench(Path(tmp), BenchSizes.tiny())
+    print(bench_table(report))
+    assert report["throughput"]["requests"] > 0
+    assert report["throughput"]["ratio"] > 0
+    assert report["latency"]["samples"] > 0
+    for case in ("idle", "priority_lane_under_backlog", "single_fifo_lane_under_backlog"):
+        assert report["priority"][case]["samples"] == BenchSizes.tiny().strict_samples
+    assert report["account_strict"]["endpoints_per_s"] > 0
+    assert report["fanout"]["delivery_large"]["samples"] > 0
+    assert report["fanout"]["enforcer_rss_mib_large"] > 0
+    assert report["footprint"]["bytes_per_isolated_endpoint"] > 0
+    assert report["footprint"]["bytes_per_account_allowlist"] > 0
+
+
+async def test_reduced_chaos_loses_nothing_and_delivers_nothing_wrong() -> None:
+    with tempfile.TemporaryDirectory(prefix="hostiso-chaos-test-", dir="/dev/shm") as tmp:
+        report = await run_chaos(Path(tmp), ChaosSizes.tiny())
+    print(chaos_table(report))
+    assert len(report["scenarios"]) == 4
+    for scenario in report["scenarios"]:
+        assert scenario["accepted"] > 0, scenario
+        assert (scenario["lost"], scenario["wrong"], scenario["duplicates"]) == (0, 0, 0), scenario
+        assert scenario.get("failures", 0) == 0, scenario
