@@ -8,13 +8,15 @@ Maven jars and a local redis-server (the default, no Docker needed).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from shared.infra import LocalKafka, LocalRedis
+from shared.infra import LocalKafka, LocalRedis, ensure_kafka_jars
+from shared.infra.kafka import KAFKA_VERSION
 from shared.kafka import ensure_topics
 from shared.topics import Topics
 
@@ -40,8 +42,18 @@ def _docker_available() -> bool:
     return True
 
 
+def _announce(config: pytest.Config, line: str) -> None:
+    """Say in the test log which infrastructure the run uses (shown even with output captured)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(f"\n[hostiso] {line}")
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
+def kafka_bootstrap(pytestconfig: pytest.Config) -> Iterator[str]:
     if os.environ.get("HOSTISO_TEST_KAFKA_BOOTSTRAP"):
         yield os.environ["HOSTISO_TEST_KAFKA_BOOTSTRAP"]
         return
@@ -52,8 +64,13 @@ def kafka_bootstrap() -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
     kafka = LocalKafka()
+    started = time.monotonic()
     kafka.start()
-    print(f"\n[hostiso] started Apache Kafka from the Maven jars at {kafka.bootstrap}")
+    _announce(
+        pytestconfig,
+        f"Apache Kafka {KAFKA_VERSION} (KRaft) started from the Maven jars in {ensure_kafka_jars()} "
+        f"at {kafka.bootstrap} in {time.monotonic() - started:.1f}s",
+    )
     try:
         yield kafka.bootstrap
     finally:
@@ -61,7 +78,7 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(pytestconfig: pytest.Config) -> Iterator[str]:
     if os.environ.get("HOSTISO_TEST_REDIS_URL"):
         yield os.environ["HOSTISO_TEST_REDIS_URL"]
         return
@@ -75,6 +92,7 @@ def redis_url() -> Iterator[str]:
         return
     redis = LocalRedis()
     redis.start()
+    _announce(pytestconfig, f"redis-server (AOF on) started at {redis.url}")
     try:
         yield redis.url
     finally:
