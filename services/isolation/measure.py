@@ -63,6 +63,8 @@ finally:
     profiler.stop()
     with open(sys.argv[1], "w") as out:
         out.write(profiler.output_text(unicode=False, color=False))
+        out.write(profiler.output_text(flat=True, show_all=True))
+        out.write(profiler.output_text(show_all=True))
 """
 ACTOR = Actor(sub="measure", role="soc")
 
@@ -71,6 +73,15 @@ def _percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
     return ordered[index]
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CommandWatcher:
@@ -250,9 +261,11 @@ async def _measure(
         await watcher.start()
         stream = RequestStream(endpoints)
         await _run_phase(producer, topics, watcher, stream, min(50, requests), None)  # warm-up
+        cpu_before = _cpu_seconds(proc.pid)
         burst_rate, burst_latency = await _run_phase(
             producer, topics, watcher, stream, requests, None
         )
+        cpu_after = _cpu_seconds(proc.pid)
         paced_count = max(20, min(requests // 4, int(rate * 15)))
         _, paced_latency = await _run_phase(producer, topics, watcher, stream, paced_count, rate)
     finally:
@@ -264,6 +277,12 @@ async def _measure(
         f"  latency request→command under the burst: p50 {statistics.median(burst_latency):.0f} ms,"
         f" p99 {_percentile(burst_latency, 99):.0f} ms"
     )
+    if cpu_before is not None and cpu_after is not None:
+        # CPU time per request is far less sensitive to a busy machine than requests/s.
+        typer.echo(
+            f"  service CPU under the burst: {(cpu_after - cpu_before) / requests * 1e6:.0f} µs"
+            " per request"
+        )
     typer.echo(
         f"paced: {paced_count} requests at {rate:.0f}/s: latency p50 "
         f"{statistics.median(paced_latency):.0f} ms, p99 {_percentile(paced_latency, 99):.0f} ms"

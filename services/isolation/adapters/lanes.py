@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextvars import ContextVar
 from typing import Any
 
@@ -54,7 +54,6 @@ class KeyConcurrentConsumer(TypedConsumer):
 
     async def run(self) -> None:
         backoff = 0.1
-        slots = asyncio.Semaphore(self._max_in_flight)
         loop = asyncio.get_running_loop()
         while True:
             batch = await self.consumer.getmany(timeout_ms=200, max_records=self._max_records)
@@ -64,7 +63,7 @@ class KeyConcurrentConsumer(TypedConsumer):
                 continue
             # Set in this task's context before the chains' tasks copy it.
             FETCHED_AT.set(loop.time())
-            commit, failed = await self._run_batch(batch, slots)
+            commit, failed = await self._run_batch(batch)
             for tp, offset in failed.items():
                 self.consumer.seek(tp, offset)
             if commit:
@@ -76,18 +75,18 @@ class KeyConcurrentConsumer(TypedConsumer):
                 backoff = 0.1
 
     async def _run_batch(
-        self,
-        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-        slots: asyncio.Semaphore,
+        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
         chains: dict[ChainKey, list[ConsumerRecord[bytes, bytes]]] = defaultdict(list)
         for tp, records in batch.items():
             for record in records:
                 chains[(tp, record.key)].append(record)
+        pending = deque(chains.items())
         failed: dict[TopicPartition, int] = {}
-        await asyncio.gather(
-            *(self._run_chain(tp, records, slots, failed) for (tp, _), records in chains.items())
-        )
+        # A fixed set of workers takes one key's chain at a time: at most max_in_flight records
+        # run at once, and one key's records never overlap.
+        workers = min(self._max_in_flight, len(pending))
+        await asyncio.gather(*(self._work(pending, failed) for _ in range(workers)))
         commit: dict[TopicPartition, int] = {}
         for tp, records in batch.items():
             upto = failed.get(tp, records[-1].offset + 1)
@@ -95,15 +94,14 @@ class KeyConcurrentConsumer(TypedConsumer):
                 commit[tp] = upto
         return commit, failed
 
-    async def _run_chain(
+    async def _work(
         self,
-        tp: TopicPartition,
-        records: list[ConsumerRecord[bytes, bytes]],
-        slots: asyncio.Semaphore,
+        pending: deque[tuple[ChainKey, list[ConsumerRecord[bytes, bytes]]]],
         failed: dict[TopicPartition, int],
     ) -> None:
-        for record in records:
-            async with slots:
+        while pending:
+            (tp, _), records = pending.popleft()
+            for record in records:
                 try:
                     await self._handle_one(record)
                 except asyncio.CancelledError:
@@ -115,8 +113,8 @@ class KeyConcurrentConsumer(TypedConsumer):
                     )
                     # The rest of this key's chain waits for the retry: its order must hold.
                     failed[tp] = min(failed.get(tp, record.offset), record.offset)
-                    return
-            self.processed += 1
+                    break
+                self.processed += 1
 
 
 def add_lane(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
@@ -22,6 +23,37 @@ from shared.topics import TopicName, Topics
 log = logging.getLogger(__name__)
 
 Apply = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
+
+
+SETTINGS_CACHE_SIZE = 10_000
+ENDPOINT_CACHE_SIZE = 100_000
+
+T = TypeVar("T")
+
+
+class NewestCache(Generic[T]):
+    """A bounded in-memory copy of replica entries that only ever moves to a newer version."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[int, T]] = OrderedDict()
+
+    def get(self, key: str) -> T | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def offer(self, key: str, value: T, version: int) -> None:
+        """Keep ``value`` unless the cache holds a newer (or as new) version of ``key``."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] >= version:
+            return
+        self._entries[key] = (version, value)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
 
 
 class ReplicaLagError(Exception):
@@ -202,7 +234,12 @@ class CompactedTopicReplica:
 
 
 class SettingsReplica:
-    """The accounts' allowlists, from ``settings.allowlist.v1``."""
+    """The accounts' allowlists, from ``settings.allowlist.v1``.
+
+    Besides Redis, the newest allowlists this process applied are kept in memory (bounded): the
+    replica updates them right after Redis, before its position moves, so after a catch-up the
+    memory copy is as new as Redis would be; a miss reads Redis.
+    """
 
     def __init__(
         self,
@@ -211,9 +248,11 @@ class SettingsReplica:
         topics: Topics,
         dlq: DeadLetterSink,
         catch_up_timeout: float,
+        cache_size: int = SETTINGS_CACHE_SIZE,
     ) -> None:
         self._store = store
         self._timeout = catch_up_timeout
+        self._cache: NewestCache[AllowlistChanged] = NewestCache(cache_size)
         self.replica = CompactedTopicReplica(
             bootstrap, topics, TopicName.SETTINGS_ALLOWLIST, self._apply, dlq
         )
@@ -228,19 +267,26 @@ class SettingsReplica:
                 "allowlist replica updated",
                 extra={"account_id": event.account_id, "settings_version": event.version},
             )
+        self._cache.offer(event.account_id, event, event.version)
 
     async def current(self, account_id: str) -> AllowlistChanged | None:
         """The allowlist including every change acknowledged before this call."""
         await self.replica.catch_up(account_id, self._timeout)
-        return await self._store.settings(account_id)
+        return await self.known(account_id)
 
     async def known(self, account_id: str) -> AllowlistChanged | None:
         """The allowlist as the replica has it now, without waiting."""
-        return await self._store.settings(account_id)
+        cached = self._cache.get(account_id)
+        if cached is not None:
+            return cached
+        found = await self._store.settings(account_id)
+        if found is not None:
+            self._cache.offer(account_id, found, found.version)
+        return found
 
 
 class EndpointRegistry:
-    """Endpoint → account, hostname, platform, from ``endpoints.v1``."""
+    """Endpoint → account, hostname, platform, from ``endpoints.v1`` (recent ones also in memory)."""
 
     def __init__(
         self,
@@ -249,27 +295,42 @@ class EndpointRegistry:
         topics: Topics,
         dlq: DeadLetterSink,
         catch_up_timeout: float,
+        cache_size: int = ENDPOINT_CACHE_SIZE,
     ) -> None:
         self._store = store
         self._timeout = catch_up_timeout
+        # Registrations are versioned by the order the replica applies them: its own writes
+        # replace an entry, a read from Redis only fills a missing one (it may be older).
+        self._cache: NewestCache[EndpointRecord] = NewestCache(cache_size)
+        self._applied = 0
         self.replica = CompactedTopicReplica(
             bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq
         )
 
     async def _apply(self, event: EndpointRegistered, record: ConsumerRecord[bytes, bytes]) -> None:
-        await self._store.put_endpoint(
-            EndpointRecord(
-                endpoint_id=event.endpoint_id,
-                account_id=event.account_id,
-                hostname=event.hostname,
-                platform=event.platform,
-            )
+        endpoint = EndpointRecord(
+            endpoint_id=event.endpoint_id,
+            account_id=event.account_id,
+            hostname=event.hostname,
+            platform=event.platform,
         )
+        await self._store.put_endpoint(endpoint)
+        self._applied += 1
+        self._cache.offer(endpoint.endpoint_id, endpoint, self._applied)
 
     async def get(self, endpoint_id: str) -> EndpointRecord | None:
         """The endpoint; if unknown, first catch up with registrations made before this call."""
-        found = await self._store.endpoint(endpoint_id)
+        found = await self._lookup(endpoint_id)
         if found is not None:
             return found
         await self.replica.catch_up(endpoint_id, self._timeout)
-        return await self._store.endpoint(endpoint_id)
+        return await self._lookup(endpoint_id)
+
+    async def _lookup(self, endpoint_id: str) -> EndpointRecord | None:
+        cached = self._cache.get(endpoint_id)
+        if cached is not None:
+            return cached
+        found = await self._store.endpoint(endpoint_id)
+        if found is not None:
+            self._cache.offer(endpoint_id, found, 0)
+        return found
