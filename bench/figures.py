@@ -547,6 +547,7 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
         }
 
         relay = await bare_relay_rate(stack.bootstrap, sizes.relay_messages)
+        cpu_before = stack.cpu_by_process()
         pipe = await throughput(
             driver, pipeline.endpoints, sizes.throughput_requests, sizes.throughput_max_s
         )
@@ -556,7 +557,12 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
             "ratio": round(pipe["requests_per_s"] / relay, 3),
             "goal_ratio_min": 0.4,
         }
-        pipe["requests_per_s"] = round(pipe["requests_per_s"], 1)
+        report["throughput"]["requests_per_s"] = round(pipe["requests_per_s"], 1)
+        # Which process the pipeline's CPU went to (2 shared cores: the busiest one caps it).
+        report["throughput"]["cpu_s_by_process"] = {
+            name: round(used - cpu_before.get(name, 0.0), 1)
+            for name, used in stack.cpu_by_process().items()
+        }
         report["throughput"]["hops"] = await hops(stack)
         rate = sizes.latency_load_fraction * report["throughput"]["requests_per_s"]
         report["latency"] = await latency(driver, pipeline.endpoints, rate, sizes.latency_seconds)

@@ -46,6 +46,15 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class ServiceProc:
     """One service run as ``python -m services.<name>`` (optionally under pyinstrument)."""
@@ -161,6 +170,11 @@ class AgentGroup:
 
     def stop(self) -> None:
         stop(self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def held(self) -> dict[str, dict[str, Any]]:
         """What each agent holds now, from its state file: endpoint → {sequence, policy}."""
@@ -321,6 +335,13 @@ class Stack:
             await self.producer.stop()
         self.producer = make_producer(self.bootstrap, client_id="hostiso-bench")
         await self.producer.start()
+
+    def cpu_by_process(self) -> dict[str, float]:
+        out = {name: cpu_seconds(s.pid) for name, s in self.services.items() if s.alive()}
+        for group in self.agents:
+            out[f"agents:{group.account_id}({group.count})"] = cpu_seconds(group.pid)
+        out["bench driver"] = cpu_seconds(os.getpid())
+        return out
 
     async def close(self) -> None:
         for group in self.agents:
