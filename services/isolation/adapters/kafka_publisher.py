@@ -6,11 +6,13 @@ import asyncio
 from typing import Any
 
 from services.isolation.domain import Lane
+from shared import tracing
 from shared.kafka import publish
 from shared.messages import (
     AuditRecorded,
     EnforcePolicy,
     IsolateEndpoint,
+    Message,
     ReleaseEndpoint,
     StrictIsolateAccount,
 )
@@ -30,10 +32,22 @@ class KafkaPublisher:
             if lane == "priority"
             else self._topics.enforcer_commands
         )
+        # Both records are handed to the producer before waiting: they ride the batches it
+        # builds for every request in flight, and the caller returns once both are acknowledged.
         await asyncio.gather(
-            publish(self._producer, topic, command.policy.endpoint_id, command),
-            self.send_audit(audit),
+            await self._enqueue(topic, command.policy.endpoint_id, command),
+            await self._enqueue(self._topics.audit, audit.account_id or "", audit),
         )
+
+    async def _enqueue(self, topic: str, key: str, message: Message) -> asyncio.Future[Any]:
+        """The acknowledgement of ``message``, once the producer holds it."""
+        if tracing.enabled():
+            # publish() adds the trace context to the record's headers.
+            return asyncio.ensure_future(publish(self._producer, topic, key, message))
+        future: asyncio.Future[Any] = await self._producer.send(
+            topic, message.to_bytes(), key=key.encode()
+        )
+        return future
 
     async def send_audit(self, audit: AuditRecorded) -> None:
         await publish(self._producer, self._topics.audit, audit.account_id or "", audit)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
@@ -41,6 +40,15 @@ end
 return {'ok', ''}
 """
 
+# A request's earlier outcome, whether its command left, and the endpoint's state: one round trip.
+# Missing values come back as '' (a Lua nil would cut the reply short).
+_BEGIN = """
+local outcome = redis.call('GET', KEYS[1]) or ''
+local sent = redis.call('EXISTS', KEYS[2]) == 1 and '1' or ''
+local state = redis.call('HMGET', KEYS[3], 'doc', 'rev')
+return {outcome, sent, state[1] or '', state[2] or ''}
+"""
+
 # Events may be redelivered or replayed from the start: only a newer version replaces the replica.
 _APPLY_SETTINGS = """
 local cur = redis.call('HGET', KEYS[1], 'version')
@@ -60,6 +68,7 @@ class RedisIsolationStore:
         self._keys = keys
         self._batch = batcher or RedisBatcher(redis)
         self._commit = BatchScript(_COMMIT)
+        self._begin = BatchScript(_BEGIN)
 
     def _state_key(self, endpoint_id: str) -> str:
         return self._keys("isolation", "state", endpoint_id)
@@ -78,14 +87,17 @@ class RedisIsolationStore:
         self, endpoint_id: str, request_key: str
     ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]:
         """What the request already did (if anything), and the endpoint's state and revision."""
-        (raw, sent), (doc, rev) = await asyncio.gather(
-            self._batch.command(
-                "MGET", self._request_key(request_key), self._sent_key(request_key)
-            ),
-            self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev"),
+        raw, sent, doc, rev = await self._batch.script(
+            self._begin,
+            [
+                self._request_key(request_key),
+                self._sent_key(request_key),
+                self._state_key(endpoint_id),
+            ],
+            [],
         )
-        current, revision = _isolation(doc, rev)
-        return _outcome(raw, sent), current, revision
+        current, revision = _isolation(doc or None, rev or None)
+        return _outcome(raw or None, sent or None), current, revision
 
     async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]:
         if not endpoint_ids:

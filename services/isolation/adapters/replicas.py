@@ -176,11 +176,22 @@ class CompactedTopicReplica:
         as looked up by any ListOffsets that STARTED after it, so concurrent callers share one
         lookup instead of queueing a round trip each.
         """
-        loop = asyncio.get_running_loop()
         since = FETCHED_AT.get()
         if since is None:
-            since = loop.time()
+            since = asyncio.get_running_loop().time()
         part = self.partition_for(key)
+        latest = self._lookup
+        if (
+            latest is not None
+            and latest[0] >= since
+            and latest[1].done()
+            and not latest[1].cancelled()
+            and latest[1].exception() is None
+            and self._positions.get(part, 0) >= latest[1].result()[part]
+        ):
+            # The usual case under load: a finished lookup that started after the request was
+            # fetched, and the replica already past it.
+            return
         try:
             async with asyncio.timeout(timeout):
                 await self._started.wait()
