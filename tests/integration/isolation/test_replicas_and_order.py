@@ -99,6 +99,17 @@ async def test_sequences_strictly_increase_when_both_lanes_touch_one_endpoint(h:
 async def test_strict_request_overtakes_a_backlog_of_normal_requests(h: Harness) -> None:
     endpoints = [f"ep-bk{i}" for i in range(100)]
     await asyncio.gather(*(h.register(e, "acct-bk") for e in [*endpoints, "ep-urgent"]))
+    # The normal lane drains a backlog quickly now: hold it, so the backlog is certainly there
+    # when the strict request arrives (one shared lane would hold the strict request too).
+    normal = next(c for c in h.app.state.runtime.consumers if c.name == "requests")
+    gate = asyncio.Event()
+    handle = normal._handler
+
+    async def held(message: object, record: object) -> None:
+        await gate.wait()
+        await handle(message, record)
+
+    normal._handler = held
     backlog = []
     for round_ in range(4):
         for endpoint in endpoints:
@@ -113,15 +124,19 @@ async def test_strict_request_overtakes_a_backlog_of_normal_requests(h: Harness)
                 )
             )
     await asyncio.gather(*backlog)
-    response = await h.http.post(
-        "/v1/endpoints/ep-urgent/isolation", json={"mode": "strict"}, headers=h.token()
-    )
-    assert response.status_code == 202
-    await wait_for(
-        lambda: h.processed("requests-priority") >= 1, timeout=30, message="strict request"
-    )
-    (strict,) = await h.commands(expect=1, priority=True)
-    assert strict.policy.endpoint_id == "ep-urgent"
-    # The strict request was applied while the normal lane still held a backlog (one shared
-    # lane would have applied it only after all of them).
-    assert h.processed("requests") < len(backlog)
+    try:
+        response = await h.http.post(
+            "/v1/endpoints/ep-urgent/isolation", json={"mode": "strict"}, headers=h.token()
+        )
+        assert response.status_code == 202
+        await wait_for(
+            lambda: h.processed("requests-priority") >= 1, timeout=30, message="strict request"
+        )
+        (strict,) = await h.commands(expect=1, priority=True)
+        assert strict.policy.endpoint_id == "ep-urgent"
+        # The strict request was applied while the normal lane still held its whole backlog.
+        assert h.processed("requests") == 0
+    finally:
+        gate.set()
+    await h.wait_processed("requests", len(backlog))
+    assert len(await h.commands(expect=len(backlog))) == len(backlog)
