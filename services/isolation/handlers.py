@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from shared.messages import (
 log = logging.getLogger(__name__)
 
 _MAX_CONFLICT_RETRIES = 100
+_ACCOUNT_STRICT_CONCURRENCY = 256
 
 
 # --- ports ----------------------------------------------------------------------------
@@ -203,17 +205,17 @@ class IsolationService:
         actor = request.requested_by
         await self._authorize(actor, request.account_id, "isolation.strict_account", None)
         settings = await self._settings.known(request.account_id)
-        covered = 0
-        issued = 0
         # Isolating comes first: a compromised RMM is cut off even if the settings service is
         # down; a failing switch-off raises after this and the redelivery repeats only that.
-        for endpoint_id in await self._store.active_endpoints(request.account_id):
+        endpoints = await self._store.active_endpoints(request.account_id)
+
+        async def tighten_endpoint(endpoint_id: str) -> RequestOutcome:
             ctx = self._context(actor, request.reason)
 
-            def tighten(current: EndpointIsolation, ctx: PolicyContext = ctx) -> Decision:
+            def tighten(current: EndpointIsolation) -> Decision:
                 return decide_isolation(current, "strict", ctx, settings)
 
-            outcome = await self._apply(
+            return await self._apply(
                 endpoint_id,
                 request.account_id,
                 f"{request.request_id}:{endpoint_id}",
@@ -221,8 +223,15 @@ class IsolationService:
                 "isolation.strict_account",
                 tighten,
             )
-            covered += 1
-            issued += outcome.kind == "policy"
+
+        # Endpoints are independent (each has its own state, revision and request key), so they
+        # are tightened side by side, a bounded number at a time.
+        outcomes: list[RequestOutcome] = []
+        for start in range(0, len(endpoints), _ACCOUNT_STRICT_CONCURRENCY):
+            chunk = endpoints[start : start + _ACCOUNT_STRICT_CONCURRENCY]
+            outcomes += await asyncio.gather(*(tighten_endpoint(e) for e in chunk))
+        covered = len(outcomes)
+        issued = sum(outcome.kind == "policy" for outcome in outcomes)
         audit_outcome: Literal["ok", "rejected"] = "ok"
         detail = f"covered {covered} endpoints"
         if request.disable_allowlist:
