@@ -155,7 +155,7 @@ def build_loops(config: AgentConfig, http: httpx.AsyncClient, stats: AgentStats)
                     config.account_id, config.hostname + suffix, config.platform
                 ),
                 client=client,
-                store=StateStore(state_dir),
+                store=StateStore(state_dir, durable=not config.simulated),
                 firewall=_firewall(config),
                 enrollment_key=_enrollment_key_source(config, http),
                 stats=stats,

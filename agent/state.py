@@ -41,9 +41,12 @@ class AgentState(BaseModel):
 class StateStore:
     """One JSON file in the state directory, replaced atomically (write, fsync, rename)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, durable: bool = True) -> None:
         self.directory = directory
         self.path = directory / "agent-state.json"
+        # A real host must find its policy after a power loss (fsync). A simulated agent enforces
+        # nothing, and thousands of them in one process would queue on the disk instead.
+        self.durable = durable
 
     def load(self) -> AgentState:
         try:
@@ -73,7 +76,8 @@ class StateStore:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if self.durable:
+                    os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)
         except BaseException:

@@ -11,7 +11,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+)
 from pydantic import ValidationError
 
 from shared import tracing
@@ -21,6 +27,15 @@ from shared.topics import TOPIC_SPECS, TopicName, Topics
 log = logging.getLogger(__name__)
 
 DLQ_PAYLOAD_LIMIT = 64 * 1024
+
+
+# Producer errors after which aiokafka's idempotent producer keeps failing until it is replaced.
+PRODUCER_STATE_ERRORS: tuple[type[Exception], ...] = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
 
 
 class LazyClient:
@@ -35,6 +50,8 @@ class LazyClient:
         self._factory = factory
         self._what = what
         self._client: Any = None
+        self._broken: Any = None
+        self._rebuild_lock = asyncio.Lock()
         # Records the broker acknowledged, by topic (producers only): read by /metrics.
         self.records_acked: Counter[str] = Counter()
 
@@ -66,19 +83,52 @@ class LazyClient:
 
     async def send_and_wait(self, topic: str, *args: Any, **kwargs: Any) -> Any:
         """The producer's ``send_and_wait``, counted once the broker acknowledged it."""
-        metadata = await self.__getattr__("send_and_wait")(topic, *args, **kwargs)
+        await self._rebuild_if_broken()
+        client = self._client
+        try:
+            metadata = await self.__getattr__("send_and_wait")(topic, *args, **kwargs)
+        except PRODUCER_STATE_ERRORS:
+            self._broken = client
+            raise
         self.records_acked[topic] += 1
         return metadata
 
     async def send(self, topic: str, *args: Any, **kwargs: Any) -> Any:
         """The producer's ``send``; the returned future counts the record when acknowledged."""
+        await self._rebuild_if_broken()
+        client = self._client
         future = await self.__getattr__("send")(topic, *args, **kwargs)
-        future.add_done_callback(lambda done: self._count_acked(topic, done))
+        future.add_done_callback(lambda done: self._on_sent(topic, client, done))
         return future
 
-    def _count_acked(self, topic: str, done: asyncio.Future[Any]) -> None:
-        if not done.cancelled() and done.exception() is None:
+    def _on_sent(self, topic: str, client: Any, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is None:
             self.records_acked[topic] += 1
+        elif isinstance(error, PRODUCER_STATE_ERRORS):
+            self._broken = client
+
+    async def _rebuild_if_broken(self) -> None:
+        """Replace a producer whose idempotence state the broker no longer accepts.
+
+        After a broker restart aiokafka's idempotent producer can fail every later send with
+        OutOfOrderSequenceNumber / UnknownProducerId and never recover. The failed send was
+        already reported to its caller (who retries: consumers rewind, HTTP answers 503); a new
+        producer gets a new producer id, so the retry goes through.
+        """
+        if self._broken is None:
+            return
+        async with self._rebuild_lock:
+            broken, self._broken = self._broken, None
+            if broken is None or broken is not self._client:
+                return
+            log.warning("%s lost its idempotent-producer state; rebuilding it", self._what)
+            self._client = None
+            with contextlib.suppress(Exception):
+                await broken.stop()
+            await self.start()
 
 
 def make_producer(bootstrap: str, *, linger_ms: int = 5, client_id: str = "hostiso") -> Any:

@@ -21,7 +21,11 @@ class EnforcerSettings(ServiceSettings):
         description="Redis connections this process may open; requests queue for one beyond that.",
     )
     normal_lane_batch: int = Field(
-        1000, ge=1, le=10_000, description="Records per batch on the normal command lane."
+        200,
+        ge=1,
+        le=10_000,
+        description="Records per batch on the normal command lane; small enough that the"
+        " priority lane, on the same event loop, never waits long behind one batch.",
     )
     priority_lane_batch: int = Field(
         100, ge=1, le=10_000, description="Records per batch on the priority command lane."
