@@ -31,5 +31,13 @@ run: sysdeps $(STAMP) jars
 test: sysdeps $(STAMP) jars lint
 	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
 
+## Benchmarks (reduced sizes; BENCH_ARGS=--full for the issue's sizes): JSON report + table.
+bench: sysdeps $(STAMP) jars
+	$(PY) -m bench $(BENCH_ARGS)
+
+## Fault injection (reduced; CHAOS_ARGS=--full): lost / wrong / duplicates per scenario, all must be 0.
+chaos: sysdeps $(STAMP) jars
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
