@@ -12,8 +12,6 @@ Topology (addresses from the 198.18.0.0/15 benchmarking range):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -29,8 +27,8 @@ from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
 from shared.enrollment import enrollment_key
 from shared.infra.proc import free_port
 from shared.topics import Topics
-from tests.e2e.agent.test_nftables_netns import _read_line
 from tests.helpers import ServiceProcess, wait_for
+from tests.netns import read_line, requires_netns, run
 
 ROOT = Path(__file__).resolve().parents[2]
 PLATFORM_ROOT, PLATFORM_HOST = "198.18.1.1", "198.18.1.2"
@@ -41,22 +39,7 @@ ACCOUNT = "acct-netns"
 SOC = {"Authorization": f"Bearer {mint_token(DEV_JWT_SECRET, sub='soc-e2e', role='soc')}"}
 
 
-def _missing_prerequisite() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for network namespaces and nftables"
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            return f"needs `{tool}` (packages iproute2 and nftables; .ci/run installs them)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(
-    _missing_prerequisite() is not None, reason=str(_missing_prerequisite())
-)
-
-
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=30)
+pytestmark = requires_netns
 
 
 class Lab:
@@ -75,11 +58,11 @@ class Lab:
 
     def setup(self) -> None:
         for ns in (self.host, self.peer):
-            _run("ip", "netns", "add", ns)
+            run("ip", "netns", "add", ns)
             self.namespaces.append(ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
         root_if, host_up = f"hir{self.suffix}", f"hiu{self.suffix}"
-        _run(
+        run(
             "ip",
             "link",
             "add",
@@ -93,12 +76,12 @@ class Lab:
             self.host,
         )
         self.links.append(root_if)
-        _run("ip", "addr", "add", f"{PLATFORM_ROOT}/24", "dev", root_if)
-        _run("ip", "link", "set", root_if, "up")
-        _run("ip", "-n", self.host, "addr", "add", f"{PLATFORM_HOST}/24", "dev", host_up)
-        _run("ip", "-n", self.host, "link", "set", host_up, "up")
+        run("ip", "addr", "add", f"{PLATFORM_ROOT}/24", "dev", root_if)
+        run("ip", "link", "set", root_if, "up")
+        run("ip", "-n", self.host, "addr", "add", f"{PLATFORM_HOST}/24", "dev", host_up)
+        run("ip", "-n", self.host, "link", "set", host_up, "up")
         host_if, peer_if = f"hih{self.suffix}", f"hip{self.suffix}"
-        _run(
+        run(
             "ip",
             "link",
             "add",
@@ -113,11 +96,11 @@ class Lab:
             "netns",
             self.peer,
         )
-        _run("ip", "-n", self.host, "addr", "add", f"{HOST_IP}/24", "dev", host_if)
+        run("ip", "-n", self.host, "addr", "add", f"{HOST_IP}/24", "dev", host_if)
         for address in (PEER_IP, RMM, UNLISTED):
-            _run("ip", "-n", self.peer, "addr", "add", f"{address}/24", "dev", peer_if)
-        _run("ip", "-n", self.host, "link", "set", host_if, "up")
-        _run("ip", "-n", self.peer, "link", "set", peer_if, "up")
+            run("ip", "-n", self.peer, "addr", "add", f"{address}/24", "dev", peer_if)
+        run("ip", "-n", self.host, "link", "set", host_if, "up")
+        run("ip", "-n", self.peer, "link", "set", peer_if, "up")
         self.serve(self.peer, PEER_PORT)
         self.serve(self.host, LISTENER_PORT)
 
@@ -131,11 +114,11 @@ class Lab:
             self.ns_python(ns, "-m", "tests.e2e.agent.netprobe", "serve", str(port)),
             stdout=subprocess.PIPE,
         )
-        assert _read_line(proc, 15) == "ready"
+        assert read_line(proc, 15) == "ready"
 
     def probe(self, ns: str, *targets: str, source: str | None = None) -> dict[str, bool]:
         extra = ["--timeout", "0.75", *(["--source", source] if source else [])]
-        out = _run(*self.ns_python(ns, "-m", "tests.e2e.agent.netprobe", "probe", *extra, *targets))
+        out = run(*self.ns_python(ns, "-m", "tests.e2e.agent.netprobe", "probe", *extra, *targets))
         result: dict[str, bool] = json.loads(out.stdout)
         return result
 
@@ -161,7 +144,7 @@ class Lab:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )  # fmt: skip
-        assert _read_line(proc, 15) == "connected"
+        assert read_line(proc, 15) == "connected"
         return proc
 
     @staticmethod
@@ -169,10 +152,10 @@ class Lab:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        return _read_line(proc, 10)
+        return read_line(proc, 10)
 
     def table_exists(self) -> bool:
-        listed = _run(
+        listed = run(
             "ip", "netns", "exec", self.host, "nft", "list", "table", "inet", "hostiso", check=False
         )
         return listed.returncode == 0
@@ -183,9 +166,9 @@ class Lab:
         for proc in self.procs:
             proc.wait(timeout=10)
         for link in self.links:
-            _run("ip", "link", "del", link, check=False)
+            run("ip", "link", "del", link, check=False)
         for ns in self.namespaces:
-            _run("ip", "netns", "del", ns, check=False)
+            run("ip", "netns", "del", ns, check=False)
 
 
 @pytest.fixture

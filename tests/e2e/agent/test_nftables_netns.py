@@ -8,9 +8,6 @@ allowlisted RMM and an unlisted server as addresses of one echo server. Addresse
 from __future__ import annotations
 
 import json
-import os
-import select
-import shutil
 import subprocess
 import sys
 import uuid
@@ -23,6 +20,7 @@ import pytest
 from agent.addresses import HostFacts
 from agent.nft import render_ruleset, rules_sha256
 from shared.messages import FrozenPolicy, PolicyMode, SignedPolicy
+from tests.netns import read_line, requires_netns, run
 from tests.unit.agent.policies import TestSigner, make_policy
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,26 +30,7 @@ PORT, LISTENER_PORT = 8080, 9000
 TABLE = "hostiso"
 
 
-def _missing_prerequisite() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for network namespaces and nftables"
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            return f"needs `{tool}` (packages iproute2 and nftables)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(
-    _missing_prerequisite() is not None, reason=str(_missing_prerequisite())
-)
-
-
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise AssertionError(f"no output from {proc.args!r} within {timeout}s")
-    return proc.stdout.readline().strip()
+pytestmark = requires_netns
 
 
 class NetLab:
@@ -68,7 +47,7 @@ class NetLab:
 
     @staticmethod
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(args, check=check, capture_output=True, text=True, timeout=30)
+        return run(*args, check=check)
 
     def exec_args(self, ns: str, *args: str) -> list[str]:
         return ["ip", "netns", "exec", ns, *args]
@@ -102,7 +81,7 @@ class NetLab:
 
     def start_server(self, ns: str, port: int) -> None:
         proc = self.spawn(self.python_args(ns, "tests.e2e.agent.netprobe", "serve", str(port)))
-        assert _read_line(proc, 15) == "ready"
+        assert read_line(proc, 15) == "ready"
 
     def probe(self, ns: str, *targets: str, source: str | None = None) -> dict[str, bool]:
         # A dropped SYN only times out; the bound keeps negative probes short.
@@ -133,7 +112,7 @@ class NetLab:
                 "--source", source, f"{HOST_IP}:{LISTENER_PORT}",
             )
         )  # fmt: skip
-        assert _read_line(proc, 15) == "connected"
+        assert read_line(proc, 15) == "connected"
         return proc
 
     @staticmethod
@@ -141,7 +120,7 @@ class NetLab:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        return _read_line(proc, 10)
+        return read_line(proc, 10)
 
     def apply(
         self, state_dir: Path, signed: SignedPolicy, platform_probe: str = f"{PLATFORM}:{PORT}"
