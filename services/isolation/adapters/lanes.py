@@ -67,6 +67,8 @@ class KeyConcurrentConsumer(TypedConsumer):
             for tp, offset in failed.items():
                 self.consumer.seek(tp, offset)
             if commit:
+                if self._on_batch_done is not None:
+                    await self._on_batch_done()
                 await self.consumer.commit(commit)
             if failed:
                 await asyncio.sleep(backoff)
