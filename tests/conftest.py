@@ -7,6 +7,7 @@ Maven jars and a local redis-server (the default, no Docker needed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -17,6 +18,7 @@ import pytest
 
 from shared.infra import LocalKafka, LocalRedis, ensure_kafka_jars
 from shared.infra.kafka import KAFKA_VERSION
+from shared.infra.proc import free_port
 from shared.kafka import ensure_topics
 from shared.topics import Topics
 
@@ -52,16 +54,49 @@ def _announce(config: pytest.Config, line: str) -> None:
         reporter.write_line(f"\n[hostiso] {line}")
 
 
+@contextlib.contextmanager
+def _apache_kafka_container() -> Iterator[str]:
+    """The official apache/kafka image, single KRaft node, advertised on a fixed host port.
+
+    testcontainers' KafkaContainer targets Confluent's images, so the official image is run as a
+    generic container: the advertised listener must name the host port, hence the fixed binding.
+    """
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    port = free_port()
+    container = (
+        DockerContainer("apache/kafka:4.1.1")
+        .with_bind_ports(9092, port)
+        .with_envs(
+            KAFKA_NODE_ID="1",
+            KAFKA_PROCESS_ROLES="broker,controller",
+            KAFKA_LISTENERS="PLAINTEXT://:9092,CONTROLLER://:9093",
+            KAFKA_ADVERTISED_LISTENERS=f"PLAINTEXT://127.0.0.1:{port}",
+            KAFKA_CONTROLLER_LISTENER_NAMES="CONTROLLER",
+            KAFKA_LISTENER_SECURITY_PROTOCOL_MAP="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            KAFKA_CONTROLLER_QUORUM_VOTERS="1@localhost:9093",
+            KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1",
+            KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0",
+            KAFKA_AUTO_CREATE_TOPICS_ENABLE="false",
+        )
+    )
+    with container:
+        wait_for_logs(container, "Kafka Server started", timeout=120)
+        yield f"127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(pytestconfig: pytest.Config) -> Iterator[str]:
     if os.environ.get("HOSTISO_TEST_KAFKA_BOOTSTRAP"):
         yield os.environ["HOSTISO_TEST_KAFKA_BOOTSTRAP"]
         return
     if _docker_available():
-        from testcontainers.kafka import KafkaContainer
-
-        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
-            yield container.get_bootstrap_server()
+        with _apache_kafka_container() as bootstrap:
+            _announce(pytestconfig, f"Apache Kafka (KRaft) in Docker at {bootstrap}")
+            yield bootstrap
         return
     kafka = LocalKafka()
     started = time.monotonic()
@@ -83,7 +118,7 @@ def redis_url(pytestconfig: pytest.Config) -> Iterator[str]:
         yield os.environ["HOSTISO_TEST_REDIS_URL"]
         return
     if _docker_available():
-        from testcontainers.redis import RedisContainer
+        from testcontainers.community.redis import RedisContainer
 
         with RedisContainer("redis:7").with_command("redis-server --appendonly yes") as container:
             host = container.get_container_host_ip()
