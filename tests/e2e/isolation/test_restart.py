@@ -115,8 +115,14 @@ async def test_sigkill_mid_stream_loses_no_request_and_issues_no_wrong_policy(
         stream = requests(topics)
         assert len(stream) == 1000
 
+        killed = asyncio.Event()
+
         async def publish_stream() -> None:
             for start in range(0, len(stream), 50):
+                if start == len(stream) * 3 // 4:
+                    # The service keeps pace with this producer: hold the last quarter until the
+                    # kill, so the kill always lands mid-stream, however fast the service is.
+                    await killed.wait()
                 # The idempotent producer keeps each partition's order with several in flight.
                 futures = [
                     await producer.send(topic, msg.to_bytes(), key=key.encode())
@@ -132,6 +138,7 @@ async def test_sigkill_mid_stream_loses_no_request_and_issues_no_wrong_policy(
             message="150 commands before the kill",
         )
         first.kill()
+        killed.set()
         before_kill = len(await all_commands(kafka_bootstrap, topics))
         await publishing
 
