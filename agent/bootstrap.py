@@ -7,6 +7,8 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -141,14 +143,38 @@ def _enrollment_key_source(config: AgentConfig, http: httpx.AsyncClient) -> Enro
     return fixed if config.enrollment_key else from_settings
 
 
-def build_loops(config: AgentConfig, http: httpx.AsyncClient, stats: AgentStats) -> list[AgentLoop]:
+# An agent has at most a poll and a report in flight; a spare slot covers a report racing a
+# poll that is being torn down.
+AGENT_POOL_LIMITS = httpx.Limits(
+    max_connections=3, max_keepalive_connections=2, keepalive_expiry=60
+)
+
+
+def agent_http_client(tls: ssl.SSLContext) -> httpx.AsyncClient:
+    """One agent's own connection pool.
+
+    Simulated agents must not share a pool: httpcore walks every connection of a pool (and asks
+    each idle socket whether it is readable) each time a request is queued or released, so one
+    pool for N long-polling agents costs O(N) per request, which was 30 ms a policy at N=360.
+    The TLS context is shared because building one per client loads the CA bundle each time.
+    """
+    return httpx.AsyncClient(verify=tls, limits=AGENT_POOL_LIMITS)
+
+
+def build_loops(
+    config: AgentConfig,
+    http: httpx.AsyncClient,
+    stats: AgentStats,
+    agent_http: Callable[[], httpx.AsyncClient] | None = None,
+) -> list[AgentLoop]:
+    """The agents of ``config``; each gets its own client from ``agent_http`` (else ``http``)."""
     validate_config(config)
-    client = EnforcerClient(config.enforcer_url, http)
     key = PinnedKey.from_base64(config.signing_public_key) if config.signing_public_key else None
     loops = []
     for index in range(config.count):
         suffix = f"-{index}" if config.count > 1 else ""
         state_dir = config.state_dir / f"agent{suffix}" if config.count > 1 else config.state_dir
+        client = EnforcerClient(config.enforcer_url, agent_http() if agent_http else http)
         loops.append(
             AgentLoop(
                 identity=AgentIdentity(
@@ -176,9 +202,18 @@ async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> 
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
     stats = AgentStats()
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=config.count + 10)
-    async with httpx.AsyncClient(limits=limits) as http:
-        loops = build_loops(config, http, stats)
+    tls = ssl.create_default_context()
+    async with contextlib.AsyncExitStack() as clients:
+
+        def agent_http() -> httpx.AsyncClient:
+            client = agent_http_client(tls)
+            clients.push_async_callback(client.aclose)
+            return client
+
+        # The shared client only fetches enrollment keys from the settings service (dev).
+        http = httpx.AsyncClient(verify=tls)
+        clients.push_async_callback(http.aclose)
+        loops = build_loops(config, http, stats, agent_http)
 
         async def run_one(agent: AgentLoop) -> None:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -83,6 +84,8 @@ def main(
 ) -> None:
     """Enroll, long-poll for signed policies, enforce them, report back."""
     configure_logging("agent", log_level, log_json)
+    # httpx logs every request at INFO: a line per long poll and per report drowns what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not account_id:
         raise typer.BadParameter("--account-id is required", param_hint="--account-id")
     try:

@@ -134,11 +134,24 @@ class AgentGroup:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     endpoints: list[str] = field(default_factory=list)
+    profile_path: Path | None = None
+    # "pyisession" keeps every frame, for `pyinstrument --load=PATH --show-all` afterwards.
+    profile_renderer: str = "text"
 
     def start(self, enforcer_url: str, env: dict[str, str], poll_wait: float) -> None:
+        runner = [sys.executable]
+        if self.profile_path is not None:
+            runner += [
+                "-m",
+                "pyinstrument",
+                "-r",
+                self.profile_renderer,
+                "-o",
+                str(self.profile_path),
+            ]
         self.proc = spawn(
             [
-                sys.executable,
+                *runner,
                 "-m",
                 "agent",
                 "--simulated",
@@ -169,6 +182,12 @@ class AgentGroup:
         )
 
     def stop(self) -> None:
+        if self.profile_path is not None and self.proc is not None and self.proc.poll() is None:
+            # pyinstrument writes its report when the program ends on KeyboardInterrupt.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(60)
         stop(self.proc)
 
     @property
@@ -278,7 +297,13 @@ class Stack:
         await service.wait_ready()
 
     async def start_agents(
-        self, account_id: str, count: int, *, poll_wait: float = 20.0, timeout: float = 300.0
+        self,
+        account_id: str,
+        count: int,
+        *,
+        poll_wait: float = 20.0,
+        timeout: float = 300.0,
+        profile: str | None = None,
     ) -> AgentGroup:
         """Start ``count`` simulated agents and wait until each one's enrollment is on endpoints.v1."""
         index = len(self.agents)
@@ -287,6 +312,8 @@ class Stack:
             count=count,
             state_dir=self.workdir / f"agents{index}",
             log_path=self.workdir / f"agents{index}.log",
+            profile_path=self.workdir / f"agents{index}.profile.{profile}" if profile else None,
+            profile_renderer=profile or "text",
         )
         group.start(self.services["enforcer"].url, self.base_env(), poll_wait)
         self.agents.append(group)
