@@ -68,4 +68,9 @@ class EnforcerMetrics:
                     self.delivery.labels(state).set(count)
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh delivery-state gauges: %r", exc)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # On Python 3.11 a cancel that lands inside a Redis call can be swallowed by
+                # redis-py's wait_for/timeout: honour it, or shutdown waits on this loop forever.
+                raise asyncio.CancelledError
             await asyncio.sleep(interval)
