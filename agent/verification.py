@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from cryptography.exceptions import InvalidSignature
@@ -41,6 +42,11 @@ class PinnedKey:
     raw: bytes
     key_id: str
 
+    @cached_property
+    def public_key(self) -> Ed25519PublicKey:
+        """Parsed once per key rather than once per verified policy."""
+        return Ed25519PublicKey.from_public_bytes(self.raw)
+
     @classmethod
     def from_base64(cls, value: str) -> PinnedKey:
         try:
@@ -74,9 +80,7 @@ def verify_policy(
     except (binascii.Error, ValueError) as exc:
         raise PolicyRefusedError("signature", "signature is not valid base64") from exc
     try:
-        Ed25519PublicKey.from_public_bytes(key.raw).verify(
-            signature, canonical_policy_bytes(signed.policy)
-        )
+        key.public_key.verify(signature, canonical_policy_bytes(signed.policy))
     except InvalidSignature as exc:
         raise PolicyRefusedError(
             "signature", "signature does not verify (policy tampered or wrong key)"

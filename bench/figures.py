@@ -50,6 +50,8 @@ class BenchSizes:
     fanout_small: int = 10
     fanout_samples: int = 20
     allowlist_entries: int = 5
+    # Simulated agents per agent process (the agents of one account are split over processes).
+    agents_per_process: int = 100
 
     @classmethod
     def full(cls) -> BenchSizes:
@@ -63,6 +65,7 @@ class BenchSizes:
             strict_samples=30,
             account_endpoints=10_000,
             fanout_samples=40,
+            agents_per_process=250,
         )
 
     @classmethod
@@ -78,6 +81,7 @@ class BenchSizes:
             fanout_small=5,
             fanout_samples=8,
             allowlist_entries=2,
+            agents_per_process=20,
         )
 
 
@@ -523,14 +527,20 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
             await add_allowlist(stack, account, sizes.allowlist_entries, i + 1)
 
         # Figure 5, first half: delivery with only a few agents waiting.
-        few = await stack.start_agents("acct-fanout", sizes.fanout_small)
+        per_process = sizes.agents_per_process
+        few = await stack.start_agents("acct-fanout", sizes.fanout_small, per_process=per_process)
         await wait_waiting(stack, sizes.fanout_small)
         small = await delivery(driver, few.endpoints, "acct-fanout", sizes.fanout_samples)
         rss_small = rss_kib(enforcer_pid)
 
-        pipeline = await stack.start_agents("acct-bench", sizes.pipeline_agents)
+        pipeline = await stack.start_agents(
+            "acct-bench", sizes.pipeline_agents, per_process=per_process
+        )
         strict_group = await stack.start_agents(
-            "acct-strict", sizes.account_endpoints, timeout=max(300.0, sizes.account_endpoints / 20)
+            "acct-strict",
+            sizes.account_endpoints,
+            timeout=max(300.0, sizes.account_endpoints / 20),
+            per_process=per_process,
         )
         total_agents = sizes.fanout_small + sizes.pipeline_agents + sizes.account_endpoints
         waiting = await wait_waiting(stack, total_agents)
@@ -558,6 +568,8 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
             "goal_ratio_min": 0.4,
         }
         report["throughput"]["requests_per_s"] = round(pipe["requests_per_s"], 1)
+        report["throughput"]["pipeline_agents"] = sizes.pipeline_agents
+        report["throughput"]["pipeline_agent_processes"] = len(pipeline.procs)
         # Which process the pipeline's CPU went to (2 shared cores: the busiest one caps it).
         report["throughput"]["cpu_s_by_process"] = {
             name: round(used - cpu_before.get(name, 0.0), 1)

@@ -101,7 +101,23 @@ def bench_table(report: dict[str, Any]) -> str:
             "incl. history + replica",
         ),
     ]
-    return table(("figure", "value", "note"), rows)
+    out = table(("figure", "value", "note"), rows)
+    cpu = t.get("cpu_s_by_process")
+    if cpu:
+        out += (
+            f"\n\nCPU seconds per process during figure 1 ({t['seconds']} s wall; "
+            f"{t.get('pipeline_agents', '?')} pipeline agents in "
+            f"{t.get('pipeline_agent_processes', '?')} processes)\n"
+        )
+        out += table(("process", "cpu s"), sorted(cpu.items(), key=lambda kv: -kv[1]))
+    hops = t.get("hops")
+    if hops:
+        out += "\n\nWhere figure 1's time goes (per request)\n"
+        out += table(
+            ("hop", "p50 ms", "p95 ms", "p99 ms"),
+            [(name, h["p50_ms"], h["p95_ms"], h["p99_ms"]) for name, h in hops.items()],
+        )
+    return out
 
 
 def chaos_table(report: dict[str, Any]) -> str:

@@ -124,21 +124,41 @@ class ServiceProc:
         raise TimeoutError(f"{self.name} not ready after {timeout}s (log: {self.log_path})")
 
 
+# Simulated agents per process: one Python process serving every agent would be what the
+# benchmark measures (one core at most), not the enforcer and the pipeline in front of it.
+AGENTS_PER_PROCESS = 100
+
+
 @dataclass
 class AgentGroup:
-    """``python -m agent --simulated --count N`` for one account, and the endpoints it enrolled."""
+    """Simulated agents of one account, ``per_process`` to a ``python -m agent --simulated``
+    process, and the endpoints they enrolled."""
 
     account_id: str
     count: int
     state_dir: Path
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    per_process: int = AGENTS_PER_PROCESS
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     endpoints: list[str] = field(default_factory=list)
     profile_path: Path | None = None
     # "pyisession" keeps every frame, for `pyinstrument --load=PATH --show-all` afterwards.
     profile_renderer: str = "text"
 
+    @property
+    def shares(self) -> list[int]:
+        """Agents per process: as even as possible, none above ``per_process``."""
+        processes = max(1, -(-self.count // max(1, self.per_process)))
+        base, extra = divmod(self.count, processes)
+        return [base + (1 if i < extra else 0) for i in range(processes)]
+
     def start(self, enforcer_url: str, env: dict[str, str], poll_wait: float) -> None:
+        for index, count in enumerate(self.shares):
+            self.procs.append(self._spawn(index, count, enforcer_url, env, poll_wait))
+
+    def _spawn(
+        self, index: int, count: int, enforcer_url: str, env: dict[str, str], poll_wait: float
+    ) -> subprocess.Popen[bytes]:
         runner = [sys.executable]
         if self.profile_path is not None:
             runner += [
@@ -147,16 +167,16 @@ class AgentGroup:
                 "-r",
                 self.profile_renderer,
                 "-o",
-                str(self.profile_path),
+                f"{self.profile_path}.p{index}",
             ]
-        self.proc = spawn(
+        return spawn(
             [
                 *runner,
                 "-m",
                 "agent",
                 "--simulated",
                 "--count",
-                str(self.count),
+                str(count),
                 "--account-id",
                 self.account_id,
                 "--enrollment-key",
@@ -164,9 +184,9 @@ class AgentGroup:
                 "--enforcer-url",
                 enforcer_url,
                 "--hostname",
-                f"{self.account_id}-host",
+                f"{self.account_id}-host-p{index}",
                 "--state-dir",
-                str(self.state_dir),
+                str(self.state_dir / f"p{index}"),
                 "--platform-addresses",
                 "127.0.0.1",
                 "--dns-resolvers",
@@ -182,23 +202,30 @@ class AgentGroup:
         )
 
     def stop(self) -> None:
-        if self.profile_path is not None and self.proc is not None and self.proc.poll() is None:
+        if self.profile_path is not None:
             # pyinstrument writes its report when the program ends on KeyboardInterrupt.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(60)
-        stop(self.proc)
+            running = [p for p in self.procs if p.poll() is None]
+            for proc in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
+            for proc in running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(60)
+        for proc in self.procs:
+            stop(proc)
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    @property
+    def label(self) -> str:
+        return f"agents:{self.account_id}({self.count} in {len(self.procs)} proc)"
 
     def held(self) -> dict[str, dict[str, Any]]:
         """What each agent holds now, from its state file: endpoint → {sequence, policy}."""
         out: dict[str, dict[str, Any]] = {}
-        for path in self.state_dir.glob("agent-*/agent-state.json"):
+        for path in self.state_dir.rglob("agent-state.json"):
             with contextlib.suppress(OSError, orjson.JSONDecodeError):
                 state = orjson.loads(path.read_bytes())
                 if state.get("agent_id"):
@@ -304,6 +331,7 @@ class Stack:
         poll_wait: float = 20.0,
         timeout: float = 300.0,
         profile: str | None = None,
+        per_process: int = AGENTS_PER_PROCESS,
     ) -> AgentGroup:
         """Start ``count`` simulated agents and wait until each one's enrollment is on endpoints.v1."""
         index = len(self.agents)
@@ -314,6 +342,7 @@ class Stack:
             log_path=self.workdir / f"agents{index}.log",
             profile_path=self.workdir / f"agents{index}.profile.{profile}" if profile else None,
             profile_renderer=profile or "text",
+            per_process=per_process,
         )
         group.start(self.services["enforcer"].url, self.base_env(), poll_wait)
         self.agents.append(group)
@@ -366,7 +395,7 @@ class Stack:
     def cpu_by_process(self) -> dict[str, float]:
         out = {name: cpu_seconds(s.pid) for name, s in self.services.items() if s.alive()}
         for group in self.agents:
-            out[f"agents:{group.account_id}({group.count})"] = cpu_seconds(group.pid)
+            out[group.label] = sum(cpu_seconds(pid) for pid in group.pids)
         out["bench driver"] = cpu_seconds(os.getpid())
         return out
 

@@ -26,6 +26,11 @@ async def test_reduced_bench_reports_every_figure() -> None:
     print(bench_table(report))
     assert report["throughput"]["requests"] > 0
     assert report["throughput"]["ratio"] > 0
+    # 30 pipeline agents at 20 per process: the agent side is not one Python process.
+    assert report["throughput"]["pipeline_agent_processes"] == 2
+    assert any(
+        name.startswith("agents:acct-bench") for name in report["throughput"]["cpu_s_by_process"]
+    )
     assert report["latency"]["samples"] > 0
     for case in ("idle", "priority_lane_under_backlog", "single_fifo_lane_under_backlog"):
         assert report["priority"][case]["samples"] == BenchSizes.tiny().strict_samples
