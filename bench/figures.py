@@ -39,7 +39,7 @@ class BenchSizes:
     """How big each measurement is; the defaults are the reduced (CI-sized) run."""
 
     pipeline_agents: int = 200
-    throughput_requests: int = 1500
+    throughput_requests: int = 5000
     throughput_max_s: float = 40.0
     relay_messages: int = 5000
     latency_seconds: float = 8.0

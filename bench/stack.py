@@ -397,6 +397,10 @@ class Stack:
         for group in self.agents:
             out[group.label] = sum(cpu_seconds(pid) for pid in group.pids)
         out["bench driver"] = cpu_seconds(os.getpid())
+        # The broker and Redis share the same 2 cores: their CPU is part of the pipeline's cost.
+        out["kafka broker(s)"] = sum(cpu_seconds(n.proc.pid) for n in self.kafka.nodes if n.proc)
+        if self.redis.proc is not None:
+            out["redis"] = cpu_seconds(self.redis.proc.pid)
         return out
 
     async def close(self) -> None:
