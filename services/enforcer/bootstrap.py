@@ -19,7 +19,7 @@ from services.enforcer.adapters.redis_store import (
 )
 from services.enforcer.adapters.wakeups import RedisPolicyWakeups
 from services.enforcer.config import EnforcerSettings
-from services.enforcer.consumers import PolicyCommandLane
+from services.enforcer.consumers import PolicyCommandLane, PriorityGate
 from services.enforcer.domain import NORMAL_LANE, PRIORITY_LANE, Lane
 from services.enforcer.handlers import EnforcerDeps
 from services.enforcer.signing import (
@@ -61,6 +61,7 @@ def _add_lane(
     lane: Lane,
     topic: str,
     max_records: int,
+    gate: PriorityGate,
 ) -> PolicyCommandLane:
     settings = runtime.settings
     # One group per lane: each lane commits and lags on its own, so the priority lane's
@@ -83,6 +84,7 @@ def _add_lane(
         deps=deps,
         metrics=metrics,
         max_records=max_records,
+        gate=gate,
     )
     runtime.consumers.append(lane_consumer)
     return lane_consumer
@@ -108,6 +110,8 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         signer_or_none=signer,
     )
     metrics = EnforcerMetrics(runtime.registry, lambda: wakeups.waiting_count)
+    # The normal lane gives way while the priority lane holds a batch (same event loop).
+    gate = PriorityGate()
     lanes = {
         PRIORITY_LANE: _add_lane(
             runtime,
@@ -116,6 +120,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
             lane=PRIORITY_LANE,
             topic=runtime.topics.enforcer_commands_priority,
             max_records=settings.priority_lane_batch,
+            gate=gate,
         ),
         NORMAL_LANE: _add_lane(
             runtime,
@@ -124,6 +129,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
             lane=NORMAL_LANE,
             topic=runtime.topics.enforcer_commands,
             max_records=settings.normal_lane_batch,
+            gate=gate,
         ),
     }
 

@@ -21,7 +21,7 @@ class EnforcerSettings(ServiceSettings):
         description="Redis connections this process may open; requests queue for one beyond that.",
     )
     normal_lane_batch: int = Field(
-        200,
+        50,
         ge=1,
         le=10_000,
         description="Records per batch on the normal command lane; small enough that the"

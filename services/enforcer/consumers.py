@@ -12,7 +12,7 @@ from aiokafka.errors import IllegalStateError
 from pydantic import ValidationError
 
 from services.enforcer.adapters.metrics import EnforcerMetrics
-from services.enforcer.domain import Lane
+from services.enforcer.domain import PRIORITY_LANE, Lane
 from services.enforcer.handlers import EnforcerDeps, store_policy_commands
 from shared import tracing
 from shared.kafka import DeadLetterSink, TypedConsumer, describe_validation_error
@@ -26,6 +26,32 @@ Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
 async def _no_single_record_handler(message: Any, record: Record) -> None:
     raise RuntimeError("command lanes handle whole batches, not single records")
+
+
+class PriorityGate:
+    """Lets the normal lane give way while the priority lane has a batch in hand.
+
+    Both lanes share one event loop. Without the gate a strict command fetched by the priority
+    lane waits behind whatever normal batch holds the loop; with it, the normal lane stops
+    before its next batch until the priority batch is stored and committed (guarantee 5).
+    """
+
+    def __init__(self) -> None:
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
 
 class PolicyCommandLane(TypedConsumer):
@@ -47,6 +73,7 @@ class PolicyCommandLane(TypedConsumer):
         deps: EnforcerDeps,
         metrics: EnforcerMetrics,
         max_records: int,
+        gate: PriorityGate | None = None,
         poll_timeout_ms: int = 200,
     ) -> None:
         super().__init__(
@@ -61,6 +88,7 @@ class PolicyCommandLane(TypedConsumer):
         self._deps = deps
         self._metrics = metrics
         self._poll_timeout_ms = poll_timeout_ms
+        self._gate = gate
 
     async def run(self) -> None:
         backoff = 0.1
@@ -72,6 +100,10 @@ class PolicyCommandLane(TypedConsumer):
                 self.assigned.set()
             if not batch:
                 continue
+            if self._gate is not None and self.lane == PRIORITY_LANE:
+                self._gate.enter()
+            elif self._gate is not None:
+                await self._gate.wait_idle()
             try:
                 await self._apply(batch)
             except asyncio.CancelledError:
@@ -82,6 +114,9 @@ class PolicyCommandLane(TypedConsumer):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            finally:
+                if self._gate is not None and self.lane == PRIORITY_LANE:
+                    self._gate.leave()
             backoff = 0.1
 
     def _rewind(self, batch: dict[TopicPartition, list[Record]]) -> None:
