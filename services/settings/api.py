@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,7 +12,6 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from redis.exceptions import RedisError
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from services.settings.domain import (
     Allowlist,
@@ -358,7 +356,7 @@ def error_body(error: SettingsError) -> dict[str, Any]:
 
 
 def install(app: FastAPI, metrics: SettingsMetrics) -> None:
-    """Add the routes, the error mapping and the request metrics to ``app``."""
+    """Add the routes and the error mapping to ``app`` (shared.http counts the requests)."""
     app.include_router(router)
 
     @app.exception_handler(NotPublishedError)
@@ -382,22 +380,3 @@ def install(app: FastAPI, metrics: SettingsMetrics) -> None:
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": "2"},
         )
-
-    app.add_middleware(_RequestMetrics, metrics=metrics)
-
-
-class _RequestMetrics(BaseHTTPMiddleware):
-    def __init__(self, app: Any, metrics: SettingsMetrics) -> None:
-        super().__init__(app)
-        self._metrics = metrics
-
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        self._metrics.requests.labels(template, request.method, str(response.status_code)).inc()
-        self._metrics.request_seconds.labels(template, request.method).observe(
-            time.perf_counter() - started
-        )
-        return response

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the settings service: requests, outbox depth, publish latency."""
+"""Prometheus metrics of the settings service: outbox depth, publish latency (HTTP requests are counted by shared.http)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,6 @@ class SettingsMetrics:
     """The service's own metrics, registered in the runtime's registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "hostiso_settings_http_requests_total",
-            "HTTP requests by route template, method and status",
-            ["route", "method", "status"],
-            registry=registry,
-        )
-        self.request_seconds = Histogram(
-            "hostiso_settings_http_request_seconds",
-            "HTTP request duration by route template",
-            ["route", "method"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
         self.outbox_depth = Gauge(
             "hostiso_settings_outbox_depth",
             "Committed allowlist changes not yet published to Kafka",

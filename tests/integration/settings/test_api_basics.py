@@ -85,7 +85,7 @@ async def test_docs_health_ready_and_metrics_are_served(module_app: SettingsApp)
     assert ready.status_code == 200 and ready.json()["ready"]
     metrics = (await client.get("/metrics")).text
     for name in (
-        "hostiso_settings_http_requests_total",
+        "hostiso_http_requests_total",
         "hostiso_settings_outbox_depth",
         "hostiso_settings_publish_latency_seconds",
     ):
