@@ -25,6 +25,7 @@ from shared.kafka import (
     make_producer,
 )
 from shared.redis import Keys, make_redis
+from shared.tasks import cancel_and_wait
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,7 @@ class Runtime:
                     self.consumer_lag.labels(typed.name).set(lag)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for typed in self.consumers:
             with contextlib.suppress(Exception):

@@ -11,6 +11,7 @@ from typing import Any
 
 from services.settings.adapters.redis_store import OutboxRecord, RedisAllowlistStore
 from services.settings.metrics import SettingsMetrics
+from shared.tasks import cancel_and_wait, raise_if_cancelling
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,7 @@ class OutboxRelay:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self.leader:
             self.leader = False
@@ -117,6 +114,7 @@ class OutboxRelay:
                 # Redis client errors (timeouts, connection resets) must not end the relay.
                 log.warning("relay lease check failed: %r", exc)
                 self.leader = False
+                raise_if_cancelling()
             self._metrics.relay_leader.set(1 if self.leader else 0)
             await asyncio.sleep(interval)
 
@@ -134,6 +132,7 @@ class OutboxRelay:
                 # Kafka unreachable or refusing: the entries stay in the outbox and are retried.
                 self._metrics.publish_failures.inc()
                 log.warning("outbox relay pass failed; retrying in %.1fs: %r", backoff, exc)
+                raise_if_cancelling()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -144,6 +143,7 @@ class OutboxRelay:
     async def _wait_wake(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self._idle_s)
+        raise_if_cancelling()
         self._wake.clear()
 
     async def publish_pending(self) -> int:
