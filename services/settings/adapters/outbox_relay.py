@@ -92,6 +92,7 @@ class OutboxRelay:
             progress = self._progress
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(progress.wait(), min(remaining, 0.05))
+            raise_if_cancelling()
 
     def _signal_progress(self) -> None:
         self._progress.set()
