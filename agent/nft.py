@@ -99,6 +99,11 @@ def _render_isolation(peers: PermittedPeers, table: str) -> str:
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy drop;",
         '\t\toif "lo" accept',
+        # A TCP flow conntrack did not see start (opened before conntrack was active in this
+        # namespace) is picked up mid-stream with the direction of its first packet seen: were
+        # that a packet the host sends on an inbound session from a permitted address, the
+        # session would pass as "opened by the host". Only a SYN may start a tracked TCP flow.
+        "\t\tct state new tcp flags & (fin | syn | rst | ack) != syn drop",
         # The host's own flows only (original direction): replies to an inbound session opened
         # before isolation are dropped here too.
         "\t\tct direction original ip daddr @platform4 accept",
