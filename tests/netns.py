@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +38,25 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     if not ready:
         raise AssertionError(f"no output from {proc.args!r} within {timeout}s")
     return proc.stdout.readline().strip()
+
+
+def probe(ns: str, *targets: str, source: str | None = None) -> dict[str, bool]:
+    """From namespace ``ns``: which ``HOST:PORT`` targets accept a TCP connection.
+
+    A dropped SYN only times out; the short bound keeps negative probes quick.
+    """
+    extra = ["--timeout", "0.75", *(["--source", source] if source else [])]
+    out = run(
+        "ip", "netns", "exec", ns, sys.executable, "-m", "tests.e2e.agent.netprobe", "probe",
+        *extra, *targets,
+    )  # fmt: skip
+    result: dict[str, bool] = json.loads(out.stdout)
+    return result
+
+
+def session_send(proc: subprocess.Popen[str]) -> str:
+    """Send once more on an open netprobe session: "echo", or "cut: <why>"."""
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return read_line(proc, 10)

@@ -28,7 +28,7 @@ from shared.enrollment import enrollment_key
 from shared.infra.proc import free_port
 from shared.topics import Topics
 from tests.helpers import ServiceProcess, wait_for
-from tests.netns import read_line, requires_netns, run
+from tests.netns import probe, read_line, requires_netns, run, session_send
 
 ROOT = Path(__file__).resolve().parents[2]
 PLATFORM_ROOT, PLATFORM_HOST = "198.18.1.1", "198.18.1.2"
@@ -116,11 +116,7 @@ class Lab:
         )
         assert read_line(proc, 15) == "ready"
 
-    def probe(self, ns: str, *targets: str, source: str | None = None) -> dict[str, bool]:
-        extra = ["--timeout", "0.75", *(["--source", source] if source else [])]
-        out = run(*self.ns_python(ns, "-m", "tests.e2e.agent.netprobe", "probe", *extra, *targets))
-        result: dict[str, bool] = json.loads(out.stdout)
-        return result
+    probe = staticmethod(probe)
 
     def reachability(self, enforcer_port: int) -> dict[str, bool]:
         targets = {
@@ -147,12 +143,7 @@ class Lab:
         assert read_line(proc, 15) == "connected"
         return proc
 
-    @staticmethod
-    def session_send(proc: subprocess.Popen[str]) -> str:
-        assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        return read_line(proc, 10)
+    session_send = staticmethod(session_send)
 
     def table_exists(self) -> bool:
         listed = run(

@@ -20,7 +20,7 @@ import pytest
 from agent.addresses import HostFacts
 from agent.nft import render_ruleset, rules_sha256
 from shared.messages import FrozenPolicy, PolicyMode, SignedPolicy
-from tests.netns import read_line, requires_netns, run
+from tests.netns import probe, read_line, requires_netns, run, session_send
 from tests.unit.agent.policies import TestSigner, make_policy
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -83,13 +83,7 @@ class NetLab:
         proc = self.spawn(self.python_args(ns, "tests.e2e.agent.netprobe", "serve", str(port)))
         assert read_line(proc, 15) == "ready"
 
-    def probe(self, ns: str, *targets: str, source: str | None = None) -> dict[str, bool]:
-        # A dropped SYN only times out; the bound keeps negative probes short.
-        extra = ["--timeout", "0.75", *(["--source", source] if source else [])]
-        out = self.run(
-            *self.python_args(ns, "tests.e2e.agent.netprobe", "probe", *extra, *targets)
-        ).stdout
-        return {k: v for k, v in json.loads(out).items()}
+    probe = staticmethod(probe)
 
     def outbound(self) -> dict[str, bool]:
         """From ``host``: which of platform / RMM / unlisted answer."""
@@ -115,12 +109,7 @@ class NetLab:
         assert read_line(proc, 15) == "connected"
         return proc
 
-    @staticmethod
-    def session_send(proc: subprocess.Popen[str]) -> str:
-        assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        return read_line(proc, 10)
+    session_send = staticmethod(session_send)
 
     def apply(
         self, state_dir: Path, signed: SignedPolicy, platform_probe: str = f"{PLATFORM}:{PORT}"
