@@ -11,7 +11,11 @@ from fastapi import FastAPI
 from portal import mount_portal
 from services.settings import api
 from services.settings.adapters.audit import KafkaAuditSink
-from services.settings.adapters.outbox_relay import OutboxRelay
+from services.settings.adapters.outbox_relay import (
+    OutboxRelay,
+    make_relay_producer,
+    relay_transactional_id,
+)
 from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
 from services.settings.handlers import SettingsHandlers
@@ -30,7 +34,11 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     store = RedisAllowlistStore(runtime.redis, lambda *parts: runtime.keys(SERVICE, *parts))
     relay = OutboxRelay(
         store,
-        runtime.producer,
+        make_relay_producer(
+            settings.kafka_bootstrap,
+            relay_transactional_id(runtime.topics),
+            client_id=f"hostiso-{SERVICE}-relay-{settings.instance_id}",
+        ),
         runtime.topics,
         metrics,
         lease_ms=settings.relay_lease_ms,
