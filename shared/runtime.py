@@ -93,7 +93,14 @@ class Runtime:
         await _retry(self.redis.ping, "redis")
         if create_topics:
             await _retry(
-                lambda: ensure_topics(self.settings.kafka_bootstrap, self.topics), "kafka topics"
+                lambda: ensure_topics(
+                    self.settings.kafka_bootstrap,
+                    self.topics,
+                    replication_factor=self.settings.topic_replication_factor,
+                    min_insync_replicas=self.settings.topic_min_insync_replicas,
+                    partitions=self.settings.topic_partition_counts,
+                ),
+                "kafka topics",
             )
         await _retry(self.producer.start, "kafka producer")
         for typed in self.consumers:
