@@ -117,6 +117,9 @@ class MemoryPublisher:
     ) -> None:
         self.requests.append((lane, request))
 
+    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None:
+        self.requests.extend((lane, request) for request in requests)
+
 
 class MemorySettingsClient:
     def __init__(self) -> None:
