@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+
+CLUSTER_SCHEME = "redis+cluster://"
 
 
 def make_redis(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0) -> Redis:
@@ -16,6 +19,23 @@ def make_redis(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5
         url, max_connections=max_connections, timeout=pool_timeout_s, health_check_interval=30
     )
     return Redis(connection_pool=pool, decode_responses=False)
+
+
+def is_cluster_url(url: str) -> bool:
+    """``redis+cluster://host:port`` (or ``rediss+cluster://``) names a Redis Cluster."""
+    return url.startswith((CLUSTER_SCHEME, "rediss+cluster://"))
+
+
+def make_redis_cluster(url: str, *, max_connections: int = 64) -> RedisCluster:
+    """A Redis Cluster client bootstrapped from any node of ``url``; it discovers the rest.
+
+    Scripts must keep every key in one hash slot (the cluster refuses CROSSSLOT scripts), and
+    redis-py reloads a script on a node that answers NOSCRIPT (e.g. a promoted replica).
+    """
+    plain = url.replace("+cluster", "", 1) if is_cluster_url(url) else url
+    return RedisCluster.from_url(
+        plain, max_connections=max_connections, decode_responses=False, health_check_interval=30
+    )
 
 
 class Keys:
