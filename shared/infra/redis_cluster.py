@@ -63,16 +63,12 @@ class LocalRedisCluster:
         if self.root is None:
             self.root = Path(tempfile.mkdtemp(prefix="hostiso-redis-cluster-"))
             self._owns_dir = True
+        taken: set[int] = set()
         for index in range(self.masters * (1 + self.replicas)):
-            # The bus port is given, not derived (port + 10000 may be taken or above 65535).
-            node = _ClusterNode(
-                port=free_port(), bus_port=free_port(), workdir=self.root / f"node-{index}"
-            )
+            node = _ClusterNode(port=0, bus_port=0, workdir=self.root / f"node-{index}")
             node.workdir.mkdir(parents=True, exist_ok=True)
             self.nodes.append(node)
-            self._spawn(node)
-        for node in self.nodes:
-            wait_port(node.port, timeout=timeout, proc=node.proc, log_path=node.log_path)
+            self._start_on_free_ports(node, taken, timeout)
         result = subprocess.run(
             [
                 _redis_cli(),
@@ -95,6 +91,30 @@ class LocalRedisCluster:
             )
         self.wait_healthy(timeout=timeout)
         return self
+
+    def _start_on_free_ports(self, node: _ClusterNode, taken: set[int], timeout: float) -> None:
+        # The bus port is given, not derived (port + 10000 may be taken or above 65535). A port
+        # found free can be taken by another process before the node binds it: try new ones.
+        for attempt in range(3):
+            node.port, node.bus_port = self._two_free_ports(taken)
+            self._spawn(node)
+            try:
+                wait_port(node.port, timeout=timeout, proc=node.proc, log_path=node.log_path)
+                return
+            except RuntimeError:
+                stop(node.proc, kill=True)
+                if attempt == 2:
+                    raise
+
+    @staticmethod
+    def _two_free_ports(taken: set[int]) -> tuple[int, int]:
+        ports: list[int] = []
+        while len(ports) < 2:
+            port = free_port()
+            if port not in taken:
+                taken.add(port)
+                ports.append(port)
+        return ports[0], ports[1]
 
     def _spawn(self, node: _ClusterNode) -> None:
         node.proc = spawn(
