@@ -36,6 +36,10 @@ class ServiceSettings(BaseSettings):
     dev: bool = Field(False, description="Dev mode: allows the marked dev secrets.")
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = Field(
+        False,
+        description="The Redis URL names a node of a Redis Cluster (also: a redis+cluster:// URL).",
+    )
     topic_prefix: str = "hostiso."
     redis_prefix: str = "hostiso:"
     http_host: str = "127.0.0.1"

@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import zlib
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 CLUSTER_SCHEME = "redis+cluster://"
+
+# Either client: every store uses only commands both have, and keeps each script in one slot.
+RedisClient = Redis | RedisCluster
+
+# Keys are grouped into this many hash-tag buckets per kind. A script touches only keys of one
+# bucket (one Redis Cluster slot); account-wide reads gather the account's keys from every
+# bucket. Fixed for a deployment: changing it moves keys.
+SLOT_BUCKETS = 64
+
+
+def bucket_of(value: str, buckets: int = SLOT_BUCKETS) -> int:
+    """The bucket of an id (CRC-32, stable across processes and languages)."""
+    return zlib.crc32(value.encode()) % buckets
+
+
+def slot_tag(kind: str, value: str) -> str:
+    """The hash tag that puts every key of ``value`` (an endpoint, an account) in one slot."""
+    return "{" + f"{kind}{bucket_of(value):02d}" + "}"
+
+
+def bucket_tags(kind: str, buckets: int = SLOT_BUCKETS) -> list[str]:
+    """Every hash tag of ``kind``, for reads that gather one account's keys from all buckets."""
+    return ["{" + f"{kind}{bucket:02d}" + "}" for bucket in range(buckets)]
 
 
 def make_redis(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0) -> Redis:
@@ -36,6 +61,13 @@ def make_redis_cluster(url: str, *, max_connections: int = 64) -> RedisCluster:
     return RedisCluster.from_url(
         plain, max_connections=max_connections, decode_responses=False, health_check_interval=30
     )
+
+
+def make_redis_client(url: str, *, cluster: bool = False, max_connections: int = 64) -> RedisClient:
+    """A Redis Cluster client for ``redis+cluster://`` URLs (or ``cluster``), else a plain one."""
+    if cluster or is_cluster_url(url):
+        return make_redis_cluster(url, max_connections=max_connections)
+    return make_redis(url, max_connections=max_connections)
 
 
 class Keys:

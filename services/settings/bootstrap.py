@@ -22,7 +22,7 @@ from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
 from shared.http import serve
 from shared.logs import configure_logging
-from shared.runtime import Runtime
+from shared.runtime import Runtime, single_node_redis
 
 SERVICE = "settings"
 
@@ -31,7 +31,9 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     """The settings service app; connections open in its lifespan, not here."""
     runtime = Runtime(settings, SERVICE)
     metrics = SettingsMetrics(runtime.registry)
-    store = RedisAllowlistStore(runtime.redis, lambda *parts: runtime.keys(SERVICE, *parts))
+    store = RedisAllowlistStore(
+        single_node_redis(runtime), lambda *parts: runtime.keys(SERVICE, *parts)
+    )
     relay = OutboxRelay(
         store,
         make_relay_producer(
