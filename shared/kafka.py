@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -154,8 +154,14 @@ async def ensure_topics(
     replication_factor: int = 1,
     min_insync_replicas: int | None = None,
     names: Iterable[TopicName] | None = None,
+    partitions: Mapping[TopicName, int] | None = None,
 ) -> list[str]:
-    """Create the topics of TOPIC_SPECS (or ``names``) that are missing; returns those created."""
+    """Create the topics of TOPIC_SPECS (or ``names``) that are missing; returns those created.
+
+    ``partitions`` overrides the specs' partition counts (``HOSTISO_TOPIC_PARTITIONS``); a topic
+    that exists keeps its count (growing one is an operator's ``kafka-topics --alter``, since it
+    moves keys to other partitions).
+    """
     wanted = {n for n in names} if names is not None else None
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
     await admin.start()
@@ -176,9 +182,8 @@ async def ensure_topics(
                 # Compact promptly so a rebuilding consumer reads little more than the state.
                 configs["min.cleanable.dirty.ratio"] = "0.1"
                 configs["segment.ms"] = "600000"
-            new_topics.append(
-                NewTopic(full, spec.partitions, replication_factor, topic_configs=configs)
-            )
+            count = (partitions or {}).get(spec.name, spec.partitions)
+            new_topics.append(NewTopic(full, count, replication_factor, topic_configs=configs))
             created.append(full)
         if new_topics:
             try:

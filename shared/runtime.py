@@ -12,9 +12,10 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+from redis.asyncio import Redis
 
 from shared import tracing
-from shared.config import ServiceSettings
+from shared.config import ConfigError, ServiceSettings
 from shared.http import add_operational_routes, with_timeout
 from shared.kafka import (
     DeadLetterSink,
@@ -24,7 +25,7 @@ from shared.kafka import (
     make_consumer,
     make_producer,
 )
-from shared.redis import Keys, make_redis
+from shared.redis import Keys, RedisClient, make_redis_client
 from shared.tasks import cancel_and_wait
 from shared.topics import Topics
 
@@ -45,7 +46,9 @@ class Runtime:
         self.topics = Topics(settings.topic_prefix)
         self.keys = Keys(settings.redis_prefix)
         self.registry = CollectorRegistry()
-        self.redis = make_redis(settings.redis_url)
+        self.redis: RedisClient = make_redis_client(
+            settings.redis_url, cluster=settings.redis_cluster
+        )
         self.producer: Any = make_producer(settings.kafka_bootstrap, client_id=f"hostiso-{service}")
         self.consumers: list[TypedConsumer] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,7 +96,14 @@ class Runtime:
         await _retry(self.redis.ping, "redis")
         if create_topics:
             await _retry(
-                lambda: ensure_topics(self.settings.kafka_bootstrap, self.topics), "kafka topics"
+                lambda: ensure_topics(
+                    self.settings.kafka_bootstrap,
+                    self.topics,
+                    replication_factor=self.settings.topic_replication_factor,
+                    min_insync_replicas=self.settings.topic_min_insync_replicas,
+                    partitions=self.settings.topic_partition_counts,
+                ),
+                "kafka topics",
             )
         await _retry(self.producer.start, "kafka producer")
         for typed in self.consumers:
@@ -213,3 +223,14 @@ async def _retry(action: Callable[[], Any], what: str, attempts: int = 60) -> No
             log.warning("waiting for %s: %r", what, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def single_node_redis(runtime: Runtime) -> Redis:
+    """The runtime's client for a service whose keys are not yet laid out for Redis Cluster."""
+    if isinstance(runtime.redis, Redis):
+        return runtime.redis
+    raise ConfigError(
+        f"the {runtime.service} service does not run on Redis Cluster yet (its scripts span "
+        "several hash slots): point HOSTISO_REDIS_URL at a single Redis (or a Sentinel-managed "
+        "primary) and unset HOSTISO_REDIS_CLUSTER"
+    )

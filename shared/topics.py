@@ -39,10 +39,10 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec(TopicName.SETTINGS_ALLOWLIST, key="account_id", partitions=6, compacted=True),
     TopicSpec(TopicName.ENDPOINTS, key="endpoint_id", partitions=6, compacted=True),
     TopicSpec(TopicName.ISOLATION_REQUESTS, key="endpoint_id", partitions=6),
-    TopicSpec(TopicName.ISOLATION_REQUESTS_PRIORITY, key="endpoint_id", partitions=3),
+    TopicSpec(TopicName.ISOLATION_REQUESTS_PRIORITY, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.ISOLATION_STATUS, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.ENFORCER_COMMANDS, key="endpoint_id", partitions=6),
-    TopicSpec(TopicName.ENFORCER_COMMANDS_PRIORITY, key="endpoint_id", partitions=3),
+    TopicSpec(TopicName.ENFORCER_COMMANDS_PRIORITY, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.AUDIT, key="account_id", partitions=3),
     TopicSpec(TopicName.DLQ, key="source_topic", partitions=1),
 )

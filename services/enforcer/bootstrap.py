@@ -33,7 +33,7 @@ from shared.http import add_operational_routes, serve
 from shared.kafka import DeadLetterSink, make_consumer
 from shared.logs import configure_logging
 from shared.redis import make_redis
-from shared.runtime import Runtime
+from shared.runtime import Runtime, single_node_redis
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     enrollment_secret = settings.require_secret("enrollment_secret")
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
+    runtime_redis = single_node_redis(runtime)
     wakeups = RedisPolicyWakeups(settings.redis_url, runtime.keys("enforcer", "wake"))
     store_redis = make_redis(
         settings.redis_url, max_connections=settings.redis_max_connections, pool_timeout_s=20
@@ -138,7 +139,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         if deps.signer_or_none is None:
             # Before the lanes start: nothing is signed until every instance agrees on the key.
             encoded, created = await load_or_create_dev_signing_key(
-                runtime.redis,
+                runtime_redis,
                 runtime.keys("enforcer", "dev-signing-key"),
                 generate_private_key_b64(),
             )

@@ -18,6 +18,8 @@ from shared.messages import (
 )
 from shared.topics import Topics
 
+_FAN_OUT_CHUNK = 5_000
+
 
 class KafkaPublisher:
     """Every send waits for acks=all, so a caller that returns has its message in Kafka."""
@@ -64,3 +66,15 @@ class KafkaPublisher:
             request.account_id if isinstance(request, StrictIsolateAccount) else request.endpoint_id
         )
         await publish(self._producer, topic, key, request)
+
+    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None:
+        """Every request handed to the producer, then all acknowledged (a fan-out)."""
+        topic = (
+            self._topics.isolation_requests_priority
+            if lane == "priority"
+            else self._topics.isolation_requests
+        )
+        # Chunks bound the futures in flight; within a chunk the sends ride shared batches.
+        for start in range(0, len(requests), _FAN_OUT_CHUNK):
+            chunk = requests[start : start + _FAN_OUT_CHUNK]
+            await asyncio.gather(*[await self._enqueue(topic, r.endpoint_id, r) for r in chunk])

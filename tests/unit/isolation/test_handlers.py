@@ -171,9 +171,25 @@ async def test_account_strict_covers_isolated_and_pending_then_disables_allowlis
     with pytest.raises(ConnectionError):
         await world.service.strict_isolate_account(request)
     world.client.fail = False
+    world.publisher.requests.clear()
     result = await world.service.strict_isolate_account(request)
-    assert (result.covered, result.issued) == (2, 2)
+    assert result.covered == 2
     assert world.client.disabled == ["acct-1"]
+    # Fanned out: one strict request per endpoint on the priority lane, its id derived from the
+    # account request's; the first (failed) delivery sent the same ones.
+    fanned = [(lane, r) for lane, r in world.publisher.requests if isinstance(r, IsolateEndpoint)]
+    assert sorted((lane, r.endpoint_id, r.mode) for lane, r in fanned) == [
+        ("priority", "ep-0", "strict"),
+        ("priority", "ep-1", "strict"),
+    ]
+    assert {r.request_id for _, r in fanned} == {
+        f"{request.request_id}:ep-0",
+        f"{request.request_id}:ep-1",
+    }
+    # Each endpoint's instance handles its request; a redelivered copy changes nothing.
+    for _ in range(2):
+        for _, fanned_request in fanned:
+            await world.service.isolate(fanned_request)
     strict = [
         (lane, c.policy.endpoint_id)
         for lane, c in world.publisher.commands
