@@ -206,6 +206,38 @@ class PolicyStatusReported(Message):
     detail: str = Field("", max_length=2000)
 
 
+# --- isolation.events.v1 (key = endpoint_id) --------------------------------------------
+
+
+class IsolationStateChanged(Message):
+    """Event: an endpoint's isolation state changed (full state, so the topic can be compacted).
+
+    For other platform services: a ticketing or alerting service learns "applied" or "failed"
+    without polling the REST API. Published at least once per change; a repeat carries the same
+    state, so a consumer keeps the newest ``sequence`` (then the newest ``occurred_at``).
+    """
+
+    type: Literal["IsolationStateChanged"] = "IsolationStateChanged"
+    endpoint_id: str = Field(description="The endpoint (the agent id).", examples=["3f1c…"])
+    account_id: str = Field(description="The endpoint's account.", examples=["acct-1"])
+    state: IsolationState = Field(description="The state after the change.")
+    mode: PolicyMode | None = Field(
+        None, description="Mode of the policy in force or pending; null before any policy."
+    )
+    sequence: int = Field(0, ge=0, description="Sequence of the policy in force or pending.")
+    policy_id: str | None = Field(None, description="Id of the policy in force or pending.")
+    request_ids: tuple[str, ...] = Field(
+        (), description="The request(s) that issued the policy this state is about."
+    )
+    settings_version: int | None = Field(
+        None, description="Allowlist version frozen into the policy (standard mode)."
+    )
+    rules_sha256: str | None = Field(
+        None, description="SHA-256 of the rules the agent reported applied."
+    )
+    detail: str = Field("", max_length=2000, description="The agent's reason on failure.")
+
+
 # --- audit.v1 (key = account_id) -------------------------------------------------------
 
 
@@ -247,6 +279,7 @@ TOPIC_MESSAGE_TYPES: dict[TopicName, Any] = {
     TopicName.ISOLATION_REQUESTS: IsolationRequest,
     TopicName.ISOLATION_REQUESTS_PRIORITY: IsolationRequest,
     TopicName.ISOLATION_STATUS: PolicyStatusReported,
+    TopicName.ISOLATION_EVENTS: IsolationStateChanged,
     TopicName.ENFORCER_COMMANDS: EnforcePolicy,
     TopicName.ENFORCER_COMMANDS_PRIORITY: EnforcePolicy,
     TopicName.AUDIT: AuditRecorded,

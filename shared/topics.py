@@ -14,6 +14,7 @@ class TopicName(StrEnum):
     ISOLATION_REQUESTS = "isolation.requests.v1"
     ISOLATION_REQUESTS_PRIORITY = "isolation.requests.priority.v1"
     ISOLATION_STATUS = "isolation.status.v1"
+    ISOLATION_EVENTS = "isolation.events.v1"
     ENFORCER_COMMANDS = "enforcer.commands.v1"
     ENFORCER_COMMANDS_PRIORITY = "enforcer.commands.priority.v1"
     AUDIT = "audit.v1"
@@ -41,6 +42,8 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec(TopicName.ISOLATION_REQUESTS, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.ISOLATION_REQUESTS_PRIORITY, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.ISOLATION_STATUS, key="endpoint_id", partitions=6),
+    # For other platform services (ticketing, alerting): full state per endpoint, so compacted.
+    TopicSpec(TopicName.ISOLATION_EVENTS, key="endpoint_id", partitions=6, compacted=True),
     TopicSpec(TopicName.ENFORCER_COMMANDS, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.ENFORCER_COMMANDS_PRIORITY, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.AUDIT, key="account_id", partitions=3),
@@ -77,6 +80,10 @@ class Topics:
     @property
     def isolation_requests_priority(self) -> str:
         return self(TopicName.ISOLATION_REQUESTS_PRIORITY)
+
+    @property
+    def isolation_events(self) -> str:
+        return self(TopicName.ISOLATION_EVENTS)
 
     @property
     def isolation_status(self) -> str:

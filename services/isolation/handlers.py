@@ -23,6 +23,8 @@ from services.isolation.domain import (
     decide_isolation,
     decide_release,
     fresh_isolation,
+    pending_state_of,
+    state_changed,
 )
 from shared.messages import (
     Actor,
@@ -32,6 +34,7 @@ from shared.messages import (
     FrozenPolicy,
     IsolateEndpoint,
     IsolationMode,
+    IsolationStateChanged,
     PolicyStatusReported,
     ReleaseEndpoint,
     StrictIsolateAccount,
@@ -76,8 +79,13 @@ class Registry(Protocol):
 
 class Publisher(Protocol):
     async def send_command(
-        self, lane: Lane, command: EnforcePolicy, audit: AuditRecorded
+        self,
+        lane: Lane,
+        command: EnforcePolicy,
+        audit: AuditRecorded,
+        event: IsolationStateChanged | None = None,
     ) -> None: ...
+    async def send_event(self, event: IsolationStateChanged) -> None: ...
     async def send_audit(self, audit: AuditRecorded) -> None: ...
     async def send_request(
         self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
@@ -274,7 +282,9 @@ class IsolationService:
             try:
                 await self._store.commit(
                     rev,
-                    decision.isolation if isinstance(decision, PolicyIssued) else current,
+                    decision.isolation.model_copy(update={"request_ids": (request_key,)})
+                    if isinstance(decision, PolicyIssued)
+                    else current,
                     changed=isinstance(decision, PolicyIssued),
                     request_key=request_key,
                     outcome=outcome,
@@ -317,7 +327,11 @@ class IsolationService:
             detail=outcome.detail,
             after={"sequence": policy.sequence, "mode": policy.mode, "policy_id": policy.policy_id},
         )
-        await self._publisher.send_command(outcome.lane, outcome.command, audit)
+        # The state event rides with the command: "sent" (and so a redelivery's resend) covers
+        # both, so other services hear of every policy issued at least once.
+        await self._publisher.send_command(
+            outcome.lane, outcome.command, audit, pending_state_of(outcome.command, request_key)
+        )
         await self._store.mark_sent(policy.endpoint_id, request_key)
         log.info(
             "policy issued",
@@ -409,11 +423,16 @@ class IsolationService:
                     exc,
                     extra={"endpoint_id": report.endpoint_id, "sequence": report.sequence},
                 )
+                if report.sequence == current.desired_sequence and current.policy is not None:
+                    # A redelivered report of the current policy: its state may be stored while
+                    # its event was lost in a crash, so the (identical) event goes out again.
+                    await self._publisher.send_event(state_changed(current))
                 return None
             try:
                 await self._store.commit(rev, updated, changed=True)
             except CommitConflictError:
                 continue
+            await self._publisher.send_event(state_changed(updated))
             log.info(
                 "endpoint %s",
                 updated.state,

@@ -15,6 +15,7 @@ def test_every_topic_has_a_spec_and_a_message_type() -> None:
     assert {s.name for s in TOPIC_SPECS if s.compacted} == {
         TopicName.SETTINGS_ALLOWLIST,
         TopicName.ENDPOINTS,
+        TopicName.ISOLATION_EVENTS,
     }
 
 

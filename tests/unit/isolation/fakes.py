@@ -10,6 +10,7 @@ from shared.messages import (
     AuditRecorded,
     EnforcePolicy,
     IsolateEndpoint,
+    IsolationStateChanged,
     ReleaseEndpoint,
     StrictIsolateAccount,
 )
@@ -100,14 +101,26 @@ class MemoryPublisher:
         self.requests: list[
             tuple[Lane, IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount]
         ] = []
+        self.events: list[IsolationStateChanged] = []
         self.fail_next_command = False
 
-    async def send_command(self, lane: Lane, command: EnforcePolicy, audit: AuditRecorded) -> None:
+    async def send_command(
+        self,
+        lane: Lane,
+        command: EnforcePolicy,
+        audit: AuditRecorded,
+        event: IsolationStateChanged | None = None,
+    ) -> None:
         if self.fail_next_command:
             self.fail_next_command = False
             raise ConnectionError("broker gone")
         self.commands.append((lane, command))
         self.audits.append(audit)
+        if event is not None:
+            self.events.append(event)
+
+    async def send_event(self, event: IsolationStateChanged) -> None:
+        self.events.append(event)
 
     async def send_audit(self, audit: AuditRecorded) -> None:
         self.audits.append(audit)
