@@ -35,7 +35,24 @@ IsolationState = Literal[
 
 
 class Contract(BaseModel):
-    """Base of every wire model: immutable, no unknown fields."""
+    """Base of every Kafka message part: immutable; unknown fields are ignored (DESIGN §9).
+
+    A consumer decodes what a newer producer of the same schema version wrote: fields it does
+    not know are dropped, so a producer can add an optional field without breaking older
+    consumers. A change older consumers must not ignore is a new schema version.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class SignedContract(BaseModel):
+    """Base of the signed policy's parts: unknown fields are refused, never ignored.
+
+    The signature covers the canonical bytes of the whole policy: an agent that dropped a field
+    it does not know would verify different bytes (and refuse), or, worse, apply a policy
+    without a restriction that a newer field carries. So a policy is understood whole or not
+    at all (fail closed).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -69,7 +86,7 @@ class AllowlistEntry(Contract):
     created_by: str
 
 
-class AllowedPeer(Contract):
+class AllowedPeer(SignedContract):
     """A peer an isolated endpoint may open outbound connections to."""
 
     name: str
@@ -148,7 +165,7 @@ IsolationRequest = Annotated[
 # --- frozen policy (DESIGN.md §5) ------------------------------------------------------
 
 
-class FrozenPolicy(Contract):
+class FrozenPolicy(SignedContract):
     """An endpoint's isolation policy, frozen at isolation time; ``mode: none`` is a release."""
 
     policy_id: str
@@ -164,7 +181,7 @@ class FrozenPolicy(Contract):
     reason: str = ""
 
 
-class SignedPolicy(Contract):
+class SignedPolicy(SignedContract):
     """A frozen policy and its Ed25519 signature over ``canonical_policy_bytes(policy)``."""
 
     policy: FrozenPolicy
