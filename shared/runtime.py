@@ -18,7 +18,14 @@ from shared import tracing
 from shared.config import ServiceSettings
 from shared.consume import ConsumeLoop, PerRecord, RebalanceListener, Strategy, typed
 from shared.http import add_operational_routes, with_timeout
-from shared.kafka import DeadLetterSink, Handler, ensure_topics, make_consumer, make_producer
+from shared.kafka import (
+    DeadLetterSink,
+    Handler,
+    LazyClient,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+)
 from shared.redis import Keys, make_redis
 from shared.tasks import Supervisor
 from shared.topics import Topics
@@ -46,7 +53,9 @@ class Runtime:
         self.keys = Keys(settings.redis_prefix)
         self.registry = CollectorRegistry()
         self.redis = make_redis(settings.redis_url)
-        self.producer: Any = make_producer(settings.kafka_bootstrap, client_id=f"hostiso-{service}")
+        self.producer: LazyClient = make_producer(
+            settings.kafka_bootstrap, client_id=f"hostiso-{service}"
+        )
         self.consumers: list[ConsumeLoop] = []
         self.supervisor = Supervisor()
         self._pending: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], bool] | None]]
