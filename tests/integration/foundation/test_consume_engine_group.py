@@ -21,7 +21,13 @@ SOC = Actor(sub="soc", role="soc")
 
 
 def runtime_for(
-    kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str, instance: str
+    kafka_bootstrap: str,
+    redis_url: str,
+    topics: Topics,
+    redis_prefix: str,
+    instance: str,
+    *,
+    static: bool = False,
 ) -> Runtime:
     settings = ServiceSettings(
         dev=True,
@@ -30,6 +36,7 @@ def runtime_for(
         topic_prefix=topics.prefix,
         redis_prefix=redis_prefix,
         instance_id=instance,
+        kafka_static_membership=static,
         log_json=False,
     )
     return Runtime(settings, f"engine-{instance}")
@@ -137,3 +144,48 @@ async def test_more_instances_than_partitions_are_all_ready(
         )
         for runtime in runtimes:
             assert (await runtime.readiness())["consumer:priority"]
+
+
+async def test_a_static_member_restarted_at_once_gets_its_partitions_back(
+    kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str
+) -> None:
+    seen: list[str] = []
+
+    async def handle(message: IsolateEndpoint, record: ConsumerRecord[bytes, bytes]) -> None:
+        seen.append(message.endpoint_id)
+
+    def static_runtime() -> Runtime:
+        runtime = runtime_for(
+            kafka_bootstrap, redis_url, topics, redis_prefix, "static-1", static=True
+        )
+        runtime.add_consumer(
+            topics.isolation_requests_priority,
+            group_id=topics.prefix + "engine-static",
+            handler=handle,
+            name="priority",
+        )
+        return runtime
+
+    producer = make_producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        first = static_runtime()
+        assert first.group_instance_id() == "static-1"
+        async with started([first]):
+            await first.start()
+            await wait_for(lambda: first.consumers[0].member(), timeout=60, message="joined")
+            request = IsolateEndpoint(endpoint_id="ep-s1", mode="strict", requested_by=SOC)
+            await publish(producer, topics.isolation_requests_priority, "ep-s1", request)
+            await wait_for(lambda: "ep-s1" in seen, timeout=30, message="handled by the first")
+        # A static member does not leave the group on stop: the same id rejoins at once and
+        # keeps every partition, without waiting for the session to time out.
+        again = static_runtime()
+        async with started([again]):
+            await again.start(create_topics=False)
+            request = IsolateEndpoint(endpoint_id="ep-s2", mode="strict", requested_by=SOC)
+            await publish(producer, topics.isolation_requests_priority, "ep-s2", request)
+            await wait_for(lambda: "ep-s2" in seen, timeout=30, message="handled after restart")
+            assert len(again.consumers[0].consumer.assignment()) == 3
+            assert seen.count("ep-s1") == 1  # committed before the stop: not handled twice
+    finally:
+        await producer.stop()
