@@ -158,6 +158,7 @@ class Work:
         self._loop = loop
         self.batch = batch
         self.done: set[tuple[TopicPartition, int]] = set()
+        self._warned_transient = False
 
     def is_done(self, record: Record) -> bool:
         return (TopicPartition(record.topic, record.partition), record.offset) in self.done
@@ -207,7 +208,11 @@ class Work:
         first = records[0]
         if loop.is_transient(exc):
             loop.stats.retries["transient"] += 1
-            log.warning(
+            # An outage fails every record of the batch alike: one warning per batch says it.
+            level = logging.DEBUG if self._warned_transient else logging.WARNING
+            self._warned_transient = True
+            log.log(
+                level,
                 "transient failure; will retry: %r",
                 exc,
                 extra={"consumer": loop.name, "topic": first.topic, "offset": first.offset},

@@ -391,3 +391,16 @@ async def test_the_supervisor_restarts_a_crashed_task_and_reports_it_down_meanwh
         assert supervisor.healthy() == {"replica": True}
     finally:
         await supervisor.stop()
+
+
+async def test_a_running_task_that_reports_itself_stalled_is_not_healthy() -> None:
+    stalled = False
+    supervisor = Supervisor()
+    supervisor.spawn("consumer:test", asyncio.Event().wait, stalled=lambda: stalled)
+    try:
+        await wait_for(lambda: supervisor.tasks["consumer:test"].running, timeout=5)
+        assert supervisor.healthy() == {"consumer:test": True}
+        stalled = True  # e.g. not back from a fetch for longer than the deadline
+        assert supervisor.healthy() == {"consumer:test": False}
+    finally:
+        await supervisor.stop()
