@@ -70,6 +70,11 @@ class ServiceSettings(BaseSettings):
     )
     allowlist_max_entries: int = Field(100, ge=1, le=10_000)
     instance_id: str = "local"
+    # Static group membership (group.instance.id = HOSTISO_INSTANCE_ID): a restarted instance
+    # gets its partitions back without a rebalance. Needs a distinct instance id per instance.
+    kafka_static_membership: bool = False
+    # Non-transient failures of one record before it is dead-lettered (DESIGN §6, guarantee 12).
+    consumer_max_attempts: int = Field(5, ge=1, le=100)
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -21,6 +21,24 @@ class TopicName(StrEnum):
     DLQ = "dlq.v1"
 
 
+class GroupName(StrEnum):
+    """Consumer group ids without the topic prefix: one group per lane, shared by instances.
+
+    Each lane has its own group so it commits and lags on its own (the priority lanes never
+    wait for the normal lanes' position, guarantee 5).
+    """
+
+    ISOLATION_REQUESTS = "isolation"
+    ISOLATION_REQUESTS_PRIORITY = "isolation-priority"
+    ISOLATION_STATUS = "isolation-status"
+    ENFORCER_COMMANDS = "enforcer-normal"
+    ENFORCER_COMMANDS_PRIORITY = "enforcer-priority"
+    # Not consumer groups (the replicas read every partition without one): the name their
+    # dead letters carry as consumer_group.
+    ISOLATION_SETTINGS_REPLICA = "isolation-settings-replica"
+    ISOLATION_ENDPOINT_REGISTRY = "isolation-endpoint-registry"
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """How a topic is keyed, partitioned and cleaned up."""
@@ -58,6 +76,10 @@ class Topics:
         self.prefix = prefix
 
     def __call__(self, name: TopicName) -> str:
+        return f"{self.prefix}{name.value}"
+
+    def group(self, name: GroupName) -> str:
+        """The prefixed consumer group id (deployments sharing a cluster stay apart)."""
         return f"{self.prefix}{name.value}"
 
     def unprefixed(self, full_name: str) -> TopicName:

@@ -20,7 +20,7 @@ from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
 from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
-from shared.http import serve
+from shared.http import add_operational_routes, serve
 from shared.logs import configure_logging
 from shared.runtime import Runtime, single_node_redis
 
@@ -83,7 +83,14 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     app.state.store = store
     app.state.runtime = runtime
     app.state.settings = settings
-    runtime.attach(app)
+
+    async def readiness() -> dict[str, bool]:
+        checks = await runtime.readiness()
+        # The relay's loops catch their own errors; a relay whose tasks ended is not ready.
+        checks["task:relay"] = relay.running
+        return checks
+
+    add_operational_routes(app, readiness, runtime.registry)
     api.install(app, metrics)
     mount_portal(app, isolation_url=settings.isolation_public_url)
     return app
