@@ -86,9 +86,7 @@ class AllowedPeer(Contract):
     """A peer an isolated endpoint may open outbound connections to."""
 
     name: str
-    address: str = Field(
-        description="Unicast IPv4/IPv6 address or narrow prefix (IPv4 /24+, IPv6 /64+), no zone id."
-    )
+    address: str
 
     _address_renderable = field_validator("address")(_renderable_peer)
 
@@ -174,9 +172,7 @@ class FrozenPolicy(Contract):
     sequence: int = Field(ge=1, description="Strictly increasing per endpoint.")
     mode: PolicyMode
     allowed_outbound: tuple[AllowedPeer, ...] = ()
-    platform: tuple[str, ...] = Field(
-        (), description="Platform addresses always allowed; same address rules as a peer's."
-    )
+    platform: tuple[str, ...] = ()
     settings_version: int = Field(ge=0, description="Settings version the snapshot came from.")
     issued_at: datetime
     issued_by: str

@@ -158,3 +158,33 @@ def test_nothing_a_boundary_accepts_makes_nft_refuse_the_ruleset(
     render_windows_script(policy, facts)
     checked = _nft_check(check_namespace, ruleset)
     assert checked.returncode == 0, f"{checked.stderr}\n{ruleset}"
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("fe80::1%eth0", "zone_id"),
+        ("0.0.0.0", "unspecified"),
+        ("ff02::1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("::ffff:198.51.100.1", "ipv4_mapped"),
+        ("198.51.100.0/24", "prefix"),
+        ("platform.example", "not_ip"),
+    ],
+)
+def test_platform_addresses_config_refuses_what_no_ruleset_can_name(
+    monkeypatch: pytest.MonkeyPatch, value: str, rule: str
+) -> None:
+    monkeypatch.setenv("HOSTISO_PLATFORM_ADDRESSES", f"198.51.100.1,{value}")
+    with pytest.raises(ValidationError) as refused:
+        ServiceSettings()
+    message = str(refused.value)
+    assert "HOSTISO_PLATFORM_ADDRESSES" in message and f"(rule: {rule})" in message
+    assert repr(value) in message
+
+
+def test_platform_addresses_config_takes_ipv4_and_ipv6_unicast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOSTISO_PLATFORM_ADDRESSES", "198.51.100.1, 2001:db8::1,127.0.0.1")
+    assert ServiceSettings().platform_addresses == ["198.51.100.1", "2001:db8::1", "127.0.0.1"]
