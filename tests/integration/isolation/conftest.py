@@ -161,7 +161,12 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def running_isolation(
-    kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str
+    kafka_bootstrap: str,
+    redis_url: str,
+    topics: Topics,
+    redis_prefix: str,
+    *,
+    settings_client: Any = None,
 ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """The service's app with its lifespan running, and an HTTP client on it, once /ready."""
     settings = IsolationSettings(
@@ -173,7 +178,7 @@ async def running_isolation(
         platform_addresses=["198.51.100.1"],
         log_json=False,
     )
-    client = RecordingSettingsClient()
+    client = settings_client or RecordingSettingsClient()
     app = build_app(settings, settings_client=client)
     app.state.settings_client = client
     async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30):
