@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import ssl
@@ -15,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from agent.addresses import HostFacts, permitted_peers
+from agent.addresses import HostFacts, permitted_peers, read_resolv_conf
 from agent.applier import AgentStats
 from agent.client import EnforcerClient, EnforcerUnavailableError, EnrollmentRefusedError
 from agent.firewall import HostFirewall, NftablesFirewall, Probe, SimulatedFirewall
@@ -55,23 +54,8 @@ class AgentConfig:
 
 
 def read_resolvers(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
-    """The ``nameserver`` addresses of resolv.conf that are plain IP addresses."""
-    found: list[str] = []
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        log.warning("cannot read %s: %s; no DNS resolver allowed", path, exc.strerror)
-        return ()
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                ipaddress.ip_address(parts[1])
-            except ValueError:
-                log.warning("ignoring nameserver %r in %s: not a plain IP address", parts[1], path)
-                continue
-            found.append(parts[1])
-    return tuple(found)
+    """The ``nameserver`` addresses of resolv.conf a ruleset can allow (the rest logged)."""
+    return read_resolv_conf(path)
 
 
 def default_platform_probe(enforcer_url: str) -> Probe:

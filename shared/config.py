@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.addresses import AddressRuleError, parse_host_address
 from shared.topics import TopicName
 
 # Marked dev defaults: usable only with HOSTISO_DEV=1, refused otherwise.
@@ -83,12 +83,15 @@ class ServiceSettings(BaseSettings):
     @field_validator("platform_addresses")
     @classmethod
     def _platform_are_ip(cls, value: list[str]) -> list[str]:
+        # The same rules as a policy's `platform` (isolation copies these into every policy),
+        # narrowed to single addresses: a zone id or a non-unicast address would fail every
+        # agent's `nft -f`, so it is a configuration error here, not a host left open there.
         for item in value:
             try:
-                ipaddress.ip_address(item)
-            except ValueError as exc:
+                parse_host_address(item)
+            except AddressRuleError as exc:
                 raise ValueError(
-                    f"HOSTISO_PLATFORM_ADDRESSES: {item!r} is not an IP address"
+                    f"HOSTISO_PLATFORM_ADDRESSES: {item!r} {exc.message} (rule: {exc.rule})"
                 ) from exc
         return value
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.addresses import HostFacts
 from agent.applier import AgentStats, PolicyApplier
+from agent.bootstrap import read_resolvers
 from agent.firewall import NftablesFirewall, Probe
 from agent.state import StateStore
 from agent.verification import PinnedKey
@@ -23,8 +24,11 @@ async def _run(args: argparse.Namespace, signed: SignedPolicy | None) -> dict[st
     store = StateStore(Path(args.state_dir))
     state = store.load()
     state.agent_id = args.endpoint_id
+    # --resolv-conf: what the agent does without --dns-resolvers (inside `ip netns exec`, the
+    # namespace's /etc/netns/NS/resolv.conf is mounted over /etc/resolv.conf).
+    resolvers = read_resolvers() if args.resolv_conf else tuple(args.resolver)
     firewall = NftablesFirewall(
-        HostFacts(platform_addresses=(), dns_resolvers=tuple(args.resolver)),
+        HostFacts(platform_addresses=(), dns_resolvers=resolvers),
         args.table,
         platform_probe=Probe.parse(args.platform_probe),
         negative_probe=Probe.parse(args.negative_probe) if args.negative_probe else None,
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--platform-probe", required=True)
     parser.add_argument("--negative-probe")
     parser.add_argument("--resolver", action="append", default=[])
+    parser.add_argument("--resolv-conf", action="store_true")
     parser.add_argument("--policy-file")
     parser.add_argument("--reapply", action="store_true")
     args = parser.parse_args()
