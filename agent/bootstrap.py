@@ -71,6 +71,7 @@ class AgentConfig:
     ca_file: Path | None = None
     dev: bool = False
     reenroll_after: int = REENROLL_AFTER
+    backoff_cap: float = 30.0
     simulated: bool = False
     count: int = 1
     poll_wait: float = 25.0
@@ -145,6 +146,8 @@ def validate_config(config: AgentConfig) -> None:
         raise AgentConfigError("--count must be at least 1")
     if config.count > 1 and not config.simulated:
         raise AgentConfigError("--count > 1 needs --simulated (one host has one firewall)")
+    if not 0 < config.backoff_cap <= 600:
+        raise AgentConfigError("--backoff-cap must be in (0, 600] seconds")
     if config.reenroll_after < 1:
         raise AgentConfigError("--reenroll-after must be at least 1")
     sources = [
@@ -285,6 +288,7 @@ def build_loops(
                 poll_wait=config.poll_wait,
                 table_check_interval=None if config.simulated else config.table_check_interval,
                 reenroll_after=config.reenroll_after,
+                backoff_cap=config.backoff_cap,
             )
         )
     return loops

@@ -93,6 +93,9 @@ def main(
     reenroll_after: Annotated[
         int, typer.Option(help="Consecutive 401/403/404 answers before enrolling again.")
     ] = REENROLL_AFTER,
+    backoff_cap: Annotated[
+        float, typer.Option(help="Longest wait in seconds between retries after an error.")
+    ] = 30.0,
     simulated: Annotated[
         bool, typer.Option(help="Verify and ack without touching nftables.")
     ] = False,
@@ -134,6 +137,7 @@ def main(
             ca_file=ca_file,
             dev=dev or dev_mode_from_env(),
             reenroll_after=reenroll_after,
+            backoff_cap=backoff_cap,
             hostname=hostname or socket.gethostname(),
             platform=platform,
             state_dir=state_dir or _default_state_dir(),

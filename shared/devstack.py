@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -54,11 +55,12 @@ def _wait_ready(
 ) -> None:
     deadline = time.monotonic() + timeout
     url = f"{_base_url(name, port)}/ready"
+    tls = ssl.create_default_context(cafile=ca_file)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited ({proc.returncode}); see {log}")
         try:
-            if httpx.get(url, timeout=1, verify=str(ca_file)).status_code == 200:
+            if httpx.get(url, timeout=1, verify=tls).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
