@@ -340,3 +340,47 @@ def test_enrollment_key_file_readable_by_group_or_other_is_refused(
 def test_dev_mode_comes_from_hostiso_dev(value: str, expected: bool) -> None:
     assert dev_mode_from_env({"HOSTISO_DEV": value}) is expected
     assert dev_mode_from_env({}) is False
+
+
+class RejectingReports(ScriptedClient):
+    """Answers the first ``rejections`` status reports with 401, then accepts them."""
+
+    def __init__(self, key_b64: str, rejections: int) -> None:
+        super().__init__(key_b64)
+        self.rejections = rejections
+
+    async def report(self, enrollment: Enrollment, report: StatusReport) -> None:
+        if self.rejections > 0:
+            self.rejections -= 1
+            raise AgentRejectedError("report: HTTP 401", 401)
+        await super().report(enrollment, report)
+
+
+async def test_rejected_report_stays_pending_and_goes_after_the_next_good_poll(
+    tmp_path: Path, signer: TestSigner
+) -> None:
+    client = RejectingReports(signer.public_b64, rejections=1)
+    agent = _loop(tmp_path, client)
+    client.polls = [signer.sign(make_policy(sequence=4, mode="strict")), None, None]
+    await _run_until_script_done(agent, client)
+    assert [(r.sequence, r.status) for r in client.reports] == [(4, "applied")]
+    assert agent.stats.rejected == 1
+    assert StateStore(tmp_path).load().pending_report is None
+
+
+def test_make_run_dev_tls_is_made_once_and_names_the_enforcer_address(tmp_path: Path) -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    from shared.devstack import dev_tls
+
+    ca, enforcer = dev_tls(tmp_path)
+    first = enforcer.cert.read_bytes()
+    assert dev_tls(tmp_path) == (ca, enforcer) and enforcer.cert.read_bytes() == first
+    assert enforcer.key.stat().st_mode & 0o077 == 0
+    cert = x509.load_pem_x509_certificate(first)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    issuer = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    cert.verify_directly_issued_by(issuer)
