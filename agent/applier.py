@@ -112,7 +112,11 @@ class PolicyApplier:
         except PolicyRefusedError as exc:
             self.stats.refused += 1
             self.stats.by_refusal[exc.kind] = self.stats.by_refusal.get(exc.kind, 0) + 1
-            log.warning("policy refused: %s", exc.reason, extra=self._context(signed))
+            log.warning(
+                "policy refused: %s",
+                exc.reason,
+                extra={**self._context(signed), "refusal": exc.kind},
+            )
             # Reported against the sequence and policy id the policy claims: that is the only
             # handle the platform has on the delivery that went wrong.
             return Decision(
@@ -166,7 +170,7 @@ class PolicyApplier:
                 "ALARM stored policy refused; not re-applied, rules in force and fence %d kept: %s",
                 self.state.fence,
                 exc.reason,
-                extra=self._context(signed),
+                extra={**self._context(signed), "alarm": "stored_policy_refused"},
             )
             self.stats.stored_policy_refused += 1
             self._stored_trusted = False

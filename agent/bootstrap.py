@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -72,6 +73,8 @@ class AgentConfig:
     dev: bool = False
     reenroll_after: int = REENROLL_AFTER
     backoff_cap: float = 30.0
+    # The counters (alarms included) are logged this often while they change.
+    stats_interval: float = 60.0
     simulated: bool = False
     count: int = 1
     poll_wait: float = 25.0
@@ -294,6 +297,19 @@ def build_loops(
     return loops
 
 
+async def _log_stats(stats: AgentStats, stop: asyncio.Event, interval: float) -> None:
+    """The counters at INFO every ``interval`` while they change: alarms show up in the log
+    (and whatever ships it) without waiting for the agent to stop."""
+    last: dict[str, object] | None = None
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        now = dataclasses.asdict(stats)
+        if now != last:
+            log.info("agent stats", extra={"stats": now})
+            last = now
+
+
 async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> AgentStats:
     """Run every agent until ``stop`` (or SIGINT/SIGTERM); returns the counters."""
     if stop is None:
@@ -323,7 +339,11 @@ async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> 
                 stop.set()
                 raise
 
-        results = await asyncio.gather(*(run_one(a) for a in loops), return_exceptions=True)
+        reporter = asyncio.create_task(_log_stats(stats, stop, config.stats_interval))
+        try:
+            results = await asyncio.gather(*(run_one(a) for a in loops), return_exceptions=True)
+        finally:
+            reporter.cancel()
     log.info("agents stopped: %s", stats)
     for result in results:
         if isinstance(result, BaseException):

@@ -188,7 +188,7 @@ class AgentLoop:
             log.error(
                 "ALARM re-enrollment refused (%s); rules in force kept, still polling",
                 exc,
-                extra=context,
+                extra={**context, "alarm": "enrollment_refused"},
             )
             return current
         if enrolled.agent_id != current.agent_id:
@@ -198,7 +198,7 @@ class AgentLoop:
                 " in force, key and fence kept",
                 enrolled.agent_id,
                 current.agent_id,
-                extra=context,
+                extra={**context, "alarm": "identity_mismatch"},
             )
             return current
         self.stats.reenrollments += 1
@@ -282,7 +282,7 @@ class AgentLoop:
                     " key and fence kept",
                     exc,
                     rejections,
-                    extra=context,
+                    extra={**context, "alarm": "rejected", "status": exc.status},
                 )
                 if rejections >= self.reenroll_after and (
                     self.client.verified_channel or self.dev_mode
@@ -333,7 +333,11 @@ class AgentLoop:
             except AgentRejectedError as exc:
                 # Kept pending (if it was): sent again after the next properly answered poll.
                 self.stats.rejected += 1
-                log.error("ALARM status report rejected: %s", exc, extra=context)
+                log.error(
+                    "ALARM status report rejected: %s",
+                    exc,
+                    extra={**context, "alarm": "rejected", "status": exc.status},
+                )
                 return
             except ReportRefusedError as exc:
                 self.stats.reports_refused += 1

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import ssl
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -78,10 +80,15 @@ def _config(enforcer: FakeEnforcer, tmp_path: Path, ca_file: Path) -> AgentConfi
 
 
 async def test_agent_enrolls_and_applies_over_tls_verified_against_its_ca(
-    tls_enforcer: FakeEnforcer, tmp_path: Path, pki: tuple[CertPaths, CertPaths, CertPaths]
+    tls_enforcer: FakeEnforcer,
+    tmp_path: Path,
+    pki: tuple[CertPaths, CertPaths, CertPaths],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="agent.bootstrap")
     stop = asyncio.Event()
-    task = asyncio.create_task(run_agents(_config(tls_enforcer, tmp_path, pki[0].cert), stop))
+    config = replace(_config(tls_enforcer, tmp_path, pki[0].cert), stats_interval=0.1)
+    task = asyncio.create_task(run_agents(config, stop))
     try:
         await wait_for(lambda: tls_enforcer.tokens, message="enrollment over TLS")
         agent_id = next(iter(tls_enforcer.tokens))
@@ -89,6 +96,15 @@ async def test_agent_enrolls_and_applies_over_tls_verified_against_its_ca(
             agent_id, tls_enforcer.signer.sign(make_policy(endpoint_id=agent_id, sequence=1))
         )
         await wait_for(lambda: tls_enforcer.reports_for(agent_id), message="ack over TLS")
+        # The counters reach the log while the agent runs, not only when it stops.
+        await wait_for(
+            lambda: [
+                r
+                for r in caplog.records
+                if r.getMessage() == "agent stats" and r.__dict__["stats"]["applied"] == 1
+            ],
+            message="stats logged",
+        )
     finally:
         stop.set()
         stats = await asyncio.wait_for(task, 10)
@@ -210,3 +226,11 @@ async def test_cli_stops_on_a_corrupt_state_file_and_leaves_it_alone(tmp_path: P
     )
     assert code == 1 and "rules in force" in err, err
     assert json.loads((state / "agent-state.json").read_text()) == {"poll_cursor": 0}
+
+
+async def test_cli_has_no_settings_url_path_that_mints_a_service_token(tmp_path: Path) -> None:
+    """Finding 7 (agent half): the agent never holds the platform's JWT secret."""
+    code, err = await _agent_cli(
+        tmp_path, "--settings-url", "http://127.0.0.1:9", env={"HOSTISO_JWT_SECRET": "x" * 40}
+    )
+    assert code == 2 and "No such option" in err, err
