@@ -172,9 +172,20 @@ class AgentLoop:
         """
         context = self._context()
         try:
+            key = await self.enrollment_key()
+        except (OSError, ValueError) as exc:
+            # E.g. the key file removed while rotating it: try again after the next rejections.
+            self.stats.enrollment_refused += 1
+            log.error(
+                "ALARM re-enrollment: no enrollment key (%s); rules in force kept",
+                exc,
+                extra={**context, "alarm": "enrollment_refused"},
+            )
+            return current
+        try:
             enrolled = await self.client.enroll(
                 account_id=self.identity.account_id,
-                enrollment_key=await self.enrollment_key(),
+                enrollment_key=key,
                 hostname=self.identity.hostname,
                 platform=self.identity.platform,
                 endpoint_id=current.agent_id,

@@ -384,3 +384,24 @@ def test_make_run_dev_tls_is_made_once_and_names_the_enforcer_address(tmp_path: 
     assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
     issuer = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     cert.verify_directly_issued_by(issuer)
+
+
+async def test_reenrollment_without_a_readable_key_keeps_polling_as_the_same_endpoint(
+    tmp_path: Path, signer: TestSigner
+) -> None:
+    client = ScriptedClient(signer.public_b64)
+    agent = _loop(tmp_path, client)
+    calls = 0
+
+    async def key_then_gone() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise FileNotFoundError("enrollment.key")
+        return "k"
+
+    agent.enrollment_key = key_then_gone
+    client.polls = [signer.sign(make_policy(sequence=2, mode="strict")), 401, 401, None]
+    await _run_until_script_done(agent, client)
+    assert client.enrollments == [None] and agent.stats.enrollment_refused == 1
+    assert StateStore(tmp_path).load().fence == 2
