@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -115,8 +116,21 @@ class RequestObservability:
                 span.set_attribute("http.response.status_code", status)
 
 
-async def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
-    """Run uvicorn in this event loop until cancelled or signalled (SIGINT/SIGTERM)."""
+async def serve(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    *,
+    ssl_certfile: str | os.PathLike[str] | None = None,
+    ssl_keyfile: str | os.PathLike[str] | None = None,
+) -> None:
+    """Run uvicorn in this event loop until cancelled or signalled (SIGINT/SIGTERM).
+
+    With ``ssl_certfile`` and ``ssl_keyfile`` it serves HTTPS only (the enforcer's agent API).
+    """
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ValueError("serve: ssl_certfile and ssl_keyfile go together")
     config = uvicorn.Config(
         app,
         host=host,
@@ -127,6 +141,8 @@ async def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") 
         # Long polls hold requests for up to a minute; on SIGTERM they are cut after a short
         # grace (agents simply poll again) instead of delaying the shutdown until they end.
         timeout_graceful_shutdown=3,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
     server = uvicorn.Server(config)
     await server.serve()

@@ -186,7 +186,14 @@ async def _serve(settings: EnforcerSettings) -> None:
     except ConfigError as exc:
         log.critical("enforcer refuses to start: %s", exc)
         raise SystemExit(2) from exc
-    await serve(app, settings.http_host, settings.http_port, settings.log_level)
+    await serve(
+        app,
+        settings.http_host,
+        settings.http_port,
+        settings.log_level,
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
+    )
 
 
 def main() -> None:

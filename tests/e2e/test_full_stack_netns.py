@@ -230,7 +230,7 @@ async def test_isolation_enforced_by_nftables_end_to_end(
             lab.ns_python(
                 lab.host, "-m", "agent",
                 "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
-                "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
+                "--dev", "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
                 "--hostname", "netns-host", "--state-dir", str(state_dir),
                 "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
                 "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
