@@ -126,11 +126,18 @@ def _enrollment_key_source(config: AgentConfig, http: httpx.AsyncClient) -> Enro
 
     async def from_settings() -> str:
         # Dev convenience (`make run`): ask the settings service with a service token.
-        from shared.auth import mint_token
+        from shared.auth import AUDIENCE_SETTINGS, SCOPE_ENROLLMENT_KEY_READ, mint_token
         from shared.config import ServiceSettings
 
         secret = ServiceSettings().require_secret("jwt_secret")
-        token = mint_token(secret, sub="agent-bootstrap", role="service", ttl_s=300)
+        token = mint_token(
+            secret,
+            sub="agent-bootstrap",
+            role="service",
+            ttl_s=300,
+            audience=[AUDIENCE_SETTINGS],
+            scopes=[SCOPE_ENROLLMENT_KEY_READ],
+        )
         url = f"{config.settings_url}/v1/accounts/{config.account_id}/enrollment-key"
         try:
             response = await http.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)

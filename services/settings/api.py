@@ -23,7 +23,14 @@ from services.settings.domain import (
 )
 from services.settings.handlers import NotPublishedError, SettingsHandlers
 from services.settings.metrics import SettingsMetrics
-from shared.auth import CurrentPrincipal, Principal
+from shared.auth import (
+    SCOPE_ALLOWLIST_READ,
+    SCOPE_ALLOWLIST_WRITE,
+    SCOPE_ENROLLMENT_KEY_READ,
+    CurrentPrincipal,
+    Principal,
+    require_scope,
+)
 from shared.messages import AllowlistEntry
 
 log = logging.getLogger(__name__)
@@ -178,6 +185,7 @@ _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such entry"},
     409: {"model": ErrorBody, "description": "Duplicate address"},
     412: {"model": ErrorBody, "description": "If-Match names a stale version"},
+    413: {"description": "Body over the limit (problem+json), refused before it is read"},
     503: {"model": UnpublishedBody, "description": "Saved, but not yet in Kafka"},
 }
 
@@ -194,11 +202,28 @@ class AccountAccess:
     handlers: SettingsHandlers
 
 
+# The scope a service token needs for each action (partner and soc tokens are not scoped).
+_SCOPE_OF_ACTION = {
+    "allowlist.read": SCOPE_ALLOWLIST_READ,
+    "allowlist.history": SCOPE_ALLOWLIST_READ,
+    "allowlist.switch": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.add": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.update": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.remove": SCOPE_ALLOWLIST_WRITE,
+    "enrollment_key.read": SCOPE_ENROLLMENT_KEY_READ,
+}
+
+
 def _access(action: str) -> Callable[..., Awaitable[AccountAccess]]:
+    # An action not listed needs a scope named after itself: a service token never gets it by
+    # accident.
+    scope = _SCOPE_OF_ACTION.get(action, action)
+
     # Runs before the body is validated, so a partner learns nothing about another account.
     async def dependency(
         request: Request, account_id: AccountId, principal: CurrentPrincipal
     ) -> AccountAccess:
+        require_scope(principal, scope)
         handlers: SettingsHandlers = request.app.state.handlers
         await handlers.authorize(principal, account_id, action)
         return AccountAccess(principal, account_id, handlers)

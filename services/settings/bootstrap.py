@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from portal import mount_portal
+from portal import PORTAL_PATH, mount_portal
 from services.settings import api
 from services.settings.adapters.audit import KafkaAuditSink
 from services.settings.adapters.outbox_relay import OutboxRelay
@@ -16,7 +16,8 @@ from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
 from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
-from shared.http import serve
+from shared.auth import AUDIENCE_SETTINGS
+from shared.http import install_request_guards, serve, token_policy
 from shared.logs import configure_logging
 from shared.runtime import Runtime
 
@@ -73,6 +74,13 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     app.state.store = store
     app.state.runtime = runtime
     app.state.settings = settings
+    install_request_guards(
+        app,
+        token_policy=token_policy(settings, AUDIENCE_SETTINGS),
+        public_paths=[PORTAL_PATH],
+        public_prefixes=[f"{PORTAL_PATH}/"],
+        max_body_bytes=settings.http_max_body_bytes,
+    )
     runtime.attach(app)
     api.install(app, metrics)
     mount_portal(app, isolation_url=settings.isolation_public_url)
