@@ -28,7 +28,11 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     """The settings service app; connections open in its lifespan, not here."""
     runtime = Runtime(settings, SERVICE)
     metrics = SettingsMetrics(runtime.registry)
-    store = RedisAllowlistStore(runtime.redis, lambda *parts: runtime.keys(SERVICE, *parts))
+    store = RedisAllowlistStore(
+        runtime.redis,
+        lambda *parts: runtime.keys(SERVICE, *parts),
+        history_max_records=settings.history_max_records,
+    )
     relay = OutboxRelay(
         store,
         runtime.producer,
@@ -46,7 +50,6 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
         max_entries=settings.allowlist_max_entries,
         publish_wait_s=settings.publish_wait_s,
         enrollment_secret=settings.require_secret("enrollment_secret"),
-        history_limit=settings.history_limit,
     )
 
     @contextlib.asynccontextmanager
