@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from cli.client import ApiRefusedError, ApiUnavailableError, PlatformClient
 from cli.delivery import (
@@ -75,16 +77,30 @@ app.add_typer(account_app, name="account")
 app.add_typer(infra_app, name="infra")
 
 
+# Markup off: names, ids and details come from the API (a partner types entry names), and a
+# string such as "[/]" or "[link=...]" must print as itself, never crash or restyle the output.
+# Styling is applied with rich.text.Text spans instead.
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+def plain(value: Any) -> Text:
+    """``value`` as literal text: no markup, and control characters shown escaped (no ANSI)."""
+    text = str(value)
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        text = "".join(
+            ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch
+            for ch in text
+        )
+    return Text(text)
 
 
 def fail(code: ExitCode, message: str) -> NoReturn:
-    _err().print(f"[bold red]error:[/] {message}", markup=True)
+    _err().print(Text.assemble(("error:", "bold red"), " ", plain(message)))
     raise typer.Exit(int(code))
 
 
@@ -198,12 +214,18 @@ def _print_json(body: Any) -> None:
 
 def _print_allowlist(body: dict[str, Any]) -> None:
     out = _out()
-    switch = "[green]On[/]" if body.get("enabled") else "[yellow]Off[/]"
+    switch = ("On", "green") if body.get("enabled") else ("Off", "yellow")
     entries = body.get("entries") or []
     out.print(
-        f"Tooling Connections: {switch}   account {body.get('account_id')}   "
-        f"version {body.get('version')}   {len(entries)} entries",
-        markup=True,
+        Text.assemble(
+            "Tooling Connections: ",
+            switch,
+            "   account ",
+            plain(body.get("account_id")),
+            "   version ",
+            plain(body.get("version")),
+            f"   {len(entries)} entries",
+        )
     )
     if not entries:
         out.print("No entries.")
@@ -213,11 +235,11 @@ def _print_allowlist(body: dict[str, Any]) -> None:
         table.add_column(column)
     for entry in entries:
         table.add_row(
-            str(entry.get("name", "")),
-            str(entry.get("address", "")),
-            str(entry.get("created_by", "")),
-            _when(entry.get("created_at")),
-            str(entry.get("id", "")),
+            plain(entry.get("name", "")),
+            plain(entry.get("address", "")),
+            plain(entry.get("created_by", "")),
+            plain(_when(entry.get("created_at"))),
+            plain(entry.get("id", "")),
         )
     out.print(table)
     out.print("Changes reach only endpoints isolated afterwards.")
@@ -243,8 +265,10 @@ def _set_enabled(ctx: typer.Context, account: str | None, if_match: str | None, 
         api.set_enabled(account_id, on, if_match=if_match)
         body = api.get_allowlist(account_id).body
     _out().print(
-        f"Tooling Connections {'on' if on else 'off'} for {account_id} (version {body.get('version')}); "
-        "endpoints already isolated keep their frozen allowlist."
+        plain(
+            f"Tooling Connections {'on' if on else 'off'} for {account_id} (version {body.get('version')}); "
+            "endpoints already isolated keep their frozen allowlist."
+        )
     )
 
 
@@ -277,7 +301,7 @@ def allowlist_add(
     with platform(ctx) as api:
         body = api.add_entry(account_id, name, address, if_match=if_match).body
     entry_id = body.get("id") if isinstance(body, dict) else None
-    _out().print(f"Added {name!r} {address}" + (f" (entry {entry_id})" if entry_id else ""))
+    _out().print(plain(f"Added {name!r} {address}" + (f" (entry {entry_id})" if entry_id else "")))
 
 
 @allowlist_app.command("rename")
@@ -292,7 +316,7 @@ def allowlist_rename(
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
         api.rename_entry(account_id, entry_id, name, if_match=if_match)
-    _out().print(f"Renamed entry {entry_id} to {name!r}")
+    _out().print(plain(f"Renamed entry {entry_id} to {name!r}"))
 
 
 @allowlist_app.command("remove")
@@ -306,7 +330,7 @@ def allowlist_remove(
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
         api.remove_entry(account_id, entry_id, if_match=if_match)
-    _out().print(f"Removed entry {entry_id}")
+    _out().print(plain(f"Removed entry {entry_id}"))
 
 
 # --- isolation ---------------------------------------------------------------------------
@@ -343,7 +367,9 @@ def isolate(
             answer = api.isolate(endpoint_id, mode=mode, reason=reason)
             targets[endpoint_id] = isolate_target(mode, before)
             _out().print(
-                f"{mode} isolation of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                plain(
+                    f"{mode} isolation of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                )
             )
         if watch_:
             _watch(
@@ -371,7 +397,9 @@ def release(
             answer = api.release(endpoint_id)
             targets[endpoint_id] = release_target(before)
             _out().print(
-                f"release of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                plain(
+                    f"release of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                )
             )
         if watch_:
             _watch(
@@ -410,9 +438,11 @@ def account_strict(
         answer = api.strict_account(account_id, reason=reason, disable_allowlist=not keep_allowlist)
         covered = answer.body.get("endpoints")
         _out().print(
-            f"strict isolation of {covered} endpoint(s) of {account_id} accepted "
-            f"(request {answer.body.get('request_id')})"
-            + ("" if keep_allowlist else "; Tooling Connections off")
+            plain(
+                f"strict isolation of {covered} endpoint(s) of {account_id} accepted "
+                f"(request {answer.body.get('request_id')})"
+                + ("" if keep_allowlist else "; Tooling Connections off")
+            )
         )
         if watch_:
             targets = {
@@ -521,13 +551,13 @@ def _print_isolations(rows: list[dict[str, Any]]) -> None:
             else ("platform only" if in_force else "—")
         )
         table.add_row(
-            str(row.get("endpoint_id", "")),
-            str(row.get("state", "?")),
-            str(row.get("mode") or "—"),
-            allowed,
-            str(policy.get("settings_version")) if in_force and policy else "—",
-            f"{row.get('desired_sequence', 0)}/{row.get('applied_sequence', 0)}",
-            _when(row.get("updated_at")),
+            plain(row.get("endpoint_id", "")),
+            plain(row.get("state", "?")),
+            plain(row.get("mode") or "—"),
+            plain(allowed),
+            plain(policy.get("settings_version")) if in_force and policy else plain("—"),
+            plain(f"{row.get('desired_sequence', 0)}/{row.get('applied_sequence', 0)}"),
+            plain(_when(row.get("updated_at"))),
         )
     _out().print(table)
 
@@ -596,10 +626,20 @@ def token(
     role: Annotated[str, typer.Option(help="partner, soc or service")] = "soc",
     sub: Annotated[str, typer.Option(help="Subject (who).")] = "dev-operator",
     account_id: Annotated[str | None, typer.Option(help="The partner's account.")] = None,
-    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+    ttl: Annotated[
+        int, typer.Option(help="Lifetime in seconds (at most the configured max).")
+    ] = 3600,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="A service token's scope, repeatable, e.g. allowlist:write."),
+    ] = None,
+    audience: Annotated[
+        list[str] | None,
+        typer.Option(help="Services the token is for, repeatable (default: all three)."),
+    ] = None,
 ) -> None:
     """Dev only (HOSTISO_DEV=1): print a token signed with the dev JWT secret."""
-    from shared.auth import mint_token
+    from shared.auth import ALL_AUDIENCES, TokenPolicy, mint_token
     from shared.config import ConfigError, ServiceSettings
 
     if role not in ("partner", "soc", "service"):
@@ -611,8 +651,32 @@ def token(
         secret = settings.require_secret("jwt_secret")
     except (ConfigError, ValueError) as exc:
         fail(ExitCode.USAGE, str(exc))
+    # The services refuse longer-lived tokens (HOSTISO_JWT_MAX_LIFETIME_S and the service max).
+    longest = TokenPolicy(
+        secret,
+        audience="",
+        max_lifetime_s=settings.jwt_max_lifetime_s,
+        service_max_lifetime_s=settings.jwt_service_max_lifetime_s,
+    ).max_lifetime_for(role)
+    if not 0 < ttl <= longest:
+        fail(ExitCode.USAGE, f"--ttl: must be between 1 and {longest} seconds for role {role}")
+    unknown = sorted(set(audience or ()) - set(ALL_AUDIENCES))
+    if unknown:
+        fail(ExitCode.USAGE, f"--audience: unknown {unknown}; one of {list(ALL_AUDIENCES)}")
+    if role == "service" and not scope:
+        fail(ExitCode.USAGE, "--scope: a service token needs at least one scope")
     try:
-        typer.echo(mint_token(secret, sub=sub, role=role, account_id=account_id, ttl_s=ttl))  # type: ignore[arg-type]
+        typer.echo(
+            mint_token(
+                secret,
+                sub=sub,
+                role=role,  # type: ignore[arg-type]
+                account_id=account_id,
+                ttl_s=ttl,
+                audience=audience or ALL_AUDIENCES,
+                scopes=scope or (),
+            )
+        )
     except ValueError as exc:
         fail(ExitCode.USAGE, f"--account-id: {exc}")
 

@@ -23,8 +23,16 @@ class ApiUnavailableError(Exception):
 
 
 def describe_detail(body: Any) -> str:
-    """FastAPI's ``detail`` as one line: a string, or each ``loc`` field with its message."""
+    """The API's ``detail`` as one line: a string, each ``loc`` field, or problem ``errors``."""
     detail = body.get("detail") if isinstance(body, dict) else body
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(detail, str) and isinstance(errors, list) and errors:
+        # RFC 9457 problem details: each {field, rule, message} after the summary.
+        named = [
+            f"{e.get('field')}: {e.get('message')}" if isinstance(e, dict) else str(e)
+            for e in errors
+        ]
+        return "; ".join([detail, *named])
     if isinstance(detail, str):
         return detail
     if isinstance(detail, list):

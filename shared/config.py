@@ -45,6 +45,17 @@ class ServiceSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     jwt_secret: SecretStr | None = None
+    jwt_max_lifetime_s: int = Field(
+        24 * 3600, ge=60, description="Longest JWT lifetime (exp - iat) accepted for user roles."
+    )
+    jwt_service_max_lifetime_s: int = Field(
+        3600,
+        ge=60,
+        description="Longest lifetime accepted for a service token (at most the above).",
+    )
+    http_max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request bodies above this get 413 before they are read."
+    )
     enrollment_secret: SecretStr | None = None
     # Base64 (raw 32 bytes) Ed25519 private key; only the enforcer uses it.
     signing_key: SecretStr | None = None

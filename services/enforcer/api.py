@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Literal
 
 from aiokafka.errors import KafkaError
@@ -33,6 +34,9 @@ from services.enforcer.domain import (
     StatusReportInvalidError,
     UnknownAgentTokenError,
 )
+from shared.auth import AUDIENCE_ENFORCER
+from shared.config import ConfigError
+from shared.http import AuthRefusedError, Scope, install_request_guards, token_policy
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["agents"])
@@ -104,11 +108,16 @@ Metrics = Annotated[EnforcerMetrics, Depends(_metrics)]
 
 
 async def current_agent(
+    request: Request,
     agent_id: AgentIdPath,
     deps: Deps,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> AgentIdentity:
     """401 without a valid agent token; 403 when the token is another agent's."""
+    checked = request.scope.get(AGENT_SCOPE_KEY)
+    if isinstance(checked, AgentIdentity) and checked.agent_id == agent_id:
+        # The auth gate already checked this token before the body was read (one Redis call).
+        return checked
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -232,3 +241,43 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(handlers.SignerNotReadyError)
     async def _not_ready(request: Request, exc: handlers.SignerNotReadyError) -> JSONResponse:
         return _unavailable("the enforcer is starting; retry shortly")
+
+
+AGENT_SCOPE_KEY = "hostiso.agent"
+_AGENT_ROUTE = re.compile(r"^/v1/agents/(?P<agent_id>[^/]+)/")
+
+
+async def _gate_agent(scope: Scope, token: str) -> None:
+    # Runs in the auth gate, before the body is received: an unknown token costs one lookup.
+    match = _AGENT_ROUTE.match(scope["path"])
+    if match is None:
+        raise AuthRefusedError(401, "invalid agent token")
+    deps: handlers.EnforcerDeps = scope["app"].state.deps
+    try:
+        scope[AGENT_SCOPE_KEY] = await handlers.authenticate_agent(deps, token, match["agent_id"])
+    except UnknownAgentTokenError as exc:
+        raise AuthRefusedError(401, str(exc)) from exc
+    except AgentScopeError as exc:
+        raise AuthRefusedError(403, str(exc)) from exc
+    except RedisError as exc:
+        log.warning("answered 503: redis error %r while checking an agent token", exc)
+        raise AuthRefusedError(503, "the enforcer's store is unavailable; retry shortly") from exc
+
+
+def install_guards(app: FastAPI, settings: EnforcerSettings) -> None:
+    """413 over the body limit; agent routes need an agent token, checked before the body.
+
+    Enrollment and the signing key are public; any other route needs a platform JWT for
+    ``hostiso-enforcer`` (refused outright when no ``HOSTISO_JWT_SECRET`` is configured).
+    """
+    try:
+        policy = token_policy(settings, AUDIENCE_ENFORCER)
+    except ConfigError:
+        policy = None
+    install_request_guards(
+        app,
+        token_policy=policy,
+        public_routes=[("POST", "/v1/agents/enroll"), ("GET", "/v1/signing-key")],
+        other_authenticators=[(_AGENT_ROUTE, _gate_agent)],
+        max_body_bytes=settings.http_max_body_bytes,
+    )

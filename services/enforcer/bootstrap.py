@@ -174,6 +174,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         checks["policy-wakeups"] = wakeups.subscribed.is_set()
         return checks
 
+    api.install_guards(app, settings)  # first: innermost of the middleware, see install_guards
     add_operational_routes(app, readiness, runtime.registry)
     api.install(app)
     return app

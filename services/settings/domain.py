@@ -479,3 +479,22 @@ def remove_entry(current: Allowlist, entry_id: str, now: datetime) -> Change:
         entry=entry,
         detail=f"removed {entry.name!r} {entry.address}",
     )
+
+
+def history_delta(change: Change) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """What one change changed, for its history record: the entry or the switch, not the lists.
+
+    An entry change gives the entry before and after (None where it did not exist); a switch
+    gives ``{"enabled": ...}`` on both sides. A record stays small however long the list is.
+    """
+    if change.entry is None:
+        return {"enabled": change.before.enabled}, {"enabled": change.after.enabled}
+    entry_id = change.entry.id
+
+    def compact(allowlist: Allowlist) -> dict[str, Any] | None:
+        for entry in allowlist.entries:
+            if entry.id == entry_id:
+                return {"id": entry.id, "name": entry.name, "address": entry.address}
+        return None
+
+    return compact(change.before), compact(change.after)

@@ -60,11 +60,20 @@ async def test_allowlist_lifecycle_carries_versions_and_etags(module_app: Settin
         "allowlist.enable",
         "allowlist.entry.add",
     ]
+    assert history["next_before_version"] is None
     first = history["records"][-1]
     assert first["actor"] == {"sub": "alice@msp.example", "role": "partner", "account_id": account}
-    assert (
-        first["before"]["entries"] == [] and first["after"]["entries"][0]["name"] == "ConnectWise"
+    # Each record says what changed (the entry or the switch), not the whole list twice.
+    entry_ref = {"id": entry["id"], "name": "ConnectWise", "address": "198.51.100.7"}
+    assert (first["before"], first["after"]) == (None, entry_ref)
+    removed_record, renamed_record, switch_record, _ = history["records"]
+    assert (switch_record["before"], switch_record["after"]) == (
+        {"enabled": False},
+        {"enabled": True},
     )
+    renamed_ref = {"id": entry["id"], "name": "CW Automate", "address": "198.51.100.8"}
+    assert (renamed_record["before"], renamed_record["after"]) == (entry_ref, renamed_ref)
+    assert (removed_record["before"], removed_record["after"]) == (renamed_ref, None)
 
 
 async def test_enrollment_key_is_the_shared_derivation(module_app: SettingsApp) -> None:
