@@ -30,3 +30,10 @@ class EnforcerSettings(ServiceSettings):
     priority_lane_batch: int = Field(
         100, ge=1, le=10_000, description="Records per batch on the priority command lane."
     )
+    enrollment_rate_per_minute: int = Field(
+        60,
+        ge=1,
+        le=100_000,
+        description="Enrollment attempts (good keys and bad) one account may make per minute;"
+        " beyond that the enroll route answers 429 with Retry-After.",
+    )
