@@ -10,7 +10,6 @@ from typing import Any, Protocol
 
 from services.settings import domain
 from services.settings.domain import Allowlist, Change, SettingsError
-from shared.enrollment import enrollment_key
 from shared.messages import Actor, AllowlistChanged, AuditRecorded, utcnow
 
 log = logging.getLogger(__name__)
@@ -141,9 +140,6 @@ class SettingsHandlers:
     async def history(self, account_id: str) -> tuple[Allowlist, list[dict[str, Any]]]:
         current = await self._store.load(account_id)
         return current, await self._store.history(account_id, self._history_limit)
-
-    def enrollment_key(self, account_id: str) -> str:
-        return enrollment_key(self._enrollment_secret, account_id)
 
     async def set_enabled(
         self, principal: Actor, account_id: str, enabled: bool, if_match: int | None
