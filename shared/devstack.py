@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 
 from shared.auth import mint_token
-from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
-from shared.enrollment import enrollment_key
+from shared.config import DEV_JWT_SECRET
 from shared.infra import LocalKafka, LocalRedis
 from shared.infra.proc import spawn, stop
 from shared.kafka import ensure_topics
@@ -40,6 +39,18 @@ def _wait_ready(
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{name} not ready after {timeout}s; see {log}")
+
+
+def _provision_enrollment_key(enforcer_port: int, account_id: str) -> str:
+    """A fresh enrollment key of ``account_id`` from the enforcer (revokes the previous run's)."""
+    soc = mint_token(DEV_JWT_SECRET, sub="devstack", role="soc", ttl_s=300)
+    response = httpx.post(
+        f"http://127.0.0.1:{enforcer_port}/v1/accounts/{account_id}/enrollment-keys",
+        headers={"Authorization": f"Bearer {soc}"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return str(response.json()["enrollment_key"])
 
 
 def main() -> int:
@@ -86,6 +97,7 @@ def main() -> int:
             )
         if (ROOT / "agent" / "__main__.py").exists() and "enforcer" in started:
             log = logs / "agents.log"
+            demo_key = _provision_enrollment_key(started["enforcer"], DEMO_ACCOUNT)
             procs.append(
                 spawn(
                     [
@@ -97,8 +109,10 @@ def main() -> int:
                         "3",
                         "--account-id",
                         DEMO_ACCOUNT,
+                        # Dev only, until the agent reads HOSTISO_AGENT_ENROLLMENT_KEY (set
+                        # below): then this argv copy (visible in `ps`) goes.
                         "--enrollment-key",
-                        enrollment_key(DEV_ENROLLMENT_SECRET, DEMO_ACCOUNT),
+                        demo_key,
                         "--enforcer-url",
                         "http://127.0.0.1:8003",
                         "--state-dir",
@@ -112,7 +126,7 @@ def main() -> int:
                     ],
                     log_path=log,
                     cwd=ROOT,
-                    env=env,
+                    env=dict(env, HOSTISO_AGENT_ENROLLMENT_KEY=demo_key),
                 )
             )
             print(f"agents  3 simulated agents of {DEMO_ACCOUNT} (log: {log})", flush=True)
