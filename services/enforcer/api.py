@@ -31,6 +31,7 @@ from services.enforcer.domain import (
     AccountAccessDeniedError,
     AgentIdentity,
     AgentScopeError,
+    EndpointLimitReachedError,
     EndpointOfAnotherAccountError,
     EnrollmentConflictError,
     EnrollmentKeyNotFoundError,
@@ -229,7 +230,10 @@ def _problem_doc(description: str) -> dict[str, Any]:
 
 
 _ENROLL_ERRORS: dict[int | str, dict[str, Any]] = {
-    403: _problem_doc("Enrollment key not active for the account, or endpoint of another account"),
+    403: _problem_doc(
+        "Enrollment key not active for the account, endpoint of another account, or the"
+        " account's endpoint limit reached"
+    ),
     409: _problem_doc("The endpoint id was re-created by a concurrent enrollment; retry"),
     422: {"description": "Invalid body (field and rule named)"},
     429: _problem_doc("Too many enrollment attempts for the account; see Retry-After"),
@@ -273,6 +277,15 @@ async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollRes
             "Endpoint of another account",
             field="endpoint_id",
             rule="same_account",
+            detail=str(exc),
+        ) from exc
+    except EndpointLimitReachedError as exc:
+        metrics.enrollments.labels("limit_reached").inc()
+        raise Problem(
+            status.HTTP_403_FORBIDDEN,
+            "Endpoint limit reached",
+            field="account_id",
+            rule="max_endpoints",
             detail=str(exc),
         ) from exc
     except EnrollmentConflictError as exc:

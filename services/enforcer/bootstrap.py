@@ -107,7 +107,9 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     )
     policies = RedisPolicyStore(store_redis, runtime.keys, runtime.keys("enforcer", "wake"))
     deps = EnforcerDeps(
-        agents=RedisAgentStore(store_redis, runtime.keys),
+        agents=RedisAgentStore(
+            store_redis, runtime.keys, settings.enrollment_max_endpoints_per_account
+        ),
         policies=policies,
         events=KafkaEventPublisher(runtime.producer, runtime.topics),
         wakeups=wakeups,

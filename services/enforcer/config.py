@@ -37,3 +37,10 @@ class EnforcerSettings(ServiceSettings):
         description="Enrollment attempts (good keys and bad) one account may make per minute;"
         " beyond that the enroll route answers 429 with Retry-After.",
     )
+    enrollment_max_endpoints_per_account: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Enrolled endpoints one account may have; a new enrollment beyond it is"
+        " refused (403). Re-enrolling an existing endpoint does not count.",
+    )

@@ -41,6 +41,10 @@ class EnrollmentConflictError(EnforcerError):
     """Two enrollments re-created the same endpoint id at once; the loser may retry."""
 
 
+class EndpointLimitReachedError(EnforcerError):
+    """The account already has as many enrolled endpoints as a deployment allows."""
+
+
 class EnrollmentKeyNotFoundError(EnforcerError):
     """No enrollment key with that id in the account."""
 
@@ -84,6 +88,16 @@ class ReissueOutcome(StrEnum):
     OTHER_ACCOUNT = "other_account"
     # This enforcer does not know the id (its store lost it): the caller may re-create it.
     UNKNOWN = "unknown"
+
+
+class CreateOutcome(StrEnum):
+    """What storing a new agent did."""
+
+    CREATED = "created"
+    # Another request enrolled this id first; nothing was written.
+    ID_TAKEN = "id_taken"
+    # The account is at its endpoint cap; nothing was written.
+    ACCOUNT_FULL = "account_full"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 from services.enforcer.domain import (
     AccountAccessDeniedError,
     AgentIdentity,
+    CreateOutcome,
+    EndpointLimitReachedError,
     EndpointOfAnotherAccountError,
     EnrollmentConflictError,
     EnrollmentKeyNotFoundError,
@@ -109,8 +111,8 @@ class RateDecision:
 
 
 class AgentStore(Protocol):
-    async def create(self, record: AgentRecord) -> bool:
-        """Store a new agent; False (and nothing written) when its id is already enrolled."""
+    async def create(self, record: AgentRecord) -> CreateOutcome:
+        """Store a new agent unless its id is taken or its account is at the endpoint cap."""
         ...
 
     async def reissue_token(
@@ -276,7 +278,12 @@ async def enroll_agent(
         token_sha256=token_digest(token),
         enrolled_at=enrolled_at.isoformat(),
     )
-    if not await deps.agents.create(record):
+    created = await deps.agents.create(record)
+    if created is CreateOutcome.ACCOUNT_FULL:
+        raise EndpointLimitReachedError(
+            f"account_id: account {account_id} has reached its limit of enrolled endpoints"
+        )
+    if created is CreateOutcome.ID_TAKEN:
         # Another request re-created this id between our look and our write.
         raise EnrollmentConflictError(
             f"endpoint_id: endpoint {record.agent_id} was enrolled concurrently; retry"

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from services.enforcer.domain import (
     AgentIdentity,
+    CreateOutcome,
     EnrollmentKeyRecord,
     HeldPolicy,
     Lane,
@@ -67,16 +68,27 @@ return 1
 
 
 # A new agent id is written only if no agent holds it, so a re-created id can never overwrite
-# (and orphan the token of) an agent another request just enrolled.
+# (and orphan the token of) an agent another request just enrolled; and only while the account
+# is under its endpoint cap, so a leaked key cannot pile up endpoints without bound.
 _CREATE_AGENT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[7]) then
+  return 2
+end
 redis.call('HSET', KEYS[1], 'account_id', ARGV[1], 'hostname', ARGV[2], 'platform', ARGV[3],
   'token_sha256', ARGV[4], 'enrolled_at', ARGV[5])
 redis.call('SET', KEYS[2], ARGV[6])
+redis.call('SADD', KEYS[3], ARGV[8])
 return 1
 """
+
+_CREATE_OUTCOMES = {
+    0: CreateOutcome.ID_TAKEN,
+    1: CreateOutcome.CREATED,
+    2: CreateOutcome.ACCOUNT_FULL,
+}
 
 # Re-enrollment: swap the agent's token in one step, so the old token stops working exactly
 # when the new one starts. An id unknown as an agent but holding another account's desired
@@ -247,11 +259,13 @@ class RedisPolicyStore:
 
 
 class RedisAgentStore:
-    """Enrolled agents by id, and a token-digest index that says which agent a token opens."""
+    """Enrolled agents by id, a token-digest index that says which agent a token opens, and the
+    set of each account's endpoints (for the per-account cap)."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, max_per_account: int = 10_000) -> None:
         self._redis = redis
         self._keys = keys
+        self._max_per_account = max_per_account
         self._create = redis.register_script(_CREATE_AGENT)
         self._reissue = redis.register_script(_REISSUE_TOKEN)
 
@@ -261,9 +275,16 @@ class RedisAgentStore:
     def _token_key(self, token_sha256: str) -> str:
         return self._keys("enforcer", "token", token_sha256)
 
-    async def create(self, record: AgentRecord) -> bool:
-        created = await self._create(
-            keys=[self._agent_key(record.agent_id), self._token_key(record.token_sha256)],
+    def _account_agents_key(self, account_id: str) -> str:
+        return self._keys("enforcer", "account-agents", _account_slot(account_id))
+
+    async def create(self, record: AgentRecord) -> CreateOutcome:
+        code = await self._create(
+            keys=[
+                self._agent_key(record.agent_id),
+                self._token_key(record.token_sha256),
+                self._account_agents_key(record.account_id),
+            ],
             args=[
                 record.account_id,
                 record.hostname,
@@ -271,9 +292,11 @@ class RedisAgentStore:
                 record.token_sha256,
                 record.enrolled_at,
                 orjson.dumps({"agent_id": record.agent_id, "account_id": record.account_id}),
+                self._max_per_account,
+                record.agent_id,
             ],
         )
-        return bool(int(created))
+        return _CREATE_OUTCOMES[int(code)]
 
     async def reissue_token(
         self, agent_id: str, account_id: str, token_sha256: str, reenrolled_at: str
@@ -295,9 +318,10 @@ class RedisAgentStore:
         return _REISSUE_OUTCOMES[int(code)]
 
     async def delete(self, record: AgentRecord) -> None:
-        await self._redis.delete(
-            self._agent_key(record.agent_id), self._token_key(record.token_sha256)
-        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._agent_key(record.agent_id), self._token_key(record.token_sha256))
+            pipe.srem(self._account_agents_key(record.account_id), record.agent_id)
+            await pipe.execute()
 
     async def identity_for_token(self, token_sha256: str) -> AgentIdentity | None:
         raw = await self._redis.get(self._token_key(token_sha256))

@@ -212,3 +212,21 @@ async def test_the_derived_key_is_refused_outside_dev_mode(
             assert refused.status_code == 403, refused.text
         issued = await rotate(http, "acct-1", partner("acct-1", jwt_secret))
         await enroll_with(http, "acct-1", issued["enrollment_key"])
+
+
+async def test_an_account_at_its_endpoint_cap_enrolls_no_new_endpoint_but_may_reenroll(
+    enforcer_settings: Callable[..., EnforcerSettings],
+) -> None:
+    settings = enforcer_settings(enrollment_max_endpoints_per_account=2)
+    async with running_enforcer(settings) as (_, http):
+        key = enrollment_key(DEV_ENROLLMENT_SECRET, "acct-1")
+        first = await enroll_with(http, "acct-1", key)
+        await enroll_with(http, "acct-1", key)
+        full = await try_enroll(http, "acct-1", key)
+        assert full.status_code == 403
+        assert full.json()["errors"][0]["rule"] == "max_endpoints"
+        recreated = await try_enroll(http, "acct-1", key, endpoint_id="lost-endpoint")
+        assert recreated.status_code == 403, "a re-created id counts like a new one"
+        again = await try_enroll(http, "acct-1", key, endpoint_id=first.agent_id)
+        assert again.status_code == 201 and again.json()["agent_id"] == first.agent_id
+        await enroll_with(http, "acct-2", enrollment_key(DEV_ENROLLMENT_SECRET, "acct-2"))

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from services.enforcer.adapters.wakeups import PolicyWaiter
 from services.enforcer.domain import (
     AgentIdentity,
+    CreateOutcome,
     EnrollmentKeyRecord,
     HeldPolicy,
     Lane,
@@ -28,12 +29,12 @@ class InMemoryAgents:
         self.by_id: dict[str, AgentRecord] = {}
         self.by_token: dict[str, AgentRecord] = {}
 
-    async def create(self, record: AgentRecord) -> bool:
+    async def create(self, record: AgentRecord) -> CreateOutcome:
         if record.agent_id in self.by_id:
-            return False
+            return CreateOutcome.ID_TAKEN
         self.by_id[record.agent_id] = record
         self.by_token[record.token_sha256] = record
-        return True
+        return CreateOutcome.CREATED
 
     async def reissue_token(
         self, agent_id: str, account_id: str, token_sha256: str, reenrolled_at: str
