@@ -25,13 +25,17 @@ SECRET = "unit-test-enrollment-secret-0123456789abcdef"
 
 
 class InMemoryAgents:
-    def __init__(self) -> None:
+    def __init__(self, max_per_account: int = 10_000) -> None:
         self.by_id: dict[str, AgentRecord] = {}
         self.by_token: dict[str, AgentRecord] = {}
+        self.max_per_account = max_per_account
 
     async def create(self, record: AgentRecord) -> CreateOutcome:
         if record.agent_id in self.by_id:
             return CreateOutcome.ID_TAKEN
+        in_account = sum(r.account_id == record.account_id for r in self.by_id.values())
+        if in_account >= self.max_per_account:
+            return CreateOutcome.ACCOUNT_FULL
         self.by_id[record.agent_id] = record
         self.by_token[record.token_sha256] = record
         return CreateOutcome.CREATED
