@@ -174,8 +174,9 @@ def check_enrollment_key(
 ) -> str:
     """The key id if ``presented`` is an active key of ``account_id``; else a named refusal.
 
-    The digest is compared in constant time, and every refusal says the same thing, so an
-    attacker learns neither which key ids exist nor which of them were revoked.
+    The digest is compared in constant time, and every refusal says the same thing, so the
+    answer does not tell a guesser whether a key id exists or was revoked (key ids are not
+    secret anyway: they appear in lists and audits).
     """
     digest = enrollment_key_digest(presented)
     if (
