@@ -331,7 +331,7 @@ async def _audit_reenrollment(
     detail = {
         ReissueOutcome.REISSUED: "new agent token issued; the previous token is revoked",
         ReissueOutcome.UNKNOWN: "endpoint unknown to this enforcer; re-created with its id",
-        ReissueOutcome.OTHER_ACCOUNT: "403 endpoint_id.other_account: enrolled in another account",
+        ReissueOutcome.OTHER_ACCOUNT: "403 endpoint_id.same_account: enrolled in another account",
     }[found]
     await deps.events.audit_recorded(
         AuditRecorded(
