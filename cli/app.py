@@ -57,6 +57,7 @@ class CliOptions:
 
     settings_url: str = "http://127.0.0.1:8001"
     isolation_url: str = "http://127.0.0.1:8002"
+    enforcer_url: str = "http://127.0.0.1:8003"
     token: str | None = None
     timeout: float = 10.0
     transport: httpx.BaseTransport | None = None
@@ -113,6 +114,9 @@ def main_options(
     isolation_url: Annotated[
         str, typer.Option(envvar="HOSTISO_ISOLATION_URL", help="Isolation API base URL.")
     ] = "http://127.0.0.1:8002",
+    enforcer_url: Annotated[
+        str, typer.Option(envvar="HOSTISO_ENFORCER_URL", help="Enforcer API base URL.")
+    ] = "http://127.0.0.1:8003",
     token: Annotated[
         str | None,
         typer.Option(envvar="HOSTISO_TOKEN", help="Bearer JWT (dev: `hostiso token`)."),
@@ -124,6 +128,7 @@ def main_options(
     ctx.obj = CliOptions(
         settings_url=settings_url,
         isolation_url=isolation_url,
+        enforcer_url=enforcer_url,
         token=token,
         timeout=timeout,
         transport=preset.transport,
@@ -156,6 +161,7 @@ def platform(ctx: typer.Context) -> Iterator[PlatformClient]:
     client = PlatformClient(
         settings_url=options.settings_url,
         isolation_url=options.isolation_url,
+        enforcer_url=options.enforcer_url,
         token=options.token,
         timeout=options.timeout,
         transport=options.transport,
@@ -616,6 +622,100 @@ def watch(
             _out().print("Nothing to watch: no isolated or pending endpoints.")
             return
         _watch(api, fetch, dict.fromkeys(ids, ANY_SETTLED), wait_timeout, interval)
+
+
+# --- enrollment keys (enforcer) ----------------------------------------------------------
+
+enrollment_key_app = typer.Typer(
+    help="The account's enrollment keys (the enforcer issues them; each is shown once).",
+    no_args_is_help=True,
+)
+app.add_typer(enrollment_key_app, name="enrollment-key")
+
+
+def _print_enrollment_keys(body: dict[str, Any]) -> None:
+    out = _out()
+    items = body.get("items") or []
+    if not items:
+        out.print(f"No enrollment keys issued for account {body.get('account_id')}.", markup=False)
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("Key id", "State", "Created", "Created by", "Revoked"):
+        table.add_column(column)
+    for item in items:
+        # Text cells are never read as markup: key metadata (a JWT subject) comes from the API.
+        table.add_row(
+            *(
+                Text(cell)
+                for cell in (
+                    str(item.get("key_id", "")),
+                    "active" if item.get("active") else "revoked",
+                    _when(item.get("created_at")),
+                    str(item.get("created_by", "")),
+                    _when(item.get("revoked_at")),
+                )
+            )
+        )
+    out.print(table)
+
+
+@enrollment_key_app.command("list")
+def enrollment_key_list(
+    ctx: typer.Context, account: AccountOption = None, as_json: JsonOption = False
+) -> None:
+    """List the account's enrollment keys (metadata only; no service can show a key again)."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.list_enrollment_keys(account_id)
+    if as_json:
+        _print_json(answer.body)
+    else:
+        _print_enrollment_keys(answer.body)
+
+
+@enrollment_key_app.command("rotate")
+def enrollment_key_rotate(
+    ctx: typer.Context, account: AccountOption = None, as_json: JsonOption = False
+) -> None:
+    """Issue a new enrollment key and revoke every earlier one (enrolled agents keep working)."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.rotate_enrollment_key(account_id)
+    body = answer.body
+    if as_json:
+        _print_json(body)
+        return
+    revoked = ", ".join(body.get("revoked_key_ids") or []) or "none"
+    err = _err()
+    err.print(
+        f"New enrollment key {body.get('key_id')} for account {account_id}; revoked: {revoked}.\n"
+        "It is shown only now: give it to agents in HOSTISO_AGENT_ENROLLMENT_KEY or a root-only"
+        " file, never on a command line.",
+        markup=False,
+    )
+    # The key alone on stdout, so `KEY=$(hostiso enrollment-key rotate)` captures only it.
+    typer.echo(str(body.get("enrollment_key", "")))
+
+
+@enrollment_key_app.command("revoke")
+def enrollment_key_revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(help="The key id (from `enrollment-key list`).")],
+    account: AccountOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Refuse the key for new enrollments from now on (agents enrolled with it keep working)."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.revoke_enrollment_key(account_id, key_id)
+    if as_json:
+        _print_json(answer.body)
+    else:
+        _out().print(
+            f"Revoked enrollment key {key_id} of account {account_id} at "
+            f"{_when(answer.body.get('revoked_at'))}.",
+            markup=False,
+        )
 
 
 # --- dev token and local infrastructure --------------------------------------------------

@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 
 from shared.auth import mint_token
-from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
-from shared.enrollment import enrollment_key
+from shared.config import DEV_JWT_SECRET
 from shared.infra import LocalKafka, LocalRedis
 from shared.infra.certs import CertPaths, issue_cert, make_ca
 from shared.infra.proc import spawn, stop
@@ -68,6 +67,19 @@ def _wait_ready(
     raise TimeoutError(f"{name} not ready after {timeout}s; see {log}")
 
 
+def _provision_enrollment_key(enforcer_port: int, account_id: str, ca_file: Path) -> str:
+    """A fresh enrollment key of ``account_id`` from the enforcer (revokes the previous run's)."""
+    soc = mint_token(DEV_JWT_SECRET, sub="devstack", role="soc", ttl_s=300)
+    response = httpx.post(
+        f"{_base_url('enforcer', enforcer_port)}/v1/accounts/{account_id}/enrollment-keys",
+        headers={"Authorization": f"Bearer {soc}"},
+        timeout=10,
+        verify=str(ca_file),
+    )
+    response.raise_for_status()
+    return str(response.json()["enrollment_key"])
+
+
 def main() -> int:
     logs = ROOT / ".run"
     logs.mkdir(exist_ok=True)
@@ -117,6 +129,7 @@ def main() -> int:
             print(f"{name:9} {url}  (OpenAPI: {url}/docs)", flush=True)
         if (ROOT / "agent" / "__main__.py").exists() and "enforcer" in started:
             log = logs / "agents.log"
+            demo_key = _provision_enrollment_key(started["enforcer"], DEMO_ACCOUNT, ca.cert)
             procs.append(
                 spawn(
                     [
@@ -145,12 +158,7 @@ def main() -> int:
                     cwd=ROOT,
                     # From the environment, not argv (visible in ps); dev mode pins the signing
                     # key once, at each simulated agent's first enrollment.
-                    env=dict(
-                        env,
-                        HOSTISO_AGENT_ENROLLMENT_KEY=enrollment_key(
-                            DEV_ENROLLMENT_SECRET, DEMO_ACCOUNT
-                        ),
-                    ),
+                    env=dict(env, HOSTISO_AGENT_ENROLLMENT_KEY=demo_key),
                 )
             )
             print(f"agents  3 simulated agents of {DEMO_ACCOUNT} (log: {log})", flush=True)

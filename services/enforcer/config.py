@@ -49,3 +49,18 @@ class EnforcerSettings(ServiceSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"HOSTISO_TLS_{name}_FILE {path}: no such file")
         return self
+
+    enrollment_rate_per_minute: int = Field(
+        60,
+        ge=1,
+        le=100_000,
+        description="Enrollment attempts (good keys and bad) one account may make per minute;"
+        " beyond that the enroll route answers 429 with Retry-After.",
+    )
+    enrollment_max_endpoints_per_account: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Enrolled endpoints one account may have; a new enrollment beyond it is"
+        " refused (403). Re-enrolling an existing endpoint does not count.",
+    )

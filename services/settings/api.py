@@ -127,13 +127,6 @@ class HistoryView(BaseModel):
     )
 
 
-class EnrollmentKeyView(BaseModel):
-    """The key this account's agents enroll with."""
-
-    account_id: str
-    enrollment_key: str
-
-
 class SwitchRequest(BaseModel):
     """Turn "Tooling Connections" on or off."""
 
@@ -356,14 +349,41 @@ async def read_history(
     )
 
 
-@router.get("/enrollment-key", response_model=EnrollmentKeyView, responses=_ERRORS)
+@router.get(
+    "/enrollment-key",
+    status_code=status.HTTP_410_GONE,
+    responses={
+        **_ERRORS,
+        410: {
+            "description": "Moved: the enforcer issues, lists and revokes enrollment keys",
+            "content": {"application/problem+json": {}},
+        },
+    },
+)
 async def read_enrollment_key(
     access: Annotated[AccountAccess, Depends(_access("enrollment_key.read"))],
-) -> EnrollmentKeyView:
-    """The key this account's agents enroll with (enforcer ``POST /v1/agents/enroll``)."""
-    return EnrollmentKeyView(
-        account_id=access.account_id,
-        enrollment_key=access.handlers.enrollment_key(access.account_id),
+) -> JSONResponse:
+    """Gone: enrollment keys are random, stored hashed and shown once, by the enforcer.
+
+    ``POST /v1/accounts/{account_id}/enrollment-keys`` on the enforcer issues a key (and revokes
+    the earlier ones); ``GET`` there lists their metadata. No service can show a key again.
+    """
+    moved = f"/v1/accounts/{access.account_id}/enrollment-keys"
+    detail = (
+        f"enrollment keys moved to the enforcer: POST {moved} issues a new key (shown once), "
+        f"GET {moved} lists them, DELETE {moved}/{{key_id}} revokes one"
+    )
+    return JSONResponse(
+        {
+            "type": "urn:hostiso:problem:enrollment_key.moved",
+            "title": "Gone",
+            "status": 410,
+            "detail": detail,
+            "errors": [{"field": "enrollment_key", "rule": "moved", "message": detail}],
+            "location": moved,
+        },
+        status_code=status.HTTP_410_GONE,
+        media_type="application/problem+json",
     )
 
 

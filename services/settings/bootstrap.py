@@ -57,7 +57,6 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
         audit=KafkaAuditSink(runtime.producer, runtime.topics, metrics, settings.audit_timeout_s),
         max_entries=settings.allowlist_max_entries,
         publish_wait_s=settings.publish_wait_s,
-        enrollment_secret=settings.require_secret("enrollment_secret"),
     )
 
     @contextlib.asynccontextmanager

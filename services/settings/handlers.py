@@ -10,7 +10,6 @@ from typing import Any, Protocol
 
 from services.settings import domain
 from services.settings.domain import Allowlist, Change, SettingsError
-from shared.enrollment import enrollment_key
 from shared.messages import Actor, AllowlistChanged, AuditRecorded, utcnow
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,6 @@ class SettingsHandlers:
         audit: AuditSink,
         max_entries: int,
         publish_wait_s: float,
-        enrollment_secret: str,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self._store = store
@@ -104,7 +102,6 @@ class SettingsHandlers:
         self._audit = audit
         self._max_entries = max_entries
         self._publish_wait_s = publish_wait_s
-        self._enrollment_secret = enrollment_secret
         self._new_id = new_id
 
     async def authorize(self, principal: Actor, account_id: str, action: str) -> None:
@@ -150,9 +147,6 @@ class SettingsHandlers:
         page = records[:limit]
         more = len(records) > limit
         return current, page, int(page[-1]["version"]) if more else None
-
-    def enrollment_key(self, account_id: str) -> str:
-        return enrollment_key(self._enrollment_secret, account_id)
 
     async def set_enabled(
         self, principal: Actor, account_id: str, enabled: bool, if_match: int | None

@@ -76,12 +76,14 @@ async def test_allowlist_lifecycle_carries_versions_and_etags(module_app: Settin
     assert (removed_record["before"], removed_record["after"]) == (renamed_ref, None)
 
 
-async def test_enrollment_key_is_the_shared_derivation(module_app: SettingsApp) -> None:
+async def test_enrollment_key_route_is_gone_and_shows_no_secret(module_app: SettingsApp) -> None:
     response = await module_app.client.get("/v1/accounts/acct-enroll/enrollment-key", headers=SOC)
-    assert response.json() == {
-        "account_id": "acct-enroll",
-        "enrollment_key": enrollment_key(DEV_ENROLLMENT_SECRET, "acct-enroll"),
-    }
+    assert response.status_code == 410
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["location"] == "/v1/accounts/acct-enroll/enrollment-keys"
+    assert body["errors"][0]["rule"] == "moved"
+    assert enrollment_key(DEV_ENROLLMENT_SECRET, "acct-enroll") not in response.text
 
 
 async def test_docs_health_ready_and_metrics_are_served(module_app: SettingsApp) -> None:

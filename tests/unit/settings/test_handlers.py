@@ -73,7 +73,6 @@ def make(reachable: bool = True) -> tuple[SettingsHandlers, MemoryStore, MemoryA
         audit=audit,
         max_entries=100,
         publish_wait_s=0.1,
-        enrollment_secret="x" * 40,
     )
     return handlers, store, audit
 
