@@ -26,7 +26,8 @@ def token(
     role: Role,
     account_id: str | None = None,
     sub: str = "tester",
-    ttl: int = 600,
+    # Module-level tokens (SOC below) are minted at collection: they must outlive the whole run.
+    ttl: int = 3600,
     scopes: tuple[str, ...] = (),
 ) -> str:
     return mint_token(
