@@ -21,6 +21,7 @@ from shared.kafka import (
     Handler,
     TypedConsumer,
     ensure_topics,
+    kafka_client_options,
     make_consumer,
     make_producer,
 )
@@ -45,8 +46,11 @@ class Runtime:
         self.topics = Topics(settings.topic_prefix)
         self.keys = Keys(settings.redis_prefix)
         self.registry = CollectorRegistry()
-        self.redis = make_redis(settings.redis_url)
-        self.producer: Any = make_producer(settings.kafka_bootstrap, client_id=f"hostiso-{service}")
+        self.redis = make_redis(settings.redis_url, ca_file=settings.redis_ca_file)
+        self.kafka_options = kafka_client_options(settings)
+        self.producer: Any = make_producer(
+            settings.kafka_bootstrap, client_id=f"hostiso-{service}", options=self.kafka_options
+        )
         self.consumers: list[TypedConsumer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -79,6 +83,7 @@ class Runtime:
             group_id=group_id,
             client_id=f"hostiso-{self.service}-{name}",
             auto_offset_reset=auto_offset_reset,
+            options=self.kafka_options,
         )
         dlq = DeadLetterSink(
             self.producer, self.topics, group_id or name, self.dlq_total.labels(name).inc
@@ -93,7 +98,10 @@ class Runtime:
         await _retry(self.redis.ping, "redis")
         if create_topics:
             await _retry(
-                lambda: ensure_topics(self.settings.kafka_bootstrap, self.topics), "kafka topics"
+                lambda: ensure_topics(
+                    self.settings.kafka_bootstrap, self.topics, options=self.kafka_options
+                ),
+                "kafka topics",
             )
         await _retry(self.producer.start, "kafka producer")
         for typed in self.consumers:

@@ -72,6 +72,7 @@ def _add_lane(
         topic,
         group_id=group_id,
         client_id=f"hostiso-enforcer-{lane}-{settings.instance_id}",
+        options=runtime.kafka_options,
     )
     dlq = DeadLetterSink(
         runtime.producer, runtime.topics, group_id, runtime.dlq_total.labels(f"commands-{lane}").inc
@@ -96,9 +97,14 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     enrollment_secret = settings.require_secret("enrollment_secret")
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
-    wakeups = RedisPolicyWakeups(settings.redis_url, runtime.keys("enforcer", "wake"))
+    wakeups = RedisPolicyWakeups(
+        settings.redis_url, runtime.keys("enforcer", "wake"), ca_file=settings.redis_ca_file
+    )
     store_redis = make_redis(
-        settings.redis_url, max_connections=settings.redis_max_connections, pool_timeout_s=20
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout_s=20,
+        ca_file=settings.redis_ca_file,
     )
     policies = RedisPolicyStore(store_redis, runtime.keys, runtime.keys("enforcer", "wake"))
     deps = EnforcerDeps(

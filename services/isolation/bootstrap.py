@@ -49,6 +49,7 @@ def build_app(
         runtime.topics,
         replica_dlq(group + "-settings-replica"),
         settings.catch_up_timeout_s,
+        kafka_options=runtime.kafka_options,
     )
     registry = EndpointRegistry(
         replica_store,
@@ -56,6 +57,7 @@ def build_app(
         runtime.topics,
         replica_dlq(group + "-endpoint-registry"),
         settings.catch_up_timeout_s,
+        kafka_options=runtime.kafka_options,
     )
     service = IsolationService(
         store=RedisIsolationStore(runtime.redis, runtime.keys, batcher),

@@ -134,6 +134,7 @@ def add_lane(
         topic,
         group_id=group_id,
         client_id=f"hostiso-{runtime.service}-{name}",
+        options=runtime.kafka_options,
     )
     dlq = DeadLetterSink(
         runtime.producer, runtime.topics, group_id, runtime.dlq_total.labels(name).inc

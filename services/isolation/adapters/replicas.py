@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from services.isolation.adapters.lanes import FETCHED_AT
 from services.isolation.adapters.redis_store import RedisReplicaStore
 from services.isolation.domain import EndpointRecord
-from shared.kafka import DeadLetterSink, MessageRejected, describe_validation_error
+from shared.kafka import DeadLetterSink, KafkaOptions, MessageRejected, describe_validation_error
 from shared.messages import AllowlistChanged, EndpointRegistered, decode
 from shared.topics import TopicName, Topics
 
@@ -75,8 +75,10 @@ class CompactedTopicReplica:
         name: TopicName,
         apply: Apply,
         dlq: DeadLetterSink,
+        kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._kafka_options = kafka_options or {}
         self._topics = topics
         self._name = name
         self.topic = topics(name)
@@ -96,6 +98,7 @@ class CompactedTopicReplica:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
+            **self._kafka_options,
             bootstrap_servers=self._bootstrap,
             group_id=None,
             enable_auto_commit=False,
@@ -107,6 +110,7 @@ class CompactedTopicReplica:
         # End offsets are asked on a connection of their own: the broker answers requests of one
         # connection in order, so behind the replica's long-poll fetch they would wait for it.
         self._offsets = AIOKafkaConsumer(
+            **self._kafka_options,
             bootstrap_servers=self._bootstrap,
             group_id=None,
             enable_auto_commit=False,
@@ -260,12 +264,13 @@ class SettingsReplica:
         dlq: DeadLetterSink,
         catch_up_timeout: float,
         cache_size: int = SETTINGS_CACHE_SIZE,
+        kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._store = store
         self._timeout = catch_up_timeout
         self._cache: NewestCache[AllowlistChanged] = NewestCache(cache_size)
         self.replica = CompactedTopicReplica(
-            bootstrap, topics, TopicName.SETTINGS_ALLOWLIST, self._apply, dlq
+            bootstrap, topics, TopicName.SETTINGS_ALLOWLIST, self._apply, dlq, kafka_options
         )
 
     async def _apply(self, event: AllowlistChanged, record: ConsumerRecord[bytes, bytes]) -> None:
@@ -307,6 +312,7 @@ class EndpointRegistry:
         dlq: DeadLetterSink,
         catch_up_timeout: float,
         cache_size: int = ENDPOINT_CACHE_SIZE,
+        kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._store = store
         self._timeout = catch_up_timeout
@@ -315,7 +321,7 @@ class EndpointRegistry:
         self._cache: NewestCache[EndpointRecord] = NewestCache(cache_size)
         self._applied = 0
         self.replica = CompactedTopicReplica(
-            bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq
+            bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq, kafka_options
         )
 
     async def _apply(self, event: EndpointRegistered, record: ConsumerRecord[bytes, bytes]) -> None:

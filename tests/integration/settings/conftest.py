@@ -18,8 +18,10 @@ from services.settings.config import SettingsServiceSettings
 from shared.auth import mint_token
 from shared.config import DEV_JWT_SECRET
 from shared.kafka import ensure_topics
+from shared.kafka_acls import provision_acls
 from shared.messages import Role
 from shared.topics import Topics
+from tests.helpers import SECURITY, kafka_admin_options
 
 
 def token(role: Role, account_id: str | None = None, sub: str = "tester", ttl: int = 600) -> str:
@@ -71,6 +73,7 @@ def make_settings(
             "redis_prefix": redis_prefix,
             "relay_lease_ms": 1000,
             "log_json": False,
+            **SECURITY.service_settings("settings", redis_url=redis_url),
         }
         values.update(overrides)
         return SettingsServiceSettings(**values)
@@ -102,15 +105,22 @@ async def settings_app(
 async def module_app(kafka_bootstrap: str, redis_url: str) -> AsyncIterator[SettingsApp]:
     """One app (own topic and key prefixes) shared by a module's table-driven tests."""
     suffix = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        **SECURITY.service_settings("settings", redis_url=redis_url),
+    }
     settings = SettingsServiceSettings(
         dev=True,
         kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
         topic_prefix=f"m{suffix}.",
         redis_prefix=f"m{suffix}:",
         relay_lease_ms=1000,
         log_json=False,
+        **values,
     )
-    await ensure_topics(kafka_bootstrap, Topics(settings.topic_prefix))
+    admin = kafka_admin_options()
+    await ensure_topics(kafka_bootstrap, Topics(settings.topic_prefix), options=admin)
+    if admin:
+        await provision_acls(kafka_bootstrap, Topics(settings.topic_prefix), options=admin)
     async with running_app(settings) as running:
         yield running
