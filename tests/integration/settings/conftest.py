@@ -106,12 +106,12 @@ async def module_app(kafka_bootstrap: str, redis_url: str) -> AsyncIterator[Sett
     """One app (own topic and key prefixes) shared by a module's table-driven tests."""
     suffix = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
+        "kafka_bootstrap": kafka_bootstrap,
         "redis_url": redis_url,
         **SECURITY.service_settings("settings", redis_url=redis_url),
     }
     settings = SettingsServiceSettings(
         dev=True,
-        kafka_bootstrap=kafka_bootstrap,
         topic_prefix=f"m{suffix}.",
         redis_prefix=f"m{suffix}:",
         relay_lease_ms=1000,
