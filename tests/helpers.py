@@ -67,8 +67,14 @@ class TestSecurity:
 SECURITY = TestSecurity()
 
 
-def kafka_admin_options() -> dict[str, Any]:
-    """aiokafka keyword arguments for a harness client (the admin principal, or nothing)."""
+def kafka_admin_options(bootstrap: str | None = None) -> dict[str, Any]:
+    """aiokafka keyword arguments for a harness client (the admin principal, or nothing).
+
+    With ``bootstrap``: nothing unless it is the session's secure broker (a test's own broker is
+    PLAINTEXT).
+    """
+    if bootstrap is not None and bootstrap != SECURITY.kafka_bootstrap:
+        return {}
     return dict(SECURITY.kafka_admin)
 
 
@@ -93,7 +99,7 @@ async def wait_for(
 
 
 async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(**kafka_admin_options(), bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_admin_options(bootstrap), bootstrap_servers=bootstrap)
     await admin.start()
     try:
         described = await admin.describe_topics([topic])
@@ -107,7 +113,7 @@ async def read_topic(
 ) -> list[Any]:
     """Every message on ``topic`` from the start, decoded; waits until ``expect`` are there."""
     consumer = AIOKafkaConsumer(
-        **kafka_admin_options(), bootstrap_servers=bootstrap, enable_auto_commit=False
+        **kafka_admin_options(bootstrap), bootstrap_servers=bootstrap, enable_auto_commit=False
     )
     await consumer.start()
     try:

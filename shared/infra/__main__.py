@@ -7,11 +7,12 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from shared.infra.kafka import KafkaCluster, ensure_kafka_jars
+from shared.infra.kafka import KafkaCluster, ensure_kafka_jars, write_broker_tls
 from shared.infra.redis import SERVICE_REDIS_USERS, LocalRedis
 from shared.kafka import ensure_topics, kafka_security_options
 from shared.kafka_acls import (
@@ -36,6 +37,23 @@ def _wait_for_signal() -> None:
 def jars() -> None:
     """Resolve the Kafka jars into the cache (Maven) and print where they are."""
     typer.echo(ensure_kafka_jars())
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="Directory for ca.pem and broker-keystore.pem")],
+    hosts: Annotated[
+        str, typer.Option(help="Comma-separated names and addresses in the broker certificate")
+    ] = "kafka,localhost,127.0.0.1",
+    mode: Annotated[str, typer.Option(help="Octal file mode of the key store")] = "600",
+) -> None:
+    """Dev/test TLS material for a broker (docker compose); kept if ``out`` already has it."""
+    if (out / "broker-keystore.pem").exists() and (out / "ca.pem").exists():
+        typer.echo(f"kept the TLS material in {out}")
+        return
+    names = tuple(h.strip() for h in hosts.split(",") if h.strip())
+    write_broker_tls(out, names, mode=int(mode, 8))
+    typer.echo(f"wrote {out / 'ca.pem'} and {out / 'broker-keystore.pem'}")
 
 
 @app.command()

@@ -105,6 +105,27 @@ def ensure_kafka_jars() -> Path:
 BROKER_CERT_NAME = "hostiso-broker"
 
 
+def write_broker_tls(
+    directory: Path,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1"),
+    *,
+    mode: int = 0o600,
+) -> CertPaths:
+    """A CA and the brokers' certificate as Kafka's PEM key store; returns the CA.
+
+    ``broker-keystore.pem`` holds the unencrypted PKCS#8 key followed by the certificate chain
+    (``ssl.keystore.type=PEM``); ``ca.pem`` is the trust store of brokers and clients.
+    """
+    ca = make_ca(directory, common_name="hostiso local Kafka CA")
+    broker = issue_cert(ca, directory, BROKER_CERT_NAME, hosts)
+    keystore = directory / "broker-keystore.pem"
+    fd = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as out:
+        out.write(broker.key.read_bytes() + broker.cert.read_bytes() + ca.cert.read_bytes())
+    os.chmod(keystore, mode)
+    return ca
+
+
 @dataclass
 class _Node:
     node_id: int
@@ -225,15 +246,7 @@ class KafkaCluster:
         return self
 
     def _make_tls_material(self, directory: Path) -> None:
-        self.ca = make_ca(directory, common_name="hostiso local Kafka CA")
-        broker = issue_cert(self.ca, directory, BROKER_CERT_NAME)
-        # Kafka's PEM key store: the unencrypted PKCS#8 key followed by the certificate chain.
-        keystore = directory / "broker-keystore.pem"
-        fd = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(
-                broker.key.read_bytes() + broker.cert.read_bytes() + self.ca.cert.read_bytes()
-            )
+        self.ca = write_broker_tls(directory)
 
     def _properties(self, node: _Node, voters: str) -> str:
         rf = self.replication_factor
