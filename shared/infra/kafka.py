@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,7 +388,11 @@ def LocalKafka(
 
 
 def _check_client_roundtrip(
-    bootstrap: str, rf: int, *, timeout: float, options: Any = dict
+    bootstrap: str,
+    rf: int,
+    *,
+    timeout: float,
+    options: Callable[[], dict[str, Any]] = dict,
 ) -> None:
     """Ready means a client can create a topic, produce to it and consume from it.
 

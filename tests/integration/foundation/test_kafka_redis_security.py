@@ -9,7 +9,9 @@ against the suite's secure broker and Redis (tests/conftest.py) and fail on the 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from shared.kafka import kafka_security_options
+from shared.kafka_acls import ADMIN_PRINCIPAL
 from shared.topics import Topics
 from tests.helpers import SECURITY
 
@@ -235,3 +238,57 @@ async def test_a_redis_service_user_cannot_flush_or_reconfigure(
         assert await client.delete(own) == 1
     finally:
         await client.aclose()
+
+
+async def test_the_topics_command_provisions_topics_and_acls_for_a_prefix(
+    secure_kafka: str, unique_suffix: str
+) -> None:
+    # What docker compose and a real deployment run, as admin, for a prefix nobody set up yet.
+    assert SECURITY.kafka_env is not None
+    prefix = f"cli{unique_suffix}."
+    env = {
+        **os.environ,
+        **SECURITY.kafka_env(ADMIN_PRINCIPAL),
+        "HOSTISO_TOPIC_PREFIX": prefix,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.infra",
+        "topics",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, output.decode()
+    assert b"created 9 topics" in output and b"28 ACLs" in output
+    topics = Topics(prefix)
+    settings = AIOKafkaProducer(**_as("settings"), bootstrap_servers=secure_kafka)
+    await settings.start()
+    try:
+        assert (
+            await settings.send_and_wait(topics.settings_allowlist, b"{}", key=b"a")
+        ).offset >= 0
+        with pytest.raises(TopicAuthorizationFailedError):
+            await settings.send_and_wait(topics.enforcer_commands, b"forged", key=b"ep")
+    finally:
+        await settings.stop()
+
+
+async def test_the_topics_command_names_the_missing_sasl_credentials() -> None:
+    env = {**os.environ, "HOSTISO_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}
+    env.pop("HOSTISO_KAFKA_SASL_USERNAME", None)
+    env.pop("HOSTISO_KAFKA_SASL_PASSWORD", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.infra",
+        "topics",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode != 0
+    assert b"HOSTISO_KAFKA_SASL_USERNAME" in output
