@@ -173,13 +173,14 @@ def redis_url(pytestconfig: pytest.Config) -> Iterator[str]:
             yield f"redis://{host}:{port}/0"
         return
     # Service users are confined to their namespace behind any (per-test random) prefix.
-    redis = LocalRedis(secure=_secure(), key_prefix="*")
+    redis = LocalRedis(secure=_secure(), tls=_secure(), key_prefix="*")
     redis.start()
-    auth = "ACL users, default user off" if redis.secure else "no auth"
+    auth = "TLS, ACL users, default user off" if redis.secure else "no auth"
     _announce(pytestconfig, f"redis-server (AOF on, {auth}) started on port {redis.port}")
     if redis.secure:
         helpers.SECURITY.redis_admin_url = redis.url
         helpers.SECURITY.redis_url_for = redis.url_for
+        helpers.SECURITY.redis_ca_file = redis.ca_file
     try:
         yield redis.url
     finally:

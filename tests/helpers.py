@@ -35,6 +35,7 @@ class TestSecurity:
     kafka_options_for: Callable[[str], dict[str, Any]] | None = None
     redis_admin_url: str = ""
     redis_url_for: Callable[[str], str] | None = None
+    redis_ca_file: str | None = None
 
     def service_env(self, principal: str, env: dict[str, str]) -> dict[str, str]:
         """HOSTISO_* of ``principal`` for a process whose ``env`` points at this run's infra."""
@@ -47,6 +48,8 @@ class TestSecurity:
             out |= self.kafka_env(principal)
         if self.redis_url_for is not None and env.get("HOSTISO_REDIS_URL") == self.redis_admin_url:
             out["HOSTISO_REDIS_URL"] = self.redis_url_for(principal)
+            if self.redis_ca_file is not None:
+                out["HOSTISO_REDIS_CA_FILE"] = self.redis_ca_file
         return out
 
     def service_settings(self, principal: str, *, redis_url: str | None = None) -> dict[str, Any]:

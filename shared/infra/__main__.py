@@ -89,7 +89,7 @@ def up(
                 err=secure,
             )
         if redis:
-            local_redis = LocalRedis(secure=secure, key_prefix=redis_prefix).start()
+            local_redis = LocalRedis(secure=secure, tls=secure, key_prefix=redis_prefix).start()
             typer.echo(f"redis ready on port {local_redis.port}", err=secure)
         if secure:
             # One line on stdout, everything else on stderr: a script can read it with json.
@@ -133,6 +133,8 @@ def connection_document(
         if redis is not None and (principal in SERVICE_REDIS_USERS or principal == ADMIN_PRINCIPAL):
             values["HOSTISO_REDIS_URL"] = redis.url_for(principal)
             values["HOSTISO_REDIS_PREFIX"] = redis.key_prefix
+            if redis.ca_file is not None:
+                values["HOSTISO_REDIS_CA_FILE"] = redis.ca_file
         env[principal] = values
     return {
         "kafka_bootstrap": cluster.bootstrap if cluster is not None else None,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from shared.infra.certs import CertPaths, issue_cert, make_ca
 from shared.infra.proc import free_port, spawn, stop, wait_port
 
 
@@ -65,21 +66,52 @@ class LocalRedis:
     proc: subprocess.Popen[bytes] | None = None
     secure: bool = False
     key_prefix: str = "hostiso:"
+    # TLS only (no plain port), server certificate from a CA of its own (``ca_file``).
+    tls: bool = False
     passwords: dict[str, str] = field(default_factory=dict)
+    ca: CertPaths | None = None
     _owns_dir: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return "rediss" if self.tls else "redis"
+
+    @property
+    def ca_file(self) -> str | None:
+        return str(self.ca.cert) if self.ca is not None else None
 
     @property
     def url(self) -> str:
         """Plain: the only URL; secure: the admin's (tooling and tests)."""
         if self.secure:
             return self.url_for(REDIS_ADMIN_USER)
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{self.scheme}://127.0.0.1:{self.port}/0"
 
     def url_for(self, user: str) -> str:
         if not self.secure:
             return self.url
         password = quote(self.passwords[user], safe="")
-        return f"redis://{user}:{password}@127.0.0.1:{self.port}/0"
+        return f"{self.scheme}://{user}:{password}@127.0.0.1:{self.port}/0"
+
+    def _tls_args(self, workdir: Path) -> list[str]:
+        if self.ca is None:
+            self.ca = make_ca(workdir / "tls", common_name="hostiso local Redis CA")
+        server = issue_cert(self.ca, workdir / "tls", "redis")
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(server.cert),
+            "--tls-key-file",
+            str(server.key),
+            "--tls-ca-cert-file",
+            str(self.ca.cert),
+            # Clients authenticate with their ACL user; the certificate proves the server.
+            "--tls-auth-clients",
+            "no",
+        ]
 
     def _write_acl_config(self, workdir: Path) -> Path:
         if not self.passwords:
@@ -109,12 +141,12 @@ class LocalRedis:
             self.port = free_port()
         log_path = self.workdir / "redis.log"
         config = [str(self._write_acl_config(self.workdir))] if self.secure else []
+        ports = self._tls_args(self.workdir) if self.tls else ["--port", str(self.port)]
         self.proc = spawn(
             [
                 binary,
                 *config,
-                "--port",
-                str(self.port),
+                *ports,
                 "--bind",
                 "127.0.0.1",
                 "--dir",

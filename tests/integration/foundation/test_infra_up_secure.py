@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import TopicAuthorizationFailedError
-from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
 from shared.config import ServiceSettings
 from shared.kafka import kafka_client_options
+from shared.redis import make_redis
 from shared.topics import Topics
 
 
@@ -66,7 +66,10 @@ async def test_up_secure_prints_a_per_service_environment_that_works() -> None:
             finally:
                 await producer.stop()
 
-        redis = Redis.from_url(env["settings"]["HOSTISO_REDIS_URL"])
+        assert env["settings"]["HOSTISO_REDIS_URL"].startswith("rediss://settings:")
+        redis = make_redis(
+            env["settings"]["HOSTISO_REDIS_URL"], ca_file=env["settings"]["HOSTISO_REDIS_CA_FILE"]
+        )
         try:
             assert await redis.set("hostiso:settings:probe", "1")
             with pytest.raises(NoPermissionError):

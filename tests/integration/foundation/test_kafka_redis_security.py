@@ -25,9 +25,11 @@ from aiokafka.errors import (
 )
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.kafka import kafka_security_options
 from shared.kafka_acls import ADMIN_PRINCIPAL
+from shared.redis import redis_tls_options
 from shared.topics import Topics
 from tests.helpers import SECURITY
 
@@ -44,6 +46,10 @@ def secure_redis(redis_url: str) -> str:
     if SECURITY.redis_url_for is None:
         pytest.skip("the suite's Redis is not the secure local one (HOSTISO_TEST_SECURE=0?)")
     return redis_url
+
+
+def _tls(url: str) -> dict[str, Any]:
+    return redis_tls_options(url, SECURITY.redis_ca_file)
 
 
 def _as(principal: str) -> dict[str, Any]:
@@ -201,14 +207,16 @@ async def test_a_client_verifies_the_broker_certificate(secure_kafka: str) -> No
 
 
 async def test_redis_refuses_a_connection_without_credentials(secure_redis: str) -> None:
-    anonymous = secure_redis.replace(secure_redis.split("@")[0] + "@", "redis://")
-    client = Redis.from_url(anonymous)
+    scheme = secure_redis.split("://")[0]
+    anonymous = secure_redis.replace(secure_redis.split("@")[0] + "@", f"{scheme}://")
+    client = Redis.from_url(anonymous, **_tls(anonymous))
     try:
         with pytest.raises((AuthenticationError, ResponseError)):
             await client.set("anything", "1")
     finally:
         await client.aclose()
-    wrong = Redis.from_url(anonymous.replace("redis://", "redis://isolation:wrong@"))
+    wrong_url = anonymous.replace("://", "://isolation:wrong@", 1)
+    wrong = Redis.from_url(wrong_url, **_tls(wrong_url))
     try:
         with pytest.raises(AuthenticationError):
             await wrong.ping()
@@ -221,7 +229,8 @@ async def test_a_redis_service_user_cannot_flush_or_reconfigure(
     secure_redis: str, redis_prefix: str, service: str
 ) -> None:
     assert SECURITY.redis_url_for is not None
-    client = Redis.from_url(SECURITY.redis_url_for(service))
+    url = SECURITY.redis_url_for(service)
+    client = Redis.from_url(url, **_tls(url))
     try:
         own = f"{redis_prefix}{service}:probe"
         assert await client.set(own, "1")
@@ -292,3 +301,23 @@ async def test_the_topics_command_names_the_missing_sasl_credentials() -> None:
     output, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode != 0
     assert b"HOSTISO_KAFKA_SASL_USERNAME" in output
+
+
+async def test_redis_speaks_only_tls_and_the_client_verifies_its_certificate(
+    secure_redis: str,
+) -> None:
+    if not secure_redis.startswith("rediss://"):
+        pytest.skip("the suite's Redis runs without TLS")
+    plain = Redis.from_url(secure_redis.replace("rediss://", "redis://", 1))
+    try:
+        with pytest.raises(RedisConnectionError):
+            await plain.ping()
+    finally:
+        await plain.aclose()
+    # Without our CA (system CAs only) the server's certificate is refused.
+    unverified = Redis.from_url(secure_redis, **redis_tls_options(secure_redis, None))
+    try:
+        with pytest.raises(RedisConnectionError):
+            await unverified.ping()
+    finally:
+        await unverified.aclose()
