@@ -18,8 +18,11 @@ REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
 # State and request outcome are written in one script: a crash can never store one without the
 # other, and the revision check makes concurrent writers (two lanes, status, other instances)
 # retry instead of overwriting each other.
+# ARGV[7] = '1' when the write carries a request outcome: without one KEYS[2] and KEYS[4] are a
+# placeholder inside the service's namespace (never read or written), because Redis checks the
+# ACL key patterns of every declared key and an empty name matches none.
 _COMMIT = """
-if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
   return {'dup', redis.call('GET', KEYS[2]), redis.call('EXISTS', KEYS[4])}
 end
 local rev = redis.call('HGET', KEYS[1], 'rev') or '0'
@@ -34,7 +37,7 @@ if ARGV[2] ~= '' then
     redis.call('SREM', KEYS[3], ARGV[6])
   end
 end
-if KEYS[2] ~= '' then
+if ARGV[7] == '1' then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[4]))
 end
 return {'ok', ''}
@@ -133,11 +136,12 @@ class RedisIsolationStore:
         outcome: RequestOutcome | None = None,
     ) -> None:
         """Store the new state (if ``changed``) and the request outcome, only if unchanged since read."""
+        unused = self._keys("isolation", "no-request")
         keys = [
             self._state_key(isolation.endpoint_id),
-            self._request_key(request_key) if request_key else "",
+            self._request_key(request_key) if request_key else unused,
             self._active_key(isolation.account_id),
-            self._sent_key(request_key) if request_key else "",
+            self._sent_key(request_key) if request_key else unused,
         ]
         args = [
             str(current_rev),
@@ -146,6 +150,7 @@ class RedisIsolationStore:
             str(REQUEST_OUTCOME_TTL_S),
             "1" if isolation.isolated_or_pending else "0",
             isolation.endpoint_id,
+            "1" if request_key else "0",
         ]
         status, payload, *sent = await self._batch.script(self._commit, keys, args)
         if status == b"dup":
