@@ -35,6 +35,9 @@ from shared.messages import IsolateEndpoint, ReleaseEndpoint
 
 log = logging.getLogger(__name__)
 
+# How long one request may take to be accepted while a fault (broker restart...) lasts.
+SEND_DEADLINE_S = 180.0
+
 Fault = Callable[[], Coroutine[Any, Any, str]]
 
 ACCOUNTS = ("acct-chaos-a", "acct-chaos-b")
@@ -154,6 +157,7 @@ class Chaos:
                 endpoint_id=endpoint, mode="standard", requested_by=SOC, reason="chaos"
             )
             mode = "standard"
+        deadline = asyncio.get_running_loop().time() + SEND_DEADLINE_S
         while True:
             try:
                 future = await self.stack.send(topics.isolation_requests, endpoint, message)
@@ -161,9 +165,18 @@ class Chaos:
                 break
             except Exception as exc:  # not accepted: the broker may be restarting; send again
                 work.send_errors += 1
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(
+                        f"request for {endpoint} not accepted within {SEND_DEADLINE_S:.0f}s"
+                    ) from exc
                 log.info("request not accepted, resending: %r", exc)
                 if work.send_errors % 5 == 0:
-                    await self.stack.reset_producer()
+                    try:
+                        await self.stack.reset_producer()
+                    except Exception as reset_exc:
+                        # The broker is still down (KafkaConnectionError): the next send fails
+                        # too and a later round resets again, until the deadline.
+                        log.info("producer not restarted yet: %r", reset_exc)
                 await asyncio.sleep(0.5)
         self.isolated[endpoint] = not self.isolated.get(endpoint)
         work.requests[message.request_id] = endpoint

@@ -93,6 +93,13 @@ FLOWS: tuple[TopicFlow, ...] = (
         ),
     ),
     TopicFlow(
+        TopicName.ISOLATION_EVENTS,
+        "Every change of an endpoint's isolation state (pending, isolated, failed, released), "
+        "as full state keyed by endpoint: other platform services (ticketing, alerting) learn "
+        "applied or failed without polling. Compacted; at least once, a repeat is identical.",
+        publishers=("isolation",),
+    ),
+    TopicFlow(
         TopicName.ENFORCER_COMMANDS,
         "Frozen policies to make an endpoint's desired policy (standard isolation, release).",
         publishers=("isolation",),

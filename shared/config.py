@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.topics import TopicName
+
 # Marked dev defaults: usable only with HOSTISO_DEV=1, refused otherwise.
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
 DEV_ENROLLMENT_SECRET = "dev-only-enrollment-secret-change-me"
@@ -50,6 +52,10 @@ class ServiceSettings(BaseSettings):
     redis_ca_file: str | None = Field(
         None, description="PEM CA bundle for a rediss:// URL (system CAs if unset)."
     )
+    redis_cluster: bool = Field(
+        False,
+        description="The Redis URL names a node of a Redis Cluster (also: a redis+cluster:// URL).",
+    )
     topic_prefix: str = "hostiso."
     redis_prefix: str = "hostiso:"
     http_host: str = "127.0.0.1"
@@ -62,8 +68,29 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: ["127.0.0.1"],
         description="Addresses of the platform that isolation always allows (comma-separated).",
     )
+    topic_replication_factor: int = Field(
+        1,
+        ge=1,
+        le=7,
+        description="Replication factor of the topics a service creates (3 on a 3-broker cluster).",
+    )
+    topic_min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="min.insync.replicas of the topics a service creates (2 with RF 3).",
+    )
+    topic_partitions: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="Partition counts by topic, e.g. `isolation.requests.v1=24,enforcer.commands.v1=24`"
+        " (defaults: shared/topics.py).",
+    )
     allowlist_max_entries: int = Field(100, ge=1, le=10_000)
     instance_id: str = "local"
+    # Static group membership (group.instance.id = HOSTISO_INSTANCE_ID): a restarted instance
+    # gets its partitions back without a rebalance. Needs a distinct instance id per instance.
+    kafka_static_membership: bool = False
+    # Non-transient failures of one record before it is dead-lettered (DESIGN §6, guarantee 12).
+    consumer_max_attempts: int = Field(5, ge=1, le=100)
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -80,6 +107,51 @@ class ServiceSettings(BaseSettings):
                     f"HOSTISO_PLATFORM_ADDRESSES: {item!r} is not an IP address"
                 ) from exc
         return value
+
+    @field_validator("topic_partitions", mode="before")
+    @classmethod
+    def _parse_partitions(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        counts: dict[str, Any] = {}
+        for part in _split_csv(value):
+            name, sep, count = part.partition("=")
+            if not sep:
+                raise ValueError(
+                    f"HOSTISO_TOPIC_PARTITIONS: {part!r} is not TOPIC=COUNT "
+                    "(e.g. isolation.requests.v1=24)"
+                )
+            counts[name.strip()] = count.strip()
+        return counts
+
+    @field_validator("topic_partitions")
+    @classmethod
+    def _known_topics(cls, value: dict[str, int]) -> dict[str, int]:
+        known = {name.value for name in TopicName}
+        for name, count in value.items():
+            if name not in known:
+                raise ValueError(
+                    f"HOSTISO_TOPIC_PARTITIONS: unknown topic {name!r} (one of {sorted(known)})"
+                )
+            if not 1 <= count <= 10_000:
+                raise ValueError(
+                    f"HOSTISO_TOPIC_PARTITIONS: {name} needs 1 to 10000 partitions, got {count}"
+                )
+        return value
+
+    @property
+    def topic_partition_counts(self) -> dict[TopicName, int]:
+        return {TopicName(name): count for name, count in self.topic_partitions.items()}
+
+    @model_validator(mode="after")
+    def _min_isr_within_replicas(self) -> ServiceSettings:
+        isr = self.topic_min_insync_replicas
+        if isr is not None and isr > self.topic_replication_factor:
+            raise ValueError(
+                f"HOSTISO_TOPIC_MIN_INSYNC_REPLICAS ({isr}) cannot exceed "
+                f"HOSTISO_TOPIC_REPLICATION_FACTOR ({self.topic_replication_factor})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _kafka_security_is_complete(self) -> ServiceSettings:

@@ -9,9 +9,10 @@ import logging
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -23,7 +24,7 @@ from aiokafka.errors import (
 from pydantic import ValidationError
 
 from shared import tracing
-from shared.messages import DeadLetter, Message, decode
+from shared.messages import DeadLetter, Message
 from shared.topics import TOPIC_SPECS, TopicName, Topics
 
 if TYPE_CHECKING:
@@ -77,6 +78,25 @@ def kafka_client_options(settings: ServiceSettings) -> dict[str, Any]:
 
 
 DLQ_PAYLOAD_LIMIT = 64 * 1024
+# A dead letter never exceeds this many bytes (the topic accepts 1 MiB): key and payload are
+# escaped first, then cut, so JSON escaping cannot grow them past it.
+DLQ_MAX_BYTES = 256 * 1024
+DLQ_KEY_LIMIT = 1024
+DLQ_REASON_LIMIT = 4000
+
+
+class Producer(Protocol):
+    """The part of a Kafka producer the services use (``LazyClient`` around AIOKafkaProducer)."""
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = ...,
+        key: bytes | None = ...,
+        partition: int | None = ...,
+        timestamp_ms: int | None = ...,
+        headers: Any = ...,
+    ) -> Any: ...
 
 
 # Producer errors after which aiokafka's idempotent producer keeps failing until it is replaced.
@@ -96,8 +116,14 @@ class LazyClient:
     the half-started client, so a retry builds a fresh one.
     """
 
-    def __init__(self, factory: Callable[[], Any], what: str) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Any],
+        what: str,
+        prepare: Callable[[Any], None] | None = None,
+    ) -> None:
         self._factory = factory
+        self._prepare = prepare
         self._what = what
         self._client: Any = None
         self._broken: Any = None
@@ -113,6 +139,8 @@ class LazyClient:
         if self._client is not None:
             return
         client = self._factory()
+        if self._prepare is not None:
+            self._prepare(client)
         try:
             await client.start()
         except BaseException:
@@ -211,9 +239,15 @@ async def ensure_topics(
     replication_factor: int = 1,
     min_insync_replicas: int | None = None,
     names: Iterable[TopicName] | None = None,
+    partitions: Mapping[TopicName, int] | None = None,
     options: KafkaOptions | None = None,
 ) -> list[str]:
-    """Create the topics of TOPIC_SPECS (or ``names``) that are missing; returns those created."""
+    """Create the topics of TOPIC_SPECS (or ``names``) that are missing; returns those created.
+
+    ``partitions`` overrides the specs' partition counts (``HOSTISO_TOPIC_PARTITIONS``); a topic
+    that exists keeps its count (growing one is an operator's ``kafka-topics --alter``, since it
+    moves keys to other partitions).
+    """
     wanted = {n for n in names} if names is not None else None
     admin = AIOKafkaAdminClient(
         **(options or {}), bootstrap_servers=bootstrap, request_timeout_ms=15_000
@@ -236,9 +270,8 @@ async def ensure_topics(
                 # Compact promptly so a rebuilding consumer reads little more than the state.
                 configs["min.cleanable.dirty.ratio"] = "0.1"
                 configs["segment.ms"] = "600000"
-            new_topics.append(
-                NewTopic(full, spec.partitions, replication_factor, topic_configs=configs)
-            )
+            count = (partitions or {}).get(spec.name, spec.partitions)
+            new_topics.append(NewTopic(full, count, replication_factor, topic_configs=configs))
             created.append(full)
         if new_topics:
             try:
@@ -297,7 +330,7 @@ async def wait_topics_ready(
         await producer.stop()
 
 
-async def publish(producer: Any, topic: str, key: str, message: Message) -> Any:
+async def publish(producer: Producer, topic: str, key: str, message: Message) -> Any:
     """Send one message and wait for the broker's acknowledgement (acks=all).
 
     With tracing on, the record carries the trace context in its headers.
@@ -321,12 +354,61 @@ class MessageRejected(Exception):
         self.reason = reason
 
 
+def _escaped(raw: bytes, limit: int) -> tuple[str, bool]:
+    """``raw`` as printable text (control and non-UTF-8 bytes escaped), cut to ``limit`` chars."""
+    text = raw.decode("utf-8", "backslashreplace")
+    text = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+    return text[:limit], len(text) > limit
+
+
+def bounded_dead_letter(
+    record: ConsumerRecord[bytes, bytes], group: str, reason: str, max_bytes: int = DLQ_MAX_BYTES
+) -> DeadLetter:
+    """The dead letter of ``record``, at most ``max_bytes`` once serialized.
+
+    An oversized letter would be refused by the broker and its record retried for ever; so the
+    payload is cut until the letter fits, and if even an empty payload does not fit (a huge key
+    or reason), a minimal letter says only where the record came from.
+    """
+    key = None
+    if record.key is not None:
+        key = _escaped(record.key, DLQ_KEY_LIMIT)[0]
+    payload, truncated = _escaped(record.value or b"", DLQ_PAYLOAD_LIMIT)
+    limit = len(payload)
+    while True:
+        letter = DeadLetter(
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            consumer_group=group,
+            reason=reason[:DLQ_REASON_LIMIT],
+            key=key,
+            payload=payload[:limit],
+            payload_truncated=truncated or limit < len(payload),
+        )
+        if len(letter.to_bytes()) <= max_bytes:
+            return letter
+        if limit == 0:
+            break
+        limit //= 2
+    return DeadLetter(
+        source_topic=record.topic[:255],
+        source_partition=record.partition,
+        source_offset=record.offset,
+        consumer_group=group[:255],
+        reason=reason[:200],
+        key=None,
+        payload="",
+        payload_truncated=True,
+    )
+
+
 class DeadLetterSink:
-    """Publishes rejected records on ``dlq.v1`` with their reason and origin."""
+    """Publishes rejected records on ``dlq.v1`` with their reason and origin (bounded in size)."""
 
     def __init__(
         self,
-        producer: Any,
+        producer: Producer,
         topics: Topics,
         consumer_group: str,
         on_dead_letter: Callable[[], None] | None = None,
@@ -338,18 +420,7 @@ class DeadLetterSink:
         self.count = 0
 
     async def send(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
-        raw = record.value or b""
-        truncated = len(raw) > DLQ_PAYLOAD_LIMIT
-        letter = DeadLetter(
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            consumer_group=self._group,
-            reason=reason[:4000],
-            key=record.key.decode("utf-8", "replace") if record.key is not None else None,
-            payload=raw[:DLQ_PAYLOAD_LIMIT].decode("utf-8", "replace"),
-            payload_truncated=truncated,
-        )
+        letter = bounded_dead_letter(record, self._group, reason)
         await publish(self._producer, self._topic, record.topic, letter)
         self.count += 1
         if self._on_dead_letter is not None:
@@ -377,125 +448,34 @@ def describe_validation_error(exc: ValidationError) -> str:
 Handler = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[None]]
 
 
-class TypedConsumer:
-    """At-least-once consume loop: decode, handle, then commit.
-
-    Offsets are committed only after the handler returned for every record before them
-    (guarantee 9). A record that fails validation, or that the handler rejects with
-    ``MessageRejected``, goes to the DLQ and is committed past. Any other error is treated as
-    transient: the partition is rewound to the failed record and retried after a backoff.
-    """
-
-    def __init__(
-        self,
-        consumer: Any,
-        topics: Topics,
-        handler: Handler,
-        dlq: DeadLetterSink,
-        *,
-        name: str,
-        max_records: int = 500,
-        on_batch_done: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self.consumer = consumer
-        self._topics = topics
-        self._handler = handler
-        self._dlq = dlq
-        self.name = name
-        self._max_records = max_records
-        self._on_batch_done = on_batch_done
-        self.processed = 0
-        self.assigned = asyncio.Event()
-
-    async def run(self) -> None:
-        backoff = 0.1
-        while True:
-            batch = await self.consumer.getmany(timeout_ms=200, max_records=self._max_records)
-            if self.consumer.assignment():
-                self.assigned.set()
-            if not batch:
-                continue
-            failed = False
-            commit: dict[TopicPartition, int] = {}
-            for tp, records in batch.items():
-                for record in records:
-                    try:
-                        await self._handle_one(record)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception(
-                            "handler failed; will retry",
-                            extra={
-                                "consumer": self.name,
-                                "topic": tp.topic,
-                                "offset": record.offset,
-                            },
-                        )
-                        self.consumer.seek(tp, record.offset)
-                        failed = True
-                        break
-                    commit[tp] = record.offset + 1
-                    self.processed += 1
-            if self._on_batch_done is not None and commit:
-                await self._on_batch_done()
-            if commit:
-                await self.consumer.commit(commit)
-            if failed:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.1
-
-    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        if not tracing.enabled():
-            await self._decode_and_handle(record, None)
-            return
-        with tracing.consume_span(record) as span:
-            await self._decode_and_handle(record, span)
-
-    async def _decode_and_handle(self, record: ConsumerRecord[bytes, bytes], span: Any) -> None:
-        topic = self._topics.unprefixed(record.topic)
-        try:
-            message = decode(topic, record.value)
-        except ValidationError as exc:
-            await self._dead_letter(record, describe_validation_error(exc), span, exc)
-            return
-        except ValueError as exc:
-            await self._dead_letter(record, f"invalid message: {exc}", span, exc)
-            return
-        try:
-            if span is None:
-                await self._handler(message, record)
-            else:
-                with tracing.handling(span, record, message):
-                    await self._handler(message, record)
-        except MessageRejected as exc:
-            await self._dead_letter(record, exc.reason, span, exc)
-
-    async def _dead_letter(
-        self, record: ConsumerRecord[bytes, bytes], reason: str, span: Any, exc: Exception
-    ) -> None:
-        if span is not None:
-            tracing.record_error(span, exc, dead_lettered=True)
-        await self._dlq.send(record, reason)
-
-
 def make_consumer(
     bootstrap: str,
     *topics: str,
     group_id: str | None,
     client_id: str = "hostiso",
     auto_offset_reset: str = "earliest",
+    group_instance_id: str | None = None,
+    listener: ConsumerRebalanceListener | None = None,
     options: KafkaOptions | None = None,
 ) -> Any:
-    """A consumer with auto-commit off: TypedConsumer commits after effects are stored."""
+    """A consumer with auto-commit off: the consume loop commits after effects are stored.
+
+    ``group_instance_id`` makes the member static (a restart within the session timeout gets
+    its partitions back without a rebalance); ``listener`` is told of revocations/assignments.
+    """
+
+    def subscribe_with_listener(client: Any) -> None:
+        # Before start(): re-subscribing to the same topics only attaches the listener.
+        if listener is not None:
+            client.subscribe(list(topics), listener=listener)
+
     return LazyClient(
         lambda: AIOKafkaConsumer(
             *topics,
             **(options or {}),
             bootstrap_servers=bootstrap,
             group_id=group_id,
+            group_instance_id=group_instance_id,
             client_id=client_id,
             enable_auto_commit=False,
             auto_offset_reset=auto_offset_reset,
@@ -505,4 +485,5 @@ def make_consumer(
             isolation_level="read_committed",
         ),
         f"Kafka consumer {client_id}",
+        prepare=subscribe_with_listener,
     )

@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import CreateAclsRequest_v1, DescribeAclsRequest
 from aiokafka.protocol.api import Request
 
-from shared.topics import TopicName, Topics
+from shared.topics import GroupName, TopicName, Topics
 
 # Service principals (SCRAM user names); ``platform`` stands for the other platform services
 # that send isolation requests. ``admin`` is a super user (tooling, topic and ACL provisioning).
@@ -37,6 +37,7 @@ PRODUCES: Mapping[str, tuple[TopicName, ...]] = {
         TopicName.ENFORCER_COMMANDS_PRIORITY,
         TopicName.ISOLATION_REQUESTS,
         TopicName.ISOLATION_REQUESTS_PRIORITY,
+        TopicName.ISOLATION_EVENTS,
         *_AUDIT_AND_DLQ,
     ),
     "enforcer": (TopicName.ENDPOINTS, TopicName.ISOLATION_STATUS, *_AUDIT_AND_DLQ),
@@ -56,14 +57,25 @@ CONSUMES: Mapping[str, tuple[TopicName, ...]] = {
     PLATFORM_PRINCIPAL: (),
 }
 
-# Consumer group ids behind the topic prefix (services/isolation/bootstrap.py: "isolation",
-# "isolation-priority", "isolation-status"; services/enforcer/bootstrap.py: "enforcer-<lane>").
-GROUP_PREFIXES: Mapping[str, str] = {"isolation": "isolation", "enforcer": "enforcer-"}
+# Consumer groups (behind the topic prefix) each principal may join and commit in.
+GROUPS: Mapping[str, tuple[GroupName, ...]] = {
+    "isolation": (
+        GroupName.ISOLATION_REQUESTS,
+        GroupName.ISOLATION_REQUESTS_PRIORITY,
+        GroupName.ISOLATION_STATUS,
+    ),
+    "enforcer": (GroupName.ENFORCER_COMMANDS, GroupName.ENFORCER_COMMANDS_PRIORITY),
+}
+
+# Transactional ids behind the topic prefix (services/settings/adapters/outbox_relay.py
+# relay_transactional_id: the relay's fenced transactions).
+TRANSACTIONAL_IDS: Mapping[str, tuple[str, ...]] = {"settings": ("settings-relay",)}
 
 
 class _Resource(IntEnum):
     TOPIC = 2
     GROUP = 3
+    TRANSACTIONAL_ID = 5
 
 
 class _Pattern(IntEnum):
@@ -125,13 +137,22 @@ def acl_bindings(topics: Topics, principals: Iterable[str] = PRINCIPALS) -> list
                     _Resource.TOPIC, topics(name), _Pattern.LITERAL, principal, _Operation.READ
                 )
             )
-        group = GROUP_PREFIXES.get(principal)
-        if group is not None:
+        for transactional_id in TRANSACTIONAL_IDS.get(principal, ()):
+            bindings.append(
+                AclBinding(
+                    _Resource.TRANSACTIONAL_ID,
+                    topics.prefix + transactional_id,
+                    _Pattern.LITERAL,
+                    principal,
+                    _Operation.WRITE,
+                )
+            )
+        for group in GROUPS.get(principal, ()):
             bindings.append(
                 AclBinding(
                     _Resource.GROUP,
-                    topics.prefix + group,
-                    _Pattern.PREFIXED,
+                    topics.group(group),
+                    _Pattern.LITERAL,
                     principal,
                     _Operation.READ,
                 )

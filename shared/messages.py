@@ -35,7 +35,24 @@ IsolationState = Literal[
 
 
 class Contract(BaseModel):
-    """Base of every wire model: immutable, no unknown fields."""
+    """Base of every Kafka message part: immutable; unknown fields are ignored (DESIGN §9).
+
+    A consumer decodes what a newer producer of the same schema version wrote: fields it does
+    not know are dropped, so a producer can add an optional field without breaking older
+    consumers. A change older consumers must not ignore is a new schema version.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class SignedContract(BaseModel):
+    """Base of the signed policy's parts: unknown fields are refused, never ignored.
+
+    The signature covers the canonical bytes of the whole policy: an agent that dropped a field
+    it does not know would verify different bytes (and refuse), or, worse, apply a policy
+    without a restriction that a newer field carries. So a policy is understood whole or not
+    at all (fail closed).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -69,7 +86,7 @@ class AllowlistEntry(Contract):
     created_by: str
 
 
-class AllowedPeer(Contract):
+class AllowedPeer(SignedContract):
     """A peer an isolated endpoint may open outbound connections to."""
 
     name: str
@@ -148,7 +165,7 @@ IsolationRequest = Annotated[
 # --- frozen policy (DESIGN.md §5) ------------------------------------------------------
 
 
-class FrozenPolicy(Contract):
+class FrozenPolicy(SignedContract):
     """An endpoint's isolation policy, frozen at isolation time; ``mode: none`` is a release."""
 
     policy_id: str
@@ -164,7 +181,7 @@ class FrozenPolicy(Contract):
     reason: str = ""
 
 
-class SignedPolicy(Contract):
+class SignedPolicy(SignedContract):
     """A frozen policy and its Ed25519 signature over ``canonical_policy_bytes(policy)``."""
 
     policy: FrozenPolicy
@@ -204,6 +221,38 @@ class PolicyStatusReported(Message):
     status: Literal["applied", "failed"]
     rules_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     detail: str = Field("", max_length=2000)
+
+
+# --- isolation.events.v1 (key = endpoint_id) --------------------------------------------
+
+
+class IsolationStateChanged(Message):
+    """Event: an endpoint's isolation state changed (full state, so the topic can be compacted).
+
+    For other platform services: a ticketing or alerting service learns "applied" or "failed"
+    without polling the REST API. Published at least once per change; a repeat carries the same
+    state, so a consumer keeps the newest ``sequence`` (then the newest ``occurred_at``).
+    """
+
+    type: Literal["IsolationStateChanged"] = "IsolationStateChanged"
+    endpoint_id: str = Field(description="The endpoint (the agent id).", examples=["3f1c…"])
+    account_id: str = Field(description="The endpoint's account.", examples=["acct-1"])
+    state: IsolationState = Field(description="The state after the change.")
+    mode: PolicyMode | None = Field(
+        None, description="Mode of the policy in force or pending; null before any policy."
+    )
+    sequence: int = Field(0, ge=0, description="Sequence of the policy in force or pending.")
+    policy_id: str | None = Field(None, description="Id of the policy in force or pending.")
+    request_ids: tuple[str, ...] = Field(
+        (), description="The request(s) that issued the policy this state is about."
+    )
+    settings_version: int | None = Field(
+        None, description="Allowlist version frozen into the policy (standard mode)."
+    )
+    rules_sha256: str | None = Field(
+        None, description="SHA-256 of the rules the agent reported applied."
+    )
+    detail: str = Field("", max_length=2000, description="The agent's reason on failure.")
 
 
 # --- audit.v1 (key = account_id) -------------------------------------------------------
@@ -247,6 +296,7 @@ TOPIC_MESSAGE_TYPES: dict[TopicName, Any] = {
     TopicName.ISOLATION_REQUESTS: IsolationRequest,
     TopicName.ISOLATION_REQUESTS_PRIORITY: IsolationRequest,
     TopicName.ISOLATION_STATUS: PolicyStatusReported,
+    TopicName.ISOLATION_EVENTS: IsolationStateChanged,
     TopicName.ENFORCER_COMMANDS: EnforcePolicy,
     TopicName.ENFORCER_COMMANDS_PRIORITY: EnforcePolicy,
     TopicName.AUDIT: AuditRecorded,

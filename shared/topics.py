@@ -14,10 +14,29 @@ class TopicName(StrEnum):
     ISOLATION_REQUESTS = "isolation.requests.v1"
     ISOLATION_REQUESTS_PRIORITY = "isolation.requests.priority.v1"
     ISOLATION_STATUS = "isolation.status.v1"
+    ISOLATION_EVENTS = "isolation.events.v1"
     ENFORCER_COMMANDS = "enforcer.commands.v1"
     ENFORCER_COMMANDS_PRIORITY = "enforcer.commands.priority.v1"
     AUDIT = "audit.v1"
     DLQ = "dlq.v1"
+
+
+class GroupName(StrEnum):
+    """Consumer group ids without the topic prefix: one group per lane, shared by instances.
+
+    Each lane has its own group so it commits and lags on its own (the priority lanes never
+    wait for the normal lanes' position, guarantee 5).
+    """
+
+    ISOLATION_REQUESTS = "isolation"
+    ISOLATION_REQUESTS_PRIORITY = "isolation-priority"
+    ISOLATION_STATUS = "isolation-status"
+    ENFORCER_COMMANDS = "enforcer-normal"
+    ENFORCER_COMMANDS_PRIORITY = "enforcer-priority"
+    # Not consumer groups (the replicas read every partition without one): the name their
+    # dead letters carry as consumer_group.
+    ISOLATION_SETTINGS_REPLICA = "isolation-settings-replica"
+    ISOLATION_ENDPOINT_REGISTRY = "isolation-endpoint-registry"
 
 
 @dataclass(frozen=True)
@@ -39,10 +58,12 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec(TopicName.SETTINGS_ALLOWLIST, key="account_id", partitions=6, compacted=True),
     TopicSpec(TopicName.ENDPOINTS, key="endpoint_id", partitions=6, compacted=True),
     TopicSpec(TopicName.ISOLATION_REQUESTS, key="endpoint_id", partitions=6),
-    TopicSpec(TopicName.ISOLATION_REQUESTS_PRIORITY, key="endpoint_id", partitions=3),
+    TopicSpec(TopicName.ISOLATION_REQUESTS_PRIORITY, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.ISOLATION_STATUS, key="endpoint_id", partitions=6),
+    # For other platform services (ticketing, alerting): full state per endpoint, so compacted.
+    TopicSpec(TopicName.ISOLATION_EVENTS, key="endpoint_id", partitions=6, compacted=True),
     TopicSpec(TopicName.ENFORCER_COMMANDS, key="endpoint_id", partitions=6),
-    TopicSpec(TopicName.ENFORCER_COMMANDS_PRIORITY, key="endpoint_id", partitions=3),
+    TopicSpec(TopicName.ENFORCER_COMMANDS_PRIORITY, key="endpoint_id", partitions=6),
     TopicSpec(TopicName.AUDIT, key="account_id", partitions=3),
     TopicSpec(TopicName.DLQ, key="source_topic", partitions=1),
 )
@@ -55,6 +76,10 @@ class Topics:
         self.prefix = prefix
 
     def __call__(self, name: TopicName) -> str:
+        return f"{self.prefix}{name.value}"
+
+    def group(self, name: GroupName) -> str:
+        """The prefixed consumer group id (deployments sharing a cluster stay apart)."""
         return f"{self.prefix}{name.value}"
 
     def unprefixed(self, full_name: str) -> TopicName:
@@ -77,6 +102,10 @@ class Topics:
     @property
     def isolation_requests_priority(self) -> str:
         return self(TopicName.ISOLATION_REQUESTS_PRIORITY)
+
+    @property
+    def isolation_events(self) -> str:
+        return self(TopicName.ISOLATION_EVENTS)
 
     @property
     def isolation_status(self) -> str:

@@ -112,11 +112,23 @@ async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
 
 
 async def read_topic(
-    bootstrap: str, topics: Topics, topic: str, *, expect: int | None = None, timeout: float = 20.0
+    bootstrap: str,
+    topics: Topics,
+    topic: str,
+    *,
+    expect: int | None = None,
+    timeout: float = 20.0,
+    isolation_level: str = "read_committed",
 ) -> list[Any]:
-    """Every message on ``topic`` from the start, decoded; waits until ``expect`` are there."""
+    """Every message on ``topic`` from the start, decoded; waits until ``expect`` are there.
+
+    Read as the services read (read_committed): records of aborted transactions are not there.
+    """
     consumer = AIOKafkaConsumer(
-        **kafka_admin_options(bootstrap), bootstrap_servers=bootstrap, enable_auto_commit=False
+        **kafka_admin_options(bootstrap),
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
     )
     await consumer.start()
     try:

@@ -19,7 +19,7 @@ from services.enforcer.adapters.redis_store import (
 )
 from services.enforcer.adapters.wakeups import RedisPolicyWakeups
 from services.enforcer.config import EnforcerSettings
-from services.enforcer.consumers import PolicyCommandLane, PriorityGate
+from services.enforcer.consumers import PolicyCommands, PriorityGate, lane_strategy
 from services.enforcer.domain import NORMAL_LANE, PRIORITY_LANE, Lane
 from services.enforcer.handlers import EnforcerDeps
 from services.enforcer.signing import (
@@ -29,11 +29,12 @@ from services.enforcer.signing import (
     parse_private_key,
 )
 from shared.config import ConfigError
+from shared.consume import ConsumeLoop
 from shared.http import add_operational_routes, serve
-from shared.kafka import DeadLetterSink, make_consumer
 from shared.logs import configure_logging
 from shared.redis import make_redis
-from shared.runtime import Runtime
+from shared.runtime import Runtime, single_node_redis
+from shared.topics import GroupName
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +63,24 @@ def _add_lane(
     topic: str,
     max_records: int,
     gate: PriorityGate,
-) -> PolicyCommandLane:
+) -> ConsumeLoop:
     settings = runtime.settings
     # One group per lane: each lane commits and lags on its own, so the priority lane's
     # position never depends on how far the normal lane got through its backlog.
-    group_id = f"{settings.topic_prefix}enforcer-{lane}"
-    consumer = make_consumer(
-        settings.kafka_bootstrap,
+    group = (
+        GroupName.ENFORCER_COMMANDS_PRIORITY
+        if lane == PRIORITY_LANE
+        else GroupName.ENFORCER_COMMANDS
+    )
+    commands = PolicyCommands(runtime.topics, lane=lane, deps=deps, metrics=metrics)
+    return runtime.add_loop(
         topic,
-        group_id=group_id,
-        client_id=f"hostiso-enforcer-{lane}-{settings.instance_id}",
-        options=runtime.kafka_options,
-    )
-    dlq = DeadLetterSink(
-        runtime.producer, runtime.topics, group_id, runtime.dlq_total.labels(f"commands-{lane}").inc
-    )
-    lane_consumer = PolicyCommandLane(
-        consumer,
-        runtime.topics,
-        dlq,
-        lane=lane,
-        deps=deps,
-        metrics=metrics,
+        group_id=runtime.topics.group(group),
+        name=f"commands-{lane}",
+        strategy=lane_strategy(commands, gate),
         max_records=max_records,
-        gate=gate,
+        client_id=f"hostiso-enforcer-{lane}-{settings.instance_id}",
     )
-    runtime.consumers.append(lane_consumer)
-    return lane_consumer
 
 
 def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
@@ -97,6 +89,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     enrollment_secret = settings.require_secret("enrollment_secret")
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
+    runtime_redis = single_node_redis(runtime)
     wakeups = RedisPolicyWakeups(
         settings.redis_url, runtime.keys("enforcer", "wake"), ca_file=settings.redis_ca_file
     )
@@ -144,7 +137,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         if deps.signer_or_none is None:
             # Before the lanes start: nothing is signed until every instance agrees on the key.
             encoded, created = await load_or_create_dev_signing_key(
-                runtime.redis,
+                runtime_redis,
                 runtime.keys("enforcer", "dev-signing-key"),
                 generate_private_key_b64(),
             )
@@ -157,13 +150,13 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
             )
         await wakeups.start()
         await runtime.start()
-        refresher = asyncio.create_task(metrics.refresh_forever(policies.delivery_counts))
+        # Supervised: a gauge refresher that crashes is restarted and shows on /ready.
+        runtime.supervise(
+            "delivery-gauges", lambda: metrics.refresh_forever(policies.delivery_counts)
+        )
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
             await runtime.stop()
             await wakeups.stop()
             await store_redis.aclose()

@@ -23,8 +23,18 @@ from services.isolation.handlers import (
 from shared.auth import CurrentPrincipal
 from shared.messages import FrozenPolicy, IsolationMode, IsolationState, PolicyMode
 
-EndpointId = Annotated[str, Path(min_length=1, max_length=128)]
-AccountId = Annotated[str, Path(min_length=1, max_length=128)]
+# One rule for every id in a path (the settings API's account id rule): printable ASCII, no
+# whitespace or control characters, at most 128. An id such as "acct-1\n" would otherwise be
+# accepted here and then fail in the consumer (it cannot be put in a URL) on every retry.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+ID_RULE = "letters, digits, '.', '_', '@', '-'; starts with a letter or digit; at most 128"
+
+EndpointId = Annotated[
+    str, Path(pattern=ID_PATTERN, description=f"Endpoint id: {ID_RULE}.", examples=["ep-1"])
+]
+AccountId = Annotated[
+    str, Path(pattern=ID_PATTERN, description=f"Account id: {ID_RULE}.", examples=["acct-1"])
+]
 
 
 class IsolationBody(BaseModel):

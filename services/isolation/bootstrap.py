@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -13,8 +13,16 @@ from services.isolation.adapters.kafka_publisher import KafkaPublisher
 from services.isolation.adapters.lanes import add_lane
 from services.isolation.adapters.redis_batch import RedisBatcher
 from services.isolation.adapters.redis_store import RedisIsolationStore, RedisReplicaStore
-from services.isolation.adapters.replicas import EndpointRegistry, SettingsReplica
-from services.isolation.adapters.settings_client import HttpSettingsClient
+from services.isolation.adapters.replicas import (
+    CompactedTopicReplica,
+    EndpointRegistry,
+    ReplicaLagError,
+    SettingsReplica,
+)
+from services.isolation.adapters.settings_client import (
+    HttpSettingsClient,
+    SettingsUnavailableError,
+)
 from services.isolation.api import add_error_handlers, build_router
 from services.isolation.config import IsolationSettings
 from services.isolation.consumers import IsolationConsumers
@@ -23,6 +31,7 @@ from shared.http import add_operational_routes, serve
 from shared.kafka import DeadLetterSink
 from shared.logs import configure_logging
 from shared.runtime import Runtime
+from shared.topics import GroupName
 
 SERVICE = "isolation"
 
@@ -36,27 +45,30 @@ def build_app(
     # One batcher for every Redis command of the request path: concurrent handlers share pipelines.
     batcher = RedisBatcher(runtime.redis)
     replica_store = RedisReplicaStore(runtime.redis, runtime.keys, batcher)
-    group = settings.topic_prefix + SERVICE
+    topics = runtime.topics
 
-    def replica_dlq(name: str) -> DeadLetterSink:
+    def replica_dlq(name: GroupName) -> DeadLetterSink:
+        group = topics.group(name)
         return DeadLetterSink(
-            runtime.producer, runtime.topics, name, runtime.dlq_total.labels(name).inc
+            runtime.producer, runtime.topics, group, runtime.dlq_total.labels(group).inc
         )
 
     allowlists = SettingsReplica(
         replica_store,
         settings.kafka_bootstrap,
         runtime.topics,
-        replica_dlq(group + "-settings-replica"),
+        replica_dlq(GroupName.ISOLATION_SETTINGS_REPLICA),
         settings.catch_up_timeout_s,
+        max_attempts=settings.consumer_max_attempts,
         kafka_options=runtime.kafka_options,
     )
     registry = EndpointRegistry(
         replica_store,
         settings.kafka_bootstrap,
         runtime.topics,
-        replica_dlq(group + "-endpoint-registry"),
+        replica_dlq(GroupName.ISOLATION_ENDPOINT_REGISTRY),
         settings.catch_up_timeout_s,
+        max_attempts=settings.consumer_max_attempts,
         kafka_options=runtime.kafka_options,
     )
     service = IsolationService(
@@ -71,28 +83,36 @@ def build_app(
     # One consumer group per lane: the priority lane has its own consumer and group, so strict
     # requests never queue behind a backlog of normal ones (guarantee 5). Instances of the
     # service share each group; per-endpoint order holds because requests are keyed by endpoint.
+    # Replica lag and an unreachable settings service are outages, retried without limit.
+    transient = (ReplicaLagError, SettingsUnavailableError)
     add_lane(
         runtime,
-        runtime.topics.isolation_requests,
-        group_id=group,
+        topics.isolation_requests,
+        group_id=topics.group(GroupName.ISOLATION_REQUESTS),
         handler=consumers.on_normal_request,
         name="requests",
+        transient=transient,
     )
     add_lane(
         runtime,
-        runtime.topics.isolation_requests_priority,
-        group_id=group + "-priority",
+        topics.isolation_requests_priority,
+        group_id=topics.group(GroupName.ISOLATION_REQUESTS_PRIORITY),
         handler=consumers.on_priority_request,
         name="requests-priority",
+        transient=transient,
     )
     add_lane(
         runtime,
-        runtime.topics.isolation_status,
-        group_id=group + "-status",
+        topics.isolation_status,
+        group_id=topics.group(GroupName.ISOLATION_STATUS),
         handler=consumers.on_status,
         name="status",
+        transient=transient,
     )
     replicas = (allowlists.replica, registry.replica)
+
+    def stall_check(replica: CompactedTopicReplica) -> Callable[[], bool]:
+        return lambda: replica.stalled(runtime.stall_after_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,11 +120,17 @@ def build_app(
         try:
             for replica in replicas:
                 await replica.start()
+                # Supervised like the lanes: a crash restarts it from the positions it had
+                # stored, and readiness is false while it is down or stalled.
+                runtime.supervise(
+                    f"replica:{replica.topic}", replica.run, stalled=stall_check(replica)
+                )
             yield
         finally:
+            # The supervised replica loops stop (with the runtime) before their consumers.
+            await runtime.stop()
             for replica in replicas:
                 await replica.stop()
-            await runtime.stop()
 
     async def readiness() -> dict[str, bool]:
         checks = await runtime.readiness()

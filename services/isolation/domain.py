@@ -16,6 +16,7 @@ from shared.messages import (
     FrozenPolicy,
     IsolationMode,
     IsolationState,
+    IsolationStateChanged,
     PolicyMode,
     PolicyStatusReported,
 )
@@ -52,6 +53,9 @@ class EndpointIsolation(BaseModel):
     rules_sha256: str | None = None
     detail: str = ""
     updated_at: datetime | None = None
+    request_ids: tuple[str, ...] = Field(
+        (), description="The request(s) that issued the policy in force or pending."
+    )
 
     @property
     def isolated_or_pending(self) -> bool:
@@ -280,4 +284,36 @@ def apply_status(current: EndpointIsolation, report: PolicyStatusReported) -> En
         raise StatusIgnored("duplicate failed report")
     return current.model_copy(
         update={"state": "failed", "detail": report.detail, "updated_at": report.occurred_at}
+    )
+
+
+def state_changed(isolation: EndpointIsolation) -> IsolationStateChanged:
+    """The ``isolation.events.v1`` event that tells other services where ``isolation`` stands."""
+    policy = isolation.policy
+    return IsolationStateChanged(
+        endpoint_id=isolation.endpoint_id,
+        account_id=isolation.account_id,
+        state=isolation.state,
+        mode=isolation.mode,
+        sequence=isolation.desired_sequence,
+        policy_id=policy.policy_id if policy else None,
+        request_ids=isolation.request_ids,
+        settings_version=policy.settings_version if policy and policy.mode == "standard" else None,
+        rules_sha256=isolation.rules_sha256,
+        detail=isolation.detail,
+    )
+
+
+def pending_state_of(command: EnforcePolicy, request_key: str) -> IsolationStateChanged:
+    """The event of a just-issued policy (its state is pending until the agent reports)."""
+    policy = command.policy
+    return IsolationStateChanged(
+        endpoint_id=policy.endpoint_id,
+        account_id=policy.account_id,
+        state="release_pending" if policy.mode == "none" else "isolation_pending",
+        mode=policy.mode,
+        sequence=policy.sequence,
+        policy_id=policy.policy_id,
+        request_ids=(request_key,),
+        settings_version=policy.settings_version if policy.mode == "standard" else None,
     )

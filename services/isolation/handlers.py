@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from services.isolation.domain import (
     decide_isolation,
     decide_release,
     fresh_isolation,
+    pending_state_of,
+    state_changed,
 )
 from shared.messages import (
     Actor,
@@ -33,6 +34,7 @@ from shared.messages import (
     FrozenPolicy,
     IsolateEndpoint,
     IsolationMode,
+    IsolationStateChanged,
     PolicyStatusReported,
     ReleaseEndpoint,
     StrictIsolateAccount,
@@ -43,16 +45,13 @@ from shared.messages import (
 log = logging.getLogger(__name__)
 
 _MAX_CONFLICT_RETRIES = 100
-_ACCOUNT_STRICT_CONCURRENCY = 256
-
-
 # --- ports ----------------------------------------------------------------------------
 
 
 class IsolationStore(Protocol):
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]: ...
     async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]: ...
-    async def outcome(self, request_key: str) -> RequestOutcome | None: ...
+    async def outcome(self, endpoint_id: str, request_key: str) -> RequestOutcome | None: ...
     async def begin(
         self, endpoint_id: str, request_key: str
     ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]: ...
@@ -66,7 +65,7 @@ class IsolationStore(Protocol):
         outcome: RequestOutcome | None = None,
     ) -> None: ...
     async def active_endpoints(self, account_id: str) -> list[str]: ...
-    async def mark_sent(self, request_key: str) -> None: ...
+    async def mark_sent(self, endpoint_id: str, request_key: str) -> None: ...
 
 
 class SettingsView(Protocol):
@@ -80,12 +79,18 @@ class Registry(Protocol):
 
 class Publisher(Protocol):
     async def send_command(
-        self, lane: Lane, command: EnforcePolicy, audit: AuditRecorded
+        self,
+        lane: Lane,
+        command: EnforcePolicy,
+        audit: AuditRecorded,
+        event: IsolationStateChanged | None = None,
     ) -> None: ...
+    async def send_event(self, event: IsolationStateChanged) -> None: ...
     async def send_audit(self, audit: AuditRecorded) -> None: ...
     async def send_request(
         self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
     ) -> None: ...
+    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None: ...
 
 
 class SettingsClient(Protocol):
@@ -137,7 +142,6 @@ class AccountStrictResult:
     """What an account-wide strict isolation did."""
 
     covered: int
-    issued: int
 
 
 class IsolationService:
@@ -202,36 +206,34 @@ class IsolationService:
         )
 
     async def strict_isolate_account(self, request: StrictIsolateAccount) -> AccountStrictResult:
+        """Fan an account-wide strict out into one priority request per endpoint.
+
+        One record handled by one instance cannot tighten 100,000 endpoints within a consumer's
+        poll interval, and a crash would redo all of it. Each endpoint's request instead lands on
+        that endpoint's priority partition, so the work spreads over partitions and instances.
+        The per-endpoint request id is derived from the account request's, so a redelivered
+        account request (a crash before its offset was committed) re-sends requests that the
+        endpoints' stored outcomes then recognise: no second policy for any endpoint.
+        """
         actor = request.requested_by
         await self._authorize(actor, request.account_id, "isolation.strict_account", None)
-        settings = await self._settings.known(request.account_id)
         # Isolating comes first: a compromised RMM is cut off even if the settings service is
         # down; a failing switch-off raises after this and the redelivery repeats only that.
         endpoints = await self._store.active_endpoints(request.account_id)
-
-        async def tighten_endpoint(endpoint_id: str) -> RequestOutcome:
-            ctx = self._context(actor, request.reason)
-
-            def tighten(current: EndpointIsolation) -> Decision:
-                return decide_isolation(current, "strict", ctx, settings)
-
-            return await self._apply(
-                endpoint_id,
-                request.account_id,
-                f"{request.request_id}:{endpoint_id}",
-                actor,
-                "isolation.strict_account",
-                tighten,
-            )
-
-        # Endpoints are independent (each has its own state, revision and request key), so they
-        # are tightened side by side, a bounded number at a time.
-        outcomes: list[RequestOutcome] = []
-        for start in range(0, len(endpoints), _ACCOUNT_STRICT_CONCURRENCY):
-            chunk = endpoints[start : start + _ACCOUNT_STRICT_CONCURRENCY]
-            outcomes += await asyncio.gather(*(tighten_endpoint(e) for e in chunk))
-        covered = len(outcomes)
-        issued = sum(outcome.kind == "policy" for outcome in outcomes)
+        await self._publisher.send_requests(
+            "priority",
+            [
+                IsolateEndpoint(
+                    request_id=f"{request.request_id}:{endpoint_id}",
+                    endpoint_id=endpoint_id,
+                    mode="strict",
+                    reason=request.reason,
+                    requested_by=actor,
+                )
+                for endpoint_id in endpoints
+            ],
+        )
+        covered = len(endpoints)
         audit_outcome: Literal["ok", "rejected"] = "ok"
         detail = f"covered {covered} endpoints"
         if request.disable_allowlist:
@@ -253,7 +255,7 @@ class IsolationService:
                 after={"covered": covered, "disable_allowlist": request.disable_allowlist},
             )
         )
-        return AccountStrictResult(covered=covered, issued=issued)
+        return AccountStrictResult(covered=covered)
 
     async def _apply(
         self,
@@ -280,7 +282,9 @@ class IsolationService:
             try:
                 await self._store.commit(
                     rev,
-                    decision.isolation if isinstance(decision, PolicyIssued) else current,
+                    decision.isolation.model_copy(update={"request_ids": (request_key,)})
+                    if isinstance(decision, PolicyIssued)
+                    else current,
                     changed=isinstance(decision, PolicyIssued),
                     request_key=request_key,
                     outcome=outcome,
@@ -323,8 +327,12 @@ class IsolationService:
             detail=outcome.detail,
             after={"sequence": policy.sequence, "mode": policy.mode, "policy_id": policy.policy_id},
         )
-        await self._publisher.send_command(outcome.lane, outcome.command, audit)
-        await self._store.mark_sent(request_key)
+        # The state event rides with the command: "sent" (and so a redelivery's resend) covers
+        # both, so other services hear of every policy issued at least once.
+        await self._publisher.send_command(
+            outcome.lane, outcome.command, audit, pending_state_of(outcome.command, request_key)
+        )
+        await self._store.mark_sent(policy.endpoint_id, request_key)
         log.info(
             "policy issued",
             extra={
@@ -415,11 +423,16 @@ class IsolationService:
                     exc,
                     extra={"endpoint_id": report.endpoint_id, "sequence": report.sequence},
                 )
+                if report.sequence == current.desired_sequence and current.policy is not None:
+                    # A redelivered report of the current policy: its state may be stored while
+                    # its event was lost in a crash, so the (identical) event goes out again.
+                    await self._publisher.send_event(state_changed(current))
                 return None
             try:
                 await self._store.commit(rev, updated, changed=True)
             except CommitConflictError:
                 continue
+            await self._publisher.send_event(state_changed(updated))
             log.info(
                 "endpoint %s",
                 updated.state,

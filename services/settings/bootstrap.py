@@ -11,14 +11,18 @@ from fastapi import FastAPI
 from portal import mount_portal
 from services.settings import api
 from services.settings.adapters.audit import KafkaAuditSink
-from services.settings.adapters.outbox_relay import OutboxRelay
+from services.settings.adapters.outbox_relay import (
+    OutboxRelay,
+    make_relay_producer,
+    relay_transactional_id,
+)
 from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
 from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
-from shared.http import serve
+from shared.http import add_operational_routes, serve
 from shared.logs import configure_logging
-from shared.runtime import Runtime
+from shared.runtime import Runtime, single_node_redis
 
 SERVICE = "settings"
 
@@ -27,10 +31,17 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     """The settings service app; connections open in its lifespan, not here."""
     runtime = Runtime(settings, SERVICE)
     metrics = SettingsMetrics(runtime.registry)
-    store = RedisAllowlistStore(runtime.redis, lambda *parts: runtime.keys(SERVICE, *parts))
+    store = RedisAllowlistStore(
+        single_node_redis(runtime), lambda *parts: runtime.keys(SERVICE, *parts)
+    )
     relay = OutboxRelay(
         store,
-        runtime.producer,
+        make_relay_producer(
+            settings.kafka_bootstrap,
+            relay_transactional_id(runtime.topics),
+            client_id=f"hostiso-{SERVICE}-relay-{settings.instance_id}",
+            options=runtime.kafka_options,
+        ),
         runtime.topics,
         metrics,
         lease_ms=settings.relay_lease_ms,
@@ -73,7 +84,14 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     app.state.store = store
     app.state.runtime = runtime
     app.state.settings = settings
-    runtime.attach(app)
+
+    async def readiness() -> dict[str, bool]:
+        checks = await runtime.readiness()
+        # The relay's loops catch their own errors; a relay whose tasks ended is not ready.
+        checks["task:relay"] = relay.running
+        return checks
+
+    add_operational_routes(app, readiness, runtime.registry)
     api.install(app, metrics)
     mount_portal(app, isolation_url=settings.isolation_public_url)
     return app

@@ -12,11 +12,14 @@ from shared.messages import (
     AuditRecorded,
     EnforcePolicy,
     IsolateEndpoint,
+    IsolationStateChanged,
     Message,
     ReleaseEndpoint,
     StrictIsolateAccount,
 )
 from shared.topics import Topics
+
+_FAN_OUT_CHUNK = 5_000
 
 
 class KafkaPublisher:
@@ -26,18 +29,32 @@ class KafkaPublisher:
         self._producer = producer
         self._topics = topics
 
-    async def send_command(self, lane: Lane, command: EnforcePolicy, audit: AuditRecorded) -> None:
+    async def send_command(
+        self,
+        lane: Lane,
+        command: EnforcePolicy,
+        audit: AuditRecorded,
+        event: IsolationStateChanged | None = None,
+    ) -> None:
         topic = (
             self._topics.enforcer_commands_priority
             if lane == "priority"
             else self._topics.enforcer_commands
         )
-        # Both records are handed to the producer before waiting: they ride the batches it
-        # builds for every request in flight, and the caller returns once both are acknowledged.
-        await asyncio.gather(
+        # The records are handed to the producer before waiting: they ride the batches it
+        # builds for every request in flight, and the caller returns once all are acknowledged.
+        acks = [
             await self._enqueue(topic, command.policy.endpoint_id, command),
             await self._enqueue(self._topics.audit, audit.account_id or "", audit),
-        )
+        ]
+        if event is not None:
+            acks.append(
+                await self._enqueue(self._topics.isolation_events, event.endpoint_id, event)
+            )
+        await asyncio.gather(*acks)
+
+    async def send_event(self, event: IsolationStateChanged) -> None:
+        await publish(self._producer, self._topics.isolation_events, event.endpoint_id, event)
 
     async def _enqueue(self, topic: str, key: str, message: Message) -> asyncio.Future[Any]:
         """The acknowledgement of ``message``, once the producer holds it."""
@@ -64,3 +81,15 @@ class KafkaPublisher:
             request.account_id if isinstance(request, StrictIsolateAccount) else request.endpoint_id
         )
         await publish(self._producer, topic, key, request)
+
+    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None:
+        """Every request handed to the producer, then all acknowledged (a fan-out)."""
+        topic = (
+            self._topics.isolation_requests_priority
+            if lane == "priority"
+            else self._topics.isolation_requests
+        )
+        # Chunks bound the futures in flight; within a chunk the sends ride shared batches.
+        for start in range(0, len(requests), _FAN_OUT_CHUNK):
+            chunk = requests[start : start + _FAN_OUT_CHUNK]
+            await asyncio.gather(*[await self._enqueue(topic, r.endpoint_id, r) for r in chunk])

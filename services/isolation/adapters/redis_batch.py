@@ -7,8 +7,9 @@ import hashlib
 import logging
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+
+from shared.redis import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class RedisBatcher:
     if sent alone, in the order issued, and every caller gets its own result or error.
     """
 
-    def __init__(self, redis: Redis, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, redis: RedisClient, max_batch: int = MAX_BATCH) -> None:
         self._redis = redis
         self._max_batch = max_batch
         self._queue: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
-
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
 from services.isolation.domain import EndpointIsolation, EndpointRecord, RequestOutcome
 from services.isolation.handlers import CommitConflictError, DuplicateRequest
 from shared.messages import AllowlistChanged
-from shared.redis import Keys
+from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 
 REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
 
 
 # State and request outcome are written in one script: a crash can never store one without the
 # other, and the revision check makes concurrent writers (two lanes, status, other instances)
-# retry instead of overwriting each other.
+# retry instead of overwriting each other. Every key it touches carries the endpoint's hash tag
+# (one Redis Cluster slot): the account's isolated/pending set is kept per endpoint bucket.
 # ARGV[7] = '1' when the write carries a request outcome: without one KEYS[2] and KEYS[4] are a
-# placeholder inside the service's namespace (never read or written), because Redis checks the
-# ACL key patterns of every declared key and an empty name matches none.
+# placeholder inside the service's namespace and slot (never read or written), because Redis
+# checks the ACL key patterns of every declared key and an empty name matches none.
 _COMMIT = """
 if ARGV[7] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
   return {'dup', redis.call('GET', KEYS[2]), redis.call('EXISTS', KEYS[4])}
@@ -63,10 +62,18 @@ return 1
 """
 
 
-class RedisIsolationStore:
-    """Isolation state per endpoint (with a revision) and the account's isolated/pending set."""
+_TAG = "iso"
 
-    def __init__(self, redis: Redis, keys: Keys, batcher: RedisBatcher | None = None) -> None:
+
+class RedisIsolationStore:
+    """Isolation state per endpoint (with a revision) and the account's isolated/pending set.
+
+    Keys of one endpoint share its hash tag (``{iso<bucket>}``); the account's set of isolated
+    or pending endpoints is split by that bucket, so the commit script stays in one slot and
+    ``active_endpoints`` gathers the account's members from every bucket.
+    """
+
+    def __init__(self, redis: RedisClient, keys: Keys, batcher: RedisBatcher | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._batch = batcher or RedisBatcher(redis)
@@ -74,13 +81,16 @@ class RedisIsolationStore:
         self._begin = BatchScript(_BEGIN)
 
     def _state_key(self, endpoint_id: str) -> str:
-        return self._keys("isolation", "state", endpoint_id)
+        return self._keys("isolation", slot_tag(_TAG, endpoint_id), "state", endpoint_id)
 
-    def _active_key(self, account_id: str) -> str:
-        return self._keys("isolation", "active", account_id)
+    def _active_key(self, endpoint_id: str, account_id: str) -> str:
+        return self._keys("isolation", slot_tag(_TAG, endpoint_id), "active", account_id)
 
-    def _request_key(self, request_key: str) -> str:
-        return self._keys("isolation", "request", request_key)
+    def _request_key(self, endpoint_id: str, request_key: str) -> str:
+        return self._keys("isolation", slot_tag(_TAG, endpoint_id), "request", request_key)
+
+    def _sent_key(self, endpoint_id: str, request_key: str) -> str:
+        return self._keys("isolation", slot_tag(_TAG, endpoint_id), "request-sent", request_key)
 
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
         doc, rev = await self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev")
@@ -93,8 +103,8 @@ class RedisIsolationStore:
         raw, sent, doc, rev = await self._batch.script(
             self._begin,
             [
-                self._request_key(request_key),
-                self._sent_key(request_key),
+                self._request_key(endpoint_id, request_key),
+                self._sent_key(endpoint_id, request_key),
                 self._state_key(endpoint_id),
             ],
             [],
@@ -111,19 +121,18 @@ class RedisIsolationStore:
         docs = await pipe.execute()
         return [EndpointIsolation.model_validate_json(d) for d in docs if d is not None]
 
-    def _sent_key(self, request_key: str) -> str:
-        return self._keys("isolation", "request-sent", request_key)
-
-    async def outcome(self, request_key: str) -> RequestOutcome | None:
+    async def outcome(self, endpoint_id: str, request_key: str) -> RequestOutcome | None:
         raw, sent = await self._batch.command(
-            "MGET", self._request_key(request_key), self._sent_key(request_key)
+            "MGET",
+            self._request_key(endpoint_id, request_key),
+            self._sent_key(endpoint_id, request_key),
         )
         return _outcome(raw, sent)
 
-    async def mark_sent(self, request_key: str) -> None:
+    async def mark_sent(self, endpoint_id: str, request_key: str) -> None:
         """The command left: a redelivery of the request need not send it again."""
         await self._batch.command(
-            "SET", self._sent_key(request_key), b"1", "EX", REQUEST_OUTCOME_TTL_S
+            "SET", self._sent_key(endpoint_id, request_key), b"1", "EX", REQUEST_OUTCOME_TTL_S
         )
 
     async def commit(
@@ -136,12 +145,13 @@ class RedisIsolationStore:
         outcome: RequestOutcome | None = None,
     ) -> None:
         """Store the new state (if ``changed``) and the request outcome, only if unchanged since read."""
-        unused = self._keys("isolation", "no-request")
+        endpoint_id = isolation.endpoint_id
+        unused = self._keys("isolation", slot_tag(_TAG, endpoint_id), "no-request")
         keys = [
-            self._state_key(isolation.endpoint_id),
-            self._request_key(request_key) if request_key else unused,
-            self._active_key(isolation.account_id),
-            self._sent_key(request_key) if request_key else unused,
+            self._state_key(endpoint_id),
+            self._request_key(endpoint_id, request_key) if request_key else unused,
+            self._active_key(endpoint_id, isolation.account_id),
+            self._sent_key(endpoint_id, request_key) if request_key else unused,
         ]
         args = [
             str(current_rev),
@@ -160,14 +170,19 @@ class RedisIsolationStore:
             raise CommitConflictError(isolation.endpoint_id)
 
     async def active_endpoints(self, account_id: str) -> list[str]:
-        members = await self._redis.smembers(self._active_key(account_id))
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        pipe = self._redis.pipeline(transaction=False)
+        for tag in bucket_tags(_TAG):
+            pipe.smembers(self._keys("isolation", tag, "active", account_id))
+        members: set[str] = set()
+        for bucket in await pipe.execute():
+            members.update(m.decode() if isinstance(m, bytes) else str(m) for m in bucket)
+        return sorted(members)
 
 
 class RedisReplicaStore:
     """Replica data rebuilt from the compacted topics: allowlist per account, endpoint registry."""
 
-    def __init__(self, redis: Redis, keys: Keys, batcher: RedisBatcher | None = None) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, batcher: RedisBatcher | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._batch = batcher or RedisBatcher(redis)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
-from pydantic import ValidationError
 
-from services.isolation.adapters.lanes import FETCHED_AT
 from services.isolation.adapters.redis_store import RedisReplicaStore
 from services.isolation.domain import EndpointRecord
-from shared.kafka import DeadLetterSink, KafkaOptions, MessageRejected, describe_validation_error
-from shared.messages import AllowlistChanged, EndpointRegistered, decode
+from shared.consume import DEFAULT_MAX_ATTEMPTS, FETCHED_AT, ConsumeLoop, PerRecord, typed
+from shared.kafka import DeadLetterSink, KafkaOptions, MessageRejected
+from shared.messages import AllowlistChanged, EndpointRegistered
 from shared.topics import TopicName, Topics
 
 log = logging.getLogger(__name__)
@@ -75,8 +74,11 @@ class CompactedTopicReplica:
         name: TopicName,
         apply: Apply,
         dlq: DeadLetterSink,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         kafka_options: KafkaOptions | None = None,
     ) -> None:
+        self._max_attempts = max_attempts
+        self.loop: ConsumeLoop | None = None
         self._bootstrap = bootstrap
         self._kafka_options = kafka_options or {}
         self._topics = topics
@@ -90,7 +92,6 @@ class CompactedTopicReplica:
         self._positions: dict[int, int] = {}
         self._progress = asyncio.Condition()
         self._started = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._partitioner = DefaultPartitioner()
         self._lookup: tuple[float, asyncio.Future[dict[int, int]]] | None = None
         self._next_lookup: asyncio.Future[dict[int, int]] | None = None
@@ -129,43 +130,47 @@ class CompactedTopicReplica:
         tps = [TopicPartition(self.topic, p) for p in self._partitions]
         await self._consumer.seek_to_beginning(*tps)
         self._positions = {p: 0 for p in self._partitions}
-        self._task = asyncio.create_task(self._run(), name=f"replica-{self._name.value}")
+        self.loop = ConsumeLoop(
+            self._consumer,
+            PerRecord(typed(self._topics, self._apply)),
+            self._dlq,
+            name=f"replica-{self._name.value}",
+            max_records=1000,
+            max_attempts=self._max_attempts,
+            after_batch=self._publish_positions,
+            group=False,
+        )
         self._started.set()
 
+    async def run(self) -> None:
+        """The replica's consume loop (run and restarted by the runtime's supervisor).
+
+        A transient failure (Redis away) retries the record until it is stored, and the
+        partition's position does not move past it meanwhile; a record that keeps failing
+        otherwise is dead-lettered after ``max_attempts`` (guarantee 12).
+        """
+        if self.loop is None:
+            raise RuntimeError("replica run() before start()")
+        await self.loop.run()
+
+    def stalled(self, after_s: float = 120.0) -> bool:
+        """Not back from a fetch for ``after_s`` (readiness)."""
+        return self.loop is not None and time.monotonic() - self.loop.last_poll > after_s
+
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         for consumer in (self._consumer, self._offsets):
             if consumer is not None:
                 await consumer.stop()
 
-    async def _run(self) -> None:
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=1000)
-            for records in batch.values():
-                for record in records:
-                    await self._apply_one(record)
-            # Positions only move after the records before them are stored in Redis.
-            positions = {
-                p: await self._consumer.position(TopicPartition(self.topic, p))
-                for p in self._partitions
-            }
-            async with self._progress:
-                self._positions = positions
-                self._progress.notify_all()
-
-    async def _apply_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            message = decode(self._name, record.value)
-            await self._apply(message, record)
-        except ValidationError as exc:
-            await self._dlq.send(record, describe_validation_error(exc))
-        except MessageRejected as exc:
-            await self._dlq.send(record, exc.reason)
-        except ValueError as exc:
-            await self._dlq.send(record, f"invalid message: {exc}")
+    async def _publish_positions(self) -> None:
+        # Positions only move after the records before them are stored in Redis.
+        positions = {
+            p: await self._consumer.position(TopicPartition(self.topic, p))
+            for p in self._partitions
+        }
+        async with self._progress:
+            self._positions = positions
+            self._progress.notify_all()
 
     def partition_for(self, key: str) -> int:
         """The producer's partition for ``key`` (murmur2, like every Kafka client's default)."""
@@ -264,13 +269,20 @@ class SettingsReplica:
         dlq: DeadLetterSink,
         catch_up_timeout: float,
         cache_size: int = SETTINGS_CACHE_SIZE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._store = store
         self._timeout = catch_up_timeout
         self._cache: NewestCache[AllowlistChanged] = NewestCache(cache_size)
         self.replica = CompactedTopicReplica(
-            bootstrap, topics, TopicName.SETTINGS_ALLOWLIST, self._apply, dlq, kafka_options
+            bootstrap,
+            topics,
+            TopicName.SETTINGS_ALLOWLIST,
+            self._apply,
+            dlq,
+            max_attempts,
+            kafka_options,
         )
 
     async def _apply(self, event: AllowlistChanged, record: ConsumerRecord[bytes, bytes]) -> None:
@@ -312,6 +324,7 @@ class EndpointRegistry:
         dlq: DeadLetterSink,
         catch_up_timeout: float,
         cache_size: int = ENDPOINT_CACHE_SIZE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._store = store
@@ -321,7 +334,7 @@ class EndpointRegistry:
         self._cache: NewestCache[EndpointRecord] = NewestCache(cache_size)
         self._applied = 0
         self.replica = CompactedTopicReplica(
-            bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq, kafka_options
+            bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq, max_attempts, kafka_options
         )
 
     async def _apply(self, event: EndpointRegistered, record: ConsumerRecord[bytes, bytes]) -> None:

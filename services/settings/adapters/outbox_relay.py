@@ -7,31 +7,102 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    ProducerFenced,
+    TransactionalIdAuthorizationFailed,
+)
 
 from services.settings.adapters.redis_store import OutboxRecord, RedisAllowlistStore
 from services.settings.metrics import SettingsMetrics
+from shared.kafka import KafkaOptions
 from shared.tasks import cancel_and_wait, raise_if_cancelling
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
 
+# Errors after which this relay's transactional producer is fenced for good: a newer leader
+# initialised the same transactional id, so nothing this producer still holds may reach the topic.
+FENCED_ERRORS: tuple[type[Exception], ...] = (
+    ProducerFenced,
+    InvalidProducerEpoch,
+    TransactionalIdAuthorizationFailed,
+)
+
+ProducerFactory = Callable[[], Any]
+
+
+class LeaseLostError(Exception):
+    """The relay's lease expired during a pass: the pass is aborted, its successor publishes."""
+
+
+def relay_transactional_id(topics: Topics) -> str:
+    """One transactional id for every relay instance of a topic namespace.
+
+    Stable across instances and restarts on purpose: the leader that initialises it bumps the
+    producer epoch, which aborts the previous leader's open transaction and fences every later
+    send or commit of that leader at the broker.
+    """
+    return f"{topics.prefix}settings-relay"
+
+
+def make_relay_producer(
+    bootstrap: str,
+    transactional_id: str,
+    *,
+    client_id: str,
+    linger_ms: int = 5,
+    options: KafkaOptions | None = None,
+) -> ProducerFactory:
+    """A factory of transactional producers (acks=all and idempotence come with transactions)."""
+
+    def build() -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            **(options or {}),
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=transactional_id,
+            # A leader that dies mid-pass blocks read_committed readers of its partitions until
+            # its successor's initialisation aborts the transaction, or this timeout does.
+            transaction_timeout_ms=30_000,
+            linger_ms=linger_ms,
+            request_timeout_ms=15_000,
+            max_request_size=2 * 1024 * 1024,
+        )
+
+    return build
+
+
 class OutboxRelay:
     """Publishes the Redis outbox to ``settings.allowlist.v1`` (and ``audit.v1``).
 
-    Delivery: an entry is removed from the outbox only after Kafka acknowledged its event
-    (acks=all, idempotent producer), so a crash at any point republishes it: duplicates of a
-    version are possible, gaps are not. Order: one relay at a time (a Redis lease) reads the
-    outbox in commit order and hands each pass to the producer in that order; the idempotent
-    producer keeps per-partition order, and the key (account_id) pins an account to one
-    partition, so each account's versions reach the topic in increasing order.
+    Delivery: an entry is removed from the outbox only after Kafka committed its event, so a
+    crash at any point republishes it: duplicates of a version are possible, gaps are not.
+    Order: one relay at a time (a Redis lease) reads the outbox in commit order and publishes each
+    pass as one Kafka transaction; the key (account_id) pins an account to one partition, so each
+    account's versions reach the topic in increasing order.
+
+    Fencing: the Redis lease alone cannot stop a leader that paused (GC, a stalled host) past its
+    lease and resumes mid-pass: it would publish an older version after the new leader's newer
+    one, and compaction would then keep the older one as the account's state. So every leader
+    publishes through a transactional producer with the same transactional id: the new leader's
+    ``InitProducerId`` aborts the old leader's open transaction and the broker refuses the old
+    producer's later sends and commits (ProducerFenced); read_committed consumers never see them
+    and the log cleaner drops them.
     """
 
     def __init__(
         self,
         store: RedisAllowlistStore,
-        producer: Any,
+        producer: ProducerFactory,
         topics: Topics,
         metrics: SettingsMetrics,
         *,
@@ -41,7 +112,8 @@ class OutboxRelay:
         instance_id: str,
     ) -> None:
         self._store = store
-        self._producer = producer
+        self._producer_factory = producer
+        self._producer: Any = None
         self._topics = topics
         self._metrics = metrics
         self._lease_ms = lease_ms
@@ -66,6 +138,7 @@ class OutboxRelay:
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        await self._drop_producer()
         if self.leader:
             self.leader = False
             self._metrics.relay_leader.set(0)
@@ -106,6 +179,7 @@ class OutboxRelay:
                     self.leader = await self._store.renew_lease(self.token, self._lease_ms)
                     if not self.leader:
                         log.warning("outbox relay lost its lease", extra={"token": self.token})
+                        self._wake.set()
                 else:
                     self.leader = await self._store.acquire_lease(self.token, self._lease_ms)
                     if self.leader:
@@ -123,16 +197,41 @@ class OutboxRelay:
         backoff = 0.2
         while True:
             if not self.leader:
+                await self._drop_producer()
                 await self._wait_wake()
                 continue
             try:
                 published = await self.publish_pending()
             except asyncio.CancelledError:
                 raise
+            except FENCED_ERRORS as exc:
+                # Another producer initialised our transactional id. If the lease is still ours
+                # that was a stale leader (it aborts itself at its lease check before commit):
+                # a fresh producer fences it in turn and the pass is retried. Otherwise the
+                # newer leader republishes whatever was not marked.
+                self._metrics.publish_failures.inc()
+                await self._drop_producer()
+                self.leader = await self._still_leader()
+                log.warning(
+                    "outbox relay fenced (%r); %s",
+                    exc,
+                    "still the leader, retrying" if self.leader else "no longer the leader",
+                )
+                self._metrics.relay_leader.set(1 if self.leader else 0)
+                continue
+            except LeaseLostError as exc:
+                log.warning("outbox relay aborted a pass: %s", exc)
+                self.leader = False
+                self._metrics.relay_leader.set(0)
+                await self._drop_producer()
+                continue
             except Exception as exc:
                 # Kafka unreachable or refusing: the entries stay in the outbox and are retried.
                 self._metrics.publish_failures.inc()
                 log.warning("outbox relay pass failed; retrying in %.1fs: %r", backoff, exc)
+                # A transactional producer in an unknown state is not reused: the next pass
+                # starts a fresh one, whose initialisation aborts whatever this one left open.
+                await self._drop_producer()
                 raise_if_cancelling()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -157,17 +256,55 @@ class OutboxRelay:
         await self.mark_published(records)
         return len(records)
 
+    async def _still_leader(self) -> bool:
+        return await self._store.renew_lease(self.token, self._lease_ms)
+
+    async def _transactional_producer(self) -> Any:
+        if self._producer is None:
+            producer = self._producer_factory()
+            try:
+                await producer.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
+            self._producer = producer
+        return self._producer
+
+    async def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await producer.stop()
+            except (KafkaError, OSError) as exc:
+                log.info("relay producer stopped with %r", exc)
+
     async def _publish(self, records: list[OutboxRecord]) -> None:
-        # Handing every send to the producer before awaiting any keeps the pass pipelined; the
-        # producer preserves the hand-over order within a partition.
-        acks = []
-        for record in records:
-            key = record.account_id.encode()
-            acks.append(
-                await self._producer.send(self._topics.settings_allowlist, record.event, key=key)
-            )
-            acks.append(await self._producer.send(self._topics.audit, record.audit, key=key))
-        await asyncio.gather(*acks)
+        producer = await self._transactional_producer()
+        # The first begin of a producer waits for its InitProducerId: that is where a new leader
+        # fences the previous one.
+        await producer.begin_transaction()
+        try:
+            # Handing every send to the producer before awaiting any keeps the pass pipelined;
+            # the producer preserves the hand-over order within a partition.
+            acks = []
+            for record in records:
+                key = record.account_id.encode()
+                acks.append(
+                    await producer.send(self._topics.settings_allowlist, record.event, key=key)
+                )
+                acks.append(await producer.send(self._topics.audit, record.audit, key=key))
+            await asyncio.gather(*acks)
+            # The commit is where a stale leader must stop: a successor acquires the lease
+            # before it initialises the transactional id, so either the lease check fails here
+            # or the successor's initialisation aborts this transaction before it commits.
+            if not await self._still_leader():
+                raise LeaseLostError(f"lease lost before committing {len(records)} entries")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.abort_transaction()
+            raise
+        await producer.commit_transaction()
         now_ms = time.time() * 1000
         for record in records:
             self._metrics.publish_latency.observe(max(0.0, now_ms - record.committed_at_ms) / 1000)

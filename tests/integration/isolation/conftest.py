@@ -161,7 +161,12 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def running_isolation(
-    kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str
+    kafka_bootstrap: str,
+    redis_url: str,
+    topics: Topics,
+    redis_prefix: str,
+    *,
+    settings_client: Any = None,
 ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """The service's app with its lifespan running, and an HTTP client on it, once /ready."""
     connection: dict[str, Any] = {
@@ -177,7 +182,7 @@ async def running_isolation(
         log_json=False,
         **connection,
     )
-    client = RecordingSettingsClient()
+    client = settings_client or RecordingSettingsClient()
     app = build_app(settings, settings_client=client)
     app.state.settings_client = client
     async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30):

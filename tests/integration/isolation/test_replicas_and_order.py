@@ -103,13 +103,14 @@ async def test_strict_request_overtakes_a_backlog_of_normal_requests(h: Harness)
     # when the strict request arrives (one shared lane would hold the strict request too).
     normal = next(c for c in h.app.state.runtime.consumers if c.name == "requests")
     gate = asyncio.Event()
-    handle = normal._handler
+    # The lane's strategy holds the (decoding) record handler the loop runs.
+    handle = normal.strategy._handler
 
-    async def held(message: object, record: object) -> None:
+    async def held(record: object) -> None:
         await gate.wait()
-        await handle(message, record)
+        await handle(record)
 
-    normal._handler = held
+    normal.strategy._handler = held
     backlog = []
     for round_ in range(4):
         for endpoint in endpoints:

@@ -10,6 +10,7 @@ from shared.messages import (
     AuditRecorded,
     EnforcePolicy,
     IsolateEndpoint,
+    IsolationStateChanged,
     ReleaseEndpoint,
     StrictIsolateAccount,
 )
@@ -30,7 +31,7 @@ class MemoryStore:
     async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]:
         return [self.states[e][0] for e in endpoint_ids if e in self.states]
 
-    async def outcome(self, request_key: str) -> RequestOutcome | None:
+    async def outcome(self, endpoint_id: str, request_key: str) -> RequestOutcome | None:
         found = self.outcomes.get(request_key)
         if found is None:
             return None
@@ -40,9 +41,9 @@ class MemoryStore:
         self, endpoint_id: str, request_key: str
     ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]:
         state, rev = await self.load(endpoint_id)
-        return await self.outcome(request_key), state, rev
+        return await self.outcome(endpoint_id, request_key), state, rev
 
-    async def mark_sent(self, request_key: str) -> None:
+    async def mark_sent(self, endpoint_id: str, request_key: str) -> None:
         self.sent.add(request_key)
 
     async def commit(
@@ -100,14 +101,26 @@ class MemoryPublisher:
         self.requests: list[
             tuple[Lane, IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount]
         ] = []
+        self.events: list[IsolationStateChanged] = []
         self.fail_next_command = False
 
-    async def send_command(self, lane: Lane, command: EnforcePolicy, audit: AuditRecorded) -> None:
+    async def send_command(
+        self,
+        lane: Lane,
+        command: EnforcePolicy,
+        audit: AuditRecorded,
+        event: IsolationStateChanged | None = None,
+    ) -> None:
         if self.fail_next_command:
             self.fail_next_command = False
             raise ConnectionError("broker gone")
         self.commands.append((lane, command))
         self.audits.append(audit)
+        if event is not None:
+            self.events.append(event)
+
+    async def send_event(self, event: IsolationStateChanged) -> None:
+        self.events.append(event)
 
     async def send_audit(self, audit: AuditRecorded) -> None:
         self.audits.append(audit)
@@ -116,6 +129,9 @@ class MemoryPublisher:
         self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
     ) -> None:
         self.requests.append((lane, request))
+
+    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None:
+        self.requests.extend((lane, request) for request in requests)
 
 
 class MemorySettingsClient:

@@ -171,9 +171,25 @@ async def test_account_strict_covers_isolated_and_pending_then_disables_allowlis
     with pytest.raises(ConnectionError):
         await world.service.strict_isolate_account(request)
     world.client.fail = False
+    world.publisher.requests.clear()
     result = await world.service.strict_isolate_account(request)
-    assert (result.covered, result.issued) == (2, 2)
+    assert result.covered == 2
     assert world.client.disabled == ["acct-1"]
+    # Fanned out: one strict request per endpoint on the priority lane, its id derived from the
+    # account request's; the first (failed) delivery sent the same ones.
+    fanned = [(lane, r) for lane, r in world.publisher.requests if isinstance(r, IsolateEndpoint)]
+    assert sorted((lane, r.endpoint_id, r.mode) for lane, r in fanned) == [
+        ("priority", "ep-0", "strict"),
+        ("priority", "ep-1", "strict"),
+    ]
+    assert {r.request_id for _, r in fanned} == {
+        f"{request.request_id}:ep-0",
+        f"{request.request_id}:ep-1",
+    }
+    # Each endpoint's instance handles its request; a redelivered copy changes nothing.
+    for _ in range(2):
+        for _, fanned_request in fanned:
+            await world.service.isolate(fanned_request)
     strict = [
         (lane, c.policy.endpoint_id)
         for lane, c in world.publisher.commands
@@ -203,3 +219,47 @@ async def test_preview_changes_nothing(world: World) -> None:
     assert [p.address for p in policy.allowed_outbound] == ["203.0.113.10"]
     assert world.publisher.commands == []
     assert await world.store.load("ep-0") == (None, 0)
+
+
+async def test_every_state_change_is_an_event_for_other_services(world: World) -> None:
+    request = IsolateEndpoint(endpoint_id="ep-0", mode="standard", requested_by=SOC)
+    await world.service.isolate(request)
+    state, _ = await world.store.load("ep-0")
+    assert state is not None and state.policy is not None
+    pending = world.publisher.events[-1]
+    assert (pending.state, pending.sequence, pending.request_ids) == (
+        "isolation_pending",
+        1,
+        (request.request_id,),
+    )
+    assert pending.policy_id == state.policy.policy_id
+    report = PolicyStatusReported(
+        endpoint_id="ep-0",
+        account_id="acct-1",
+        policy_id=state.policy.policy_id,
+        sequence=1,
+        status="applied",
+        rules_sha256="e" * 64,
+    )
+    await world.service.record_status(report)
+    applied = world.publisher.events[-1]
+    assert (applied.state, applied.rules_sha256, applied.request_ids) == (
+        "isolated",
+        "e" * 64,
+        (request.request_id,),
+    )
+    # A redelivered report changes nothing but says the same again (its event may have been
+    # lost in a crash after the state was stored).
+    await world.service.record_status(report)
+    assert world.publisher.events[-1] == applied.model_copy(
+        update={
+            "id": world.publisher.events[-1].id,
+            "occurred_at": world.publisher.events[-1].occurred_at,
+        }
+    )
+    release = ReleaseEndpoint(endpoint_id="ep-0", requested_by=SOC)
+    await world.service.release(release)
+    assert (world.publisher.events[-1].state, world.publisher.events[-1].mode) == (
+        "release_pending",
+        "none",
+    )

@@ -7,7 +7,8 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from services.isolation.adapters.lanes import FETCHED_AT, KeyConcurrentConsumer
+from services.isolation.adapters.lanes import FETCHED_AT
+from shared.consume import ConsumeLoop, KeyConcurrent, typed
 from shared.messages import Actor, IsolateEndpoint
 from shared.topics import TopicName, Topics
 
@@ -66,7 +67,7 @@ class NoDeadLetters:
         raise AssertionError(f"unexpected dead letter: {reason}")
 
 
-async def run_until_drained(lane: KeyConcurrentConsumer, consumer: MemoryConsumer) -> None:
+async def run_until_drained(lane: ConsumeLoop, consumer: MemoryConsumer) -> None:
     task = asyncio.create_task(lane.run())
     try:
         await asyncio.wait_for(consumer.drained.wait(), 10)
@@ -75,14 +76,13 @@ async def run_until_drained(lane: KeyConcurrentConsumer, consumer: MemoryConsume
         await asyncio.gather(task, return_exceptions=True)
 
 
-def lane_with(consumer: MemoryConsumer, handler: Any, max_in_flight: int = 256) -> Any:
-    return KeyConcurrentConsumer(
+def lane_with(consumer: MemoryConsumer, handler: Any, max_in_flight: int = 256) -> ConsumeLoop:
+    return ConsumeLoop(
         consumer,
-        TOPICS,
-        handler,
-        NoDeadLetters(),  # type: ignore[arg-type]
+        KeyConcurrent(typed(TOPICS, handler), max_in_flight=max_in_flight),
+        NoDeadLetters(),
         name="requests",
-        max_in_flight=max_in_flight,
+        max_records=1000,
     )
 
 

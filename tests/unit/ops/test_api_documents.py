@@ -50,7 +50,11 @@ def test_every_channel_names_its_key_cleanup_policy_and_services() -> None:
 def test_compacted_topics_say_so() -> None:
     channels = asyncapi_document()["channels"].values()
     compacted = {c["address"] for c in channels if "Cleanup policy: compact" in c["description"]}
-    assert compacted == {"hostiso.settings.allowlist.v1", "hostiso.endpoints.v1"}
+    assert compacted == {
+        "hostiso.settings.allowlist.v1",
+        "hostiso.endpoints.v1",
+        "hostiso.isolation.events.v1",
+    }
 
 
 def test_document_generation_is_stable_across_builds() -> None:

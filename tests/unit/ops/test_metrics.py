@@ -16,6 +16,10 @@ COMMON = {
     "hostiso_consumer_records": "records handled per consumer lane",
     "hostiso_kafka_records_published": "records acknowledged per topic",
     "hostiso_dlq_records": "DLQ count",
+    "hostiso_consumer_retries": "retries by consumer and kind (transient, error, commit)",
+    "hostiso_consumer_dead_letters": "dead letters per consumer loop",
+    "hostiso_task_restarts": "supervisor restarts per task",
+    "hostiso_task_running": "supervised tasks running",
 }
 PER_SERVICE = {
     "settings": {

@@ -12,7 +12,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared import tracing
 from shared.config import ConfigError
-from shared.kafka import MessageRejected, TypedConsumer, publish
+from shared.consume import ConsumeLoop, PerRecord, Work, typed
+from shared.kafka import MessageRejected, publish
 from shared.messages import EnforcePolicy, PolicyStatusReported
 from shared.topics import Topics
 from tests.samples import SAMPLES, sample_policy
@@ -52,8 +53,19 @@ class FakeDeadLetters:
         self.reasons.append(reason)
 
 
-def consumer(handler: Any, dlq: FakeDeadLetters | None = None) -> TypedConsumer:
-    return TypedConsumer(None, TOPICS, handler, dlq or FakeDeadLetters(), name="test")  # type: ignore[arg-type]
+class OneRecord:
+    """Runs one record through the consume loop's guarded, decoding handler."""
+
+    def __init__(self, handler: Any, dlq: FakeDeadLetters) -> None:
+        self._handler = typed(TOPICS, handler)
+        self._loop = ConsumeLoop(None, PerRecord(self._handler), dlq, name="test")  # type: ignore[arg-type]
+
+    async def _handle_one(self, record: Any) -> None:
+        await Work(self._loop, {}).one(record, self._handler)
+
+
+def consumer(handler: Any, dlq: FakeDeadLetters | None = None) -> OneRecord:
+    return OneRecord(handler, dlq or FakeDeadLetters())
 
 
 @pytest.fixture
