@@ -89,6 +89,13 @@ def test_acls_follow_the_design_table() -> None:
     for service in ("settings", "isolation", "enforcer"):
         assert TopicName.AUDIT in PRODUCES[service] and TopicName.DLQ in PRODUCES[service]
     assert CONSUMES["platform"] == () and CONSUMES["settings"] == ()
+    transactional = {
+        (b.principal, b.name) for b in bindings if b.resource.name == "TRANSACTIONAL_ID"
+    }
+    assert transactional == {("settings", "p.settings-relay")}
+    groups = {(b.principal, b.name) for b in bindings if b.resource.name == "GROUP"}
+    assert ("enforcer", "p.enforcer-priority") in groups
+    assert not any(p == "isolation" and g.startswith("p.enforcer") for p, g in groups)
 
 
 def test_redis_service_rules_refuse_dangerous_commands_and_other_namespaces() -> None:
