@@ -1,14 +1,55 @@
-"""Address validation shared by the renderers: nothing reaches a ruleset unless ``ipaddress`` accepts it."""
+"""Address validation shared by the renderers: what reaches a ruleset is a literal nft can render.
+
+Three sources feed a ruleset, and each fails differently (ENFORCEMENT.md "Zone ids and odd
+resolvers"): the policy's addresses are checked by the message model at decode (a policy that
+names an unrenderable address is refused whole); the agent's own platform addresses are its
+configuration (refused at start); the host's resolvers come from ``/etc/resolv.conf``, which
+NetworkManager or a rogue router advertisement may fill with what nft cannot render, so an
+unusable resolver is *dropped with a logged reason* and never fails the ruleset: a host must
+never stay open because one resolver line was odd.
+
+Link-local IPv6 resolvers are dropped in both forms: nft cannot name ``fe80::1%eth0``, and
+without its zone the address cannot be used (a socket to ``fe80::/10`` needs a scope id), so
+keeping ``fe80::1`` would open port 53 to a neighbour for nothing. An isolated host whose only
+resolver is link-local loses DNS, which isolation may cost; it never loses the platform.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from shared.addresses import (
+    AddressRuleError,
+    IPAddress,
+    IPNetwork,
+    parse_address_or_prefix,
+    parse_host_address,
+)
 from shared.messages import FrozenPolicy
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = [
+    "HostFacts",
+    "IPAddress",
+    "IPNetwork",
+    "InvalidAddressError",
+    "PermittedPeers",
+    "collapse",
+    "parse_resolv_conf",
+    "permitted_peers",
+    "read_resolv_conf",
+    "resolver_problem",
+    "split_families",
+    "split_networks",
+    "usable_resolvers",
+]
+
+log = logging.getLogger(__name__)
+
+_LINK_LOCAL_V6 = ipaddress.IPv6Network("fe80::/10")
 
 
 class InvalidAddressError(ValueError):
@@ -22,28 +63,89 @@ class InvalidAddressError(ValueError):
 
 
 def _host_address(field: str, value: str) -> IPAddress:
-    # nft treats anything that is not an address literal as a hostname and resolves it, so a
-    # typo would silently become "whatever DNS says": refuse before rendering.
-    if not isinstance(value, str) or value != value.strip() or "/" in value:
-        raise InvalidAddressError(field, str(value), "must be a single IP address, not a range")
     try:
-        address = ipaddress.ip_address(value)
-    except ValueError as exc:
-        raise InvalidAddressError(field, value, "is not an IP address") from exc
-    if address.is_unspecified or address.is_multicast:
-        raise InvalidAddressError(field, value, "must be a unicast host address")
-    if isinstance(address, ipaddress.IPv4Address) and address == ipaddress.IPv4Address(
-        "255.255.255.255"
-    ):
-        raise InvalidAddressError(field, value, "must be a unicast host address")
-    return address
+        return parse_host_address(value)
+    except AddressRuleError as exc:
+        raise InvalidAddressError(field, str(value), exc.message) from exc
 
 
-def _addresses(field: str, values: Iterable[str]) -> tuple[IPAddress, ...]:
+def _networks(field: str, values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    found: list[IPNetwork] = []
+    for value in values:
+        try:
+            found.append(parse_address_or_prefix(value))
+        except AddressRuleError as exc:
+            raise InvalidAddressError(field, str(value), exc.message) from exc
+    return collapse(found)
+
+
+def collapse(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """Sorted, deduplicated, with nothing inside another: nft interval sets refuse overlaps.
+
+    Unlike ``ipaddress.collapse_addresses`` neighbours are not merged, so two adjacent hosts
+    stay two plain elements (the common ruleset keeps its text and hash).
+    """
+    items = list(networks)
+    kept: list[IPNetwork] = []
+    for family in (4, 6):
+        last: IPNetwork | None = None
+        ordered = sorted(
+            (n for n in items if n.version == family),
+            key=lambda n: (int(n.network_address), n.prefixlen),
+        )
+        for network in ordered:
+            if last is not None and network.subnet_of(last):  # type: ignore[arg-type]
+                continue
+            kept.append(network)
+            last = network
+    return tuple(kept)
+
+
+def resolver_problem(value: str) -> str | None:
+    """Why ``value`` cannot be an allowed DNS resolver, or None when it can."""
+    try:
+        address = parse_host_address(value)
+    except AddressRuleError as exc:
+        return exc.message
+    if isinstance(address, ipaddress.IPv6Address) and address in _LINK_LOCAL_V6:
+        return "is link-local: unusable without a zone id, and a firewall rule cannot name one"
+    return None
+
+
+def usable_resolvers(values: Iterable[str], source: str = "dns_resolvers") -> tuple[IPAddress, ...]:
+    """The resolvers a ruleset can allow, in order, deduplicated; the rest dropped and logged."""
     seen: dict[IPAddress, None] = {}
     for value in values:
-        seen.setdefault(_host_address(field, value), None)
+        problem = resolver_problem(value)
+        if problem is not None:
+            log.warning("ignoring DNS resolver %r from %s: %s", value, source, problem)
+            continue
+        seen.setdefault(parse_host_address(value), None)
     return tuple(seen)
+
+
+def parse_resolv_conf(text: str, source: str = "resolv.conf") -> tuple[str, ...]:
+    """The ``nameserver`` addresses of a resolv.conf text that a ruleset can allow."""
+    values: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts or parts[0] != "nameserver":
+            continue  # comments (# or ;), options, search domains, garbage: not resolvers
+        if len(parts) < 2:
+            log.warning("ignoring line %d of %s: nameserver without an address", number, source)
+            continue
+        values.append(parts[1])
+    return tuple(str(a) for a in usable_resolvers(values, source))
+
+
+def read_resolv_conf(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
+    """The usable ``nameserver`` addresses of ``path``; none (logged) if it cannot be read."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        log.warning("cannot read %s: %s; no DNS resolver allowed", path, exc.strerror)
+        return ()
+    return parse_resolv_conf(text, str(path))
 
 
 @dataclass(frozen=True)
@@ -56,37 +158,53 @@ class HostFacts:
 
 @dataclass(frozen=True)
 class PermittedPeers:
-    """Every address an isolated host may talk to, validated and split by role."""
+    """Every peer an isolated host may talk to, validated, collapsed and split by role."""
 
-    platform: tuple[IPAddress, ...]
-    allowlist: tuple[ipaddress.IPv4Address, ...]
+    platform: tuple[IPNetwork, ...]
+    allowlist: tuple[IPNetwork, ...]
     resolvers: tuple[IPAddress, ...]
 
     @property
-    def all(self) -> tuple[IPAddress, ...]:
-        return tuple(dict.fromkeys((*self.platform, *self.allowlist, *self.resolvers)))
+    def all(self) -> tuple[IPNetwork, ...]:
+        return collapse(
+            (*self.platform, *self.allowlist, *(ipaddress.ip_network(a) for a in self.resolvers))
+        )
+
+    def permits(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.all)
 
 
 def permitted_peers(policy: FrozenPolicy, facts: HostFacts) -> PermittedPeers:
-    """Validate and collect the peers; strict and release policies carry no allowlist."""
-    platform = _addresses("platform", (*policy.platform, *facts.platform_addresses))
-    resolvers = _addresses("dns_resolvers", facts.dns_resolvers)
-    allowlist: list[ipaddress.IPv4Address] = []
+    """Validate and collect the peers; strict and release policies carry no allowlist.
+
+    The host's own platform addresses are configuration: a bad one raises InvalidAddressError.
+    The policy's addresses passed the same rules at decode, so they cannot raise here.
+    """
+    for value in facts.platform_addresses:
+        _host_address("platform_addresses", value)
+    platform = _networks("platform", (*policy.platform, *facts.platform_addresses))
+    allowlist: tuple[IPNetwork, ...] = ()
     if policy.mode == "standard":
-        for peer in policy.allowed_outbound:
-            address = _host_address("allowed_outbound.address", peer.address)
-            if not isinstance(address, ipaddress.IPv4Address):
-                raise InvalidAddressError(
-                    "allowed_outbound.address", peer.address, "must be an IPv4 address"
-                )
-            if address not in allowlist:
-                allowlist.append(address)
-    return PermittedPeers(platform=platform, allowlist=tuple(allowlist), resolvers=resolvers)
+        allowlist = _networks(
+            "allowed_outbound.address", (peer.address for peer in policy.allowed_outbound)
+        )
+    resolvers = usable_resolvers(facts.dns_resolvers)
+    return PermittedPeers(platform=platform, allowlist=allowlist, resolvers=resolvers)
 
 
 def split_families(
     addresses: Iterable[IPAddress],
 ) -> tuple[list[ipaddress.IPv4Address], list[ipaddress.IPv6Address]]:
-    v4 = [a for a in addresses if isinstance(a, ipaddress.IPv4Address)]
-    v6 = [a for a in addresses if isinstance(a, ipaddress.IPv6Address)]
+    items = list(addresses)
+    v4 = [a for a in items if isinstance(a, ipaddress.IPv4Address)]
+    v6 = [a for a in items if isinstance(a, ipaddress.IPv6Address)]
+    return sorted(v4), sorted(v6)
+
+
+def split_networks(
+    networks: Iterable[IPNetwork],
+) -> tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]:
+    items = list(networks)
+    v4 = [n for n in items if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in items if isinstance(n, ipaddress.IPv6Network)]
     return sorted(v4), sorted(v6)

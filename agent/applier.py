@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.client import StatusReport
@@ -23,7 +24,14 @@ class AgentStats:
     refused: int = 0
     refused_unreportable: int = 0
     poll_errors: int = 0
+    # 401/403/404 from the enforcer on a poll or report: an alarm, never a reason to loosen.
+    rejected: int = 0
     reports_refused: int = 0
+    reenrollments: int = 0
+    # Enrollment answers naming another endpoint than ours, or refused re-enrollments.
+    enrollment_refused: int = 0
+    identity_mismatch: int = 0
+    stored_policy_refused: int = 0
     table_restored: int = 0
     by_refusal: dict[str, int] = field(default_factory=dict)
 
@@ -44,14 +52,21 @@ class PolicyApplier:
         store: StateStore,
         state: AgentState,
         firewall: HostFirewall,
-        key: PinnedKey,
+        key: PinnedKey | Sequence[PinnedKey],
         stats: AgentStats,
+        *,
+        account_id: str,
     ) -> None:
         self.store = store
         self.state = state
         self.firewall = firewall
+        # Fixed for the life of the applier: the pinned or configured keys, never a fetched one.
         self.key = key
         self.stats = stats
+        self.account_id = account_id
+        # False once the stored policy failed verification: the table watchdog must not put an
+        # unverified policy back in force.
+        self._stored_trusted = True
         firewall.restore_known(state.last_ruleset)
 
     @property
@@ -71,6 +86,7 @@ class PolicyApplier:
         last = state.last_policy
         if (
             last is not None
+            and self._stored_trusted
             and last == signed
             and policy.sequence == state.last_applied_sequence
             and state.last_rules_sha256 is not None
@@ -89,13 +105,18 @@ class PolicyApplier:
             verify_policy(
                 signed,
                 key=self.key,
+                account_id=self.account_id,
                 endpoint_id=self.endpoint_id,
-                last_applied_sequence=state.last_applied_sequence,
+                last_applied_sequence=state.fence,
             )
         except PolicyRefusedError as exc:
             self.stats.refused += 1
             self.stats.by_refusal[exc.kind] = self.stats.by_refusal.get(exc.kind, 0) + 1
-            log.warning("policy refused: %s", exc.reason, extra=self._context(signed))
+            log.warning(
+                "policy refused: %s",
+                exc.reason,
+                extra={**self._context(signed), "refusal": exc.kind},
+            )
             # Reported against the sequence and policy id the policy claims: that is the only
             # handle the platform has on the delivery that went wrong.
             return Decision(
@@ -110,7 +131,8 @@ class PolicyApplier:
             state.last_policy = signed
             state.last_rules_sha256 = outcome.rules_sha256
             state.last_ruleset = outcome.ruleset if policy.mode != "none" else None
-        state.poll_cursor = max(state.poll_cursor, policy.sequence)
+            self._stored_trusted = True
+        state.raise_fence(policy.sequence)
         report = StatusReport(
             policy.sequence, policy.policy_id, outcome.status, outcome.rules_sha256, outcome.detail
         )
@@ -135,21 +157,23 @@ class PolicyApplier:
             verify_policy(
                 signed,
                 key=self.key,
+                account_id=self.account_id,
                 endpoint_id=self.endpoint_id,
                 last_applied_sequence=signed.policy.sequence - 1,
             )
         except PolicyRefusedError as exc:
-            # The state file was altered: forget it so the enforcer resends the newest policy.
+            # The state file was altered (or its key is no longer configured). Fail closed: do
+            # not apply it, but do not forget the fence either, nor touch the rules in force
+            # (an isolated host's table survives an agent restart); only a newer verified
+            # policy changes anything.
             log.error(
-                "stored policy refused, forgetting it: %s", exc.reason, extra=self._context(signed)
+                "ALARM stored policy refused; not re-applied, rules in force and fence %d kept: %s",
+                self.state.fence,
+                exc.reason,
+                extra={**self._context(signed), "alarm": "stored_policy_refused"},
             )
-            self.stats.refused_unreportable += 1
-            self.state.last_policy = None
-            self.state.last_applied_sequence = 0
-            self.state.poll_cursor = 0
-            self.state.last_ruleset = None
-            self.firewall.restore_known(None)
-            await self.store.persist(self.state)
+            self.stats.stored_policy_refused += 1
+            self._stored_trusted = False
             return
         # No rollback at start: the network may simply not be up yet, and un-isolating an
         # isolated host because of that would be the wrong way round.
@@ -159,7 +183,7 @@ class PolicyApplier:
     async def ensure_table(self) -> bool:
         """Re-apply if our table vanished (nftables.service flush, manual delete); True if it did."""
         signed = self.state.last_policy
-        if signed is None or signed.policy.mode == "none":
+        if signed is None or signed.policy.mode == "none" or not self._stored_trusted:
             return False
         if await self.firewall.table_present():
             return False

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import dataclasses
 import logging
+import os
 import signal
 import ssl
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
-from agent.addresses import HostFacts, permitted_peers
+from agent.addresses import HostFacts, permitted_peers, read_resolv_conf
 from agent.applier import AgentStats
-from agent.client import EnforcerClient, EnforcerUnavailableError, EnrollmentRefusedError
+from agent.client import EnforcerClient, EnrollmentRefusedError, PlainHttpRefusedError
 from agent.firewall import HostFirewall, NftablesFirewall, Probe, SimulatedFirewall
-from agent.loop import AgentIdentity, AgentLoop, AgentStoppedError, EnrollmentKeySource
+from agent.loop import (
+    REENROLL_AFTER,
+    AgentIdentity,
+    AgentLoop,
+    AgentStoppedError,
+    EnrollmentKeySource,
+    NoTrustedKeyError,
+)
 from agent.nft import check_table_name
 from agent.state import StateStore
-from agent.verification import PinnedKey
+from agent.verification import PinnedKey, parse_trusted_keys
 from shared.messages import FrozenPolicy
 
 log = logging.getLogger(__name__)
@@ -32,20 +41,39 @@ class AgentConfigError(ValueError):
     """The agent's options do not make a usable configuration."""
 
 
+ENROLLMENT_KEY_ENV = "HOSTISO_AGENT_ENROLLMENT_KEY"
+SIGNING_KEY_ENV = "HOSTISO_AGENT_SIGNING_PUBLIC_KEY"
+
+
+def dev_mode_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """``HOSTISO_DEV=1`` (as for the services) turns on the agent's dev mode too."""
+    value = (os.environ if environ is None else environ).get("HOSTISO_DEV", "")
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
 @dataclass(frozen=True)
 class AgentConfig:
-    """Everything the agent is told on its command line."""
+    """Everything the agent is told on its command line and environment."""
 
     enforcer_url: str
     account_id: str
     state_dir: Path
     hostname: str
     platform: str = "linux"
+    # On argv it is visible in `ps`: dev mode only. Else a root-only file or the environment.
     enrollment_key: str | None = None
-    settings_url: str | None = None
+    enrollment_key_file: Path | None = None
+    enrollment_key_env: str | None = None
     facts: HostFacts = field(default_factory=HostFacts)
     table_name: str = "hostiso"
+    # ``CURRENT[,NEXT]`` base64 Ed25519 keys; required outside dev mode.
     signing_public_key: str | None = None
+    ca_file: Path | None = None
+    dev: bool = False
+    reenroll_after: int = REENROLL_AFTER
+    backoff_cap: float = 30.0
+    # The counters (alarms included) are logged this often while they change.
+    stats_interval: float = 60.0
     simulated: bool = False
     count: int = 1
     poll_wait: float = 25.0
@@ -55,23 +83,8 @@ class AgentConfig:
 
 
 def read_resolvers(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
-    """The ``nameserver`` addresses of resolv.conf that are plain IP addresses."""
-    found: list[str] = []
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        log.warning("cannot read %s: %s; no DNS resolver allowed", path, exc.strerror)
-        return ()
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                ipaddress.ip_address(parts[1])
-            except ValueError:
-                log.warning("ignoring nameserver %r in %s: not a plain IP address", parts[1], path)
-                continue
-            found.append(parts[1])
-    return tuple(found)
+    """The ``nameserver`` addresses of resolv.conf a ruleset can allow (the rest logged)."""
+    return read_resolv_conf(path)
 
 
 def default_platform_probe(enforcer_url: str) -> Probe:
@@ -82,16 +95,81 @@ def default_platform_probe(enforcer_url: str) -> Probe:
     return Probe(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
 
+def check_key_file(path: Path, *, dev: bool) -> None:
+    """The enrollment key file exists and, outside dev mode, only its owner may read it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise AgentConfigError(f"--enrollment-key-file {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise AgentConfigError(f"--enrollment-key-file {path}: not a regular file")
+    if not dev and mode & 0o077:
+        raise AgentConfigError(
+            f"--enrollment-key-file {path}: must not be accessible by group or other"
+            f" (mode {stat.S_IMODE(mode):04o}; chmod 600) outside dev mode"
+        )
+
+
+def read_key_file(path: Path) -> str:
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentConfigError(f"--enrollment-key-file {path}: unreadable ({exc})") from exc
+    if not key:
+        raise AgentConfigError(f"--enrollment-key-file {path}: empty")
+    return key
+
+
 def validate_config(config: AgentConfig) -> None:
     check_table_name(config.table_name)
     if config.signing_public_key is not None:
-        PinnedKey.from_base64(config.signing_public_key)
+        parse_trusted_keys(config.signing_public_key)
+    elif not config.dev:
+        raise AgentConfigError(
+            f"--signing-public-key (or {SIGNING_KEY_ENV}) is required outside dev mode: the"
+            " agent never takes its key from the network"
+        )
     if config.count < 1:
         raise AgentConfigError("--count must be at least 1")
     if config.count > 1 and not config.simulated:
         raise AgentConfigError("--count > 1 needs --simulated (one host has one firewall)")
-    if not config.enrollment_key and not config.settings_url:
-        raise AgentConfigError("give --enrollment-key (or --settings-url to fetch it, dev only)")
+    if not 0 < config.backoff_cap <= 600:
+        raise AgentConfigError("--backoff-cap must be in (0, 600] seconds")
+    if config.reenroll_after < 1:
+        raise AgentConfigError("--reenroll-after must be at least 1")
+    sources = [
+        name
+        for name, value in (
+            ("--enrollment-key", config.enrollment_key),
+            ("--enrollment-key-file", config.enrollment_key_file),
+            (ENROLLMENT_KEY_ENV, config.enrollment_key_env),
+        )
+        if value
+    ]
+    if not sources:
+        raise AgentConfigError(
+            f"give the enrollment key: --enrollment-key-file PATH (mode 0600) or {ENROLLMENT_KEY_ENV}"
+        )
+    if len(sources) > 1:
+        raise AgentConfigError(f"give the enrollment key once, not by {' and '.join(sources)}")
+    if config.enrollment_key and not config.dev:
+        raise AgentConfigError(
+            "--enrollment-key on the command line is visible to every user (ps) and refused"
+            f" outside dev mode: use --enrollment-key-file or {ENROLLMENT_KEY_ENV}"
+        )
+    if config.enrollment_key_file is not None:
+        check_key_file(config.enrollment_key_file, dev=config.dev)
+        read_key_file(config.enrollment_key_file)
+    scheme = urlsplit(config.enforcer_url).scheme
+    if scheme not in ("http", "https"):
+        raise AgentConfigError(f"--enforcer-url {config.enforcer_url!r}: must be https://")
+    if scheme == "http" and not config.dev:
+        raise AgentConfigError(
+            f"--enforcer-url {config.enforcer_url!r}: plain http:// is refused outside dev mode"
+            " (use https:// with --ca-file)"
+        )
+    if config.ca_file is not None:
+        tls_context(config.ca_file)
     # Renders nothing, but refuses bad host facts before the first policy arrives.
     probe_policy = FrozenPolicy.model_validate(
         {
@@ -119,28 +197,29 @@ def _firewall(config: AgentConfig) -> HostFirewall:
     )
 
 
-def _enrollment_key_source(config: AgentConfig, http: httpx.AsyncClient) -> EnrollmentKeySource:
-    async def fixed() -> str:
-        assert config.enrollment_key is not None
-        return config.enrollment_key
+def _enrollment_key_source(config: AgentConfig) -> EnrollmentKeySource:
+    """The agent never holds the platform's JWT secret: the key is given, not fetched."""
+    fixed = config.enrollment_key or config.enrollment_key_env
+    key_file = config.enrollment_key_file
 
-    async def from_settings() -> str:
-        # Dev convenience (`make run`): ask the settings service with a service token.
-        from shared.auth import mint_token
-        from shared.config import ServiceSettings
+    async def given() -> str:
+        if key_file is not None:
+            # Read at each enrollment, so a rotated key only needs the file replaced.
+            return await asyncio.to_thread(read_key_file, key_file)
+        assert fixed is not None, "validate_config requires a key source"
+        return fixed
 
-        secret = ServiceSettings().require_secret("jwt_secret")
-        token = mint_token(secret, sub="agent-bootstrap", role="service", ttl_s=300)
-        url = f"{config.settings_url}/v1/accounts/{config.account_id}/enrollment-key"
-        try:
-            response = await http.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
-        except httpx.HTTPError as exc:
-            raise EnforcerUnavailableError(f"settings enrollment-key: {exc!r}") from exc
-        if response.status_code != 200:
-            raise EnforcerUnavailableError(f"settings enrollment-key: HTTP {response.status_code}")
-        return str(response.json()["enrollment_key"])
+    return given
 
-    return fixed if config.enrollment_key else from_settings
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verifies the enforcer's certificate and host name against ``ca_file`` (else the system CAs)."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise AgentConfigError(f"--ca-file {ca_file}: cannot load CA certificates ({exc})") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 # An agent has at most a poll and a report in flight; a spare slot covers a report racing a
@@ -169,12 +248,18 @@ def build_loops(
 ) -> list[AgentLoop]:
     """The agents of ``config``; each gets its own client from ``agent_http`` (else ``http``)."""
     validate_config(config)
-    key = PinnedKey.from_base64(config.signing_public_key) if config.signing_public_key else None
+    keys: tuple[PinnedKey, ...] | None = (
+        parse_trusted_keys(config.signing_public_key) if config.signing_public_key else None
+    )
     loops = []
     for index in range(config.count):
         suffix = f"-{index}" if config.count > 1 else ""
         state_dir = config.state_dir / f"agent{suffix}" if config.count > 1 else config.state_dir
-        client = EnforcerClient(config.enforcer_url, agent_http() if agent_http else http)
+        client = EnforcerClient(
+            config.enforcer_url,
+            agent_http() if agent_http else http,
+            allow_plain_http=config.dev,
+        )
         loops.append(
             AgentLoop(
                 identity=AgentIdentity(
@@ -183,14 +268,30 @@ def build_loops(
                 client=client,
                 store=StateStore(state_dir, durable=not config.simulated),
                 firewall=_firewall(config),
-                enrollment_key=_enrollment_key_source(config, http),
+                enrollment_key=_enrollment_key_source(config),
                 stats=stats,
-                configured_key=key,
+                configured_key=keys,
+                dev_mode=config.dev,
                 poll_wait=config.poll_wait,
                 table_check_interval=None if config.simulated else config.table_check_interval,
+                reenroll_after=config.reenroll_after,
+                backoff_cap=config.backoff_cap,
             )
         )
     return loops
+
+
+async def _log_stats(stats: AgentStats, stop: asyncio.Event, interval: float) -> None:
+    """The counters at INFO every ``interval`` while they change: alarms show up in the log
+    (and whatever ships it) without waiting for the agent to stop."""
+    last: dict[str, object] | None = None
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        now = dataclasses.asdict(stats)
+        if now != last:
+            log.info("agent stats", extra={"stats": now})
+            last = now
 
 
 async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> AgentStats:
@@ -202,7 +303,7 @@ async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> 
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
     stats = AgentStats()
-    tls = ssl.create_default_context()
+    tls = tls_context(config.ca_file)
     async with contextlib.AsyncExitStack() as clients:
 
         def agent_http() -> httpx.AsyncClient:
@@ -210,22 +311,23 @@ async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> 
             clients.push_async_callback(client.aclose)
             return client
 
-        # The shared client only fetches enrollment keys from the settings service (dev).
-        http = httpx.AsyncClient(verify=tls)
-        clients.push_async_callback(http.aclose)
-        loops = build_loops(config, http, stats, agent_http)
+        loops = build_loops(config, agent_http(), stats, agent_http)
 
         async def run_one(agent: AgentLoop) -> None:
             try:
                 await agent.run(stop)
             except AgentStoppedError:
                 return
-            except EnrollmentRefusedError as exc:
+            except (EnrollmentRefusedError, NoTrustedKeyError, PlainHttpRefusedError) as exc:
                 log.error("enrollment refused: %s", exc, extra={"account_id": config.account_id})
                 stop.set()
                 raise
 
-        results = await asyncio.gather(*(run_one(a) for a in loops), return_exceptions=True)
+        reporter = asyncio.create_task(_log_stats(stats, stop, config.stats_interval))
+        try:
+            results = await asyncio.gather(*(run_one(a) for a in loops), return_exceptions=True)
+        finally:
+            reporter.cancel()
     log.info("agents stopped: %s", stats)
     for result in results:
         if isinstance(result, BaseException):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -12,14 +13,18 @@ import typer
 
 from agent.addresses import HostFacts, InvalidAddressError
 from agent.bootstrap import (
+    ENROLLMENT_KEY_ENV,
+    SIGNING_KEY_ENV,
     AgentConfig,
     AgentConfigError,
+    dev_mode_from_env,
     read_resolvers,
     run_agents,
     validate_config,
 )
-from agent.client import EnrollmentRefusedError
+from agent.client import EnrollmentRefusedError, PlainHttpRefusedError
 from agent.firewall import Probe
+from agent.loop import REENROLL_AFTER, NoTrustedKeyError
 from agent.nft import InvalidTableNameError
 from agent.state import StateCorruptError
 from agent.verification import SigningKeyError
@@ -39,16 +44,30 @@ def _default_state_dir() -> Path:
 @app.command()
 def main(
     enforcer_url: Annotated[
-        str, typer.Option(help="Base URL of the enforcer's agent API.")
-    ] = "http://127.0.0.1:8003",
+        str, typer.Option(help="Base URL of the enforcer's agent API (https://; http:// dev only).")
+    ] = "https://127.0.0.1:8003",
     account_id: Annotated[str, typer.Option(help="Account this endpoint belongs to.")] = "",
+    enrollment_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"File holding the enrollment key, mode 0600 (or env {ENROLLMENT_KEY_ENV})."
+        ),
+    ] = None,
     enrollment_key: Annotated[
-        str | None, typer.Option(help="The account's enrollment key.")
-    ] = None,
-    settings_url: Annotated[
         str | None,
-        typer.Option(help="Dev only: fetch the enrollment key from the settings service."),
+        typer.Option(help="Dev only: the enrollment key on the command line (visible in ps)."),
     ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(help="CA certificate(s) the enforcer's TLS certificate must chain to."),
+    ] = None,
+    dev: Annotated[
+        bool,
+        typer.Option(
+            help="Dev mode (also HOSTISO_DEV=1): allows http://, --enrollment-key and pinning"
+            " the signing key once at the first enrollment."
+        ),
+    ] = False,
     hostname: Annotated[str | None, typer.Option(help="Hostname to enroll as.")] = None,
     platform: Annotated[str, typer.Option(help="linux | windows | macos")] = "linux",
     state_dir: Annotated[
@@ -62,8 +81,21 @@ def main(
     ] = None,
     table_name: Annotated[str, typer.Option(help="nftables table (family inet).")] = "hostiso",
     signing_public_key: Annotated[
-        str | None, typer.Option(help="Base64 Ed25519 key; else fetched and pinned at enrollment.")
+        str | None,
+        typer.Option(
+            help="CURRENT[,NEXT] base64 Ed25519 keys policies must be signed with"
+            f" (or env {SIGNING_KEY_ENV}); required outside dev mode."
+        ),
     ] = None,
+    signing_public_key_file: Annotated[
+        Path | None, typer.Option(help="File holding CURRENT[,NEXT] signing public keys.")
+    ] = None,
+    reenroll_after: Annotated[
+        int, typer.Option(help="Consecutive 401/403/404 answers before enrolling again.")
+    ] = REENROLL_AFTER,
+    backoff_cap: Annotated[
+        float, typer.Option(help="Longest wait in seconds between retries after an error.")
+    ] = 30.0,
     simulated: Annotated[
         bool, typer.Option(help="Verify and ack without touching nftables.")
     ] = False,
@@ -89,11 +121,23 @@ def main(
     if not account_id:
         raise typer.BadParameter("--account-id is required", param_hint="--account-id")
     try:
+        if signing_public_key is None and signing_public_key_file is not None:
+            try:
+                signing_public_key = signing_public_key_file.read_text().strip()
+            except OSError as exc:
+                raise AgentConfigError(
+                    f"--signing-public-key-file {signing_public_key_file}: {exc.strerror}"
+                ) from exc
         config = AgentConfig(
             enforcer_url=enforcer_url,
             account_id=account_id,
             enrollment_key=enrollment_key,
-            settings_url=settings_url,
+            enrollment_key_file=enrollment_key_file,
+            enrollment_key_env=os.environ.get(ENROLLMENT_KEY_ENV) or None,
+            ca_file=ca_file,
+            dev=dev or dev_mode_from_env(),
+            reenroll_after=reenroll_after,
+            backoff_cap=backoff_cap,
             hostname=hostname or socket.gethostname(),
             platform=platform,
             state_dir=state_dir or _default_state_dir(),
@@ -104,7 +148,7 @@ def main(
                 else read_resolvers(),
             ),
             table_name=table_name,
-            signing_public_key=signing_public_key,
+            signing_public_key=signing_public_key or os.environ.get(SIGNING_KEY_ENV) or None,
             simulated=simulated,
             count=count,
             poll_wait=poll_wait,
@@ -118,12 +162,18 @@ def main(
         InvalidAddressError,
         InvalidTableNameError,
         SigningKeyError,
+        OSError,
         ValueError,
     ) as exc:
         typer.echo(f"agent: invalid configuration: {exc}", err=True)
         raise typer.Exit(2) from exc
     try:
         asyncio.run(run_agents(config))
-    except (EnrollmentRefusedError, StateCorruptError) as exc:
+    except (
+        EnrollmentRefusedError,
+        NoTrustedKeyError,
+        PlainHttpRefusedError,
+        StateCorruptError,
+    ) as exc:
         typer.echo(f"agent: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -15,8 +15,20 @@ class EnforcerUnavailableError(Exception):
     """The enforcer did not answer usably (network error, 5xx, timeout); retry with backoff."""
 
 
-class AgentUnknownError(Exception):
-    """The enforcer does not accept our agent id or token any more (401/403/404): enroll again."""
+class AgentRejectedError(Exception):
+    """The enforcer (or whoever answered) said 401/403/404 to our agent id or token.
+
+    An alarm, never proof: anyone on the path can answer 401. The rules in force stay; the
+    agent retries with backoff and only re-enrolls, as the same endpoint, after repeated ones.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PlainHttpRefusedError(Exception):
+    """The enrollment key would go over plain http outside dev mode."""
 
 
 class EnrollmentRefusedError(Exception):
@@ -70,9 +82,18 @@ class StatusReport:
 class EnforcerClient:
     """Enroll, fetch the signing key, long-poll for policies, report status."""
 
-    def __init__(self, base_url: str, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, base_url: str, http: httpx.AsyncClient, *, allow_plain_http: bool = False
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = http
+        # Dev mode only: the enrollment key is a secret, it never goes over plain http otherwise.
+        self.allow_plain_http = allow_plain_http
+
+    @property
+    def verified_channel(self) -> bool:
+        """The enforcer is reached over https (httpx verifies it against the configured CA)."""
+        return self.base_url.startswith("https://")
 
     async def _request(
         self,
@@ -101,31 +122,55 @@ class EnforcerClient:
         return response
 
     async def enroll(
-        self, *, account_id: str, enrollment_key: str, hostname: str, platform: str
+        self,
+        *,
+        account_id: str,
+        enrollment_key: str,
+        hostname: str,
+        platform: str,
+        endpoint_id: str | None = None,
     ) -> Enrollment:
-        response = await self._request(
-            "POST",
-            "/v1/agents/enroll",
-            json={
-                "account_id": account_id,
-                "enrollment_key": enrollment_key,
-                "hostname": hostname,
-                "platform": platform,
-            },
-        )
+        """``endpoint_id``: re-enrolling as the endpoint we already are (the enforcer keeps it)."""
+        if not self.verified_channel and not self.allow_plain_http:
+            raise PlainHttpRefusedError(
+                f"enrollment: refusing to send the enrollment key to {self.base_url} over plain"
+                " http outside dev mode"
+            )
+        body: dict[str, object] = {
+            "account_id": account_id,
+            "enrollment_key": enrollment_key,
+            "hostname": hostname,
+            "platform": platform,
+        }
+        if endpoint_id is not None:
+            body["endpoint_id"] = endpoint_id
+        response = await self._request("POST", "/v1/agents/enroll", json=body)
         if response.status_code >= 400:
             raise EnrollmentRefusedError(f"HTTP {response.status_code}: {response.text[:500]}")
-        body = response.json()
-        return Enrollment(agent_id=str(body["agent_id"]), agent_token=str(body["agent_token"]))
+        try:
+            answer = response.json()
+            agent_id, agent_token = answer["agent_id"], answer["agent_token"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EnforcerUnavailableError("enrollment: unreadable answer") from exc
+        if not isinstance(agent_id, str) or not isinstance(agent_token, str):
+            raise EnforcerUnavailableError("enrollment: agent_id/agent_token are not strings")
+        if not agent_id or not agent_token:
+            raise EnforcerUnavailableError("enrollment: empty agent_id/agent_token")
+        return Enrollment(agent_id=agent_id, agent_token=agent_token)
 
     async def signing_key(self) -> str:
+        """Only for the dev-mode pin at the first enrollment; never to replace a key."""
         response = await self._request("GET", "/v1/signing-key")
         if response.status_code != 200:
             raise EnforcerUnavailableError(f"GET /v1/signing-key: HTTP {response.status_code}")
-        body = response.json()
-        if body.get("algorithm") != "Ed25519":
-            raise EnforcerUnavailableError(f"signing key algorithm {body.get('algorithm')!r}")
-        return str(body["public_key"])
+        try:
+            body = response.json()
+            algorithm, public_key = body.get("algorithm"), body["public_key"]
+        except (ValueError, AttributeError, KeyError) as exc:
+            raise EnforcerUnavailableError("GET /v1/signing-key: unreadable answer") from exc
+        if algorithm != "Ed25519" or not isinstance(public_key, str):
+            raise EnforcerUnavailableError(f"signing key algorithm {algorithm!r}")
+        return public_key
 
     async def poll_policy(
         self, enrollment: Enrollment, *, after: int, wait: float
@@ -140,7 +185,7 @@ class EnforcerClient:
         if response.status_code == 204:
             return None
         if response.status_code in (401, 403, 404):
-            raise AgentUnknownError(f"poll: HTTP {response.status_code}")
+            raise AgentRejectedError(f"poll: HTTP {response.status_code}", response.status_code)
         if response.status_code != 200:
             raise EnforcerUnavailableError(f"poll: HTTP {response.status_code}")
         try:
@@ -156,6 +201,6 @@ class EnforcerClient:
             json=report.to_json(),
         )
         if response.status_code in (401, 403, 404):
-            raise AgentUnknownError(f"report: HTTP {response.status_code}")
+            raise AgentRejectedError(f"report: HTTP {response.status_code}", response.status_code)
         if response.status_code >= 400:
             raise ReportRefusedError(f"HTTP {response.status_code}: {response.text[:300]}")

@@ -5,22 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from agent.applier import AgentStats, PolicyApplier
 from agent.client import (
-    AgentUnknownError,
+    AgentRejectedError,
     EnforcerClient,
     EnforcerUnavailableError,
     Enrollment,
+    EnrollmentRefusedError,
     ReportRefusedError,
     StatusReport,
     UnreadablePolicyError,
 )
 from agent.firewall import HostFirewall
 from agent.state import StateStore
-from agent.verification import PinnedKey
+from agent.verification import PinnedKey, SigningKeyError
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,23 @@ class AgentStoppedError(Exception):
     """The agent was asked to stop before it could enroll."""
 
 
+class NoTrustedKeyError(Exception):
+    """No signing key configured, and pinning one from the network is only allowed in dev mode."""
+
+
+# Consecutive 401/403/404 answers before the agent tries to enroll again as the same endpoint.
+REENROLL_AFTER = 5
+# Distinct refusals remembered so each is reported once; bounded against a peer inventing them.
+_REMEMBERED_REFUSALS = 1024
+
+
 class AgentLoop:
-    """One agent: its state, its applier, its poll loop."""
+    """One agent: its state, its applier, its poll loop.
+
+    Fails closed (DESIGN.md §6, guarantee 11): nothing a network peer answers (401/403/404/5xx,
+    silence, another key, a forged enrollment) changes the rules in force, the trusted key, the
+    endpoint id or the sequence fence. Only a verified newer policy does.
+    """
 
     def __init__(
         self,
@@ -74,10 +90,12 @@ class AgentLoop:
         firewall: HostFirewall,
         enrollment_key: EnrollmentKeySource,
         stats: AgentStats,
-        configured_key: PinnedKey | None = None,
+        configured_key: PinnedKey | Sequence[PinnedKey] | None = None,
+        dev_mode: bool = False,
         poll_wait: float = 25.0,
         table_check_interval: float | None = 30.0,
         backoff_cap: float = 30.0,
+        reenroll_after: int = REENROLL_AFTER,
     ) -> None:
         self.identity = identity
         self.client = client
@@ -85,10 +103,18 @@ class AgentLoop:
         self.firewall = firewall
         self.enrollment_key = enrollment_key
         self.stats = stats
-        self.configured_key = configured_key
+        self.configured_keys: tuple[PinnedKey, ...] | None = (
+            None
+            if configured_key is None
+            else (configured_key,)
+            if isinstance(configured_key, PinnedKey)
+            else tuple(configured_key)
+        )
+        self.dev_mode = dev_mode
         self.poll_wait = poll_wait
         self.table_check_interval = table_check_interval
         self.backoff_cap = backoff_cap
+        self.reenroll_after = reenroll_after
         self.state = store.load()
         self.applier: PolicyApplier | None = None
         self._reported_refusals: set[tuple[int, str, str]] = set()
@@ -99,33 +125,36 @@ class AgentLoop:
             return Enrollment(self.state.agent_id, self.state.agent_token)
         return None
 
-    async def _enroll(self, stop: asyncio.Event, *, repin: bool = False) -> Enrollment:
+    def _context(self) -> dict[str, object]:
+        return {"account_id": self.identity.account_id, "endpoint_id": self.state.agent_id}
+
+    async def _enroll(self, stop: asyncio.Event) -> Enrollment:
+        """The first enrollment of this host; pins the key in dev mode when none is configured."""
         backoff = Backoff(stop, cap=self.backoff_cap)
         while True:
             try:
-                if self.configured_key is None and (repin or self.state.signing_key is None):
-                    # Trust on first use, pinned with the enrollment. A new enrollment (the
-                    # enforcer lost ours) is a new identity and pins afresh; deployments that
-                    # must not trust the network here pass --signing-public-key.
-                    self.state.signing_key = await self.client.signing_key()
+                if self.configured_keys is None and self.state.signing_key is None:
+                    if not self.dev_mode:
+                        raise NoTrustedKeyError(
+                            "no signing public key configured (--signing-public-key); only dev"
+                            " mode may pin one from the enforcer"
+                        )
+                    # Dev mode: trust on first use, once. Never replaced afterwards.
+                    PinnedKey.from_base64(fetched := await self.client.signing_key())
+                    self.state.signing_key = fetched
                 enrolled = await self.client.enroll(
                     account_id=self.identity.account_id,
                     enrollment_key=await self.enrollment_key(),
                     hostname=self.identity.hostname,
                     platform=self.identity.platform,
                 )
-            except EnforcerUnavailableError as exc:
+            except (EnforcerUnavailableError, SigningKeyError) as exc:
                 self.stats.poll_errors += 1
                 log.warning("enrollment: enforcer unavailable: %s", exc)
                 await backoff.wait()
                 if stop.is_set():
                     raise AgentStoppedError("stopped before enrollment") from exc
                 continue
-            if self.state.agent_id != enrolled.agent_id:
-                # A new agent id is a new endpoint with its own sequence numbers; the rules in
-                # force stay until that endpoint gets a policy.
-                self.state.last_applied_sequence = 0
-                self.state.poll_cursor = 0
             self.state.agent_id = enrolled.agent_id
             self.state.agent_token = enrolled.agent_token
             await self.store.persist(self.state)
@@ -135,19 +164,81 @@ class AgentLoop:
             )
             return enrolled
 
-    def _pinned_key(self) -> PinnedKey:
-        if self.configured_key is not None:
-            return self.configured_key
-        assert self.state.signing_key is not None, "enrollment pins the key"
-        return PinnedKey.from_base64(self.state.signing_key)
+    async def _reenroll(self, current: Enrollment) -> Enrollment:
+        """Enroll again as the endpoint we are; anything else keeps ``current`` and alarms.
+
+        The key and the fence are never touched here. The enrollment key goes only where the
+        first one went (verified https, or plain http in dev mode: the client refuses otherwise).
+        """
+        context = self._context()
+        try:
+            key = await self.enrollment_key()
+        except (OSError, ValueError) as exc:
+            # E.g. the key file removed while rotating it: try again after the next rejections.
+            self.stats.enrollment_refused += 1
+            log.error(
+                "ALARM re-enrollment: no enrollment key (%s); rules in force kept",
+                exc,
+                extra={**context, "alarm": "enrollment_refused"},
+            )
+            return current
+        try:
+            enrolled = await self.client.enroll(
+                account_id=self.identity.account_id,
+                enrollment_key=key,
+                hostname=self.identity.hostname,
+                platform=self.identity.platform,
+                endpoint_id=current.agent_id,
+            )
+        except EnforcerUnavailableError as exc:
+            self.stats.poll_errors += 1
+            log.warning("re-enrollment: enforcer unavailable: %s", exc, extra=context)
+            return current
+        except EnrollmentRefusedError as exc:
+            self.stats.enrollment_refused += 1
+            log.error(
+                "ALARM re-enrollment refused (%s); rules in force kept, still polling",
+                exc,
+                extra={**context, "alarm": "enrollment_refused"},
+            )
+            return current
+        if enrolled.agent_id != current.agent_id:
+            self.stats.identity_mismatch += 1
+            log.error(
+                "ALARM enrollment answer names endpoint %r, this agent is %r: refused; rules"
+                " in force, key and fence kept",
+                enrolled.agent_id,
+                current.agent_id,
+                extra={**context, "alarm": "identity_mismatch"},
+            )
+            return current
+        self.stats.reenrollments += 1
+        self.state.agent_token = enrolled.agent_token
+        await self.store.persist(self.state)
+        log.warning(
+            "re-enrolled as the same endpoint; fence %d kept", self.state.fence, extra=context
+        )
+        return enrolled
+
+    def _trusted_keys(self) -> tuple[PinnedKey, ...]:
+        if self.configured_keys is not None:
+            return self.configured_keys
+        if self.state.signing_key is None:
+            raise NoTrustedKeyError("no signing public key configured and none pinned")
+        return (PinnedKey.from_base64(self.state.signing_key),)
 
     async def start(self, stop: asyncio.Event) -> Enrollment:
         """Enroll if needed and put the last verified policy back in force."""
         enrollment = self.enrollment
-        if enrollment is None or (self.configured_key is None and self.state.signing_key is None):
+        if enrollment is None:
             enrollment = await self._enroll(stop)
         self.applier = PolicyApplier(
-            self.store, self.state, self.firewall, self._pinned_key(), self.stats
+            self.store,
+            self.state,
+            self.firewall,
+            self._trusted_keys(),
+            self.stats,
+            account_id=self.identity.account_id,
         )
         await self.applier.reapply_last()
         return enrollment
@@ -158,19 +249,22 @@ class AgentLoop:
         if self.table_check_interval:
             watchdog = asyncio.create_task(self._watch_table(stop, self.table_check_interval))
         try:
-            if self.state.pending_report is not None:
-                pending = StatusReport.from_json(self.state.pending_report)
-                await self._report(stop, enrollment, pending)
+            await self._send_pending(stop, enrollment)
             await self._poll_loop(stop, enrollment)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
 
+    async def _send_pending(self, stop: asyncio.Event, enrollment: Enrollment) -> None:
+        if self.state.pending_report is not None:
+            await self._report(stop, enrollment, StatusReport.from_json(self.state.pending_report))
+
     async def _poll_loop(self, stop: asyncio.Event, enrollment: Enrollment) -> None:
         applier = self.applier
         assert applier is not None
         backoff = Backoff(stop, cap=self.backoff_cap)
-        context = {"account_id": self.identity.account_id, "endpoint_id": enrollment.agent_id}
+        context = self._context()
+        rejections = 0
         while not stop.is_set():
             poll = asyncio.create_task(
                 self.client.poll_policy(
@@ -187,16 +281,26 @@ class AgentLoop:
                 signed = poll.result()
             except EnforcerUnavailableError as exc:
                 self.stats.poll_errors += 1
-                log.warning("poll failed: %s", exc, extra=context)
+                log.warning("poll failed, rules in force kept: %s", exc, extra=context)
                 await backoff.wait()
                 continue
-            except AgentUnknownError as exc:
-                log.warning(
-                    "enforcer no longer knows this agent (%s); enrolling again", exc, extra=context
+            except AgentRejectedError as exc:
+                # Anyone on the path can answer 401: never a reason to forget anything.
+                self.stats.rejected += 1
+                rejections += 1
+                log.error(
+                    "ALARM enforcer rejected this agent (%s, %d in a row); rules in force,"
+                    " key and fence kept",
+                    exc,
+                    rejections,
+                    extra={**context, "alarm": "rejected", "status": exc.status},
                 )
-                enrollment = await self._enroll(stop, repin=True)
-                applier.key = self._pinned_key()
-                context["endpoint_id"] = enrollment.agent_id
+                if rejections >= self.reenroll_after and (
+                    self.client.verified_channel or self.dev_mode
+                ):
+                    rejections = 0
+                    enrollment = await self._reenroll(enrollment)
+                await backoff.wait()
                 continue
             except UnreadablePolicyError as exc:
                 # Nothing in the body can be trusted, not even the sequence to report against.
@@ -204,6 +308,9 @@ class AgentLoop:
                 log.error("unreadable policy refused: %s", exc, extra=context)
                 await backoff.wait()
                 continue
+            rejections = 0
+            # A report the enforcer rejected earlier goes again once it answers us properly.
+            await self._send_pending(stop, enrollment)
             if signed is None:
                 backoff.reset()
                 continue
@@ -211,6 +318,8 @@ class AgentLoop:
             if decision.refused:
                 key = (decision.report.sequence, decision.report.policy_id, decision.report.detail)
                 if key not in self._reported_refusals:
+                    if len(self._reported_refusals) >= _REMEMBERED_REFUSALS:
+                        self._reported_refusals.clear()
                     self._reported_refusals.add(key)
                     await self._report(stop, enrollment, decision.report)
                 # The enforcer would hand us the same policy again at once: do not spin on it.
@@ -223,11 +332,7 @@ class AgentLoop:
         self, stop: asyncio.Event, enrollment: Enrollment, report: StatusReport
     ) -> None:
         backoff = Backoff(stop, cap=self.backoff_cap)
-        context = {
-            "account_id": self.identity.account_id,
-            "endpoint_id": enrollment.agent_id,
-            "sequence": report.sequence,
-        }
+        context = {**self._context(), "sequence": report.sequence}
         while not stop.is_set():
             try:
                 await self.client.report(enrollment, report)
@@ -236,7 +341,16 @@ class AgentLoop:
             except EnforcerUnavailableError as exc:
                 log.warning("status report failed, retrying: %s", exc, extra=context)
                 await backoff.wait()
-            except (ReportRefusedError, AgentUnknownError) as exc:
+            except AgentRejectedError as exc:
+                # Kept pending (if it was): sent again after the next properly answered poll.
+                self.stats.rejected += 1
+                log.error(
+                    "ALARM status report rejected: %s",
+                    exc,
+                    extra={**context, "alarm": "rejected", "status": exc.status},
+                )
+                return
+            except ReportRefusedError as exc:
                 self.stats.reports_refused += 1
                 log.error("status report refused: %s", exc, extra=context)
                 await self._sent(report)

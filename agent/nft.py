@@ -7,7 +7,15 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-from agent.addresses import HostFacts, IPAddress, PermittedPeers, permitted_peers, split_families
+from agent.addresses import (
+    HostFacts,
+    IPAddress,
+    IPNetwork,
+    PermittedPeers,
+    permitted_peers,
+    split_families,
+    split_networks,
+)
 from shared.messages import FrozenPolicy
 
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -30,9 +38,24 @@ def rules_sha256(ruleset: str) -> str:
     return hashlib.sha256(ruleset.encode()).hexdigest()
 
 
-def _set(name: str, kind: str, addresses: Iterable[IPAddress]) -> list[str]:
+def _element(peer: IPAddress | IPNetwork) -> str:
+    if isinstance(peer, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(peer)
+    # A host as a plain element keeps the common case's text (and hash) as it always was.
+    return str(peer.network_address) if peer.prefixlen == peer.max_prefixlen else str(peer)
+
+
+def _set(name: str, kind: str, peers: Iterable[IPAddress | IPNetwork]) -> list[str]:
+    items = list(peers)
     lines = [f"\tset {name} {{", f"\t\ttype {kind}"]
-    elements = ", ".join(str(a) for a in addresses)
+    if any(
+        isinstance(p, ipaddress.IPv4Network | ipaddress.IPv6Network)
+        and p.prefixlen < p.max_prefixlen
+        for p in items
+    ):
+        # Prefixes need an interval set; the peers were collapsed, so no two intervals overlap.
+        lines.append("\t\tflags interval")
+    elements = ", ".join(_element(p) for p in items)
     if elements:
         lines.append(f"\t\telements = {{ {elements} }}")
     lines.append("\t}")
@@ -54,10 +77,10 @@ def render_ruleset(policy: FrozenPolicy, facts: HostFacts, table: str = "hostiso
 
 
 def _render_isolation(peers: PermittedPeers, table: str) -> str:
-    platform4, platform6 = split_families(peers.platform)
+    platform4, platform6 = split_networks(peers.platform)
+    allowlist4, allowlist6 = split_networks(peers.allowlist)
     resolvers4, resolvers6 = split_families(peers.resolvers)
-    allowlist4 = sorted(peers.allowlist)
-    any_v6 = bool(platform6 or resolvers6)
+    any_v6 = bool(platform6 or allowlist6 or resolvers6)
 
     lines = [
         # Replacing the table in one transaction: either the new table is in force or the
@@ -68,6 +91,7 @@ def _render_isolation(peers: PermittedPeers, table: str) -> str:
         *_set("platform4", "ipv4_addr", platform4),
         *_set("platform6", "ipv6_addr", platform6),
         *_set("allowlist4", "ipv4_addr", allowlist4),
+        *_set("allowlist6", "ipv6_addr", allowlist6),
         *_set("resolvers4", "ipv4_addr", resolvers4),
         *_set("resolvers6", "ipv6_addr", resolvers6),
         "",
@@ -80,6 +104,7 @@ def _render_isolation(peers: PermittedPeers, table: str) -> str:
         "\t\tct state established,related ct direction reply ct original ip daddr @platform4 accept",
         "\t\tct state established,related ct direction reply ct original ip6 daddr @platform6 accept",
         "\t\tct state established,related ct direction reply ct original ip daddr @allowlist4 accept",
+        "\t\tct state established,related ct direction reply ct original ip6 daddr @allowlist6 accept",
         "\t\tct state established,related ct direction reply ct original ip daddr @resolvers4"
         " meta l4proto { tcp, udp } th sport 53 accept",
         "\t\tct state established,related ct direction reply ct original ip6 daddr @resolvers6"
@@ -109,6 +134,7 @@ def _render_isolation(peers: PermittedPeers, table: str) -> str:
         "\t\tct direction original ip daddr @platform4 accept",
         "\t\tct direction original ip6 daddr @platform6 accept",
         "\t\tct direction original ip daddr @allowlist4 accept",
+        "\t\tct direction original ip6 daddr @allowlist6 accept",
         "\t\tct direction original ip daddr @resolvers4 meta l4proto { tcp, udp } th dport 53 accept",
         "\t\tct direction original ip6 daddr @resolvers6 meta l4proto { tcp, udp } th dport 53 accept",
         "\t\tudp sport 68 udp dport 67 accept",
@@ -134,4 +160,4 @@ def is_permitted(policy: FrozenPolicy, facts: HostFacts, address: str) -> bool:
     """Whether ``address`` is one the rendered ruleset lets the host connect to."""
     if policy.mode == "none":
         return True
-    return ipaddress.ip_address(address) in permitted_peers(policy, facts).all
+    return permitted_peers(policy, facts).permits(ipaddress.ip_address(address))

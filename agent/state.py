@@ -25,8 +25,13 @@ class AgentState(BaseModel):
 
     agent_id: str | None = None
     agent_token: str | None = None
-    signing_key: str | None = Field(None, description="Pinned base64 Ed25519 public key.")
+    signing_key: str | None = Field(
+        None, description="Base64 Ed25519 public key pinned once at the first enrollment (dev)."
+    )
     last_applied_sequence: int = 0
+    # The fence: the highest sequence whose signature, account and endpoint verified, applied
+    # or not. Nothing at or below it is ever applied again, across restarts and re-enrollments.
+    verified_sequence: int = 0
     # Polls ask for sequences above this; it moves past a verified policy that failed to apply
     # so the agent does not loop on it, while last_applied_sequence keeps fencing.
     poll_cursor: int = 0
@@ -36,6 +41,16 @@ class AgentState(BaseModel):
     # A status report not yet accepted by the enforcer: resent at start, because the enforcer
     # will not hand us that sequence again once we poll past it.
     pending_report: dict[str, Any] | None = None
+
+    @property
+    def fence(self) -> int:
+        """Highest verified sequence; a state file edited down cannot lower it below its policy."""
+        stored = self.last_policy.policy.sequence if self.last_policy is not None else 0
+        return max(self.verified_sequence, self.last_applied_sequence, self.poll_cursor, stored)
+
+    def raise_fence(self, sequence: int) -> None:
+        self.verified_sequence = max(self.fence, sequence)
+        self.poll_cursor = max(self.poll_cursor, sequence)
 
 
 class StateStore:
@@ -54,9 +69,22 @@ class StateStore:
         except FileNotFoundError:
             return AgentState()
         try:
-            return AgentState.model_validate_json(raw)
+            state = AgentState.model_validate_json(raw)
         except ValidationError as exc:
-            raise StateCorruptError(f"{self.path}: {exc.error_count()} invalid field(s)") from exc
+            raise StateCorruptError(
+                f"{self.path}: {exc.error_count()} invalid field(s); the agent stops and leaves"
+                " the rules in force (fix or restore the file: starting afresh would forget the"
+                " sequence fence)"
+            ) from exc
+        # Every write happens after enrollment: a file without the enrollment was truncated or
+        # edited, and reading it as a fresh state would silently reset the fence to 0.
+        if not state.agent_id or not state.agent_token:
+            raise StateCorruptError(
+                f"{self.path}: agent_id/agent_token missing; the agent stops and leaves the"
+                " rules in force (fix or restore the file: starting afresh would forget the"
+                " sequence fence)"
+            )
+        return state
 
     def save(self, state: AgentState) -> None:
         self._write(state.model_dump_json(indent=1).encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.messages import SignedPolicy, canonical_policy_bytes
 
-RefusalKind = Literal["signature", "key", "endpoint", "sequence"]
+RefusalKind = Literal["signature", "key", "account", "endpoint", "sequence"]
 
 
 class SigningKeyError(ValueError):
@@ -63,18 +64,45 @@ class PinnedKey:
         return base64.b64encode(self.raw).decode()
 
 
-def verify_policy(
-    signed: SignedPolicy, *, key: PinnedKey, endpoint_id: str, last_applied_sequence: int
-) -> None:
-    """Raise PolicyRefusedError unless the policy is signed by ``key``, ours, and newer.
+# At most the key in use and the next one: rotation is a configured change, never a message from
+# the network (DESIGN.md §6, guarantee 11).
+MAX_TRUSTED_KEYS = 2
 
-    The signature is checked first: endpoint and sequence fields are only meaningful once
-    we know the enforcer wrote them.
-    """
-    if signed.key_id != key.key_id:
-        raise PolicyRefusedError(
-            "key", f"signed with key_id {signed.key_id!r}, agent trusts {key.key_id!r}"
+
+def parse_trusted_keys(value: str) -> tuple[PinnedKey, ...]:
+    """``CURRENT[,NEXT]``: one or two base64 Ed25519 public keys, comma-separated."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not parts:
+        raise SigningKeyError("signing public key: empty")
+    if len(parts) > MAX_TRUSTED_KEYS:
+        raise SigningKeyError(
+            f"signing public key: at most {MAX_TRUSTED_KEYS} keys (current,next), got {len(parts)}"
         )
+    return tuple(PinnedKey.from_base64(part) for part in parts)
+
+
+def verify_policy(
+    signed: SignedPolicy,
+    *,
+    key: PinnedKey | Sequence[PinnedKey],
+    account_id: str,
+    endpoint_id: str,
+    last_applied_sequence: int,
+) -> None:
+    """Raise PolicyRefusedError unless the policy is signed by a trusted key, ours, and newer.
+
+    ``key`` is the pinned key or the configured keys (current and next). The signature is
+    checked first: account, endpoint and sequence fields are only meaningful once we know the
+    enforcer wrote them. ``last_applied_sequence`` is the fence: the highest sequence verified.
+    """
+    keys = (key,) if isinstance(key, PinnedKey) else tuple(key)
+    matching = next((k for k in keys if k.key_id == signed.key_id), None)
+    if matching is None:
+        trusted = ", ".join(repr(k.key_id) for k in keys)
+        raise PolicyRefusedError(
+            "key", f"signed with key_id {signed.key_id!r}, agent trusts {trusted}"
+        )
+    key = matching
     try:
         signature = base64.b64decode(signed.signature, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -86,6 +114,12 @@ def verify_policy(
             "signature", "signature does not verify (policy tampered or wrong key)"
         ) from exc
     policy = signed.policy
+    # A genuine policy of another account's endpoint (a forged enrollment answer can name one)
+    # must not open this host, whatever its endpoint id says.
+    if policy.account_id != account_id:
+        raise PolicyRefusedError(
+            "account", f"policy is for account {policy.account_id!r}, this is {account_id!r}"
+        )
     if policy.endpoint_id != endpoint_id:
         raise PolicyRefusedError(
             "endpoint", f"policy is for endpoint {policy.endpoint_id!r}, this is {endpoint_id!r}"

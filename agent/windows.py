@@ -13,7 +13,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from agent.addresses import HostFacts, IPAddress, permitted_peers, split_families
+from agent.addresses import (
+    HostFacts,
+    IPAddress,
+    IPNetwork,
+    collapse,
+    permitted_peers,
+    split_families,
+)
 from shared.messages import FrozenPolicy
 
 RULE_GROUP = "HostIso Isolation"
@@ -27,18 +34,14 @@ _HEADER = [
 ]
 
 
-def complement(
-    permitted: Iterable[IPAddress], version: int
-) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+def complement(permitted: Iterable[IPAddress | IPNetwork], version: int) -> list[IPNetwork]:
     """The networks covering every address of the family except the permitted ones."""
-    remaining: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
-        ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")
-    ]
-    for address in permitted:
-        if address.version != version:
-            continue
-        host = ipaddress.ip_network(address)
-        next_remaining: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    remaining: list[IPNetwork] = [ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")]
+    # Collapsed first: excluding a prefix after one of its own subnets would leave the
+    # subnet's siblings unblocked (no remaining piece would contain the whole prefix).
+    hosts = collapse(ipaddress.ip_network(p) for p in permitted if p.version == version)
+    for host in hosts:
+        next_remaining: list[IPNetwork] = []
         for net in remaining:
             if net.version == host.version and host.subnet_of(net):  # type: ignore[arg-type]
                 next_remaining.extend(net.address_exclude(host))  # type: ignore[arg-type]
@@ -46,6 +49,14 @@ def complement(
                 next_remaining.append(net)
         remaining = next_remaining
     return sorted(remaining, key=lambda n: (int(n.network_address), n.prefixlen))
+
+
+def _remote(network: IPNetwork) -> str:
+    # Hosts stay plain addresses (as before prefixes existed); prefixes as CIDR, which
+    # -RemoteAddress accepts.
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
 
 
 def _ps_list(items: Sequence[object]) -> str:
@@ -74,11 +85,11 @@ def render_windows_script(policy: FrozenPolicy, facts: HostFacts) -> str:
     if policy.mode == "none":
         return render_windows_release()
     peers = permitted_peers(policy, facts)
-    remote = [str(a) for a in sorted(dict.fromkeys((*peers.platform, *peers.allowlist)), key=str)]
+    remote = sorted({_remote(n) for n in (*peers.platform, *peers.allowlist)})
     resolvers4, resolvers6 = split_families(peers.resolvers)
     resolvers = [str(a) for a in (*resolvers4, *resolvers6)]
     # DHCP's broadcast must stay outside the block rule (block beats every allow rule).
-    excluded = [*peers.all, ipaddress.IPv4Address("255.255.255.255")]
+    excluded = [*peers.all, ipaddress.IPv4Network("255.255.255.255/32")]
     block4 = [str(n) for n in complement(excluded, 4)]
     block6 = [str(n) for n in complement(excluded, 6)]
     new_rule = "New-NetFirewallRule -Group $Group -Profile Any -Direction Outbound"

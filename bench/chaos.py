@@ -131,7 +131,8 @@ class Chaos:
         self._entry_counter += 1
         n = self._entry_counter
         octet = ACCOUNTS.index(account) + 1
-        address = f"198.{18 + octet}.{n // 250}.{n % 250 + 1}"
+        # 10/8 (RFC 1918) is a valid allowlist range; 198.18.0.0/15 (benchmarking) is refused.
+        address = f"10.{octet}.{n // 250}.{n % 250 + 1}"
         self.attempted[account].add(address)
         try:
             async with httpx.AsyncClient(timeout=10) as http:

@@ -300,6 +300,10 @@ class Stack:
             HOSTISO_TOPIC_PREFIX=self.topics.prefix,
             HOSTISO_REDIS_PREFIX=self.redis_prefix,
             HOSTISO_LOG_LEVEL="WARNING",
+            # Benchmarks enroll thousands of agents of one account at once: lift the
+            # per-account enrollment rate limit and endpoint cap for them.
+            HOSTISO_ENROLLMENT_RATE_PER_MINUTE="100000",
+            HOSTISO_ENROLLMENT_MAX_ENDPOINTS_PER_ACCOUNT="10000000",
         )
         env.update(self._extra_env)
         return env

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from cli.client import ApiRefusedError, ApiUnavailableError, PlatformClient
 from cli.delivery import (
@@ -55,6 +57,7 @@ class CliOptions:
 
     settings_url: str = "http://127.0.0.1:8001"
     isolation_url: str = "http://127.0.0.1:8002"
+    enforcer_url: str = "http://127.0.0.1:8003"
     token: str | None = None
     timeout: float = 10.0
     transport: httpx.BaseTransport | None = None
@@ -75,16 +78,30 @@ app.add_typer(account_app, name="account")
 app.add_typer(infra_app, name="infra")
 
 
+# Markup off: names, ids and details come from the API (a partner types entry names), and a
+# string such as "[/]" or "[link=...]" must print as itself, never crash or restyle the output.
+# Styling is applied with rich.text.Text spans instead.
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+def plain(value: Any) -> Text:
+    """``value`` as literal text: no markup, and control characters shown escaped (no ANSI)."""
+    text = str(value)
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        text = "".join(
+            ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch
+            for ch in text
+        )
+    return Text(text)
 
 
 def fail(code: ExitCode, message: str) -> NoReturn:
-    _err().print(f"[bold red]error:[/] {message}", markup=True)
+    _err().print(Text.assemble(("error:", "bold red"), " ", plain(message)))
     raise typer.Exit(int(code))
 
 
@@ -97,6 +114,9 @@ def main_options(
     isolation_url: Annotated[
         str, typer.Option(envvar="HOSTISO_ISOLATION_URL", help="Isolation API base URL.")
     ] = "http://127.0.0.1:8002",
+    enforcer_url: Annotated[
+        str, typer.Option(envvar="HOSTISO_ENFORCER_URL", help="Enforcer API base URL.")
+    ] = "http://127.0.0.1:8003",
     token: Annotated[
         str | None,
         typer.Option(envvar="HOSTISO_TOKEN", help="Bearer JWT (dev: `hostiso token`)."),
@@ -108,6 +128,7 @@ def main_options(
     ctx.obj = CliOptions(
         settings_url=settings_url,
         isolation_url=isolation_url,
+        enforcer_url=enforcer_url,
         token=token,
         timeout=timeout,
         transport=preset.transport,
@@ -140,6 +161,7 @@ def platform(ctx: typer.Context) -> Iterator[PlatformClient]:
     client = PlatformClient(
         settings_url=options.settings_url,
         isolation_url=options.isolation_url,
+        enforcer_url=options.enforcer_url,
         token=options.token,
         timeout=options.timeout,
         transport=options.transport,
@@ -198,12 +220,18 @@ def _print_json(body: Any) -> None:
 
 def _print_allowlist(body: dict[str, Any]) -> None:
     out = _out()
-    switch = "[green]On[/]" if body.get("enabled") else "[yellow]Off[/]"
+    switch = ("On", "green") if body.get("enabled") else ("Off", "yellow")
     entries = body.get("entries") or []
     out.print(
-        f"Tooling Connections: {switch}   account {body.get('account_id')}   "
-        f"version {body.get('version')}   {len(entries)} entries",
-        markup=True,
+        Text.assemble(
+            "Tooling Connections: ",
+            switch,
+            "   account ",
+            plain(body.get("account_id")),
+            "   version ",
+            plain(body.get("version")),
+            f"   {len(entries)} entries",
+        )
     )
     if not entries:
         out.print("No entries.")
@@ -213,11 +241,11 @@ def _print_allowlist(body: dict[str, Any]) -> None:
         table.add_column(column)
     for entry in entries:
         table.add_row(
-            str(entry.get("name", "")),
-            str(entry.get("address", "")),
-            str(entry.get("created_by", "")),
-            _when(entry.get("created_at")),
-            str(entry.get("id", "")),
+            plain(entry.get("name", "")),
+            plain(entry.get("address", "")),
+            plain(entry.get("created_by", "")),
+            plain(_when(entry.get("created_at"))),
+            plain(entry.get("id", "")),
         )
     out.print(table)
     out.print("Changes reach only endpoints isolated afterwards.")
@@ -243,8 +271,10 @@ def _set_enabled(ctx: typer.Context, account: str | None, if_match: str | None, 
         api.set_enabled(account_id, on, if_match=if_match)
         body = api.get_allowlist(account_id).body
     _out().print(
-        f"Tooling Connections {'on' if on else 'off'} for {account_id} (version {body.get('version')}); "
-        "endpoints already isolated keep their frozen allowlist."
+        plain(
+            f"Tooling Connections {'on' if on else 'off'} for {account_id} (version {body.get('version')}); "
+            "endpoints already isolated keep their frozen allowlist."
+        )
     )
 
 
@@ -277,7 +307,7 @@ def allowlist_add(
     with platform(ctx) as api:
         body = api.add_entry(account_id, name, address, if_match=if_match).body
     entry_id = body.get("id") if isinstance(body, dict) else None
-    _out().print(f"Added {name!r} {address}" + (f" (entry {entry_id})" if entry_id else ""))
+    _out().print(plain(f"Added {name!r} {address}" + (f" (entry {entry_id})" if entry_id else "")))
 
 
 @allowlist_app.command("rename")
@@ -292,7 +322,7 @@ def allowlist_rename(
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
         api.rename_entry(account_id, entry_id, name, if_match=if_match)
-    _out().print(f"Renamed entry {entry_id} to {name!r}")
+    _out().print(plain(f"Renamed entry {entry_id} to {name!r}"))
 
 
 @allowlist_app.command("remove")
@@ -306,7 +336,7 @@ def allowlist_remove(
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
         api.remove_entry(account_id, entry_id, if_match=if_match)
-    _out().print(f"Removed entry {entry_id}")
+    _out().print(plain(f"Removed entry {entry_id}"))
 
 
 # --- isolation ---------------------------------------------------------------------------
@@ -343,7 +373,9 @@ def isolate(
             answer = api.isolate(endpoint_id, mode=mode, reason=reason)
             targets[endpoint_id] = isolate_target(mode, before)
             _out().print(
-                f"{mode} isolation of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                plain(
+                    f"{mode} isolation of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                )
             )
         if watch_:
             _watch(
@@ -371,7 +403,9 @@ def release(
             answer = api.release(endpoint_id)
             targets[endpoint_id] = release_target(before)
             _out().print(
-                f"release of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                plain(
+                    f"release of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                )
             )
         if watch_:
             _watch(
@@ -410,9 +444,11 @@ def account_strict(
         answer = api.strict_account(account_id, reason=reason, disable_allowlist=not keep_allowlist)
         covered = answer.body.get("endpoints")
         _out().print(
-            f"strict isolation of {covered} endpoint(s) of {account_id} accepted "
-            f"(request {answer.body.get('request_id')})"
-            + ("" if keep_allowlist else "; Tooling Connections off")
+            plain(
+                f"strict isolation of {covered} endpoint(s) of {account_id} accepted "
+                f"(request {answer.body.get('request_id')})"
+                + ("" if keep_allowlist else "; Tooling Connections off")
+            )
         )
         if watch_:
             targets = {
@@ -521,13 +557,13 @@ def _print_isolations(rows: list[dict[str, Any]]) -> None:
             else ("platform only" if in_force else "—")
         )
         table.add_row(
-            str(row.get("endpoint_id", "")),
-            str(row.get("state", "?")),
-            str(row.get("mode") or "—"),
-            allowed,
-            str(policy.get("settings_version")) if in_force and policy else "—",
-            f"{row.get('desired_sequence', 0)}/{row.get('applied_sequence', 0)}",
-            _when(row.get("updated_at")),
+            plain(row.get("endpoint_id", "")),
+            plain(row.get("state", "?")),
+            plain(row.get("mode") or "—"),
+            plain(allowed),
+            plain(policy.get("settings_version")) if in_force and policy else plain("—"),
+            plain(f"{row.get('desired_sequence', 0)}/{row.get('applied_sequence', 0)}"),
+            plain(_when(row.get("updated_at"))),
         )
     _out().print(table)
 
@@ -588,6 +624,100 @@ def watch(
         _watch(api, fetch, dict.fromkeys(ids, ANY_SETTLED), wait_timeout, interval)
 
 
+# --- enrollment keys (enforcer) ----------------------------------------------------------
+
+enrollment_key_app = typer.Typer(
+    help="The account's enrollment keys (the enforcer issues them; each is shown once).",
+    no_args_is_help=True,
+)
+app.add_typer(enrollment_key_app, name="enrollment-key")
+
+
+def _print_enrollment_keys(body: dict[str, Any]) -> None:
+    out = _out()
+    items = body.get("items") or []
+    if not items:
+        out.print(f"No enrollment keys issued for account {body.get('account_id')}.", markup=False)
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("Key id", "State", "Created", "Created by", "Revoked"):
+        table.add_column(column)
+    for item in items:
+        # Text cells are never read as markup: key metadata (a JWT subject) comes from the API.
+        table.add_row(
+            *(
+                Text(cell)
+                for cell in (
+                    str(item.get("key_id", "")),
+                    "active" if item.get("active") else "revoked",
+                    _when(item.get("created_at")),
+                    str(item.get("created_by", "")),
+                    _when(item.get("revoked_at")),
+                )
+            )
+        )
+    out.print(table)
+
+
+@enrollment_key_app.command("list")
+def enrollment_key_list(
+    ctx: typer.Context, account: AccountOption = None, as_json: JsonOption = False
+) -> None:
+    """List the account's enrollment keys (metadata only; no service can show a key again)."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.list_enrollment_keys(account_id)
+    if as_json:
+        _print_json(answer.body)
+    else:
+        _print_enrollment_keys(answer.body)
+
+
+@enrollment_key_app.command("rotate")
+def enrollment_key_rotate(
+    ctx: typer.Context, account: AccountOption = None, as_json: JsonOption = False
+) -> None:
+    """Issue a new enrollment key and revoke every earlier one (enrolled agents keep working)."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.rotate_enrollment_key(account_id)
+    body = answer.body
+    if as_json:
+        _print_json(body)
+        return
+    revoked = ", ".join(body.get("revoked_key_ids") or []) or "none"
+    err = _err()
+    err.print(
+        f"New enrollment key {body.get('key_id')} for account {account_id}; revoked: {revoked}.\n"
+        "It is shown only now: give it to agents in HOSTISO_AGENT_ENROLLMENT_KEY or a root-only"
+        " file, never on a command line.",
+        markup=False,
+    )
+    # The key alone on stdout, so `KEY=$(hostiso enrollment-key rotate)` captures only it.
+    typer.echo(str(body.get("enrollment_key", "")))
+
+
+@enrollment_key_app.command("revoke")
+def enrollment_key_revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(help="The key id (from `enrollment-key list`).")],
+    account: AccountOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Refuse the key for new enrollments from now on (agents enrolled with it keep working)."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.revoke_enrollment_key(account_id, key_id)
+    if as_json:
+        _print_json(answer.body)
+    else:
+        _out().print(
+            f"Revoked enrollment key {key_id} of account {account_id} at "
+            f"{_when(answer.body.get('revoked_at'))}.",
+            markup=False,
+        )
+
+
 # --- dev token and local infrastructure --------------------------------------------------
 
 
@@ -596,10 +726,20 @@ def token(
     role: Annotated[str, typer.Option(help="partner, soc or service")] = "soc",
     sub: Annotated[str, typer.Option(help="Subject (who).")] = "dev-operator",
     account_id: Annotated[str | None, typer.Option(help="The partner's account.")] = None,
-    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+    ttl: Annotated[
+        int, typer.Option(help="Lifetime in seconds (at most the configured max).")
+    ] = 3600,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="A service token's scope, repeatable, e.g. allowlist:write."),
+    ] = None,
+    audience: Annotated[
+        list[str] | None,
+        typer.Option(help="Services the token is for, repeatable (default: all three)."),
+    ] = None,
 ) -> None:
     """Dev only (HOSTISO_DEV=1): print a token signed with the dev JWT secret."""
-    from shared.auth import mint_token
+    from shared.auth import ALL_AUDIENCES, TokenPolicy, mint_token
     from shared.config import ConfigError, ServiceSettings
 
     if role not in ("partner", "soc", "service"):
@@ -611,8 +751,32 @@ def token(
         secret = settings.require_secret("jwt_secret")
     except (ConfigError, ValueError) as exc:
         fail(ExitCode.USAGE, str(exc))
+    # The services refuse longer-lived tokens (HOSTISO_JWT_MAX_LIFETIME_S and the service max).
+    longest = TokenPolicy(
+        secret,
+        audience="",
+        max_lifetime_s=settings.jwt_max_lifetime_s,
+        service_max_lifetime_s=settings.jwt_service_max_lifetime_s,
+    ).max_lifetime_for(role)
+    if not 0 < ttl <= longest:
+        fail(ExitCode.USAGE, f"--ttl: must be between 1 and {longest} seconds for role {role}")
+    unknown = sorted(set(audience or ()) - set(ALL_AUDIENCES))
+    if unknown:
+        fail(ExitCode.USAGE, f"--audience: unknown {unknown}; one of {list(ALL_AUDIENCES)}")
+    if role == "service" and not scope:
+        fail(ExitCode.USAGE, "--scope: a service token needs at least one scope")
     try:
-        typer.echo(mint_token(secret, sub=sub, role=role, account_id=account_id, ttl_s=ttl))  # type: ignore[arg-type]
+        typer.echo(
+            mint_token(
+                secret,
+                sub=sub,
+                role=role,  # type: ignore[arg-type]
+                account_id=account_id,
+                ttl_s=ttl,
+                audience=audience or ALL_AUDIENCES,
+                scopes=scope or (),
+            )
+        )
     except ValueError as exc:
         fail(ExitCode.USAGE, f"--account-id: {exc}")
 

@@ -1,4 +1,4 @@
-"""HTTP client of the settings and isolation REST APIs (DESIGN §4), with the CLI's error classes."""
+"""HTTP client of the settings, isolation and enforcer REST APIs (DESIGN §4), with the CLI's error classes."""
 
 from __future__ import annotations
 
@@ -23,8 +23,16 @@ class ApiUnavailableError(Exception):
 
 
 def describe_detail(body: Any) -> str:
-    """FastAPI's ``detail`` as one line: a string, or each ``loc`` field with its message."""
+    """The API's ``detail`` as one line: a string, each ``loc`` field, or problem ``errors``."""
     detail = body.get("detail") if isinstance(body, dict) else body
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(detail, str) and isinstance(errors, list) and errors:
+        # RFC 9457 problem details: each {field, rule, message} after the summary.
+        named = [
+            f"{e.get('field')}: {e.get('message')}" if isinstance(e, dict) else str(e)
+            for e in errors
+        ]
+        return "; ".join([detail, *named])
     if isinstance(detail, str):
         return detail
     if isinstance(detail, list):
@@ -58,7 +66,7 @@ class Answer:
 
 
 class PlatformClient:
-    """Calls the settings and isolation APIs with one bearer token."""
+    """Calls the settings, isolation and enforcer APIs with one bearer token."""
 
     def __init__(
         self,
@@ -68,9 +76,11 @@ class PlatformClient:
         token: str,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        enforcer_url: str = "http://127.0.0.1:8003",
     ) -> None:
         self.settings_url = settings_url.rstrip("/")
         self.isolation_url = isolation_url.rstrip("/")
+        self.enforcer_url = enforcer_url.rstrip("/")
         self._http = httpx.Client(
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
             timeout=timeout,
@@ -182,6 +192,20 @@ class PlatformClient:
             "GET", f"{self.isolation_url}/v1/accounts/{_q(account_id)}/isolations"
         ).body
         return isolation_rows(body)
+
+    # --- enforcer: enrollment keys -------------------------------------------------------
+
+    def _enrollment_keys(self, account_id: str) -> str:
+        return f"{self.enforcer_url}/v1/accounts/{_q(account_id)}/enrollment-keys"
+
+    def list_enrollment_keys(self, account_id: str) -> Answer:
+        return self._call("GET", self._enrollment_keys(account_id))
+
+    def rotate_enrollment_key(self, account_id: str) -> Answer:
+        return self._call("POST", self._enrollment_keys(account_id))
+
+    def revoke_enrollment_key(self, account_id: str, key_id: str) -> Answer:
+        return self._call("DELETE", f"{self._enrollment_keys(account_id)}/{_q(key_id)}")
 
 
 def isolation_rows(body: Any) -> list[dict[str, Any]]:

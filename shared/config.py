@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.addresses import AddressRuleError, parse_host_address
 from shared.topics import TopicName
 
 # Marked dev defaults: usable only with HOSTISO_DEV=1, refused otherwise.
@@ -61,6 +61,17 @@ class ServiceSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     jwt_secret: SecretStr | None = None
+    jwt_max_lifetime_s: int = Field(
+        24 * 3600, ge=60, description="Longest JWT lifetime (exp - iat) accepted for user roles."
+    )
+    jwt_service_max_lifetime_s: int = Field(
+        3600,
+        ge=60,
+        description="Longest lifetime accepted for a service token (at most the above).",
+    )
+    http_max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request bodies above this get 413 before they are read."
+    )
     enrollment_secret: SecretStr | None = None
     # Base64 (raw 32 bytes) Ed25519 private key; only the enforcer uses it.
     signing_key: SecretStr | None = None
@@ -99,12 +110,15 @@ class ServiceSettings(BaseSettings):
     @field_validator("platform_addresses")
     @classmethod
     def _platform_are_ip(cls, value: list[str]) -> list[str]:
+        # The same rules as a policy's `platform` (isolation copies these into every policy),
+        # narrowed to single addresses: a zone id or a non-unicast address would fail every
+        # agent's `nft -f`, so it is a configuration error here, not a host left open there.
         for item in value:
             try:
-                ipaddress.ip_address(item)
-            except ValueError as exc:
+                parse_host_address(item)
+            except AddressRuleError as exc:
                 raise ValueError(
-                    f"HOSTISO_PLATFORM_ADDRESSES: {item!r} is not an IP address"
+                    f"HOSTISO_PLATFORM_ADDRESSES: {item!r} {exc.message} (rule: {exc.rule})"
                 ) from exc
         return value
 

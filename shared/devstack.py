@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,27 +15,51 @@ from pathlib import Path
 import httpx
 
 from shared.auth import mint_token
-from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
-from shared.enrollment import enrollment_key
+from shared.config import DEV_JWT_SECRET
 from shared.infra import LocalKafka, LocalRedis
+from shared.infra.certs import CertPaths, issue_cert, make_ca
 from shared.infra.proc import spawn, stop
 from shared.kafka import ensure_topics
 from shared.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = {"settings": 8001, "isolation": 8002, "enforcer": 8003}
+# The agent channel runs over TLS even in dev; the CLI and portal talk plain http to the others.
+TLS_SERVICES = {"enforcer"}
 DEMO_ACCOUNT = "acct-demo"
 
 
+def dev_tls(directory: Path) -> tuple[CertPaths, CertPaths]:
+    """A dev CA and the enforcer's certificate for 127.0.0.1/localhost, made once under ``.run/``."""
+    ca = CertPaths(cert=directory / "ca.pem", key=directory / "ca-key.pem")
+    enforcer = CertPaths(cert=directory / "enforcer.pem", key=directory / "enforcer-key.pem")
+    if not all(p.exists() for p in (ca.cert, ca.key, enforcer.cert, enforcer.key)):
+        ca = make_ca(directory)
+        enforcer = issue_cert(ca, directory, "enforcer")
+    return ca, enforcer
+
+
+def _base_url(name: str, port: int) -> str:
+    scheme = "https" if name in TLS_SERVICES else "http"
+    return f"{scheme}://127.0.0.1:{port}"
+
+
 def _wait_ready(
-    name: str, port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90
+    name: str,
+    port: int,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    ca_file: Path,
+    timeout: float = 90,
 ) -> None:
     deadline = time.monotonic() + timeout
+    url = f"{_base_url(name, port)}/ready"
+    tls = ssl.create_default_context(cafile=ca_file)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited ({proc.returncode}); see {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1, verify=tls).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -42,9 +67,23 @@ def _wait_ready(
     raise TimeoutError(f"{name} not ready after {timeout}s; see {log}")
 
 
+def _provision_enrollment_key(enforcer_port: int, account_id: str, ca_file: Path) -> str:
+    """A fresh enrollment key of ``account_id`` from the enforcer (revokes the previous run's)."""
+    soc = mint_token(DEV_JWT_SECRET, sub="devstack", role="soc", ttl_s=300)
+    response = httpx.post(
+        f"{_base_url('enforcer', enforcer_port)}/v1/accounts/{account_id}/enrollment-keys",
+        headers={"Authorization": f"Bearer {soc}"},
+        timeout=10,
+        verify=str(ca_file),
+    )
+    response.raise_for_status()
+    return str(response.json()["enrollment_key"])
+
+
 def main() -> int:
     logs = ROOT / ".run"
     logs.mkdir(exist_ok=True)
+    ca, enforcer_cert = dev_tls(logs / "tls")
     stopped = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
@@ -70,22 +109,27 @@ def main() -> int:
             if not (ROOT / "services" / name / "__main__.py").exists():
                 continue
             log = logs / f"{name}.log"
+            service_env = dict(env, HOSTISO_HTTP_PORT=str(port), HOSTISO_INSTANCE_ID=name)
+            if name in TLS_SERVICES:
+                service_env.update(
+                    HOSTISO_TLS_CERT_FILE=str(enforcer_cert.cert),
+                    HOSTISO_TLS_KEY_FILE=str(enforcer_cert.key),
+                )
             proc = spawn(
                 [sys.executable, "-m", f"services.{name}"],
                 log_path=log,
                 cwd=ROOT,
-                env=dict(env, HOSTISO_HTTP_PORT=str(port), HOSTISO_INSTANCE_ID=name),
+                env=service_env,
             )
             procs.append(proc)
             started[name] = port
         for name, port in started.items():
-            _wait_ready(name, port, procs[list(started).index(name)], logs / f"{name}.log")
-            print(
-                f"{name:9} http://127.0.0.1:{port}  (OpenAPI: http://127.0.0.1:{port}/docs)",
-                flush=True,
-            )
+            _wait_ready(name, port, procs[list(started).index(name)], logs / f"{name}.log", ca.cert)
+            url = _base_url(name, port)
+            print(f"{name:9} {url}  (OpenAPI: {url}/docs)", flush=True)
         if (ROOT / "agent" / "__main__.py").exists() and "enforcer" in started:
             log = logs / "agents.log"
+            demo_key = _provision_enrollment_key(started["enforcer"], DEMO_ACCOUNT, ca.cert)
             procs.append(
                 spawn(
                     [
@@ -97,10 +141,10 @@ def main() -> int:
                         "3",
                         "--account-id",
                         DEMO_ACCOUNT,
-                        "--enrollment-key",
-                        enrollment_key(DEV_ENROLLMENT_SECRET, DEMO_ACCOUNT),
                         "--enforcer-url",
-                        "http://127.0.0.1:8003",
+                        _base_url("enforcer", started["enforcer"]),
+                        "--ca-file",
+                        str(ca.cert),
                         "--state-dir",
                         str(logs / "agents"),
                         "--hostname",
@@ -112,7 +156,9 @@ def main() -> int:
                     ],
                     log_path=log,
                     cwd=ROOT,
-                    env=env,
+                    # From the environment, not argv (visible in ps); dev mode pins the signing
+                    # key once, at each simulated agent's first enrollment.
+                    env=dict(env, HOSTISO_AGENT_ENROLLMENT_KEY=demo_key),
                 )
             )
             print(f"agents  3 simulated agents of {DEMO_ACCOUNT} (log: {log})", flush=True)
@@ -124,6 +170,7 @@ def main() -> int:
             flush=True,
         )
         print(f"  export HOSTISO_TOKEN={token}", flush=True)
+        print(f"tls     dev CA {ca.cert} (agent channel: enforcer over https)", flush=True)
         print(f"logs    {logs}/ — Ctrl-C stops everything.", flush=True)
         while not stopped.wait(1):
             for proc in procs:

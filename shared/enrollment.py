@@ -1,4 +1,10 @@
-"""The account enrollment key both the settings and the enforcer service derive the same way."""
+"""The dev-default enrollment key: an HMAC of the account id under ``HOSTISO_ENROLLMENT_SECRET``.
+
+Dev default only. The enforcer accepts it only in dev mode (``HOSTISO_DEV=1``) and only until
+the account's first issued key (``POST /v1/accounts/{account_id}/enrollment-keys``); outside dev
+mode only issued, revocable keys open enrollment. It lets tests and the dev stack enroll agents
+without provisioning a key first.
+"""
 
 from __future__ import annotations
 

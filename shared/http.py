@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+import orjson
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
@@ -18,8 +21,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.routing import Match
 
 from shared import tracing
+from shared.auth import PRINCIPAL_SCOPE_KEY, TokenError, TokenPolicy, decode_token
+from shared.config import ServiceSettings
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 
@@ -115,8 +121,21 @@ class RequestObservability:
                 span.set_attribute("http.response.status_code", status)
 
 
-async def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
-    """Run uvicorn in this event loop until cancelled or signalled (SIGINT/SIGTERM)."""
+async def serve(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    *,
+    ssl_certfile: str | os.PathLike[str] | None = None,
+    ssl_keyfile: str | os.PathLike[str] | None = None,
+) -> None:
+    """Run uvicorn in this event loop until cancelled or signalled (SIGINT/SIGTERM).
+
+    With ``ssl_certfile`` and ``ssl_keyfile`` it serves HTTPS only (the enforcer's agent API).
+    """
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ValueError("serve: ssl_certfile and ssl_keyfile go together")
     config = uvicorn.Config(
         app,
         host=host,
@@ -127,6 +146,8 @@ async def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") 
         # Long polls hold requests for up to a minute; on SIGTERM they are cut after a short
         # grace (agents simply poll again) instead of delaying the shutdown until they end.
         timeout_graceful_shutdown=3,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
     server = uvicorn.Server(config)
     await server.serve()
@@ -143,3 +164,223 @@ async def with_timeout(check: Awaitable[object], timeout: float = 2.0) -> bool:
         logging.getLogger(__name__).warning("readiness check error: %r", exc)
         return False
     return True
+
+
+# --- request guards: body size limit and the auth gate (DESIGN §4, "Errors, on every service")
+
+MAX_BODY_BYTES = 64 * 1024
+PROBLEM_JSON = "application/problem+json"
+# Served without a token on every service: probes, metrics and the API documents.
+OPERATIONAL_PATHS = frozenset(
+    {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+
+
+async def send_problem(
+    send: Send,
+    status: int,
+    title: str,
+    detail: str,
+    headers: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Answer with an RFC 9457 problem document straight on the ASGI channel."""
+    body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    raw_headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+class BodySizeLimit:
+    """Pure ASGI: 413 for a body over ``max_bytes``, decided before the application reads it.
+
+    A declared ``Content-Length`` over the limit is refused without reading a byte; a chunked
+    or under-declared body is counted while the application receives it and cut at the limit:
+    the application then sees a disconnect, and its answer is dropped for the 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, send: Send) -> Awaitable[None]:
+        return send_problem(
+            send,
+            413,
+            "Content Too Large",
+            f"request body: must be at most {self.max_bytes} bytes",
+            [("Connection", "close")],
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        received = 0
+        cut = False
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, cut
+            if cut:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    cut = True
+                    if not started:
+                        await self._too_large(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if cut:
+                return  # the 413 is the answer; whatever the application says after is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not cut:
+                raise
+            # The application failed on its body cut short; the client already has the 413.
+            logging.getLogger(__name__).debug("request body cut at %d bytes", self.max_bytes)
+
+
+class AuthRefusedError(Exception):
+    """An authenticator's refusal: the status (401, 403 or 503) and why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# Given the request's scope and its bearer token, raise AuthRefusedError or return (and may
+# leave the identity in the scope for the route's dependency).
+Authenticator = Callable[[Scope, str], Awaitable[None]]
+
+
+def jwt_authenticator(policy: TokenPolicy | None) -> Authenticator:
+    """Platform JWTs (partner, soc, service) checked against ``policy`` (None: refuse all)."""
+
+    async def authenticate(scope: Scope, token: str) -> None:
+        if policy is None:
+            raise AuthRefusedError(401, "this service accepts no platform tokens")
+        try:
+            scope[PRINCIPAL_SCOPE_KEY] = decode_token(policy, token)
+        except TokenError as exc:
+            raise AuthRefusedError(401, str(exc)) from exc
+
+    return authenticate
+
+
+_TITLES = {401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
+
+
+def _routed(scope: Scope) -> bool:
+    # The Starlette app puts itself in the scope before running its middleware stack.
+    app = scope.get("app")
+    routes = getattr(app, "routes", None)
+    if routes is None:
+        return True
+    return any(route.matches(scope)[0] != Match.NONE for route in routes)
+
+
+class AuthGate:
+    """Pure ASGI: a route that needs a token answers 401 before its body is read or parsed.
+
+    ``classify(method, path)`` names the authenticator of a request, or None for a public
+    route. A path no route serves passes through to its 404 (which reads no body).
+    """
+
+    def __init__(self, app: ASGIApp, classify: Callable[[str, str], Authenticator | None]) -> None:
+        self.app = app
+        self.classify = classify
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        authenticate = self.classify(scope["method"], scope["path"])
+        if authenticate is None or not _routed(scope):
+            await self.app(scope, receive, send)
+            return
+        raw = (_header(scope, b"authorization") or b"").decode("latin-1")
+        scheme, _, token = raw.partition(" ")
+        try:
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthRefusedError(401, "missing bearer token (Authorization: Bearer <token>)")
+            await authenticate(scope, token.strip())
+        except AuthRefusedError as refusal:
+            headers = [("WWW-Authenticate", "Bearer")] if refusal.status == 401 else []
+            if refusal.status == 503:
+                headers.append(("Retry-After", "1"))
+            title = _TITLES.get(refusal.status, "Refused")
+            await send_problem(send, refusal.status, title, refusal.detail, headers)
+            return
+        await self.app(scope, receive, send)
+
+
+def install_request_guards(
+    app: FastAPI,
+    *,
+    token_policy: TokenPolicy | None,
+    public_paths: Iterable[str] = (),
+    public_prefixes: Iterable[str] = (),
+    public_routes: Iterable[tuple[str, str]] = (),
+    other_authenticators: Iterable[tuple[re.Pattern[str], Authenticator]] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> None:
+    """The body limit and the auth gate of one service.
+
+    Call it before adding other middleware (CORS, observability): Starlette runs the last added
+    outermost, so CORS headers and request metrics also cover the 401s and 413s.
+    ``other_authenticators`` (path pattern, authenticator) take precedence over the JWT one,
+    e.g. the enforcer's agent-token routes; ``public_routes`` are (method, path) pairs.
+    """
+    app.state.token_policy = token_policy
+    platform = jwt_authenticator(token_policy)
+    paths = OPERATIONAL_PATHS | frozenset(public_paths)
+    prefixes = tuple(public_prefixes)
+    routes = frozenset(public_routes)
+    others = tuple(other_authenticators)
+
+    def classify(method: str, path: str) -> Authenticator | None:
+        if path in paths or (method, path) in routes or path.startswith(prefixes):
+            return None
+        for pattern, authenticator in others:
+            if pattern.match(path):
+                return authenticator
+        return platform
+
+    app.add_middleware(AuthGate, classify=classify)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
+
+def token_policy(settings: ServiceSettings, audience: str) -> TokenPolicy:
+    """The service's token rules from ``HOSTISO_JWT_*`` (a ConfigError without a secret)."""
+    return TokenPolicy(
+        secret=settings.require_secret("jwt_secret"),
+        audience=audience,
+        max_lifetime_s=settings.jwt_max_lifetime_s,
+        service_max_lifetime_s=settings.jwt_service_max_lifetime_s,
+    )

@@ -11,8 +11,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from shared.addresses import AddressRuleError, parse_address_or_prefix
 from shared.topics import TopicName
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -86,11 +87,25 @@ class AllowlistEntry(Contract):
     created_by: str
 
 
+def _renderable_peer(value: str) -> str:
+    # Checked, never rewritten: the signature covers the text as issued. The syntax is wider
+    # than today's allowlist (IPv6, narrow prefixes) so later policy formats decode; the
+    # agent's renderers handle every form accepted here (a zone id or a non-unicast address
+    # would fail the whole `nft -f`, so it is refused with the policy).
+    try:
+        parse_address_or_prefix(value)
+    except AddressRuleError as exc:
+        raise ValueError(f"{exc.value!r} {exc.message} (rule: {exc.rule})") from exc
+    return value
+
+
 class AllowedPeer(SignedContract):
     """A peer an isolated endpoint may open outbound connections to."""
 
     name: str
     address: str
+
+    _address_renderable = field_validator("address")(_renderable_peer)
 
 
 # --- settings.allowlist.v1 (compacted, key = account_id) -------------------------------
@@ -179,6 +194,13 @@ class FrozenPolicy(SignedContract):
     issued_at: datetime
     issued_by: str
     reason: str = ""
+
+    @field_validator("platform")
+    @classmethod
+    def _platform_renderable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            _renderable_peer(item)
+        return value
 
 
 class SignedPolicy(SignedContract):

@@ -1,9 +1,12 @@
-"""The agent API: enrollment, long-poll policy delivery, status reports, the signing key."""
+"""The agent API (enrollment, long-poll delivery, status reports, the signing key) and the
+enrollment-key routes users call with their JWT."""
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from aiokafka.errors import KafkaError
 from fastapi import (
@@ -26,30 +29,58 @@ from services.enforcer import handlers
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.config import EnforcerSettings
 from services.enforcer.domain import (
+    AccountAccessDeniedError,
     AgentIdentity,
     AgentScopeError,
+    EndpointLimitReachedError,
+    EndpointOfAnotherAccountError,
+    EnrollmentConflictError,
+    EnrollmentKeyNotFoundError,
+    EnrollmentKeyRecord,
     EnrollmentKeyRejectedError,
+    EnrollmentRateLimitedError,
     PolicyNotHeldError,
     StatusReportInvalidError,
     UnknownAgentTokenError,
 )
+from shared.auth import AUDIENCE_ENFORCER, CurrentPrincipal
+from shared.config import ConfigError
+from shared.http import AuthRefusedError, Scope, install_request_guards, token_policy
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["agents"])
 _bearer = HTTPBearer(auto_error=False)
 
 AgentIdPath = Annotated[str, Path(min_length=1, max_length=128, description="The endpoint id.")]
+# The settings service's account id rule; it also keeps '{' and '}' out of the hash-tagged keys.
+ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+ENDPOINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+AccountIdPath = Annotated[
+    str,
+    Path(
+        pattern=ACCOUNT_ID_PATTERN,
+        description="Account id: letters, digits, '.', '_', '@', '-' (at most 128).",
+        examples=["acct-1"],
+    ),
+]
+KeyIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$", description="The key id (16 hex).")]
 
 
 class EnrollRequest(BaseModel):
-    """An agent asks to enroll with its account's enrollment key."""
+    """An agent asks to enroll (or re-enroll its endpoint id) with its account's enrollment key."""
 
     model_config = ConfigDict(extra="forbid")
 
-    account_id: str = Field(min_length=1, max_length=128, examples=["acct-1"])
-    enrollment_key: str = Field(min_length=1, max_length=256)
+    account_id: str = Field(pattern=ACCOUNT_ID_PATTERN, examples=["acct-1"])
+    enrollment_key: str = Field(min_length=1, max_length=256, examples=["hek_<key_id>_<secret>"])
     hostname: str = Field(min_length=1, max_length=255, examples=["web-01"])
     platform: Literal["linux", "windows", "macos"]
+    endpoint_id: str | None = Field(
+        None,
+        pattern=ENDPOINT_ID_PATTERN,
+        description="Re-enrollment: the endpoint id the agent already has. The answer names this"
+        " id; the previous token of the endpoint stops working, its desired policy stays.",
+    )
 
 
 class EnrollResponse(BaseModel):
@@ -57,6 +88,44 @@ class EnrollResponse(BaseModel):
 
     agent_id: str
     agent_token: str
+
+
+class EnrollmentKeyView(BaseModel):
+    """One enrollment key's metadata (the key itself is shown only once, when it is issued)."""
+
+    key_id: str
+    account_id: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+    active: bool
+
+    @classmethod
+    def of(cls, record: EnrollmentKeyRecord) -> EnrollmentKeyView:
+        return cls(
+            key_id=record.key_id,
+            account_id=record.account_id,
+            created_at=datetime.fromisoformat(record.created_at),
+            created_by=record.created_by,
+            revoked_at=None
+            if record.revoked_at is None
+            else datetime.fromisoformat(record.revoked_at),
+            active=record.active,
+        )
+
+
+class EnrollmentKeyList(BaseModel):
+    """Every key the account was issued, oldest first; at most one is active."""
+
+    account_id: str
+    items: list[EnrollmentKeyView]
+
+
+class IssuedEnrollmentKeyView(EnrollmentKeyView):
+    """A new key: its only copy, and the earlier keys the rotation revoked."""
+
+    enrollment_key: str = Field(description="Shown once; only its SHA-256 is stored.")
+    revoked_key_ids: list[str]
 
 
 class StatusReportRequest(BaseModel):
@@ -104,11 +173,16 @@ Metrics = Annotated[EnforcerMetrics, Depends(_metrics)]
 
 
 async def current_agent(
+    request: Request,
     agent_id: AgentIdPath,
     deps: Deps,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> AgentIdentity:
     """401 without a valid agent token; 403 when the token is another agent's."""
+    checked = request.scope.get(AGENT_SCOPE_KEY)
+    if isinstance(checked, AgentIdentity) and checked.agent_id == agent_id:
+        # The auth gate already checked this token before the body was read (one Redis call).
+        return checked
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -128,7 +202,53 @@ async def current_agent(
 CurrentAgent = Annotated[AgentIdentity, Depends(current_agent)]
 
 
-@router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED)
+class Problem(Exception):
+    """An RFC 9457 answer naming the field and the rule that refused the request."""
+
+    def __init__(
+        self,
+        status_code: int,
+        title: str,
+        *,
+        field: str,
+        rule: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.title = title
+        self.field = field
+        self.rule = rule
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": f"urn:hostiso:problem:{self.field}.{self.rule}",
+            "title": self.title,
+            "status": self.status_code,
+            "detail": self.detail,
+            "errors": [{"field": self.field, "rule": self.rule, "message": self.detail}],
+        }
+
+
+def _problem_doc(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {}}}
+
+
+_ENROLL_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: _problem_doc(
+        "Enrollment key not active for the account, endpoint of another account, or the"
+        " account's endpoint limit reached"
+    ),
+    409: _problem_doc("The endpoint id was re-created by a concurrent enrollment; retry"),
+    422: {"description": "Invalid body (field and rule named)"},
+    429: _problem_doc("Too many enrollment attempts for the account; see Retry-After"),
+}
+
+
+@router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED, responses=_ENROLL_ERRORS)
 async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollResponse:
     try:
         enrollment = await handlers.enroll_agent(
@@ -137,11 +257,54 @@ async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollRes
             enrollment_key=body.enrollment_key,
             hostname=body.hostname,
             platform=body.platform,
+            endpoint_id=body.endpoint_id,
         )
+    except EnrollmentRateLimitedError as exc:
+        metrics.enrollments.labels("rate_limited").inc()
+        raise Problem(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            "Too many enrollment attempts",
+            field="account_id",
+            rule="enrollment_rate",
+            detail=str(exc),
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from exc
     except EnrollmentKeyRejectedError as exc:
         metrics.enrollments.labels("rejected").inc()
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from exc
-    metrics.enrollments.labels("ok").inc()
+        raise Problem(
+            status.HTTP_403_FORBIDDEN,
+            "Enrollment key refused",
+            field="enrollment_key",
+            rule="active_key",
+            detail=str(exc),
+        ) from exc
+    except EndpointOfAnotherAccountError as exc:
+        metrics.enrollments.labels("rejected").inc()
+        raise Problem(
+            status.HTTP_403_FORBIDDEN,
+            "Endpoint of another account",
+            field="endpoint_id",
+            rule="same_account",
+            detail=str(exc),
+        ) from exc
+    except EndpointLimitReachedError as exc:
+        metrics.enrollments.labels("limit_reached").inc()
+        raise Problem(
+            status.HTTP_403_FORBIDDEN,
+            "Endpoint limit reached",
+            field="account_id",
+            rule="max_endpoints",
+            detail=str(exc),
+        ) from exc
+    except EnrollmentConflictError as exc:
+        raise Problem(
+            status.HTTP_409_CONFLICT,
+            "Concurrent enrollment",
+            field="endpoint_id",
+            rule="concurrent",
+            detail=str(exc),
+        ) from exc
+    metrics.enrollments.labels("reenrolled" if body.endpoint_id else "ok").inc()
     return EnrollResponse(agent_id=enrollment.agent_id, agent_token=enrollment.agent_token)
 
 
@@ -207,6 +370,91 @@ async def signing_key(deps: Deps, response: Response) -> SigningKeyResponse:
     return SigningKeyResponse(key_id=signer.key_id, public_key=signer.public_key_b64)
 
 
+# --- enrollment keys (user JWT, as the settings routes) ---------------------------------
+
+keys_router = APIRouter(
+    prefix="/v1/accounts/{account_id}/enrollment-keys", tags=["enrollment keys"]
+)
+
+_KEY_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing, expired or forged bearer token"},
+    403: _problem_doc("A partner token for another account, or a service token"),
+    422: {"description": "Invalid account or key id (field and rule named)"},
+}
+
+
+def _key_admin(action: str) -> Any:
+    # Authorised before anything else is read, so a partner learns nothing about another account.
+    async def dependency(account_id: AccountIdPath, principal: CurrentPrincipal, deps: Deps) -> str:
+        try:
+            await handlers.authorize_key_admin(deps, principal, account_id, action)
+        except AccountAccessDeniedError as exc:
+            raise Problem(
+                status.HTTP_403_FORBIDDEN,
+                "Forbidden",
+                field="account_id",
+                rule="forbidden",
+                detail=str(exc),
+            ) from exc
+        return account_id
+
+    return Depends(dependency)
+
+
+@keys_router.get("", responses=_KEY_ERRORS)
+async def list_enrollment_keys(
+    deps: Deps, account_id: Annotated[str, _key_admin("enrollment_key.list")]
+) -> EnrollmentKeyList:
+    """Metadata of every key the account was issued (never a key or its hash)."""
+    records = await handlers.list_enrollment_keys(deps, account_id)
+    return EnrollmentKeyList(
+        account_id=account_id, items=[EnrollmentKeyView.of(r) for r in records]
+    )
+
+
+@keys_router.post("", status_code=status.HTTP_201_CREATED, responses=_KEY_ERRORS)
+async def rotate_enrollment_key(
+    deps: Deps,
+    principal: CurrentPrincipal,
+    response: Response,
+    account_id: Annotated[str, _key_admin("enrollment_key.rotate")],
+) -> IssuedEnrollmentKeyView:
+    """Issue a new key (shown only in this answer) and revoke every earlier one.
+
+    Agents that enrolled with an earlier key keep working: their tokens do not depend on it.
+    """
+    issued = await handlers.rotate_enrollment_key(deps, principal, account_id)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Location"] = (
+        f"/v1/accounts/{account_id}/enrollment-keys/{issued.record.key_id}"
+    )
+    return IssuedEnrollmentKeyView(
+        **EnrollmentKeyView.of(issued.record).model_dump(),
+        enrollment_key=issued.enrollment_key,
+        revoked_key_ids=issued.revoked_key_ids,
+    )
+
+
+@keys_router.delete(
+    "/{key_id}",
+    responses={**_KEY_ERRORS, 404: _problem_doc("No such key in the account")},
+)
+async def revoke_enrollment_key(
+    deps: Deps,
+    principal: CurrentPrincipal,
+    key_id: KeyIdPath,
+    account_id: Annotated[str, _key_admin("enrollment_key.revoke")],
+) -> EnrollmentKeyView:
+    """Refuse the key for new enrollments from now on (idempotent)."""
+    try:
+        record = await handlers.revoke_enrollment_key(deps, principal, account_id, key_id)
+    except EnrollmentKeyNotFoundError as exc:
+        raise Problem(
+            status.HTTP_404_NOT_FOUND, "Not found", field="key_id", rule="exists", detail=str(exc)
+        ) from exc
+    return EnrollmentKeyView.of(record)
+
+
 def _unavailable(detail: str) -> JSONResponse:
     return JSONResponse(
         {"detail": detail},
@@ -218,6 +466,16 @@ def _unavailable(detail: str) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Mount the agent routes and map infrastructure failures to 503 (never a 500)."""
     app.include_router(router)
+    app.include_router(keys_router)
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return JSONResponse(
+            exc.body(),
+            status_code=exc.status_code,
+            headers=exc.headers,
+            media_type="application/problem+json",
+        )
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
@@ -232,3 +490,43 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(handlers.SignerNotReadyError)
     async def _not_ready(request: Request, exc: handlers.SignerNotReadyError) -> JSONResponse:
         return _unavailable("the enforcer is starting; retry shortly")
+
+
+AGENT_SCOPE_KEY = "hostiso.agent"
+_AGENT_ROUTE = re.compile(r"^/v1/agents/(?P<agent_id>[^/]+)/")
+
+
+async def _gate_agent(scope: Scope, token: str) -> None:
+    # Runs in the auth gate, before the body is received: an unknown token costs one lookup.
+    match = _AGENT_ROUTE.match(scope["path"])
+    if match is None:
+        raise AuthRefusedError(401, "invalid agent token")
+    deps: handlers.EnforcerDeps = scope["app"].state.deps
+    try:
+        scope[AGENT_SCOPE_KEY] = await handlers.authenticate_agent(deps, token, match["agent_id"])
+    except UnknownAgentTokenError as exc:
+        raise AuthRefusedError(401, str(exc)) from exc
+    except AgentScopeError as exc:
+        raise AuthRefusedError(403, str(exc)) from exc
+    except RedisError as exc:
+        log.warning("answered 503: redis error %r while checking an agent token", exc)
+        raise AuthRefusedError(503, "the enforcer's store is unavailable; retry shortly") from exc
+
+
+def install_guards(app: FastAPI, settings: EnforcerSettings) -> None:
+    """413 over the body limit; agent routes need an agent token, checked before the body.
+
+    Enrollment and the signing key are public; any other route needs a platform JWT for
+    ``hostiso-enforcer`` (refused outright when no ``HOSTISO_JWT_SECRET`` is configured).
+    """
+    try:
+        policy = token_policy(settings, AUDIENCE_ENFORCER)
+    except ConfigError:
+        policy = None
+    install_request_guards(
+        app,
+        token_policy=policy,
+        public_routes=[("POST", "/v1/agents/enroll"), ("GET", "/v1/signing-key")],
+        other_authenticators=[(_AGENT_ROUTE, _gate_agent)],
+        max_body_bytes=settings.http_max_body_bytes,
+    )

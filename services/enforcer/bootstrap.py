@@ -14,6 +14,8 @@ from services.enforcer.adapters.kafka_publisher import KafkaEventPublisher
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.adapters.redis_store import (
     RedisAgentStore,
+    RedisEnrollmentKeyStore,
+    RedisEnrollmentRateLimiter,
     RedisPolicyStore,
     load_or_create_dev_signing_key,
 )
@@ -86,7 +88,10 @@ def _add_lane(
 def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     """The enforcer app; refuses to build without the secrets it needs outside dev mode."""
     settings = settings or EnforcerSettings()
-    enrollment_secret = settings.require_secret("enrollment_secret")
+    # The enrollment-key routes take user JWTs, exactly as the settings routes do.
+    jwt_secret = settings.require_secret("jwt_secret")
+    # Only dev mode knows the derived dev key; elsewhere only issued keys open enrollment.
+    dev_enrollment_secret = settings.require_secret("enrollment_secret") if settings.dev else None
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
     runtime_redis = single_node_redis(runtime)
@@ -101,11 +106,17 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     )
     policies = RedisPolicyStore(store_redis, runtime.keys, runtime.keys("enforcer", "wake"))
     deps = EnforcerDeps(
-        enrollment_secret=enrollment_secret,
-        agents=RedisAgentStore(store_redis, runtime.keys),
+        agents=RedisAgentStore(
+            store_redis, runtime.keys, settings.enrollment_max_endpoints_per_account
+        ),
         policies=policies,
         events=KafkaEventPublisher(runtime.producer, runtime.topics),
         wakeups=wakeups,
+        enrollment_keys=RedisEnrollmentKeyStore(store_redis, runtime.keys),
+        enrollment_rate=RedisEnrollmentRateLimiter(
+            store_redis, runtime.keys, settings.enrollment_rate_per_minute
+        ),
+        dev_enrollment_secret=dev_enrollment_secret,
         signer_or_none=signer,
     )
     metrics = EnforcerMetrics(runtime.registry, lambda: wakeups.waiting_count)
@@ -168,6 +179,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.jwt_secret = jwt_secret
     app.state.deps = deps
     app.state.metrics = metrics
     app.state.runtime = runtime
@@ -179,6 +191,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         checks["policy-wakeups"] = wakeups.subscribed.is_set()
         return checks
 
+    api.install_guards(app, settings)  # first: innermost of the middleware, see install_guards
     add_operational_routes(app, readiness, runtime.registry)
     api.install(app)
     return app
@@ -191,7 +204,14 @@ async def _serve(settings: EnforcerSettings) -> None:
     except ConfigError as exc:
         log.critical("enforcer refuses to start: %s", exc)
         raise SystemExit(2) from exc
-    await serve(app, settings.http_host, settings.http_port, settings.log_level)
+    await serve(
+        app,
+        settings.http_host,
+        settings.http_port,
+        settings.log_level,
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
+    )
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 
 from shared.config import ServiceSettings
 
@@ -29,4 +31,36 @@ class EnforcerSettings(ServiceSettings):
     )
     priority_lane_batch: int = Field(
         100, ge=1, le=10_000, description="Records per batch on the priority command lane."
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate (chain) the agent API is served with over HTTPS;"
+        " with tls_key_file. Agents refuse plain http outside dev mode.",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file (keep it mode 0600)."
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> EnforcerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("HOSTISO_TLS_CERT_FILE and HOSTISO_TLS_KEY_FILE: give both or neither")
+        for name, path in (("CERT", self.tls_cert_file), ("KEY", self.tls_key_file)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"HOSTISO_TLS_{name}_FILE {path}: no such file")
+        return self
+
+    enrollment_rate_per_minute: int = Field(
+        60,
+        ge=1,
+        le=100_000,
+        description="Enrollment attempts (good keys and bad) one account may make per minute;"
+        " beyond that the enroll route answers 429 with Retry-After.",
+    )
+    enrollment_max_endpoints_per_account: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Enrolled endpoints one account may have; a new enrollment beyond it is"
+        " refused (403). Re-enrolling an existing endpoint does not count.",
     )

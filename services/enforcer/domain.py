@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +22,35 @@ class EnforcerError(Exception):
 
 
 class EnrollmentKeyRejectedError(EnforcerError):
-    """The enrollment key does not belong to the account."""
+    """The enrollment key does not belong to the account (unknown, malformed or revoked)."""
+
+
+class EnrollmentRateLimitedError(EnforcerError):
+    """The account used up its enrollment attempts of the current window."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EndpointOfAnotherAccountError(EnforcerError):
+    """A re-enrollment names an endpoint id that is enrolled in another account."""
+
+
+class EnrollmentConflictError(EnforcerError):
+    """Two enrollments re-created the same endpoint id at once; the loser may retry."""
+
+
+class EndpointLimitReachedError(EnforcerError):
+    """The account already has as many enrolled endpoints as a deployment allows."""
+
+
+class EnrollmentKeyNotFoundError(EnforcerError):
+    """No enrollment key with that id in the account."""
+
+
+class AccountAccessDeniedError(EnforcerError):
+    """A partner asked about another account."""
 
 
 class UnknownAgentTokenError(EnforcerError):
@@ -47,6 +77,27 @@ class StoreOutcome(StrEnum):
     STALE = "stale"
     # The policy names another account than the one the endpoint enrolled in (tenancy).
     WRONG_ACCOUNT = "wrong_account"
+
+
+class ReissueOutcome(StrEnum):
+    """What a re-enrollment with an endpoint id found in the agent store."""
+
+    # The endpoint is enrolled in this account: it now has a new token, the old one is gone.
+    REISSUED = "reissued"
+    # The endpoint id belongs to another account (its agent or its desired policy says so).
+    OTHER_ACCOUNT = "other_account"
+    # This enforcer does not know the id (its store lost it): the caller may re-create it.
+    UNKNOWN = "unknown"
+
+
+class CreateOutcome(StrEnum):
+    """What storing a new agent did."""
+
+    CREATED = "created"
+    # Another request enrolled this id first; nothing was written.
+    ID_TAKEN = "id_taken"
+    # The account is at its endpoint cap; nothing was written.
+    ACCOUNT_FULL = "account_full"
 
 
 @dataclass(frozen=True)
@@ -76,6 +127,68 @@ def new_agent_token() -> str:
 def token_digest(token: str) -> str:
     """The only form in which a token is stored: its SHA-256, hex."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+# Enrollment keys: ``hek_<key_id>_<secret>``. The key id is public (it names the key in lists,
+# audits and revocations); the secret carries 256 bits from ``secrets`` and is stored only as
+# the SHA-256 of the whole key. A plain hash suffices because the secret is high-entropy: there
+# is no dictionary to try, so a slow password hash would buy nothing.
+ENROLLMENT_KEY_PREFIX = "hek"
+_ENROLLMENT_KEY = re.compile(r"^hek_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+
+
+@dataclass(frozen=True)
+class EnrollmentKeyRecord:
+    """What the enforcer keeps about one enrollment key: metadata and the key's digest."""
+
+    key_id: str
+    account_id: str
+    key_sha256: str
+    created_at: str
+    created_by: str
+    revoked_at: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def new_enrollment_key() -> tuple[str, str]:
+    """A fresh ``(key_id, key)``; the key is shown once and then only its digest is kept."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"{ENROLLMENT_KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def enrollment_key_id(presented: str) -> str | None:
+    """The key id a presented key names, or None when it is not shaped like an issued key."""
+    match = _ENROLLMENT_KEY.match(presented)
+    return match.group(1) if match else None
+
+
+def enrollment_key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_enrollment_key(
+    record: EnrollmentKeyRecord | None, account_id: str, presented: str
+) -> str:
+    """The key id if ``presented`` is an active key of ``account_id``; else a named refusal.
+
+    The digest is compared in constant time, and every refusal says the same thing, so the
+    answer does not tell a guesser whether a key id exists or was revoked (key ids are not
+    secret anyway: they appear in lists and audits).
+    """
+    digest = enrollment_key_digest(presented)
+    if (
+        record is None
+        or record.account_id != account_id
+        or not hmac.compare_digest(record.key_sha256, digest)
+        or not record.active
+    ):
+        raise EnrollmentKeyRejectedError(
+            f"enrollment_key: not an active enrollment key of account {account_id}"
+        )
+    return record.key_id
 
 
 def is_newer(held_sequence: int | None, incoming_sequence: int) -> bool:

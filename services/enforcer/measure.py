@@ -153,6 +153,10 @@ def enforcer_process(stack: Stack, prefix: str, log_dir: Path) -> Iterator[tuple
         HOSTISO_TOPIC_PREFIX=f"{prefix}.",
         HOSTISO_REDIS_PREFIX=f"{prefix}:",
         HOSTISO_HTTP_PORT=str(port),
+        # Benchmarks enroll thousands of agents of one account at once: lift the
+        # per-account enrollment rate limit and endpoint cap for them.
+        HOSTISO_ENROLLMENT_RATE_PER_MINUTE="100000",
+        HOSTISO_ENROLLMENT_MAX_ENDPOINTS_PER_ACCOUNT="10000000",
         HOSTISO_LOG_LEVEL="WARNING",
     )
     proc = spawn(

@@ -20,7 +20,12 @@ from services.isolation.handlers import (
     IsolationService,
     StrictOverrideDeniedError,
 )
-from shared.auth import CurrentPrincipal
+from shared.auth import (
+    SCOPE_ISOLATION_READ,
+    SCOPE_ISOLATION_WRITE,
+    Principal,
+    scoped_principal,
+)
 from shared.messages import FrozenPolicy, IsolationMode, IsolationState, PolicyMode
 
 # One rule for every id in a path (the settings API's account id rule): printable ASCII, no
@@ -35,6 +40,9 @@ EndpointId = Annotated[
 AccountId = Annotated[
     str, Path(pattern=ID_PATTERN, description=f"Account id: {ID_RULE}.", examples=["acct-1"])
 ]
+# A service token must carry the scope; partner and soc tokens are not scoped.
+Reader = Annotated[Principal, scoped_principal(SCOPE_ISOLATION_READ)]
+Writer = Annotated[Principal, scoped_principal(SCOPE_ISOLATION_WRITE)]
 
 
 class IsolationBody(BaseModel):
@@ -109,9 +117,7 @@ def build_router(service: IsolationService) -> APIRouter:
         status_code=status.HTTP_202_ACCEPTED,
         response_model=Accepted,
     )
-    async def isolate(
-        endpoint_id: EndpointId, body: IsolationBody, principal: CurrentPrincipal
-    ) -> Accepted:
+    async def isolate(endpoint_id: EndpointId, body: IsolationBody, principal: Writer) -> Accepted:
         request_id = await service.submit_isolation(endpoint_id, body.mode, body.reason, principal)
         return Accepted(request_id=request_id)
 
@@ -122,7 +128,7 @@ def build_router(service: IsolationService) -> APIRouter:
     )
     async def release(
         endpoint_id: EndpointId,
-        principal: CurrentPrincipal,
+        principal: Writer,
         reason: Annotated[str, Query(max_length=1000)] = "",
     ) -> Accepted:
         return Accepted(request_id=await service.submit_release(endpoint_id, reason, principal))
@@ -133,7 +139,7 @@ def build_router(service: IsolationService) -> APIRouter:
         response_model=AccountStrictAccepted,
     )
     async def strict_isolate_account(
-        account_id: AccountId, body: AccountStrictBody, principal: CurrentPrincipal
+        account_id: AccountId, body: AccountStrictBody, principal: Writer
     ) -> AccountStrictAccepted:
         request_id, covered = await service.submit_account_strict(
             account_id, body.reason, body.disable_allowlist, principal
@@ -141,13 +147,11 @@ def build_router(service: IsolationService) -> APIRouter:
         return AccountStrictAccepted(request_id=request_id, endpoints=covered)
 
     @router.get("/endpoints/{endpoint_id}/isolation", response_model=IsolationView)
-    async def get_isolation(endpoint_id: EndpointId, principal: CurrentPrincipal) -> IsolationView:
+    async def get_isolation(endpoint_id: EndpointId, principal: Reader) -> IsolationView:
         return IsolationView.of(await service.isolation_of(endpoint_id, principal))
 
     @router.get("/accounts/{account_id}/isolations", response_model=AccountIsolations)
-    async def list_isolations(
-        account_id: AccountId, principal: CurrentPrincipal
-    ) -> AccountIsolations:
+    async def list_isolations(account_id: AccountId, principal: Reader) -> AccountIsolations:
         states = await service.isolations_of_account(account_id, principal)
         return AccountIsolations(
             account_id=account_id, endpoints=[IsolationView.of(s) for s in states]
@@ -156,7 +160,7 @@ def build_router(service: IsolationService) -> APIRouter:
     @router.get("/endpoints/{endpoint_id}/isolation/preview", response_model=PolicyPreview)
     async def preview(
         endpoint_id: EndpointId,
-        principal: CurrentPrincipal,
+        principal: Reader,
         mode: Annotated[IsolationMode, Query()] = "standard",
     ) -> PolicyPreview:
         policy = await service.preview(endpoint_id, mode, principal)

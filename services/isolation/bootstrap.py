@@ -27,7 +27,8 @@ from services.isolation.api import add_error_handlers, build_router
 from services.isolation.config import IsolationSettings
 from services.isolation.consumers import IsolationConsumers
 from services.isolation.handlers import IsolationService, SettingsClient
-from shared.http import add_operational_routes, serve
+from shared.auth import AUDIENCE_ISOLATION
+from shared.http import add_operational_routes, install_request_guards, serve, token_policy
 from shared.kafka import DeadLetterSink
 from shared.logs import configure_logging
 from shared.runtime import Runtime
@@ -152,6 +153,12 @@ def build_app(
     app.state.runtime = runtime
     app.state.service = service
     app.state.replica_store = replica_store
+    # Before CORS: the 401s and 413s carry the CORS headers the portal needs to read them.
+    install_request_guards(
+        app,
+        token_policy=token_policy(settings, AUDIENCE_ISOLATION),
+        max_body_bytes=settings.http_max_body_bytes,
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(settings.cors_origins),

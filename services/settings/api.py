@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from redis.exceptions import RedisError
@@ -23,7 +23,14 @@ from services.settings.domain import (
 )
 from services.settings.handlers import NotPublishedError, SettingsHandlers
 from services.settings.metrics import SettingsMetrics
-from shared.auth import CurrentPrincipal, Principal
+from shared.auth import (
+    SCOPE_ALLOWLIST_READ,
+    SCOPE_ALLOWLIST_WRITE,
+    SCOPE_ENROLLMENT_KEY_READ,
+    CurrentPrincipal,
+    Principal,
+    require_scope,
+)
 from shared.messages import AllowlistEntry
 
 log = logging.getLogger(__name__)
@@ -92,31 +99,32 @@ class EntryWritten(AllowlistView):
 
 
 class HistoryRecord(BaseModel):
-    """One audited change: who, when, what, the state before and after."""
+    """One audited change: who, when, what, and the part that changed before and after."""
 
     version: int
     action: str = Field(examples=["allowlist.entry.add"])
     actor: dict[str, Any]
     at: datetime
     detail: str
-    before: dict[str, Any]
-    after: dict[str, Any]
+    before: dict[str, Any] | None = Field(
+        description="Entry changes: the entry {id, name, address} before (null when added); "
+        'the switch: {"enabled": ...}. Records written before 2026-12 hold the whole list.'
+    )
+    after: dict[str, Any] | None = Field(
+        description="The same after the change (null when the entry was removed)."
+    )
     event_id: str
 
 
 class HistoryView(BaseModel):
-    """The audit records of an account's allowlist, newest first."""
+    """A page of the audit records of an account's allowlist, newest first."""
 
     account_id: str
     version: int
     records: list[HistoryRecord]
-
-
-class EnrollmentKeyView(BaseModel):
-    """The key this account's agents enroll with."""
-
-    account_id: str
-    enrollment_key: str
+    next_before_version: int | None = Field(
+        description="Pass as before_version for the next (older) page; null on the last page."
+    )
 
 
 class SwitchRequest(BaseModel):
@@ -178,6 +186,7 @@ _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such entry"},
     409: {"model": ErrorBody, "description": "Duplicate address"},
     412: {"model": ErrorBody, "description": "If-Match names a stale version"},
+    413: {"description": "Body over the limit (problem+json), refused before it is read"},
     503: {"model": UnpublishedBody, "description": "Saved, but not yet in Kafka"},
 }
 
@@ -194,11 +203,28 @@ class AccountAccess:
     handlers: SettingsHandlers
 
 
+# The scope a service token needs for each action (partner and soc tokens are not scoped).
+_SCOPE_OF_ACTION = {
+    "allowlist.read": SCOPE_ALLOWLIST_READ,
+    "allowlist.history": SCOPE_ALLOWLIST_READ,
+    "allowlist.switch": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.add": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.update": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.remove": SCOPE_ALLOWLIST_WRITE,
+    "enrollment_key.read": SCOPE_ENROLLMENT_KEY_READ,
+}
+
+
 def _access(action: str) -> Callable[..., Awaitable[AccountAccess]]:
+    # An action not listed needs a scope named after itself: a service token never gets it by
+    # accident.
+    scope = _SCOPE_OF_ACTION.get(action, action)
+
     # Runs before the body is validated, so a partner learns nothing about another account.
     async def dependency(
         request: Request, account_id: AccountId, principal: CurrentPrincipal
     ) -> AccountAccess:
+        require_scope(principal, scope)
         handlers: SettingsHandlers = request.app.state.handlers
         await handlers.authorize(principal, account_id, action)
         return AccountAccess(principal, account_id, handlers)
@@ -303,26 +329,61 @@ async def remove_entry(
 
 @router.get("/tooling-allowlist/history", response_model=HistoryView, responses=_ERRORS)
 async def read_history(
-    access: Annotated[AccountAccess, Depends(_access("allowlist.history"))], response: Response
+    access: Annotated[AccountAccess, Depends(_access("allowlist.history"))],
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=100, description="Records per page (1-100).")] = 50,
+    before_version: Annotated[
+        int | None, Query(ge=1, description="Only records older than this version.")
+    ] = None,
 ) -> HistoryView:
-    """Audit records of every change (actor, time, before and after), newest first."""
-    allowlist, records = await access.handlers.history(access.account_id)
+    """Audit records (actor, time, what changed), newest first, one page at a time."""
+    allowlist, records, next_before = await access.handlers.history(
+        access.account_id, limit=limit, before_version=before_version
+    )
     _with_etag(response, allowlist.version)
     return HistoryView(
         account_id=access.account_id,
         version=allowlist.version,
         records=[HistoryRecord.model_validate(r) for r in records],
+        next_before_version=next_before,
     )
 
 
-@router.get("/enrollment-key", response_model=EnrollmentKeyView, responses=_ERRORS)
+@router.get(
+    "/enrollment-key",
+    status_code=status.HTTP_410_GONE,
+    responses={
+        **_ERRORS,
+        410: {
+            "description": "Moved: the enforcer issues, lists and revokes enrollment keys",
+            "content": {"application/problem+json": {}},
+        },
+    },
+)
 async def read_enrollment_key(
     access: Annotated[AccountAccess, Depends(_access("enrollment_key.read"))],
-) -> EnrollmentKeyView:
-    """The key this account's agents enroll with (enforcer ``POST /v1/agents/enroll``)."""
-    return EnrollmentKeyView(
-        account_id=access.account_id,
-        enrollment_key=access.handlers.enrollment_key(access.account_id),
+) -> JSONResponse:
+    """Gone: enrollment keys are random, stored hashed and shown once, by the enforcer.
+
+    ``POST /v1/accounts/{account_id}/enrollment-keys`` on the enforcer issues a key (and revokes
+    the earlier ones); ``GET`` there lists their metadata. No service can show a key again.
+    """
+    moved = f"/v1/accounts/{access.account_id}/enrollment-keys"
+    detail = (
+        f"enrollment keys moved to the enforcer: POST {moved} issues a new key (shown once), "
+        f"GET {moved} lists them, DELETE {moved}/{{key_id}} revokes one"
+    )
+    return JSONResponse(
+        {
+            "type": "urn:hostiso:problem:enrollment_key.moved",
+            "title": "Gone",
+            "status": 410,
+            "detail": detail,
+            "errors": [{"field": "enrollment_key", "rule": "moved", "message": detail}],
+            "location": moved,
+        },
+        status_code=status.HTTP_410_GONE,
+        media_type="application/problem+json",
     )
 
 

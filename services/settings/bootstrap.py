@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from portal import mount_portal
+from portal import PORTAL_PATH, mount_portal
 from services.settings import api
 from services.settings.adapters.audit import KafkaAuditSink
 from services.settings.adapters.outbox_relay import (
@@ -20,7 +20,8 @@ from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
 from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
-from shared.http import add_operational_routes, serve
+from shared.auth import AUDIENCE_SETTINGS
+from shared.http import add_operational_routes, install_request_guards, serve, token_policy
 from shared.logs import configure_logging
 from shared.runtime import Runtime, single_node_redis
 
@@ -32,7 +33,9 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     runtime = Runtime(settings, SERVICE)
     metrics = SettingsMetrics(runtime.registry)
     store = RedisAllowlistStore(
-        single_node_redis(runtime), lambda *parts: runtime.keys(SERVICE, *parts)
+        single_node_redis(runtime),
+        lambda *parts: runtime.keys(SERVICE, *parts),
+        history_max_records=settings.history_max_records,
     )
     relay = OutboxRelay(
         store,
@@ -55,8 +58,6 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
         audit=KafkaAuditSink(runtime.producer, runtime.topics, metrics, settings.audit_timeout_s),
         max_entries=settings.allowlist_max_entries,
         publish_wait_s=settings.publish_wait_s,
-        enrollment_secret=settings.require_secret("enrollment_secret"),
-        history_limit=settings.history_limit,
     )
 
     @contextlib.asynccontextmanager
@@ -84,6 +85,13 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
     app.state.store = store
     app.state.runtime = runtime
     app.state.settings = settings
+    install_request_guards(
+        app,
+        token_policy=token_policy(settings, AUDIENCE_SETTINGS),
+        public_paths=[PORTAL_PATH],
+        public_prefixes=[f"{PORTAL_PATH}/"],
+        max_body_bytes=settings.http_max_body_bytes,
+    )
 
     async def readiness() -> dict[str, bool]:
         checks = await runtime.readiness()

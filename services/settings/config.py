@@ -26,7 +26,13 @@ class SettingsServiceSettings(ServiceSettings):
     audit_timeout_s: float = Field(
         2.0, gt=0, description="Deadline to publish the audit event of a refused attempt."
     )
-    history_limit: int = Field(1000, ge=1, description="Most history records one call returns.")
+    history_max_records: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="History records kept per account (HOSTISO_HISTORY_MAX_RECORDS); older ones "
+        "are trimmed on write. The full trail is on the audit topic.",
+    )
     isolation_public_url: str = Field(
         "http://127.0.0.1:8002",
         description="The isolation API's URL as the browser reaches it (the portal page calls it).",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
@@ -248,10 +249,43 @@ def _check_unicast(address: ipaddress.IPv4Address) -> None:
         _raise(_reject("multicast", "multicast addresses (224.0.0.0/4) are not a single server"))
     if address in _RESERVED:
         _raise(_reject("reserved", "reserved addresses (240.0.0.0/4) cannot be used"))
+    if address in _SHARED:
+        _raise(
+            _reject(
+                "shared_address_space",
+                "shared address space (100.64.0.0/10) is carrier-grade NAT inside a provider's "
+                "network, not a static server address",
+            )
+        )
+    if address in _IETF_PROTOCOL:
+        _raise(
+            _reject(
+                "ietf_protocol",
+                "IETF protocol assignments (192.0.0.0/24) are not server addresses",
+            )
+        )
+    if address in _BENCHMARKING:
+        _raise(
+            _reject(
+                "benchmarking",
+                "benchmarking addresses (198.18.0.0/15) are for lab networks, not a server",
+            )
+        )
+    if address in _RELAY_ANYCAST:
+        _raise(
+            _reject(
+                "anycast",
+                "the 6to4 relay anycast range (192.88.99.0/24) is not a single server",
+            )
+        )
 
 
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 _RESERVED = ipaddress.IPv4Network("240.0.0.0/4")
+_SHARED = ipaddress.IPv4Network("100.64.0.0/10")
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
+_BENCHMARKING = ipaddress.IPv4Network("198.18.0.0/15")
+_RELAY_ANYCAST = ipaddress.IPv4Network("192.88.99.0/24")
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
@@ -270,6 +304,12 @@ def validate_name(raw: str) -> str:
             "too_long",
             f"name must be at most {NAME_MAX_LENGTH} characters after trimming (got {len(name)})",
         )
+    if _looks_blank(name):
+        raise EntryRejectedError(
+            "name",
+            "blank",
+            "name must contain a visible character (not only fillers, blanks or combining marks)",
+        )
     if not name.isprintable():
         raise EntryRejectedError(
             "name",
@@ -277,6 +317,24 @@ def validate_name(raw: str) -> str:
             "name must contain printable characters only (no control or invisible characters)",
         )
     return name
+
+
+# Letters and symbols Unicode counts as printable that render as nothing: Hangul fillers, the
+# braille blank, Khmer inherent vowels, and the Hangul/halfwidth fillers' relatives.
+_FILLERS = frozenset("\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+# Marks (alone they attach to nothing), format characters (zero-width, joiners, bidi
+# controls, tags), separators and controls, and unassigned or private-use code points.
+_INVISIBLE_CATEGORIES = frozenset(
+    {"Mn", "Mc", "Me", "Cf", "Cc", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"}
+)
+
+
+def _looks_blank(name: str) -> bool:
+    """True when no character of ``name`` would show: a list row that reads as empty."""
+    return all(
+        c in _FILLERS or c.isspace() or unicodedata.category(c) in _INVISIBLE_CATEGORIES
+        for c in name
+    )
 
 
 def parse_if_match(raw: str | None) -> int | None:
@@ -421,3 +479,22 @@ def remove_entry(current: Allowlist, entry_id: str, now: datetime) -> Change:
         entry=entry,
         detail=f"removed {entry.name!r} {entry.address}",
     )
+
+
+def history_delta(change: Change) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """What one change changed, for its history record: the entry or the switch, not the lists.
+
+    An entry change gives the entry before and after (None where it did not exist); a switch
+    gives ``{"enabled": ...}`` on both sides. A record stays small however long the list is.
+    """
+    if change.entry is None:
+        return {"enabled": change.before.enabled}, {"enabled": change.after.enabled}
+    entry_id = change.entry.id
+
+    def compact(allowlist: Allowlist) -> dict[str, Any] | None:
+        for entry in allowlist.entries:
+            if entry.id == entry_id:
+                return {"id": entry.id, "name": entry.name, "address": entry.address}
+        return None
+
+    return compact(change.before), compact(change.after)

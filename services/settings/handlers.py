@@ -10,7 +10,6 @@ from typing import Any, Protocol
 
 from services.settings import domain
 from services.settings.domain import Allowlist, Change, SettingsError
-from shared.enrollment import enrollment_key
 from shared.messages import Actor, AllowlistChanged, AuditRecorded, utcnow
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,9 @@ class AllowlistStore(Protocol):
         self, change: Change, event: AllowlistChanged, audit: AuditRecorded
     ) -> bool: ...
 
-    async def history(self, account_id: str, limit: int) -> list[dict[str, Any]]: ...
+    async def history(
+        self, account_id: str, *, limit: int, before_version: int | None = None
+    ) -> list[dict[str, Any]]: ...
 
 
 class Publication(Protocol):
@@ -94,8 +95,6 @@ class SettingsHandlers:
         audit: AuditSink,
         max_entries: int,
         publish_wait_s: float,
-        enrollment_secret: str,
-        history_limit: int = 1000,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self._store = store
@@ -103,8 +102,6 @@ class SettingsHandlers:
         self._audit = audit
         self._max_entries = max_entries
         self._publish_wait_s = publish_wait_s
-        self._enrollment_secret = enrollment_secret
-        self._history_limit = history_limit
         self._new_id = new_id
 
     async def authorize(self, principal: Actor, account_id: str, action: str) -> None:
@@ -138,12 +135,18 @@ class SettingsHandlers:
     async def read_allowlist(self, account_id: str) -> Allowlist:
         return await self._store.load(account_id)
 
-    async def history(self, account_id: str) -> tuple[Allowlist, list[dict[str, Any]]]:
+    async def history(
+        self, account_id: str, *, limit: int, before_version: int | None = None
+    ) -> tuple[Allowlist, list[dict[str, Any]], int | None]:
+        """One page of records, newest first, and the ``before_version`` of the next page."""
         current = await self._store.load(account_id)
-        return current, await self._store.history(account_id, self._history_limit)
-
-    def enrollment_key(self, account_id: str) -> str:
-        return enrollment_key(self._enrollment_secret, account_id)
+        # One record more than the page tells whether another page follows.
+        records = await self._store.history(
+            account_id, limit=limit + 1, before_version=before_version
+        )
+        page = records[:limit]
+        more = len(records) > limit
+        return current, page, int(page[-1]["version"]) if more else None
 
     async def set_enabled(
         self, principal: Actor, account_id: str, enabled: bool, if_match: int | None

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.settings.bootstrap import build_app
 from services.settings.config import SettingsServiceSettings
-from shared.auth import mint_token
+from shared.auth import SCOPE_ALLOWLIST_READ, SCOPE_ALLOWLIST_WRITE, mint_token
 from shared.kafka import ensure_topics
 from shared.messages import decode
 from shared.topics import TopicName, Topics
@@ -88,7 +88,12 @@ async def measure(bootstrap: str, redis_url: str, writes: int, concurrency: int)
     topics = Topics(settings.topic_prefix)
     await ensure_topics(bootstrap, topics)
     app = build_app(settings)
-    token = mint_token(settings.require_secret("jwt_secret"), sub="measure", role="service")
+    token = mint_token(
+        settings.require_secret("jwt_secret"),
+        sub="measure",
+        role="service",
+        scopes=[SCOPE_ALLOWLIST_READ, SCOPE_ALLOWLIST_WRITE],
+    )
     headers = {"Authorization": f"Bearer {token}"}
     watcher = TopicWatcher(bootstrap, topics.settings_allowlist)
     async with app.router.lifespan_context(app):

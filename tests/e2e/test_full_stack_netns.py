@@ -1,12 +1,13 @@
 """The whole system for real: Kafka, Redis, the three services as processes, and the reference
 agent inside a network namespace enforcing with nftables.
 
-Topology (addresses from the 198.18.0.0/15 benchmarking range):
+Topology (addresses from the 198.18.0.0/15 benchmarking range; the RMM's from the
+documentation range, as the settings service refuses benchmarking addresses in an allowlist):
 
     root namespace (Kafka, Redis, services)          ns `host` (agent, listener :9000)
     enforcer on 198.18.1.1  ── veth ──────────────── 198.18.1.2
                                                       198.18.0.1 ── veth ── ns `peer`
-                                                                 RMM 198.18.0.20, unlisted 198.18.0.30
+                                                                 RMM 203.0.113.20, unlisted 198.18.0.30
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tests.netns import probe, read_line, requires_netns, run, session_send
 
 ROOT = Path(__file__).resolve().parents[2]
 PLATFORM_ROOT, PLATFORM_HOST = "198.18.1.1", "198.18.1.2"
-HOST_IP, PEER_IP, RMM, UNLISTED = "198.18.0.1", "198.18.0.2", "198.18.0.20", "198.18.0.30"
+HOST_IP, PEER_IP, RMM, UNLISTED = "198.18.0.1", "198.18.0.2", "203.0.113.20", "198.18.0.30"
 RESOLVER = "198.18.0.53"
 PEER_PORT, LISTENER_PORT = 8080, 9000
 ACCOUNT = "acct-netns"
@@ -101,6 +102,7 @@ class Lab:
             run("ip", "-n", self.peer, "addr", "add", f"{address}/24", "dev", peer_if)
         run("ip", "-n", self.host, "link", "set", host_if, "up")
         run("ip", "-n", self.peer, "link", "set", peer_if, "up")
+        run("ip", "-n", self.host, "route", "add", f"{RMM}/32", "dev", host_if)
         self.serve(self.peer, PEER_PORT)
         self.serve(self.host, LISTENER_PORT)
 
@@ -228,7 +230,7 @@ async def test_isolation_enforced_by_nftables_end_to_end(
             lab.ns_python(
                 lab.host, "-m", "agent",
                 "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
-                "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
+                "--dev", "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
                 "--hostname", "netns-host", "--state-dir", str(state_dir),
                 "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
                 "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",

@@ -1,11 +1,11 @@
-"""Publishes the enforcer's events: endpoints on ``endpoints.v1``, agent reports on ``isolation.status.v1``."""
+"""Publishes the enforcer's events: ``endpoints.v1``, ``isolation.status.v1`` and ``audit.v1``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from shared.kafka import publish
-from shared.messages import EndpointRegistered, PolicyStatusReported
+from shared.messages import AuditRecorded, EndpointRegistered, PolicyStatusReported
 from shared.topics import Topics
 
 
@@ -22,3 +22,8 @@ class KafkaEventPublisher:
 
     async def policy_status_reported(self, message: PolicyStatusReported) -> None:
         await publish(self._producer, self._topics.isolation_status, message.endpoint_id, message)
+
+    async def audit_recorded(self, message: AuditRecorded) -> None:
+        # Keyed by account like every audit.v1 producer; acks=all before the caller hears back.
+        key = message.account_id or message.actor.sub
+        await publish(self._producer, self._topics.audit, key, message)

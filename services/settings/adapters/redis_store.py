@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from services.settings.domain import Allowlist, Change
+from services.settings.domain import Allowlist, Change, history_delta
 from shared.messages import AllowlistChanged, AuditRecorded
 
 KeyBuilder = Callable[..., str]
@@ -18,14 +18,25 @@ KeyBuilder = Callable[..., str]
 # Compare-and-set on the version: the state, the version, the history record and the outbox
 # entry are written by one script, so Redis never holds a half-applied change, and the outbox
 # stream's order is the commit order (hence each account's version order).
+# History is a sorted set scored by version (a page is one range read), trimmed here to the
+# newest ARGV[9] records so it is bounded per account whatever the write rate. An account
+# still holding the old unbounded list (KEYS[5]) has its newest records moved over once.
 _COMMIT = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current ~= tonumber(ARGV[1]) then
   return {0, tostring(current)}
 end
+local keep = tonumber(ARGV[9])
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3])
-redis.call('RPUSH', KEYS[3], ARGV[4])
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  for _, item in ipairs(redis.call('LRANGE', KEYS[5], -keep, -1)) do
+    redis.call('ZADD', KEYS[3], cjson.decode(item)['version'], item)
+  end
+  redis.call('DEL', KEYS[5])
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[4])
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(keep + 1))
 local id = redis.call('XADD', KEYS[4], '*',
   'account', ARGV[5], 'version', ARGV[2], 'event', ARGV[6], 'audit', ARGV[7], 'at', ARGV[8])
 return {1, id}
@@ -74,9 +85,10 @@ class OutboxRecord:
 class RedisAllowlistStore:
     """The allowlist, its history and the transactional outbox, under ``<prefix>settings:``."""
 
-    def __init__(self, redis: Redis, keys: KeyBuilder) -> None:
+    def __init__(self, redis: Redis, keys: KeyBuilder, history_max_records: int = 1000) -> None:
         self._redis = redis
         self._keys = keys
+        self._history_max_records = history_max_records
         self._commit = redis.register_script(_COMMIT)
         self._mark = redis.register_script(_MARK_PUBLISHED)
         self._renew = redis.register_script(_RENEW_LEASE)
@@ -95,22 +107,24 @@ class RedisAllowlistStore:
     async def commit(self, change: Change, event: AllowlistChanged, audit: AuditRecorded) -> bool:
         """Apply ``change`` if the stored version is still ``change.before.version``."""
         account_id = change.after.account_id
+        before, after = history_delta(change)
         history = {
             "version": change.after.version,
             "action": change.action,
             "actor": event.changed_by.model_dump(mode="json"),
             "at": event.occurred_at.isoformat(),
             "detail": change.detail,
-            "before": change.before.summary(),
-            "after": change.after.summary(),
+            "before": before,
+            "after": after,
             "event_id": event.id,
         }
         result: list[Any] = await self._commit(
             keys=[
                 self._account_key(account_id, "version"),
                 self._account_key(account_id, "state"),
-                self._account_key(account_id, "history"),
+                self._account_key(account_id, "history-by-version"),
                 self.outbox_key,
+                self._account_key(account_id, "history"),
             ],
             args=[
                 change.before.version,
@@ -121,13 +135,27 @@ class RedisAllowlistStore:
                 event.to_bytes(),
                 audit.to_bytes(),
                 int(time.time() * 1000),
+                self._history_max_records,
             ],
         )
         return int(result[0]) == 1
 
-    async def history(self, account_id: str, limit: int) -> list[dict[str, Any]]:
-        raw = await self._redis.lrange(self._account_key(account_id, "history"), -limit, -1)
-        return [orjson.loads(item) for item in reversed(raw)]
+    async def history(
+        self, account_id: str, *, limit: int, before_version: int | None = None
+    ) -> list[dict[str, Any]]:
+        """At most ``limit`` records with a version below ``before_version``, newest first."""
+        raw: list[bytes] = await self._redis.zrevrangebyscore(
+            self._account_key(account_id, "history-by-version"),
+            "+inf" if before_version is None else f"({before_version}",
+            "-inf",
+            start=0,
+            num=limit,
+        )  # type: ignore[assignment]
+        return [orjson.loads(item) for item in raw]
+
+    async def history_size(self, account_id: str) -> int:
+        """How many history records the account holds (bounded by the configured maximum)."""
+        return int(await self._redis.zcard(self._account_key(account_id, "history-by-version")))
 
     async def published_version(self, account_id: str) -> int:
         raw = await self._redis.get(self._account_key(account_id, "published"))

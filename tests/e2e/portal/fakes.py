@@ -22,7 +22,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
 from portal import mount_portal
-from shared.auth import CurrentPrincipal, Principal
+from shared.auth import (
+    AUDIENCE_ISOLATION,
+    AUDIENCE_SETTINGS,
+    CurrentPrincipal,
+    Principal,
+    TokenPolicy,
+)
 from shared.infra.proc import free_port
 
 JWT_SECRET = "portal-test-jwt-secret-0123456789abcdef"
@@ -184,7 +190,7 @@ def _check_if_match(platform: FakePlatform, allowlist: Allowlist, if_match: str 
 
 def build_settings_app(platform: FakePlatform, *, isolation_url: str) -> FastAPI:
     app = FastAPI()
-    app.state.jwt_secret = JWT_SECRET
+    app.state.token_policy = TokenPolicy(JWT_SECRET, audience=AUDIENCE_SETTINGS)
     base = "/v1/accounts/{account_id}/tooling-allowlist"
 
     def answer(response: Response, allowlist: Allowlist) -> dict[str, Any]:
@@ -291,7 +297,7 @@ def build_settings_app(platform: FakePlatform, *, isolation_url: str) -> FastAPI
 
 def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAPI:
     app = FastAPI()
-    app.state.jwt_secret = JWT_SECRET
+    app.state.token_policy = TokenPolicy(JWT_SECRET, audience=AUDIENCE_ISOLATION)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=[portal_origin],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -21,8 +22,9 @@ class FakeEnforcer:
 
     ENROLLMENT_KEY = "e" * 64
 
-    def __init__(self, signer: TestSigner) -> None:
+    def __init__(self, signer: TestSigner, host: str = "127.0.0.1") -> None:
         self.signer = signer
+        self.host = host
         self.tokens: dict[str, str] = {}
         self.enrollments: list[dict[str, Any]] = []
         self.mailbox: dict[str, SignedPolicy | bytes] = {}
@@ -33,7 +35,8 @@ class FakeEnforcer:
         self.changed = asyncio.Event()
         self.closing = False
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        self.ssl: tuple[Path, Path] | None = None
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -62,7 +65,8 @@ class FakeEnforcer:
             if body.get("enrollment_key") != self.ENROLLMENT_KEY:
                 raise HTTPException(403, "enrollment_key: does not match the account")
             self.enrollments.append(body)
-            agent_id = f"ep-{len(self.enrollments)}"
+            # As the enforcer does: re-enrolling names the endpoint it already is and keeps it.
+            agent_id = str(body.get("endpoint_id") or f"ep-{len(self.enrollments)}")
             self.tokens[agent_id] = f"tok-{agent_id}"
             return {"agent_id": agent_id, "agent_token": self.tokens[agent_id]}
 
@@ -109,9 +113,20 @@ class FakeEnforcer:
 
         return app
 
+    def use_tls(self, cert: Path, key: Path) -> None:
+        """Serve HTTPS with this certificate (call before ``start``)."""
+        self.ssl = (cert, key)
+        self.url = f"https://{self.host}:{self.port}"
+
     async def start(self) -> None:
         config = uvicorn.Config(
-            self.app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+            self.app(),
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=self.ssl[0] if self.ssl else None,
+            ssl_keyfile=self.ssl[1] if self.ssl else None,
         )
         self._server = uvicorn.Server(config)
         # uvicorn would take over SIGINT/SIGTERM of the test process otherwise.

@@ -41,14 +41,16 @@ class RunningAgent:
         self.stats = AgentStats()
         self.loop = AgentLoop(
             identity=AgentIdentity("acct-1", "web-01", "linux"),
-            client=EnforcerClient(enforcer.url, http),
+            client=EnforcerClient(enforcer.url, http, allow_plain_http=True),
             store=StateStore(state_dir),
             firewall=SimulatedFirewall(FACTS, "hostiso"),
             enrollment_key=self._key,
             stats=self.stats,
+            dev_mode=True,
             poll_wait=5.0,
             table_check_interval=None,
             backoff_cap=0.2,
+            reenroll_after=2,
         )
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -74,7 +76,12 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def _enrolled(agent: RunningAgent) -> str:
-    return await wait_for(lambda: agent.loop.state.agent_id, timeout=10, message="enrollment")
+    # Persisted, not only in memory: tests read the state file next.
+    return await wait_for(
+        lambda: agent.loop.store.path.exists() and agent.loop.store.load().agent_id,
+        timeout=10,
+        message="enrollment",
+    )
 
 
 def _reports(enforcer: FakeEnforcer, agent_id: str, **match: Any) -> list[dict[str, Any]]:
@@ -186,22 +193,34 @@ async def test_unreadable_policy_is_counted_not_reported_and_enforcer_errors_are
         await agent.halt()
 
 
-async def test_agent_enrolls_again_and_repins_the_key_when_the_enforcer_forgot_it(
+async def test_forgotten_agent_enrolls_again_as_the_same_endpoint_and_never_repins(
     enforcer: FakeEnforcer, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
+    """Finding 1: a lost enrollment used to re-pin a fresh key and reset the fence to 0."""
     agent = RunningAgent(enforcer, tmp_path, http).start()
+    original = enforcer.signer
     try:
         first = await _enrolled(agent)
-        # As after a wiped dev Redis: agent unknown, and a freshly generated signing key.
+        enforcer.publish(first, original.sign(make_policy(endpoint_id=first, sequence=4)))
+        await wait_for(lambda: _reports(enforcer, first, sequence=4, status="applied"))
+        # As after a wiped Redis: agent unknown, and a freshly generated signing key.
         enforcer.signer = TestSigner()
         enforcer.forget(first)
-        enforcer.publish(first, enforcer.signer.sign(make_policy(endpoint_id=first)))
-        second = await wait_for(
-            lambda: agent.loop.state.agent_id if agent.loop.state.agent_id != first else None
-        )
-        enforcer.publish(second, enforcer.signer.sign(make_policy(endpoint_id=second)))
-        await wait_for(lambda: _reports(enforcer, second, sequence=1, status="applied"))
-        assert StateStore(tmp_path).load().signing_key == enforcer.signer.public_b64
+        await wait_for(lambda: len(enforcer.enrollments) == 2, message="re-enrollment")
+        assert enforcer.enrollments[1]["endpoint_id"] == first
+        await wait_for(lambda: agent.stats.reenrollments == 1, message="token renewed")
+        assert agent.loop.state.agent_id == first
+        enforcer.publish(first, enforcer.signer.sign(make_policy(endpoint_id=first, sequence=5)))
+        await wait_for(lambda: _reports(enforcer, first, sequence=5, status="failed"))
+        assert "key_id" in _reports(enforcer, first, sequence=5)[0]["detail"]
+        # The key pinned at the first enrollment still works; the fence did not go back to 0.
+        enforcer.ignore_after = True
+        enforcer.publish(first, original.sign(make_policy(endpoint_id=first, sequence=3)))
+        await wait_for(lambda: _reports(enforcer, first, sequence=3, status="failed"))
+        enforcer.publish(first, original.sign(make_policy(endpoint_id=first, sequence=6)))
+        await wait_for(lambda: _reports(enforcer, first, sequence=6, status="applied"))
+        stored = StateStore(tmp_path).load()
+        assert stored.signing_key == original.public_b64 and stored.fence == 6
     finally:
         await agent.halt()
 
@@ -220,6 +239,7 @@ async def test_many_simulated_agents_in_one_process_each_enroll_and_ack(
         simulated=True,
         count=count,
         poll_wait=5.0,
+        dev=True,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(run_agents(config, stop))
@@ -248,7 +268,7 @@ async def test_cli_runs_simulated_agents_as_a_process(
         "--enrollment-key", FakeEnforcer.ENROLLMENT_KEY,
         "--state-dir", str(tmp_path),
         "--dns-resolvers", "192.0.2.53",
-        "--simulated", "--count", "2", "--poll-wait", "2",
+        "--simulated", "--count", "2", "--poll-wait", "2", "--dev",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -276,7 +296,7 @@ async def test_cli_refuses_bad_configuration_with_a_clear_message(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "--account-id", "acct-1", "--enrollment-key", "k",
+        sys.executable, "-m", "agent", "--dev", "--account-id", "acct-1", "--enrollment-key", "k",
         "--state-dir", str(tmp_path), "--dns-resolvers", "", *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -296,7 +316,7 @@ async def test_report_lost_to_a_crash_after_applying_is_sent_at_restart(
     policy = make_policy(endpoint_id=agent_id, sequence=3)
     store = StateStore(tmp_path)
     state = store.load()
-    state.last_applied_sequence = state.poll_cursor = 3
+    state.last_applied_sequence = state.poll_cursor = state.verified_sequence = 3
     state.last_policy = enforcer.signer.sign(policy)
     state.pending_report = {
         "sequence": 3,

@@ -14,7 +14,7 @@ from shared.config import ServiceSettings
 from shared.kafka import make_producer, publish
 from shared.messages import Actor, IsolateEndpoint
 from shared.runtime import Runtime
-from shared.topics import Topics
+from shared.topics import TOPIC_SPECS, TopicName, Topics
 from tests.helpers import SECURITY, kafka_admin_options, wait_for
 
 SOC = Actor(sub="soc", role="soc")
@@ -126,10 +126,8 @@ async def test_more_instances_than_partitions_are_all_ready(
         runtime_for(kafka_bootstrap, redis_url, topics, redis_prefix, f"i{n}") for n in range(4)
     ]
     for runtime in runtimes:
-        # The priority topic has 3 partitions: the 4th member owns none.
-        runtime.add_consumer(
-            topics.isolation_requests_priority, group_id=group, handler=ignore, name="priority"
-        )
+        # audit.v1 has 3 partitions: the 4th member owns none.
+        runtime.add_consumer(topics.audit, group_id=group, handler=ignore, name="priority")
     async with started(runtimes):
         await runtimes[0].start()
         for runtime in runtimes[1:]:
@@ -190,7 +188,10 @@ async def test_a_static_member_restarted_at_once_gets_its_partitions_back(
             request = IsolateEndpoint(endpoint_id="ep-s2", mode="strict", requested_by=SOC)
             await publish(producer, topics.isolation_requests_priority, "ep-s2", request)
             await wait_for(lambda: "ep-s2" in seen, timeout=30, message="handled after restart")
-            assert len(again.consumers[0].consumer.assignment()) == 3
+            partitions = next(
+                s.partitions for s in TOPIC_SPECS if s.name == TopicName.ISOLATION_REQUESTS_PRIORITY
+            )
+            assert len(again.consumers[0].consumer.assignment()) == partitions
             assert seen.count("ep-s1") == 1  # committed before the stop: not handled twice
     finally:
         await producer.stop()

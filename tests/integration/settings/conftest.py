@@ -24,12 +24,22 @@ from shared.topics import Topics
 from tests.helpers import SECURITY, kafka_admin_options
 
 
-def token(role: Role, account_id: str | None = None, sub: str = "tester", ttl: int = 600) -> str:
-    return mint_token(DEV_JWT_SECRET, sub=sub, role=role, account_id=account_id, ttl_s=ttl)
+def token(
+    role: Role,
+    account_id: str | None = None,
+    sub: str = "tester",
+    ttl: int = 600,
+    scopes: tuple[str, ...] = (),
+) -> str:
+    return mint_token(
+        DEV_JWT_SECRET, sub=sub, role=role, account_id=account_id, ttl_s=ttl, scopes=scopes
+    )
 
 
-def bearer(role: Role, account_id: str | None = None, sub: str = "tester") -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(role, account_id, sub)}"}
+def bearer(
+    role: Role, account_id: str | None = None, sub: str = "tester", scopes: tuple[str, ...] = ()
+) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(role, account_id, sub, scopes=scopes)}"}
 
 
 SOC = bearer("soc", sub="soc-analyst")

@@ -60,19 +60,30 @@ async def test_allowlist_lifecycle_carries_versions_and_etags(module_app: Settin
         "allowlist.enable",
         "allowlist.entry.add",
     ]
+    assert history["next_before_version"] is None
     first = history["records"][-1]
     assert first["actor"] == {"sub": "alice@msp.example", "role": "partner", "account_id": account}
-    assert (
-        first["before"]["entries"] == [] and first["after"]["entries"][0]["name"] == "ConnectWise"
+    # Each record says what changed (the entry or the switch), not the whole list twice.
+    entry_ref = {"id": entry["id"], "name": "ConnectWise", "address": "198.51.100.7"}
+    assert (first["before"], first["after"]) == (None, entry_ref)
+    removed_record, renamed_record, switch_record, _ = history["records"]
+    assert (switch_record["before"], switch_record["after"]) == (
+        {"enabled": False},
+        {"enabled": True},
     )
+    renamed_ref = {"id": entry["id"], "name": "CW Automate", "address": "198.51.100.8"}
+    assert (renamed_record["before"], renamed_record["after"]) == (entry_ref, renamed_ref)
+    assert (removed_record["before"], removed_record["after"]) == (renamed_ref, None)
 
 
-async def test_enrollment_key_is_the_shared_derivation(module_app: SettingsApp) -> None:
+async def test_enrollment_key_route_is_gone_and_shows_no_secret(module_app: SettingsApp) -> None:
     response = await module_app.client.get("/v1/accounts/acct-enroll/enrollment-key", headers=SOC)
-    assert response.json() == {
-        "account_id": "acct-enroll",
-        "enrollment_key": enrollment_key(DEV_ENROLLMENT_SECRET, "acct-enroll"),
-    }
+    assert response.status_code == 410
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["location"] == "/v1/accounts/acct-enroll/enrollment-keys"
+    assert body["errors"][0]["rule"] == "moved"
+    assert enrollment_key(DEV_ENROLLMENT_SECRET, "acct-enroll") not in response.text
 
 
 async def test_docs_health_ready_and_metrics_are_served(module_app: SettingsApp) -> None:

@@ -9,7 +9,13 @@ from typing import Any
 import jwt
 import pytest
 
-from shared.auth import mint_token
+from shared.auth import (
+    AUDIENCE_ISOLATION,
+    SCOPE_ALLOWLIST_READ,
+    SCOPE_ALLOWLIST_WRITE,
+    SCOPE_ENROLLMENT_KEY_READ,
+    mint_token,
+)
 from shared.config import DEV_JWT_SECRET
 from shared.messages import AuditRecorded, Role
 from tests.helpers import read_topic, wait_for
@@ -23,8 +29,18 @@ ROUTES: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
     ("rename", "PATCH", "/tooling-allowlist/entries/{entry}", {"name": "Renamed"}, 200),
     ("remove", "DELETE", "/tooling-allowlist/entries/{entry}", None, 200),
     ("history", "GET", "/tooling-allowlist/history", None, 200),
-    ("enrollment-key", "GET", "/enrollment-key", None, 200),
+    ("enrollment-key", "GET", "/enrollment-key", None, 410),
 ]
+# The scope a service token needs for each route (partner and soc tokens are not scoped).
+SCOPE = {
+    "read": SCOPE_ALLOWLIST_READ,
+    "switch": SCOPE_ALLOWLIST_WRITE,
+    "add": SCOPE_ALLOWLIST_WRITE,
+    "rename": SCOPE_ALLOWLIST_WRITE,
+    "remove": SCOPE_ALLOWLIST_WRITE,
+    "history": SCOPE_ALLOWLIST_READ,
+    "enrollment-key": SCOPE_ENROLLMENT_KEY_READ,
+}
 ROLES: list[Role] = ["partner", "soc", "service"]
 
 
@@ -53,7 +69,10 @@ async def test_route_role_account_matrix(
     token_account = None
     if role == "partner":
         token_account = account if whose == "own" else f"acct-{uuid.uuid4().hex[:8]}"
-    response = await _call(module_app, route, account, entry, bearer(role, token_account))
+    scopes = (SCOPE[route[0]],) if role == "service" else ()
+    response = await _call(
+        module_app, route, account, entry, bearer(role, token_account, scopes=scopes)
+    )
     before = (await module_app.client.get(module_app.url(account), headers=SOC)).json()
     if role == "partner" and whose == "other":
         assert response.status_code == 403, response.text
@@ -66,8 +85,7 @@ async def test_route_role_account_matrix(
         if route[1] != "GET":
             assert before["version"] == 2
         if route[0] == "enrollment-key":
-            assert response.json()["account_id"] == account
-            assert len(response.json()["enrollment_key"]) == 64
+            assert "enrollment_key" not in response.json()
 
 
 def _bad_tokens() -> dict[str, dict[str, str]]:
@@ -78,7 +96,28 @@ def _bad_tokens() -> dict[str, dict[str, str]]:
     forged = mint_token("another-secret-that-is-long-enough-000000", sub="x", role="soc")
     no_account = jwt.encode({"sub": "x", "role": "partner", "exp": now + 60}, DEV_JWT_SECRET)
     bad_role = jwt.encode({"sub": "x", "role": "admin", "exp": now + 60}, DEV_JWT_SECRET)
+
+    def signed(**claims: Any) -> str:
+        base = {"sub": "x", "role": "soc", "iat": now, "exp": now + 60, "aud": ["hostiso-settings"]}
+        return jwt.encode({**base, **claims}, DEV_JWT_SECRET, "HS256")
+
+    century = signed(exp=now + 100 * 365 * 86400)
+    no_iat = jwt.encode(
+        {"sub": "x", "role": "soc", "exp": now + 60, "aud": "hostiso-settings"}, DEV_JWT_SECRET
+    )
+    no_aud = jwt.encode({"sub": "x", "role": "soc", "iat": now, "exp": now + 60}, DEV_JWT_SECRET)
+    other_aud = mint_token(DEV_JWT_SECRET, sub="x", role="soc", audience=[AUDIENCE_ISOLATION])
+    future = signed(iat=now + 3600, exp=now + 3700)
+    long_service = signed(
+        role="service", exp=now + 2 * 3600, scope="allowlist:read allowlist:write"
+    )
     return {
+        "century-exp": {"Authorization": f"Bearer {century}"},
+        "no-iat": {"Authorization": f"Bearer {no_iat}"},
+        "no-aud": {"Authorization": f"Bearer {no_aud}"},
+        "other-audience": {"Authorization": f"Bearer {other_aud}"},
+        "future-iat": {"Authorization": f"Bearer {future}"},
+        "long-lived-service": {"Authorization": f"Bearer {long_service}"},
         "missing": {},
         "not-bearer": {"Authorization": "Basic dXNlcjpwYXNz"},
         "garbage": {"Authorization": "Bearer not.a.jwt"},
@@ -97,6 +136,43 @@ async def test_missing_expired_or_forged_tokens_get_401(
     response = await _call(module_app, route, "acct-401", "e", _bad_tokens()[kind])
     assert response.status_code == 401, response.text
     assert isinstance(response.json()["detail"], str)
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+# Each JWT rule is named in the refusal (finding: 100-year exp accepted, no aud, unscoped service).
+RULES = {
+    "century-exp": "lifetime (exp - iat) of 3153600000s exceeds the maximum of 86400s for role 'soc'",
+    "no-iat": "the iat claim is required",
+    "no-aud": "the aud claim is required",
+    "other-audience": "aud must include 'hostiso-settings'",
+    "future-iat": "iat is in the future",
+    "long-lived-service": "exceeds the maximum of 3600s for role 'service'",
+}
+
+
+@pytest.mark.parametrize("kind", list(RULES))
+async def test_each_jwt_rule_is_named_in_the_401(module_app: SettingsApp, kind: str) -> None:
+    response = await module_app.client.get(module_app.url("acct-jwt"), headers=_bad_tokens()[kind])
+    assert response.status_code == 401, response.text
+    assert RULES[kind] in response.json()["detail"]
+
+
+async def test_a_service_token_may_do_only_what_its_scope_names(module_app: SettingsApp) -> None:
+    account, _ = await _prepare(module_app)
+    unscoped = bearer("service")
+    assert (
+        await module_app.client.get(module_app.url(account), headers=unscoped)
+    ).status_code == 403
+    writer = bearer("service", scopes=(SCOPE_ALLOWLIST_WRITE,))
+    switched = await module_app.client.patch(
+        module_app.url(account), json={"enabled": False}, headers=writer
+    )
+    assert switched.status_code == 200, switched.text
+    key = await module_app.client.get(f"/v1/accounts/{account}/enrollment-key", headers=writer)
+    assert key.status_code == 403
+    assert "'enrollment-key:read' scope" in key.json()["detail"]
+    assert 'error="insufficient_scope"' in key.headers["www-authenticate"]
 
 
 async def test_refused_cross_account_attempt_is_in_the_audit_topic(

@@ -27,7 +27,8 @@ CASES: list[tuple[str, str, int, str | None, str]] = [
     ("RMM", "172.16.5.4", 201, None, ""),
     ("RMM", "172.31.255.254", 201, None, ""),
     ("RMM", "8.8.8.8", 201, None, ""),
-    ("RMM", "100.64.0.1", 201, None, ""),
+    ("RMM", "100.63.255.254", 201, None, ""),
+    ("RMM", "198.20.0.1", 201, None, ""),
     ("RMM", "223.255.255.254", 201, None, ""),
     ("RMM", "10.0.0.0", 201, None, ""),
     # hostnames and FQDNs
@@ -56,6 +57,12 @@ CASES: list[tuple[str, str, int, str | None, str]] = [
     ("RMM", "240.0.0.1", 422, "address", "reserved addresses"),
     ("RMM", "250.1.2.3", 422, "address", "reserved addresses"),
     ("RMM", "255.255.255.255", 422, "address", "broadcast address"),
+    ("RMM", "100.64.0.1", 422, "address", "shared address space (100.64.0.0/10)"),
+    ("RMM", "100.127.0.9", 422, "address", "shared address space (100.64.0.0/10)"),
+    ("RMM", "192.0.0.8", 422, "address", "IETF protocol assignments (192.0.0.0/24)"),
+    ("RMM", "198.18.0.1", 422, "address", "benchmarking addresses (198.18.0.0/15)"),
+    ("RMM", "198.19.255.254", 422, "address", "benchmarking addresses (198.18.0.0/15)"),
+    ("RMM", "192.88.99.1", 422, "address", "relay anycast range (192.88.99.0/24)"),
     # non-canonical forms
     ("RMM", "010.0.0.1", 422, "address", "leading zeros"),
     ("RMM", "10.0.0.01", 422, "address", "leading zeros"),
@@ -83,6 +90,13 @@ CASES: list[tuple[str, str, int, str | None, str]] = [
     ("RMM\x00", OK, 422, "name", "printable characters only"),
     ("RMM\nServer", OK, 422, "name", "printable characters only"),
     ("RMM\u200bX", OK, 422, "name", "printable characters only"),
+    ("\u3164", OK, 422, "name", "must contain a visible character"),
+    ("\u2800\u2800", OK, 422, "name", "must contain a visible character"),
+    ("\u0301\u0308", OK, 422, "name", "must contain a visible character"),
+    ("\u115f\u1160\uffa0", OK, 422, "name", "must contain a visible character"),
+    ("\u200b\u200d", OK, 422, "name", "must contain a visible character"),
+    (" \u3164 \u2800 ", OK, 422, "name", "must contain a visible character"),
+    ("e\u0301", OK, 201, None, ""),
     ("Kaseya VSA – Büro ✓", OK, 201, None, ""),
 ]
 

@@ -46,9 +46,14 @@ def signer() -> TestSigner:
 def _applier(tmp_path: Path, signer: TestSigner, firewall: RecordingFirewall) -> PolicyApplier:
     store = StateStore(tmp_path)
     state = store.load()
-    state.agent_id = "ep-1"
+    state.agent_id, state.agent_token = "ep-1", "tok-1"
     return PolicyApplier(
-        store, state, firewall, PinnedKey.from_base64(signer.public_b64), AgentStats()
+        store,
+        state,
+        firewall,
+        PinnedKey.from_base64(signer.public_b64),
+        AgentStats(),
+        account_id="acct-1",
     )
 
 
@@ -113,8 +118,11 @@ async def test_failed_apply_moves_the_poll_cursor_but_not_the_fence(
     assert decision.report.status == "failed"
     assert "positive check" in decision.report.detail
     state = StateStore(tmp_path).load()
-    assert (state.last_applied_sequence, state.poll_cursor) == (1, 2)
+    assert (state.last_applied_sequence, state.poll_cursor, state.fence) == (1, 2, 2)
     assert state.last_policy is not None and state.last_policy.policy.sequence == 1
+    # Verified once is fenced: a replay of sequence 2 is refused, not applied again.
+    replay = await applier.receive(signer.sign(make_policy(sequence=2, mode="strict")))
+    assert replay.refused and "not above" in replay.report.detail
 
 
 async def test_last_verified_policy_is_reapplied_at_start_without_rollback(
@@ -130,7 +138,7 @@ async def test_last_verified_policy_is_reapplied_at_start_without_rollback(
     assert restarted_firewall.applied == [(7, False)]
 
 
-async def test_stored_policy_altered_on_disk_is_forgotten_not_applied(
+async def test_stored_policy_altered_on_disk_is_not_applied_and_keeps_the_fence(
     tmp_path: Path, signer: TestSigner
 ) -> None:
     await _applier(tmp_path, signer, RecordingFirewall()).receive(
@@ -147,7 +155,13 @@ async def test_stored_policy_altered_on_disk_is_forgotten_not_applied(
     applier = _applier(tmp_path, signer, firewall)
     await applier.reapply_last()
     assert firewall.applied == []
-    assert StateStore(tmp_path).load().poll_cursor == 0
+    assert applier.stats.stored_policy_refused == 1
+    # Fail closed: the fence stays, so the altered (or any older) policy is never applied, and
+    # the table watchdog does not put the unverified policy back either.
+    assert StateStore(tmp_path).load().fence == 7
+    firewall.present = False
+    assert not await applier.ensure_table()
+    assert firewall.applied == []
 
 
 async def test_missing_table_is_put_back(tmp_path: Path, signer: TestSigner) -> None:
@@ -171,6 +185,6 @@ async def test_released_host_needs_no_table(tmp_path: Path, signer: TestSigner) 
 def test_state_round_trips_and_starts_empty(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "nested")
     assert store.load() == AgentState()
-    store.save(AgentState(agent_id="ep-9", poll_cursor=4))
+    store.save(AgentState(agent_id="ep-9", agent_token="tok", poll_cursor=4))
     assert store.load().poll_cursor == 4
     assert (tmp_path / "nested" / "agent-state.json").stat().st_mode & 0o777 == 0o600

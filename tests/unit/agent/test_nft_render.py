@@ -1,9 +1,13 @@
+import json
+import logging
 import re
 
 import pytest
+from pydantic import ValidationError
 
 from agent.addresses import HostFacts, InvalidAddressError
 from agent.nft import InvalidTableNameError, render_ruleset, rules_sha256
+from shared.messages import FrozenPolicy
 from tests.unit.agent.policies import make_policy
 
 FACTS = HostFacts(platform_addresses=("198.51.100.2",), dns_resolvers=("192.0.2.53",))
@@ -11,7 +15,8 @@ FACTS = HostFacts(platform_addresses=("198.51.100.2",), dns_resolvers=("192.0.2.
 
 def _set_elements(ruleset: str, name: str) -> set[str]:
     match = re.search(
-        rf"set {name} {{\n\t\ttype \w+\n(?:\t\telements = {{ (.*) }}\n)?\t}}", ruleset
+        rf"set {name} {{\n\t\ttype \w+\n(?:\t\tflags interval\n)?(?:\t\telements = {{ (.*) }}\n)?\t}}",
+        ruleset,
     )
     assert match, f"set {name} missing"
     return set(match.group(1).split(", ")) if match.group(1) else set()
@@ -115,30 +120,72 @@ def test_rendering_is_deterministic_and_hash_tracks_content() -> None:
     "address",
     [
         "rmm.example.com",
-        "203.0.113.0/24",
+        "203.0.113.0/16",
+        "203.0.113.1/24",
         "010.0.0.1",
         "203.0.113.10 ",
         "",
-        "2001:db8::10",
         "0.0.0.0",
         "224.0.0.1",
         "255.255.255.255",
+        "fe80::1%eth0",
+        "ff02::1",
+        "::",
+        "::ffff:203.0.113.10",
+        "203.0.113.0/255.255.255.0",
         "1.2.3.4; flush ruleset",
         "203.0.113.10 }\n chain x {",
     ],
 )
-def test_allowlist_address_that_is_not_a_single_ipv4_host_is_refused(address: str) -> None:
+def test_policy_naming_an_unrenderable_address_is_refused_at_decode(address: str) -> None:
+    wire = make_policy().model_dump(mode="json")
+    for field, value in (
+        ("allowed_outbound", [{"name": "RMM", "address": address}]),
+        ("platform", [address]),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            FrozenPolicy.model_validate_json(json.dumps({**wire, field: value}))
+        [error] = refused.value.errors()
+        assert error["loc"][0] == field
+
+
+def test_ipv6_and_narrow_prefixes_in_a_policy_are_rendered() -> None:
+    policy = make_policy(
+        allowed=("203.0.113.0/24", "203.0.113.10", "2001:db8::10", "2001:db8:1::/64"),
+        platform=("198.51.100.1", "2001:db8:ff::1"),
+    )
+    ruleset = render_ruleset(policy, FACTS)
+    # The host inside the prefix is collapsed away: an interval set refuses overlaps.
+    assert _set_elements(ruleset, "allowlist4") == {"203.0.113.0/24"}
+    assert _set_elements(ruleset, "allowlist6") == {"2001:db8::10", "2001:db8:1::/64"}
+    assert _set_elements(ruleset, "platform6") == {"2001:db8:ff::1"}
+    assert "\tset allowlist4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n" in ruleset
+    assert "flags interval" not in ruleset.split("set platform4")[1].split("}")[0]
+    outbound = _chain(ruleset, "output")
+    assert "ct direction original ip6 daddr @allowlist6 accept" in outbound
+    assert "nd-neighbor-solicit" in outbound
+
+
+@pytest.mark.parametrize("address", ["platform.example", "10.0.0.0/24", "ff02::1", "::"])
+def test_agent_configured_platform_addresses_are_validated(address: str) -> None:
     with pytest.raises(InvalidAddressError) as refused:
-        render_ruleset(make_policy(allowed=(address,)), FACTS)
-    assert refused.value.field == "allowed_outbound.address"
+        render_ruleset(make_policy(), HostFacts(platform_addresses=(address,)))
+    assert refused.value.field == "platform_addresses"
 
 
-@pytest.mark.parametrize("address", ["platform.example", "10.0.0.0/8", "ff02::1", "::"])
-def test_platform_and_resolver_addresses_are_validated_too(address: str) -> None:
-    with pytest.raises(InvalidAddressError):
-        render_ruleset(make_policy(platform=(address,)), FACTS)
-    with pytest.raises(InvalidAddressError):
-        render_ruleset(make_policy(), HostFacts(dns_resolvers=(address,)))
+@pytest.mark.parametrize(
+    "resolver", ["fe80::1%eth0", "fe80::1", "resolver.example", "ff02::1", "::", "1.2.3.4x"]
+)
+def test_an_unusable_resolver_is_dropped_and_the_ruleset_still_renders(
+    resolver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    facts = HostFacts(dns_resolvers=(resolver, "192.0.2.53"))
+    with caplog.at_level(logging.WARNING, logger="agent.addresses"):
+        ruleset = render_ruleset(make_policy(), facts)
+    assert _set_elements(ruleset, "resolvers4") == {"192.0.2.53"}
+    assert _set_elements(ruleset, "resolvers6") == set()
+    assert "%" not in ruleset
+    assert any(resolver in r.getMessage() and "ignoring" in r.getMessage() for r in caplog.records)
 
 
 def test_strict_policy_ignores_allowlist_entries_rather_than_rendering_them() -> None:

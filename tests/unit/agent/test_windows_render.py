@@ -53,16 +53,37 @@ def test_windows_release_removes_our_group_and_restores_profiles() -> None:
     assert "Import-Clixml" in script
 
 
-def test_windows_renderer_refuses_junk_addresses() -> None:
+def test_windows_renderer_refuses_junk_platform_configuration() -> None:
     with pytest.raises(InvalidAddressError):
-        render_windows_script(make_policy(allowed=("rmm.example.com",)), FACTS)
+        render_windows_script(make_policy(), HostFacts(platform_addresses=("rmm.example.com",)))
+
+
+@pytest.mark.parametrize("resolver", ["fe80::1%eth0", "fe80::1", "not-an-ip", "ff02::1"])
+def test_windows_renderer_drops_an_unusable_resolver_instead_of_failing(resolver: str) -> None:
+    script = render_windows_script(
+        make_policy(), HostFacts(platform_addresses=(), dns_resolvers=(resolver, "192.0.2.53"))
+    )
+    assert "-RemotePort 53 -RemoteAddress @('192.0.2.53')" in script
+    assert resolver not in script and "%" not in script
+
+
+def test_windows_renderer_allows_prefixes_and_ipv6_and_blocks_around_them() -> None:
+    policy = make_policy(allowed=("203.0.113.10", "203.0.113.0/24", "2001:db8:1::/64"))
+    script = render_windows_script(policy, FACTS)
+    assert "'203.0.113.0/24'" in script and "'2001:db8:1::/64'" in script
+    assert "'203.0.113.10'" not in script  # inside the /24, collapsed away
+    block4 = script.split("block other IPv4' -RemoteAddress @(")[1].split(")")[0]
+    blocked = [ipaddress.ip_network(n.strip("'")) for n in block4.split(", ")]
+    for inside in ("203.0.113.0", "203.0.113.77", "203.0.113.255"):
+        assert not any(ipaddress.ip_address(inside) in n for n in blocked)
+    assert any(ipaddress.ip_address("203.0.114.0") in n for n in blocked)
 
 
 @given(
     permitted=st.lists(st.ip_addresses(v=4), min_size=1, max_size=6),
     probe=st.ip_addresses(v=4),
 )
-def test_outbound_block_ranges_cover_everything_except_permitted(
+def test_outbound_block_ranges_cover_everything_except_permitted_hosts(
     permitted: list[ipaddress.IPv4Address], probe: ipaddress.IPv4Address
 ) -> None:
     blocked = complement(permitted, 4)
@@ -70,3 +91,25 @@ def test_outbound_block_ranges_cover_everything_except_permitted(
     assert inside == (probe not in permitted)
     for address in permitted:
         assert not any(address in net for net in blocked)
+
+
+@given(
+    prefixes=st.lists(
+        st.tuples(st.ip_addresses(v=4), st.integers(24, 32)).map(
+            lambda t: ipaddress.ip_network(f"{t[0]}/{t[1]}", strict=False)
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    probe=st.ip_addresses(v=4),
+)
+def test_outbound_block_ranges_cover_everything_except_permitted_prefixes(
+    prefixes: list[ipaddress.IPv4Network], probe: ipaddress.IPv4Address
+) -> None:
+    # Overlapping prefixes in any order: excluding a subnet before its supernet must not
+    # leave the supernet's other addresses unblocked.
+    blocked = complement(prefixes, 4)
+    assert any(probe in net for net in blocked) == (not any(probe in p for p in prefixes))
+    for prefix in prefixes:
+        for edge in (prefix.network_address, prefix.broadcast_address):
+            assert not any(edge in net for net in blocked)

@@ -361,8 +361,11 @@ def test_token_mints_with_the_dev_secret_only_in_dev_mode() -> None:
     env = {"HOSTISO_DEV": "1", "HOSTISO_JWT_SECRET": ""}
     result = run(None, "token", "--role", "partner", "--account-id", "acct-a", token=None, env=env)
     assert result.exit_code == 0, result.output
-    claims = jwt.decode(result.stdout.strip(), DEV_JWT_SECRET, algorithms=["HS256"])
+    claims = jwt.decode(
+        result.stdout.strip(), DEV_JWT_SECRET, algorithms=["HS256"], audience="hostiso-settings"
+    )
     assert (claims["role"], claims["account_id"]) == ("partner", "acct-a")
+    assert claims["aud"] == ["hostiso-settings", "hostiso-isolation", "hostiso-enforcer"]
 
     refused = run(None, "token", token=None, env={"HOSTISO_DEV": "0"})
     assert refused.exit_code == 2
@@ -413,3 +416,89 @@ def test_client_reads_both_list_shapes() -> None:
     assert isolation_rows([row]) == [row]
     assert isolation_rows({"account_id": "acct-a", "endpoints": [row]}) == [row]
     assert isolation_rows({"unexpected": 1}) == []
+
+
+def test_token_refuses_a_lifetime_the_services_would_refuse() -> None:
+    env = {"HOSTISO_DEV": "1", "HOSTISO_JWT_SECRET": ""}
+    century = run(None, "token", "--ttl", str(100 * 365 * 86400), token=None, env=env)
+    assert century.exit_code == 2
+    assert "--ttl: must be between 1 and 86400 seconds for role soc" in century.stderr
+    service = run(
+        None, "token", "--role", "service", "--ttl", "7200", "--scope", "x", token=None, env=env
+    )
+    assert service.exit_code == 2 and "3600 seconds for role service" in service.stderr
+
+
+def test_a_service_token_names_its_scope_and_audience() -> None:
+    env = {"HOSTISO_DEV": "1", "HOSTISO_JWT_SECRET": ""}
+    unscoped = run(None, "token", "--role", "service", token=None, env=env)
+    assert unscoped.exit_code == 2 and "--scope" in unscoped.stderr
+    result = run(
+        None,
+        "token",
+        "--role",
+        "service",
+        "--scope",
+        "allowlist:write",
+        "--audience",
+        "hostiso-settings",
+        token=None,
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    claims = jwt.decode(
+        result.stdout.strip(), DEV_JWT_SECRET, algorithms=["HS256"], audience="hostiso-settings"
+    )
+    assert (claims["scope"], claims["aud"]) == ("allowlist:write", ["hostiso-settings"])
+    bad_audience = run(None, "token", "--audience", "hostiso-x", token=None, env=env)
+    assert bad_audience.exit_code == 2 and "--audience" in bad_audience.stderr
+
+
+MARKUP_NAMES = ["[/]", "[link=http://x]hidden[/link]", "[bold red]", "esc\x1b[31mred"]
+
+
+def test_entry_names_with_markup_print_literally_in_allowlist_show(fake: FakeApis) -> None:
+    # Finding: a partner entry named "[/]" crashed `allowlist show`; "[link=...]" hid its text.
+    fake.allowlist["entries"] = [
+        {**fake.allowlist["entries"][0], "id": f"e-{i}", "name": name}
+        for i, name in enumerate(MARKUP_NAMES)
+    ]
+    fake.allowlist["account_id"] = "acct-[/]"
+    result = run(fake, "allowlist", "show", "--account", "acct-a")
+    assert result.exit_code == 0, result.output
+    for name in MARKUP_NAMES[:3]:
+        assert name in result.stdout
+    assert "esc\\x1b[31mred" in result.stdout, "control characters are shown escaped"
+    assert "\x1b" not in result.stdout.replace("\\x1b", "")
+    assert "account acct-[/]" in result.stdout
+
+
+def test_markup_in_isolation_rows_prints_literally_in_status(fake: FakeApis) -> None:
+    row = _isolation("ep-[/]", "isolated", "standard", 3, 3)
+    row["policy"]["allowed_outbound"] = [
+        {"name": n, "address": "203.0.113.10"} for n in MARKUP_NAMES[:3]
+    ]
+    fake.timelines["ep-[/]"] = [row]
+    result = run(fake, "status", "-a", "acct-a")
+    assert result.exit_code == 0, result.output
+    assert "ep-[/]" in result.stdout
+    for name in MARKUP_NAMES[:3]:
+        assert f"{name} 203.0.113.10" in result.stdout
+
+
+def test_markup_in_an_api_refusal_prints_literally(fake: FakeApis) -> None:
+    fake.overrides[("GET", "/v1/accounts/acct-a/tooling-allowlist")] = httpx.Response(
+        403, json={"detail": "[/] [link=http://x]hidden[/link] [bold red]"}
+    )
+    result = run(fake, "allowlist", "show", "-a", "acct-a")
+    assert result.exit_code == 1
+    assert "refused (403): [/] [link=http://x]hidden[/link] [bold red]" in result.stderr
+
+
+def test_status_json_keeps_markup_names_verbatim(fake: FakeApis) -> None:
+    row = _isolation("ep-1", "isolated", "standard", 3, 3)
+    row["policy"]["allowed_outbound"] = [{"name": "[/]", "address": "203.0.113.10"}]
+    fake.timelines["ep-1"] = [row]
+    result = run(fake, "status", "-a", "acct-a", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["policy"]["allowed_outbound"][0]["name"] == "[/]"

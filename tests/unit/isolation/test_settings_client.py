@@ -7,7 +7,7 @@ import pytest
 
 from services.isolation.adapters.settings_client import HttpSettingsClient, SettingsUnavailableError
 from services.isolation.handlers import SettingsRefusedError
-from shared.auth import decode_token
+from shared.auth import AUDIENCE_SETTINGS, SCOPE_ALLOWLIST_WRITE, TokenPolicy, decode_token
 from shared.messages import Actor
 
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
@@ -27,8 +27,12 @@ async def test_disable_allowlist_patches_enabled_false_with_a_service_token() ->
     assert request.method == "PATCH"
     assert request.url.path == "/v1/accounts/acct-1/tooling-allowlist"
     assert request.read() == b'{"enabled":false}'
-    principal = decode_token(SECRET, request.headers["Authorization"].removeprefix("Bearer "))
+    principal = decode_token(
+        TokenPolicy(SECRET, audience=AUDIENCE_SETTINGS),
+        request.headers["Authorization"].removeprefix("Bearer "),
+    )
     assert (principal.role, principal.sub) == ("service", "isolation-service")
+    assert principal.scopes == {SCOPE_ALLOWLIST_WRITE}, "only what switching the list off needs"
 
 
 @pytest.mark.parametrize(

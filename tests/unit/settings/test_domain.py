@@ -42,6 +42,12 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
         ("", "required"),
         ("1" * 300, "too_long"),
         ("10.0.0.1;", "not_ipv4"),
+        ("100.64.0.1", "shared_address_space"),
+        ("100.127.255.254", "shared_address_space"),
+        ("192.0.0.8", "ietf_protocol"),
+        ("198.18.0.1", "benchmarking"),
+        ("198.19.255.254", "benchmarking"),
+        ("192.88.99.1", "anycast"),
     ],
 )
 def test_each_address_rule_has_its_own_type(raw: str, rule: str) -> None:
@@ -64,6 +70,10 @@ def test_distinct_rules_have_distinct_messages() -> None:
         "01.1.1.1",
         "1.1",
         " 1.1.1.1",
+        "100.64.0.1",
+        "192.0.0.8",
+        "198.18.0.1",
+        "192.88.99.1",
     ]
     messages = set()
     for raw in samples:
@@ -73,7 +83,21 @@ def test_distinct_rules_have_distinct_messages() -> None:
     assert len(messages) == len(samples)
 
 
-@pytest.mark.parametrize("raw", ["192.168.0.1", "10.255.255.254", "172.16.0.1", "203.0.113.5"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "192.168.0.1",
+        "10.255.255.254",
+        "172.16.0.1",
+        "203.0.113.5",
+        "100.63.255.255",
+        "100.128.0.1",
+        "192.0.1.1",
+        "198.17.255.255",
+        "198.20.0.1",
+        "192.88.98.1",
+    ],
+)
 def test_private_and_public_unicast_addresses_are_accepted(raw: str) -> None:
     assert domain.validate_address(raw) == raw
 
@@ -85,6 +109,35 @@ def test_names_are_trimmed_and_bounded() -> None:
         with pytest.raises(EntryRejectedError) as caught:
             domain.validate_name(bad)
         assert caught.value.rule == rule
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u3164",  # Hangul filler
+        "\u3164\u3164\u3164",
+        "\u2800",  # braille pattern blank
+        "\u115f",  # Hangul choseong filler
+        "\u1160",  # Hangul jungseong filler
+        "\uffa0",  # halfwidth Hangul filler
+        "\u0301",  # a combining mark alone
+        "\u0301\u0308\u20dd",
+        "\u200b",  # zero-width space
+        "\u200c\u200d\u2060\ufeff",  # zero-width (non-)joiners, word joiner, BOM
+        "\u3164 \u2800 \u0301",
+        "\u17b4\u17b5",  # Khmer inherent vowels
+    ],
+)
+def test_blank_looking_names_are_refused_with_their_own_rule(name: str) -> None:
+    with pytest.raises(EntryRejectedError) as caught:
+        domain.validate_name(name)
+    assert (caught.value.field, caught.value.rule) == ("name", "blank")
+    assert "visible character" in caught.value.message
+
+
+@pytest.mark.parametrize("name", ["e\u0301", "\u3164RMM", "\u2800\u2801", "Büro ✓", "控制台"])
+def test_names_with_a_visible_character_are_accepted(name: str) -> None:
+    assert domain.validate_name(name) == name
 
 
 def _with_entries(n: int) -> Allowlist:

@@ -38,8 +38,11 @@ class MemoryStore:
         self.history_records.setdefault(change.after.account_id, []).append({"a": audit.action})
         return True
 
-    async def history(self, account_id: str, limit: int) -> list[dict[str, Any]]:
-        return list(reversed(self.history_records.get(account_id, [])))[:limit]
+    async def history(
+        self, account_id: str, *, limit: int, before_version: int | None = None
+    ) -> list[dict[str, Any]]:
+        newest_first = list(reversed(self.history_records.get(account_id, [])))
+        return newest_first[:limit]
 
 
 class InstantPublication:
@@ -70,7 +73,6 @@ def make(reachable: bool = True) -> tuple[SettingsHandlers, MemoryStore, MemoryA
         audit=audit,
         max_entries=100,
         publish_wait_s=0.1,
-        enrollment_secret="x" * 40,
     )
     return handlers, store, audit
 
