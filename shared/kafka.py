@@ -275,13 +275,38 @@ async def ensure_topics(
             created.append(full)
         if new_topics:
             try:
-                await admin.create_topics(new_topics)
+                response = await admin.create_topics(new_topics)
             except TopicAlreadyExistsError:
                 log.info("topics created concurrently by another process")
+            else:
+                _raise_unless_created(response)
             await _wait_for_leaders(admin, created)
     finally:
         await admin.close()
     return created
+
+
+class TopicProvisioningError(RuntimeError):
+    """The broker refused to create topics (e.g. a service principal without CREATE rights)."""
+
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def _raise_unless_created(response: Any) -> None:
+    # With ACLs a service may not create topics: say so at once instead of waiting for leaders
+    # of topics that will never exist.
+    refused = [
+        f"{topic}: {message or code}"
+        for topic, code, *rest in response.topic_errors
+        for message in [rest[0] if rest else None]
+        if code not in (0, _TOPIC_ALREADY_EXISTS)
+    ]
+    if refused:
+        raise TopicProvisioningError(
+            "could not create topics (provision them as admin: python -m shared.infra topics): "
+            + "; ".join(refused)
+        )
 
 
 async def _wait_for_leaders(admin: Any, names: list[str], timeout: float = 60.0) -> None:

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from shared.kafka import kafka_security_options
+from shared.kafka import TopicProvisioningError, ensure_topics, kafka_security_options
 from shared.kafka_acls import ADMIN_PRINCIPAL, acl_bindings
 from shared.redis import redis_tls_options
 from shared.topics import TOPIC_SPECS, Topics
@@ -322,3 +322,13 @@ async def test_redis_speaks_only_tls_and_the_client_verifies_its_certificate(
             await unverified.ping()
     finally:
         await unverified.aclose()
+
+
+async def test_a_service_may_not_create_topics_and_is_told_so_at_once(
+    secure_kafka: str, topic_prefix: str
+) -> None:
+    # Topics are the admin's to provision; a service's start-up check fails fast and says why.
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TopicProvisioningError, match=r"python -m shared\.infra topics"):
+        await ensure_topics(secure_kafka, Topics(topic_prefix), options=_as("settings"))
+    assert asyncio.get_running_loop().time() - started < 20

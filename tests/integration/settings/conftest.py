@@ -72,8 +72,9 @@ SettingsFactory = Callable[..., SettingsServiceSettings]
 
 @pytest.fixture
 def make_settings(
-    kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str
+    kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str, topics: Topics
 ) -> SettingsFactory:
+    # ``topics``: created as admin; the settings principal may not create topics itself.
     def factory(**overrides: Any) -> SettingsServiceSettings:
         values: dict[str, Any] = {
             "dev": True,
