@@ -28,7 +28,9 @@ def token(
     role: Role,
     account_id: str | None = None,
     sub: str = "tester",
-    ttl: int = 600,
+    # Module-level tokens (SOC below) are minted at collection: they must outlive a full run of
+    # the suite (over 10 minutes on a loaded machine), within the 24 h maximum for users.
+    ttl: int = 4 * 3600,
     scopes: tuple[str, ...] = (),
 ) -> str:
     return mint_token(
