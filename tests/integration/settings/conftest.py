@@ -29,8 +29,8 @@ def token(
     account_id: str | None = None,
     sub: str = "tester",
     # Module-level tokens (SOC below) are minted at collection: they must outlive a full run of
-    # the suite (over 10 minutes on a loaded machine), within the 24 h maximum for users.
-    ttl: int = 4 * 3600,
+    # the suite (over 10 minutes on a loaded machine); 1 h is the maximum for the service role.
+    ttl: int = 3600,
     scopes: tuple[str, ...] = (),
 ) -> str:
     return mint_token(
