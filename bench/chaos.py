@@ -371,7 +371,7 @@ def kill_leader(chaos: Chaos, after: float) -> Fault:
                 if busiest is None or end > busiest[1]:
                     busiest = (tp, end)
         assert busiest is not None
-        admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+        admin = AIOKafkaAdminClient(**stack.kafka_options, bootstrap_servers=stack.bootstrap)
         await admin.start()
         try:
             described = await admin.describe_topics([busiest[0].topic])
@@ -442,7 +442,11 @@ async def fuzz_kafka(
         stack.topics.endpoints,
     ]
     producer = AIOKafkaProducer(
-        bootstrap_servers=stack.bootstrap, acks="all", linger_ms=5, max_request_size=2 * 1024 * 1024
+        **stack.kafka_options,
+        bootstrap_servers=stack.bootstrap,
+        acks="all",
+        linger_ms=5,
+        max_request_size=2 * 1024 * 1024,
     )
     await producer.start()
     sent: set[tuple[str, int, int]] = set()

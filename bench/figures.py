@@ -210,7 +210,11 @@ async def produce_backlog(stack: Stack, count: int, tag: str) -> float:
     """``count`` normal commands for 10,000 never-enrolled endpoints, as fast as the broker takes them."""
     template = _command("ENDPOINT", "acct-backlog", 987654321, "standard")
     producer = AIOKafkaProducer(
-        bootstrap_servers=stack.bootstrap, acks=1, linger_ms=20, max_batch_size=1024 * 1024
+        **stack.kafka_options,
+        bootstrap_servers=stack.bootstrap,
+        acks=1,
+        linger_ms=20,
+        max_batch_size=1024 * 1024,
     )
     await producer.start()
     started = time.perf_counter()
@@ -231,7 +235,7 @@ async def produce_backlog(stack: Stack, count: int, tag: str) -> float:
 
 async def group_lag(stack: Stack, group: str, topic: str) -> int:
     """Records on ``topic`` that ``group`` has not committed yet."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    admin = AIOKafkaAdminClient(**stack.kafka_options, bootstrap_servers=stack.bootstrap)
     await admin.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
@@ -246,7 +250,7 @@ async def group_lag(stack: Stack, group: str, topic: str) -> int:
 async def _end_offsets(stack: Stack, topic: str) -> dict[TopicPartition, int]:
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap)
+    consumer = AIOKafkaConsumer(**stack.kafka_options, bootstrap_servers=stack.bootstrap)
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()
@@ -348,7 +352,9 @@ async def _read_all(stack: Stack, topic: str) -> list[tuple[int, bytes]]:
     from aiokafka import AIOKafkaConsumer
 
     ends = await _end_offsets(stack, topic)
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        **stack.kafka_options, bootstrap_servers=stack.bootstrap, enable_auto_commit=False
+    )
     await consumer.start()
     out: list[tuple[int, bytes]] = []
     try:

@@ -265,6 +265,11 @@ class Stack:
     def bootstrap(self) -> str:
         return self.kafka.bootstrap
 
+    @property
+    def kafka_options(self) -> dict[str, Any]:
+        """The bench's own clients' connection options (empty: the bench broker is PLAINTEXT)."""
+        return self.kafka.client_options()
+
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.soc_token}"}
 
@@ -276,9 +281,14 @@ class Stack:
             self.topics,
             replication_factor=self.kafka.replication_factor,
             min_insync_replicas=self.kafka.min_insync_replicas,
+            options=self.kafka_options,
         )
-        await wait_topics_ready(self.bootstrap, [self.topics(s.name) for s in TOPIC_SPECS])
-        self.producer = make_producer(self.bootstrap, client_id="hostiso-bench")
+        await wait_topics_ready(
+            self.bootstrap, [self.topics(s.name) for s in TOPIC_SPECS], options=self.kafka_options
+        )
+        self.producer = make_producer(
+            self.bootstrap, client_id="hostiso-bench", options=self.kafka_options
+        )
         await self.producer.start()
 
     def base_env(self) -> dict[str, str]:
@@ -356,7 +366,9 @@ class Stack:
     async def enrolled_endpoints(self, account_id: str, count: int, *, timeout: float) -> list[str]:
         found: list[str] = []
         deadline = time.monotonic() + timeout
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            **self.kafka_options, bootstrap_servers=self.bootstrap, enable_auto_commit=False
+        )
         await consumer.start()
         try:
             topic = self.topics.endpoints
@@ -393,7 +405,9 @@ class Stack:
         from OutOfOrderSequenceNumber after a broker restart."""
         with contextlib.suppress(Exception):
             await self.producer.stop()
-        self.producer = make_producer(self.bootstrap, client_id="hostiso-bench")
+        self.producer = make_producer(
+            self.bootstrap, client_id="hostiso-bench", options=self.kafka_options
+        )
         await self.producer.start()
 
     def cpu_by_process(self) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import logging
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -14,6 +15,8 @@ from shared.topics import TopicName
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
 DEV_ENROLLMENT_SECRET = "dev-only-enrollment-secret-change-me"
 _DEV_SECRETS = {DEV_JWT_SECRET, DEV_ENROLLMENT_SECRET}
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -35,7 +38,20 @@ class ServiceSettings(BaseSettings):
 
     dev: bool = Field(False, description="Dev mode: allows the marked dev secrets.")
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # PLAINTEXT stays possible (dev, bench) but is logged: without SASL and ACLs anyone who
+    # reaches the broker can write enforcer commands (docs/operations.md, "Kafka security").
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = Field(
+        None,
+        description="PEM CA bundle that signed the brokers' certificates (system CAs if unset).",
+    )
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_ca_file: str | None = Field(
+        None, description="PEM CA bundle for a rediss:// URL (system CAs if unset)."
+    )
     redis_cluster: bool = Field(
         False,
         description="The Redis URL names a node of a Redis Cluster (also: a redis+cluster:// URL).",
@@ -148,6 +164,26 @@ class ServiceSettings(BaseSettings):
             raise ValueError(
                 f"HOSTISO_TOPIC_MIN_INSYNC_REPLICAS ({isr}) cannot exceed "
                 f"HOSTISO_TOPIC_REPLICATION_FACTOR ({self.topic_replication_factor})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> ServiceSettings:
+        if self.kafka_security_protocol.startswith("SASL_"):
+            if not self.kafka_sasl_username:
+                raise ConfigError(
+                    "HOSTISO_KAFKA_SASL_USERNAME is required when "
+                    f"HOSTISO_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+                )
+            if self.kafka_sasl_password is None or not self.kafka_sasl_password.get_secret_value():
+                raise ConfigError(
+                    "HOSTISO_KAFKA_SASL_PASSWORD is required when "
+                    f"HOSTISO_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+                )
+        if self.kafka_security_protocol == "PLAINTEXT" and not self.dev:
+            log.warning(
+                "HOSTISO_KAFKA_SECURITY_PROTOCOL=PLAINTEXT outside dev mode: the broker cannot "
+                "tell this service from anyone else on the network"
             )
         return self
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
@@ -25,7 +27,55 @@ from shared import tracing
 from shared.messages import DeadLetter, Message
 from shared.topics import TOPIC_SPECS, TopicName, Topics
 
+if TYPE_CHECKING:
+    from shared.config import ServiceSettings
+
 log = logging.getLogger(__name__)
+
+# Keyword arguments of every aiokafka client (producer, consumer, admin) that say how to connect
+# and authenticate; empty means PLAINTEXT without authentication.
+KafkaOptions = Mapping[str, Any]
+
+
+@functools.lru_cache(maxsize=16)
+def _ssl_context(cafile: str | None) -> ssl.SSLContext:
+    # One context per CA file, shared by the process's clients: verification of the broker's
+    # certificate and host name stays on (create_default_context's defaults).
+    return ssl.create_default_context(cafile=cafile)
+
+
+def kafka_security_options(
+    protocol: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    cafile: str | None = None,
+    mechanism: str = "SCRAM-SHA-512",
+) -> dict[str, Any]:
+    """aiokafka keyword arguments for ``protocol`` (PLAINTEXT, SSL or SASL_SSL)."""
+    if protocol == "PLAINTEXT":
+        return {}
+    options: dict[str, Any] = {"security_protocol": protocol, "ssl_context": _ssl_context(cafile)}
+    if protocol.startswith("SASL_"):
+        options |= {
+            "sasl_mechanism": mechanism,
+            "sasl_plain_username": username,
+            "sasl_plain_password": password,
+        }
+    return options
+
+
+def kafka_client_options(settings: ServiceSettings) -> dict[str, Any]:
+    """How this service connects to Kafka (HOSTISO_KAFKA_SECURITY_PROTOCOL and friends)."""
+    password = settings.kafka_sasl_password
+    return kafka_security_options(
+        settings.kafka_security_protocol,
+        username=settings.kafka_sasl_username,
+        password=password.get_secret_value() if password is not None else None,
+        cafile=settings.kafka_ssl_cafile,
+        mechanism=settings.kafka_sasl_mechanism,
+    )
+
 
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 # A dead letter never exceeds this many bytes (the topic accepts 1 MiB): key and payload are
@@ -159,10 +209,17 @@ class LazyClient:
             await self.start()
 
 
-def make_producer(bootstrap: str, *, linger_ms: int = 5, client_id: str = "hostiso") -> Any:
+def make_producer(
+    bootstrap: str,
+    *,
+    linger_ms: int = 5,
+    client_id: str = "hostiso",
+    options: KafkaOptions | None = None,
+) -> Any:
     """A producer that never loses or reorders an acknowledged send: acks=all + idempotence."""
     return LazyClient(
         lambda: AIOKafkaProducer(
+            **(options or {}),
             bootstrap_servers=bootstrap,
             client_id=client_id,
             acks="all",
@@ -183,6 +240,7 @@ async def ensure_topics(
     min_insync_replicas: int | None = None,
     names: Iterable[TopicName] | None = None,
     partitions: Mapping[TopicName, int] | None = None,
+    options: KafkaOptions | None = None,
 ) -> list[str]:
     """Create the topics of TOPIC_SPECS (or ``names``) that are missing; returns those created.
 
@@ -191,7 +249,9 @@ async def ensure_topics(
     moves keys to other partitions).
     """
     wanted = {n for n in names} if names is not None else None
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = AIOKafkaAdminClient(
+        **(options or {}), bootstrap_servers=bootstrap, request_timeout_ms=15_000
+    )
     await admin.start()
     created: list[str] = []
     try:
@@ -215,13 +275,38 @@ async def ensure_topics(
             created.append(full)
         if new_topics:
             try:
-                await admin.create_topics(new_topics)
+                response = await admin.create_topics(new_topics)
             except TopicAlreadyExistsError:
                 log.info("topics created concurrently by another process")
+            else:
+                _raise_unless_created(response)
             await _wait_for_leaders(admin, created)
     finally:
         await admin.close()
     return created
+
+
+class TopicProvisioningError(RuntimeError):
+    """The broker refused to create topics (e.g. a service principal without CREATE rights)."""
+
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def _raise_unless_created(response: Any) -> None:
+    # With ACLs a service may not create topics: say so at once instead of waiting for leaders
+    # of topics that will never exist.
+    refused = [
+        f"{topic}: {message or code}"
+        for topic, code, *rest in response.topic_errors
+        for message in [rest[0] if rest else None]
+        if code not in (0, _TOPIC_ALREADY_EXISTS)
+    ]
+    if refused:
+        raise TopicProvisioningError(
+            "could not create topics (provision them as admin: python -m shared.infra topics): "
+            + "; ".join(refused)
+        )
 
 
 async def _wait_for_leaders(admin: Any, names: list[str], timeout: float = 60.0) -> None:
@@ -245,11 +330,17 @@ async def _wait_for_leaders(admin: Any, names: list[str], timeout: float = 60.0)
         await asyncio.sleep(0.1)
 
 
-async def wait_topics_ready(bootstrap: str, names: Iterable[str], *, timeout: float = 30.0) -> None:
+async def wait_topics_ready(
+    bootstrap: str,
+    names: Iterable[str],
+    *,
+    timeout: float = 30.0,
+    options: KafkaOptions | None = None,
+) -> None:
     """Wait until every topic has a leader for each partition (metadata propagated)."""
     deadline = asyncio.get_running_loop().time() + timeout
     wanted = set(names)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    producer = AIOKafkaProducer(**(options or {}), bootstrap_servers=bootstrap)
     await producer.start()
     try:
         for name in wanted:
@@ -390,6 +481,7 @@ def make_consumer(
     auto_offset_reset: str = "earliest",
     group_instance_id: str | None = None,
     listener: ConsumerRebalanceListener | None = None,
+    options: KafkaOptions | None = None,
 ) -> Any:
     """A consumer with auto-commit off: the consume loop commits after effects are stored.
 
@@ -405,6 +497,7 @@ def make_consumer(
     return LazyClient(
         lambda: AIOKafkaConsumer(
             *topics,
+            **(options or {}),
             bootstrap_servers=bootstrap,
             group_id=group_id,
             group_instance_id=group_instance_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -33,7 +34,24 @@ def bucket_tags(kind: str, buckets: int = SLOT_BUCKETS) -> list[str]:
     return ["{" + f"{kind}{bucket:02d}" + "}" for bucket in range(buckets)]
 
 
-def make_redis(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0) -> Redis:
+def redis_tls_options(url: str, ca_file: str | None) -> dict[str, Any]:
+    """Connection keywords for ``url``: with ``rediss://``, verify the server against ``ca_file``.
+
+    Credentials travel in the URL (``rediss://user:password@host:port/0``): redis-py sends them
+    with AUTH on every new connection.
+    """
+    if not url.startswith(("rediss://", "rediss+cluster://")):
+        return {}
+    return {"ssl_ca_certs": ca_file, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+
+
+def make_redis(
+    url: str,
+    *,
+    max_connections: int = 64,
+    pool_timeout_s: float = 5.0,
+    ca_file: str | None = None,
+) -> Redis:
     """A client with a bounded pool; callers decode the bytes they read.
 
     The default pool opens one connection per concurrent command, so a burst (thousands of
@@ -41,7 +59,11 @@ def make_redis(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5
     makes such bursts queue for a connection instead.
     """
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=pool_timeout_s, health_check_interval=30
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+        health_check_interval=30,
+        **redis_tls_options(url, ca_file),
     )
     return Redis(connection_pool=pool, decode_responses=False)
 
@@ -51,7 +73,9 @@ def is_cluster_url(url: str) -> bool:
     return url.startswith((CLUSTER_SCHEME, "rediss+cluster://"))
 
 
-def make_redis_cluster(url: str, *, max_connections: int = 64) -> RedisCluster:
+def make_redis_cluster(
+    url: str, *, max_connections: int = 64, ca_file: str | None = None
+) -> RedisCluster:
     """A Redis Cluster client bootstrapped from any node of ``url``; it discovers the rest.
 
     Scripts must keep every key in one hash slot (the cluster refuses CROSSSLOT scripts), and
@@ -59,15 +83,21 @@ def make_redis_cluster(url: str, *, max_connections: int = 64) -> RedisCluster:
     """
     plain = url.replace("+cluster", "", 1) if is_cluster_url(url) else url
     return RedisCluster.from_url(
-        plain, max_connections=max_connections, decode_responses=False, health_check_interval=30
+        plain,
+        max_connections=max_connections,
+        decode_responses=False,
+        health_check_interval=30,
+        **redis_tls_options(url, ca_file),
     )
 
 
-def make_redis_client(url: str, *, cluster: bool = False, max_connections: int = 64) -> RedisClient:
+def make_redis_client(
+    url: str, *, cluster: bool = False, max_connections: int = 64, ca_file: str | None = None
+) -> RedisClient:
     """A Redis Cluster client for ``redis+cluster://`` URLs (or ``cluster``), else a plain one."""
     if cluster or is_cluster_url(url):
-        return make_redis_cluster(url, max_connections=max_connections)
-    return make_redis(url, max_connections=max_connections)
+        return make_redis_cluster(url, max_connections=max_connections, ca_file=ca_file)
+    return make_redis(url, max_connections=max_connections, ca_file=ca_file)
 
 
 class Keys:

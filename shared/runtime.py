@@ -24,6 +24,7 @@ from shared.kafka import (
     Handler,
     LazyClient,
     ensure_topics,
+    kafka_client_options,
     make_consumer,
     make_producer,
 )
@@ -54,10 +55,11 @@ class Runtime:
         self.keys = Keys(settings.redis_prefix)
         self.registry = CollectorRegistry()
         self.redis: RedisClient = make_redis_client(
-            settings.redis_url, cluster=settings.redis_cluster
+            settings.redis_url, cluster=settings.redis_cluster, ca_file=settings.redis_ca_file
         )
+        self.kafka_options = kafka_client_options(settings)
         self.producer: LazyClient = make_producer(
-            settings.kafka_bootstrap, client_id=f"hostiso-{service}"
+            settings.kafka_bootstrap, client_id=f"hostiso-{service}", options=self.kafka_options
         )
         self.consumers: list[ConsumeLoop] = []
         self.supervisor = Supervisor()
@@ -106,6 +108,7 @@ class Runtime:
             auto_offset_reset=auto_offset_reset,
             group_instance_id=self.group_instance_id(),
             listener=listener,
+            options=self.kafka_options,
         )
         dlq = DeadLetterSink(self.producer, self.topics, group_id, self.dlq_total.labels(name).inc)
         loop = ConsumeLoop(
@@ -164,6 +167,7 @@ class Runtime:
                     replication_factor=self.settings.topic_replication_factor,
                     min_insync_replicas=self.settings.topic_min_insync_replicas,
                     partitions=self.settings.topic_partition_counts,
+                    options=self.kafka_options,
                 ),
                 "kafka topics",
             )

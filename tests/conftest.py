@@ -1,8 +1,11 @@
 """Session-scoped real Kafka and Redis; every test gets its own topic prefix and Redis key prefix.
 
-Order of preference: HOSTISO_TEST_KAFKA_BOOTSTRAP / HOSTISO_TEST_REDIS_URL if set; testcontainers
-if HOSTISO_TEST_DOCKER=1 and a Docker engine answers; otherwise a local broker started from the
-Maven jars and a local redis-server (the default, no Docker needed).
+Order of preference: HOSTISO_TEST_KAFKA_BOOTSTRAP / HOSTISO_TEST_REDIS_URL if set (PLAINTEXT,
+no auth); testcontainers if HOSTISO_TEST_DOCKER=1 and a Docker engine answers (PLAINTEXT);
+otherwise a local broker started from the Maven jars and a local redis-server (the default, no
+Docker needed), both **secure**: Kafka with SASL_SSL + SCRAM-SHA-512 and ACLs, Redis with ACL users
+(HOSTISO_TEST_SECURE=0 runs them in PLAINTEXT without auth instead). Harness clients connect as
+the admin principal, services under test as their own (tests/helpers.py ``SECURITY``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from shared.infra import LocalKafka, LocalRedis, ensure_kafka_jars
 from shared.infra.kafka import KAFKA_VERSION
 from shared.infra.proc import free_port
 from shared.kafka import ensure_topics
+from shared.kafka_acls import provision_acls
 from shared.topics import Topics
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +93,10 @@ def _apache_kafka_container() -> Iterator[str]:
         yield f"127.0.0.1:{port}"
 
 
+def _secure() -> bool:
+    return os.environ.get("HOSTISO_TEST_SECURE", "1") != "0"
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(pytestconfig: pytest.Config) -> Iterator[str]:
     if os.environ.get("HOSTISO_TEST_KAFKA_BOOTSTRAP"):
@@ -98,18 +107,56 @@ def kafka_bootstrap(pytestconfig: pytest.Config) -> Iterator[str]:
             _announce(pytestconfig, f"Apache Kafka (KRaft) in Docker at {bootstrap}")
             yield bootstrap
         return
-    kafka = LocalKafka()
+    kafka = LocalKafka(secure=_secure())
     started = time.monotonic()
     kafka.start()
     _announce(
         pytestconfig,
-        f"Apache Kafka {KAFKA_VERSION} (KRaft) started from the Maven jars in {ensure_kafka_jars()} "
-        f"at {kafka.bootstrap} in {time.monotonic() - started:.1f}s",
+        f"Apache Kafka {KAFKA_VERSION} (KRaft, {kafka.security_protocol}) started from the Maven "
+        f"jars in {ensure_kafka_jars()} at {kafka.bootstrap} in {time.monotonic() - started:.1f}s",
     )
+    if kafka.secure:
+        helpers.SECURITY.kafka_bootstrap = kafka.bootstrap
+        helpers.SECURITY.kafka_admin = kafka.client_options()
+        helpers.SECURITY.kafka_env = kafka.client_env
+        helpers.SECURITY.kafka_options_for = kafka.client_options
     try:
         yield kafka.bootstrap
     finally:
+        helpers.SECURITY.kafka_admin = {}
+        helpers.SECURITY.kafka_env = None
+        helpers.SECURITY.kafka_options_for = None
         kafka.stop()
+
+
+class AclPrefixes:
+    """Topic prefixes whose ACLs already exist, handed out one per test.
+
+    Brokers enforce new ACLs about a second after they are created; provisioning a batch of
+    prefixes at once pays that second once per batch instead of once per test.
+    """
+
+    batch = 48
+
+    def __init__(self, bootstrap: str) -> None:
+        self._bootstrap = bootstrap
+        self._ready: list[str] = []
+
+    async def take(self) -> str:
+        if not self._ready:
+            prefixes = [f"t{uuid.uuid4().hex[:10]}." for _ in range(self.batch)]
+            await provision_acls(
+                self._bootstrap,
+                [Topics(p) for p in prefixes],
+                options=helpers.kafka_admin_options(),
+            )
+            self._ready = prefixes
+        return self._ready.pop()
+
+
+@pytest.fixture(scope="session")
+def acl_prefixes(kafka_bootstrap: str) -> AclPrefixes | None:
+    return AclPrefixes(kafka_bootstrap) if helpers.SECURITY.kafka_admin else None
 
 
 @pytest.fixture(scope="session")
@@ -125,12 +172,19 @@ def redis_url(pytestconfig: pytest.Config) -> Iterator[str]:
             port = container.get_exposed_port(6379)
             yield f"redis://{host}:{port}/0"
         return
-    redis = LocalRedis()
+    # Service users are confined to their namespace behind any (per-test random) prefix.
+    redis = LocalRedis(secure=_secure(), tls=_secure(), key_prefix="*")
     redis.start()
-    _announce(pytestconfig, f"redis-server (AOF on) started at {redis.url}")
+    auth = "TLS, ACL users, default user off" if redis.secure else "no auth"
+    _announce(pytestconfig, f"redis-server (AOF on, {auth}) started on port {redis.port}")
+    if redis.secure:
+        helpers.SECURITY.redis_admin_url = redis.url
+        helpers.SECURITY.redis_url_for = redis.url_for
+        helpers.SECURITY.redis_ca_file = redis.ca_file
     try:
         yield redis.url
     finally:
+        helpers.SECURITY.redis_url_for = None
         redis.close()
 
 
@@ -140,7 +194,10 @@ def unique_suffix() -> str:
 
 
 @pytest.fixture
-def topic_prefix(unique_suffix: str) -> str:
+async def topic_prefix(unique_suffix: str, acl_prefixes: AclPrefixes | None) -> str:
+    """This test's topic prefix; on the secure broker its principals' ACLs already exist."""
+    if acl_prefixes is not None:
+        return await acl_prefixes.take()
     return f"t{unique_suffix}."
 
 
@@ -153,7 +210,7 @@ def redis_prefix(unique_suffix: str) -> str:
 async def topics(kafka_bootstrap: str, topic_prefix: str) -> AsyncIterator[Topics]:
     """This test's own set of topics, created on the real broker."""
     t = Topics(topic_prefix)
-    await ensure_topics(kafka_bootstrap, t)
+    await ensure_topics(kafka_bootstrap, t, options=helpers.kafka_admin_options())
     yield t
 
 
@@ -161,7 +218,10 @@ async def topics(kafka_bootstrap: str, topic_prefix: str) -> AsyncIterator[Topic
 def service_env(
     kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str
 ) -> dict[str, str]:
-    """HOSTISO_* variables that point a service at this test's Kafka, Redis and prefixes."""
+    """HOSTISO_* variables that point a service at this test's Kafka, Redis and prefixes.
+
+    ``ServiceProcess`` adds the credentials of the service it starts (its own principal).
+    """
     return {
         "HOSTISO_DEV": "1",
         "HOSTISO_KAFKA_BOOTSTRAP": kafka_bootstrap,

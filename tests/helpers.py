@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -14,6 +15,70 @@ from shared.messages import decode
 from shared.topics import Topics
 
 T = TypeVar("T")
+
+
+@dataclass
+class TestSecurity:
+    """How the harness and the services under test authenticate to this run's Kafka and Redis.
+
+    Set by the session fixtures of tests/conftest.py. The harness (topic readers, producers of
+    test input) connects as the ``admin`` super user; a service connects as its own principal
+    (``service_settings`` for an app built in-process, ``ServiceProcess`` for a process), so
+    the broker's ACLs and Redis' ACL users are exercised by every integration and e2e test.
+    """
+
+    __test__ = False  # not a test class, despite the name
+
+    kafka_bootstrap: str = ""
+    kafka_admin: dict[str, Any] = field(default_factory=dict)
+    kafka_env: Callable[[str], dict[str, str]] | None = None
+    kafka_options_for: Callable[[str], dict[str, Any]] | None = None
+    redis_admin_url: str = ""
+    redis_url_for: Callable[[str], str] | None = None
+    redis_ca_file: str | None = None
+
+    def service_env(self, principal: str, env: dict[str, str]) -> dict[str, str]:
+        """HOSTISO_* of ``principal`` for a process whose ``env`` points at this run's infra."""
+        out: dict[str, str] = {}
+        if (
+            self.kafka_env is not None
+            and env.get("HOSTISO_KAFKA_BOOTSTRAP") == self.kafka_bootstrap
+            and "HOSTISO_KAFKA_SASL_USERNAME" not in env
+        ):
+            out |= self.kafka_env(principal)
+        if self.redis_url_for is not None and env.get("HOSTISO_REDIS_URL") == self.redis_admin_url:
+            out["HOSTISO_REDIS_URL"] = self.redis_url_for(principal)
+            if self.redis_ca_file is not None:
+                out["HOSTISO_REDIS_CA_FILE"] = self.redis_ca_file
+        return out
+
+    def service_settings(self, principal: str, *, redis_url: str | None = None) -> dict[str, Any]:
+        """Settings fields that make an in-process service connect as ``principal``.
+
+        ``redis_url``: the URL the test would use; replaced only if it is this run's Redis.
+        """
+        env = self.service_env(
+            principal,
+            {
+                "HOSTISO_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+                "HOSTISO_REDIS_URL": redis_url or self.redis_admin_url,
+            },
+        )
+        return {key.removeprefix("HOSTISO_").lower(): value for key, value in env.items()}
+
+
+SECURITY = TestSecurity()
+
+
+def kafka_admin_options(bootstrap: str | None = None) -> dict[str, Any]:
+    """aiokafka keyword arguments for a harness client (the admin principal, or nothing).
+
+    With ``bootstrap``: nothing unless it is the session's secure broker (a test's own broker is
+    PLAINTEXT).
+    """
+    if bootstrap is not None and bootstrap != SECURITY.kafka_bootstrap:
+        return {}
+    return dict(SECURITY.kafka_admin)
 
 
 async def wait_for(
@@ -37,7 +102,7 @@ async def wait_for(
 
 
 async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_admin_options(bootstrap), bootstrap_servers=bootstrap)
     await admin.start()
     try:
         described = await admin.describe_topics([topic])
@@ -60,7 +125,10 @@ async def read_topic(
     Read as the services read (read_committed): records of aborted transactions are not there.
     """
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level
+        **kafka_admin_options(bootstrap),
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
     )
     await consumer.start()
     try:
@@ -114,8 +182,14 @@ class ServiceProcess:
 
         from shared.infra.proc import spawn
 
+        # A service process connects as its own principal (services.<name> → <name>).
+        principal = self.module.split(".")[1] if self.module.startswith("services.") else ""
+        own = SECURITY.service_env(principal, self.env) if principal else {}
         env = dict(
-            os.environ, **self.env, HOSTISO_HTTP_PORT=str(self.port), HOSTISO_HTTP_HOST=self.host
+            os.environ,
+            **{**self.env, **own},
+            HOSTISO_HTTP_PORT=str(self.port),
+            HOSTISO_HTTP_HOST=self.host,
         )
         self.proc = spawn([sys.executable, "-m", self.module], log_path=self.log_path, env=env)
         return self

@@ -95,9 +95,14 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
     runtime_redis = single_node_redis(runtime)
-    wakeups = RedisPolicyWakeups(settings.redis_url, runtime.keys("enforcer", "wake"))
+    wakeups = RedisPolicyWakeups(
+        settings.redis_url, runtime.keys("enforcer", "wake"), ca_file=settings.redis_ca_file
+    )
     store_redis = make_redis(
-        settings.redis_url, max_connections=settings.redis_max_connections, pool_timeout_s=20
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout_s=20,
+        ca_file=settings.redis_ca_file,
     )
     policies = RedisPolicyStore(store_redis, runtime.keys, runtime.keys("enforcer", "wake"))
     deps = EnforcerDeps(

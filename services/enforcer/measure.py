@@ -27,7 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from shared.config import DEV_ENROLLMENT_SECRET
 from shared.enrollment import enrollment_key
 from shared.infra.proc import free_port, spawn, stop
-from shared.kafka import ensure_topics, make_producer, publish
+from shared.kafka import KafkaOptions, ensure_topics, make_producer, publish
 from shared.messages import EnforcePolicy, FrozenPolicy, utcnow
 from shared.topics import Topics
 
@@ -57,12 +57,22 @@ def render_command(template: bytes, endpoint_id: str, sequence: int) -> bytes:
 
 
 async def produce_backlog(
-    bootstrap: str, topic: str, count: int, *, endpoints: int = 10_000, prefix: str = "bk"
+    bootstrap: str,
+    topic: str,
+    count: int,
+    *,
+    endpoints: int = 10_000,
+    prefix: str = "bk",
+    options: KafkaOptions | None = None,
 ) -> float:
     """Put ``count`` commands for ``endpoints`` fake endpoints on ``topic`` fast; returns seconds."""
     template = command_template()
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_batch_size=1024 * 1024
+        **(options or {}),
+        bootstrap_servers=bootstrap,
+        acks=1,
+        linger_ms=20,
+        max_batch_size=1024 * 1024,
     )
     await producer.start()
     started = time.monotonic()
@@ -79,9 +89,11 @@ async def produce_backlog(
     return time.monotonic() - started
 
 
-async def committed_total(bootstrap: str, group_id: str) -> int:
+async def committed_total(
+    bootstrap: str, group_id: str, *, options: KafkaOptions | None = None
+) -> int:
     """Sum of the committed offsets of a consumer group (records it has consumed)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**(options or {}), bootstrap_servers=bootstrap)
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group_id)

@@ -61,6 +61,7 @@ def build_app(
         replica_dlq(GroupName.ISOLATION_SETTINGS_REPLICA),
         settings.catch_up_timeout_s,
         max_attempts=settings.consumer_max_attempts,
+        kafka_options=runtime.kafka_options,
     )
     registry = EndpointRegistry(
         replica_store,
@@ -69,6 +70,7 @@ def build_app(
         replica_dlq(GroupName.ISOLATION_ENDPOINT_REGISTRY),
         settings.catch_up_timeout_s,
         max_attempts=settings.consumer_max_attempts,
+        kafka_options=runtime.kafka_options,
     )
     service = IsolationService(
         store=RedisIsolationStore(runtime.redis, runtime.keys, batcher),

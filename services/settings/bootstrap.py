@@ -43,6 +43,7 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
             settings.kafka_bootstrap,
             relay_transactional_id(runtime.topics),
             client_id=f"hostiso-{SERVICE}-relay-{settings.instance_id}",
+            options=runtime.kafka_options,
         ),
         runtime.topics,
         metrics,

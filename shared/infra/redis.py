@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
+from shared.infra.certs import CertPaths, issue_cert, make_ca
 from shared.infra.proc import free_port, spawn, stop, wait_port
 
 
@@ -29,19 +32,105 @@ def ensure_redis_server() -> str:
     )
 
 
+# Each service's Redis user: what it may run, and under which key namespace (``Keys``: the
+# services write ``<prefix><service>:…``; the enforcer also publishes policy wake-ups on
+# ``<prefix>enforcer:wake``). Everything @dangerous (FLUSHALL, FLUSHDB, CONFIG, KEYS, DEBUG,
+# SHUTDOWN, MONITOR, ACL …) is refused; scripts (EVALSHA, SCRIPT LOAD) and MULTI are needed.
+SERVICE_REDIS_USERS = ("settings", "isolation", "enforcer")
+REDIS_ADMIN_USER = "admin"
+_SERVICE_COMMANDS = "-@all +@read +@write +@keyspace +@scripting +@transaction +@connection"
+
+
+def redis_acl_rules(service: str, key_prefix: str) -> str:
+    """The ACL rules (after the password) of ``service``'s user, keys limited to its namespace."""
+    channels = f"&{key_prefix}{service}:*" if service == "enforcer" else ""
+    pubsub = " +@pubsub" if service == "enforcer" else ""
+    return (
+        f"resetkeys ~{key_prefix}{service}:* resetchannels {channels} "
+        f"{_SERVICE_COMMANDS}{pubsub} -@dangerous"
+    ).replace("  ", " ")
+
+
 @dataclass
 class LocalRedis:
-    """redis-server with ``appendonly yes`` and its data in a temp dir; restartable in place."""
+    """redis-server with ``appendonly yes`` and its data in a temp dir; restartable in place.
+
+    ``secure=True``: the default user is off; ``admin`` (all commands) and one user per service
+    (``redis_acl_rules``) with random passwords; ``key_prefix`` is the key namespace the service
+    users are confined to (a glob: the test suite uses ``*`` for its random per-test prefixes).
+    """
 
     port: int = 0
     appendfsync: str = "everysec"
     workdir: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    secure: bool = False
+    key_prefix: str = "hostiso:"
+    # TLS only (no plain port), server certificate from a CA of its own (``ca_file``).
+    tls: bool = False
+    passwords: dict[str, str] = field(default_factory=dict)
+    ca: CertPaths | None = None
     _owns_dir: bool = False
 
     @property
+    def scheme(self) -> str:
+        return "rediss" if self.tls else "redis"
+
+    @property
+    def ca_file(self) -> str | None:
+        return str(self.ca.cert) if self.ca is not None else None
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Plain: the only URL; secure: the admin's (tooling and tests)."""
+        if self.secure:
+            return self.url_for(REDIS_ADMIN_USER)
+        return f"{self.scheme}://127.0.0.1:{self.port}/0"
+
+    def url_for(self, user: str) -> str:
+        if not self.secure:
+            return self.url
+        password = quote(self.passwords[user], safe="")
+        return f"{self.scheme}://{user}:{password}@127.0.0.1:{self.port}/0"
+
+    def _tls_args(self, workdir: Path) -> list[str]:
+        if self.ca is None:
+            self.ca = make_ca(workdir / "tls", common_name="hostiso local Redis CA")
+        server = issue_cert(self.ca, workdir / "tls", "redis")
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(server.cert),
+            "--tls-key-file",
+            str(server.key),
+            "--tls-ca-cert-file",
+            str(self.ca.cert),
+            # Clients authenticate with their ACL user; the certificate proves the server.
+            "--tls-auth-clients",
+            "no",
+        ]
+
+    def _write_acl_config(self, workdir: Path) -> Path:
+        if not self.passwords:
+            # Random per run, never in the repository; kept across restart() of this instance.
+            self.passwords = {
+                name: secrets.token_urlsafe(24) for name in (REDIS_ADMIN_USER, *SERVICE_REDIS_USERS)
+            }
+        lines = [
+            "user default off resetkeys -@all",
+            f"user {REDIS_ADMIN_USER} on >{self.passwords[REDIS_ADMIN_USER]} ~* &* +@all",
+        ]
+        for service in SERVICE_REDIS_USERS:
+            rules = redis_acl_rules(service, self.key_prefix)
+            lines.append(f"user {service} on >{self.passwords[service]} {rules}")
+        path = workdir / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("\n".join(lines) + "\n")
+        return path
 
     def start(self, timeout: float = 30.0) -> LocalRedis:
         binary = ensure_redis_server()
@@ -51,11 +140,13 @@ class LocalRedis:
         if not self.port:
             self.port = free_port()
         log_path = self.workdir / "redis.log"
+        config = [str(self._write_acl_config(self.workdir))] if self.secure else []
+        ports = self._tls_args(self.workdir) if self.tls else ["--port", str(self.port)]
         self.proc = spawn(
             [
                 binary,
-                "--port",
-                str(self.port),
+                *config,
+                *ports,
                 "--bind",
                 "127.0.0.1",
                 "--dir",

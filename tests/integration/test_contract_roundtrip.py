@@ -7,14 +7,14 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from shared.kafka import make_producer, publish
 from shared.topics import TOPIC_SPECS, Topics
-from tests.helpers import read_topic
+from tests.helpers import kafka_admin_options, read_topic
 from tests.samples import SAMPLES
 
 
 async def test_every_message_type_round_trips_through_real_kafka(
     kafka_bootstrap: str, topics: Topics
 ) -> None:
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     try:
         for topic, key, message in SAMPLES:
@@ -30,7 +30,7 @@ async def test_every_message_type_round_trips_through_real_kafka(
 async def test_topics_have_designed_partitions_and_cleanup_policy(
     kafka_bootstrap: str, topics: Topics
 ) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_admin_options(), bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
         described = await admin.describe_topics([topics(s.name) for s in TOPIC_SPECS])

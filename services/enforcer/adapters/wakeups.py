@@ -12,6 +12,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from shared.redis import redis_tls_options
+
 log = logging.getLogger(__name__)
 
 
@@ -46,8 +48,9 @@ class RedisPolicyWakeups:
     a policy published while we were deaf is then found by the waiter's own re-read.
     """
 
-    def __init__(self, redis_url: str, channel: str) -> None:
+    def __init__(self, redis_url: str, channel: str, *, ca_file: str | None = None) -> None:
         self._redis_url = redis_url
+        self._ca_file = ca_file
         self._channel = channel
         self._waiters: dict[str, set[PolicyWaiter]] = {}
         self._count = 0
@@ -100,7 +103,10 @@ class RedisPolicyWakeups:
         while True:
             # No silent client-side retries: a broken link must surface here so we resync waiters.
             client = Redis.from_url(
-                self._redis_url, retry=Retry(NoBackoff(), 0), health_check_interval=10
+                self._redis_url,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=10,
+                **redis_tls_options(self._redis_url, self._ca_file),
             )
             pubsub = client.pubsub()
             try:

@@ -17,8 +17,11 @@ REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
 # other, and the revision check makes concurrent writers (two lanes, status, other instances)
 # retry instead of overwriting each other. Every key it touches carries the endpoint's hash tag
 # (one Redis Cluster slot): the account's isolated/pending set is kept per endpoint bucket.
+# ARGV[7] = '1' when the write carries a request outcome: without one KEYS[2] and KEYS[4] are a
+# placeholder inside the service's namespace and slot (never read or written), because Redis
+# checks the ACL key patterns of every declared key and an empty name matches none.
 _COMMIT = """
-if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
   return {'dup', redis.call('GET', KEYS[2]), redis.call('EXISTS', KEYS[4])}
 end
 local rev = redis.call('HGET', KEYS[1], 'rev') or '0'
@@ -33,7 +36,7 @@ if ARGV[2] ~= '' then
     redis.call('SREM', KEYS[3], ARGV[6])
   end
 end
-if KEYS[2] ~= '' then
+if ARGV[7] == '1' then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[4]))
 end
 return {'ok', ''}
@@ -143,11 +146,12 @@ class RedisIsolationStore:
     ) -> None:
         """Store the new state (if ``changed``) and the request outcome, only if unchanged since read."""
         endpoint_id = isolation.endpoint_id
+        unused = self._keys("isolation", slot_tag(_TAG, endpoint_id), "no-request")
         keys = [
             self._state_key(endpoint_id),
-            self._request_key(endpoint_id, request_key) if request_key else "",
+            self._request_key(endpoint_id, request_key) if request_key else unused,
             self._active_key(endpoint_id, isolation.account_id),
-            self._sent_key(endpoint_id, request_key) if request_key else "",
+            self._sent_key(endpoint_id, request_key) if request_key else unused,
         ]
         args = [
             str(current_rev),
@@ -156,6 +160,7 @@ class RedisIsolationStore:
             str(REQUEST_OUTCOME_TTL_S),
             "1" if isolation.isolated_or_pending else "0",
             isolation.endpoint_id,
+            "1" if request_key else "0",
         ]
         status, payload, *sent = await self._batch.script(self._commit, keys, args)
         if status == b"dup":

@@ -15,7 +15,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from services.isolation.adapters.redis_store import RedisReplicaStore
 from services.isolation.domain import EndpointRecord
 from shared.consume import DEFAULT_MAX_ATTEMPTS, FETCHED_AT, ConsumeLoop, PerRecord, typed
-from shared.kafka import DeadLetterSink, MessageRejected
+from shared.kafka import DeadLetterSink, KafkaOptions, MessageRejected
 from shared.messages import AllowlistChanged, EndpointRegistered
 from shared.topics import TopicName, Topics
 
@@ -75,10 +75,12 @@ class CompactedTopicReplica:
         apply: Apply,
         dlq: DeadLetterSink,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._max_attempts = max_attempts
         self.loop: ConsumeLoop | None = None
         self._bootstrap = bootstrap
+        self._kafka_options = kafka_options or {}
         self._topics = topics
         self._name = name
         self.topic = topics(name)
@@ -97,6 +99,7 @@ class CompactedTopicReplica:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
+            **self._kafka_options,
             bootstrap_servers=self._bootstrap,
             group_id=None,
             enable_auto_commit=False,
@@ -108,6 +111,7 @@ class CompactedTopicReplica:
         # End offsets are asked on a connection of their own: the broker answers requests of one
         # connection in order, so behind the replica's long-poll fetch they would wait for it.
         self._offsets = AIOKafkaConsumer(
+            **self._kafka_options,
             bootstrap_servers=self._bootstrap,
             group_id=None,
             enable_auto_commit=False,
@@ -266,12 +270,19 @@ class SettingsReplica:
         catch_up_timeout: float,
         cache_size: int = SETTINGS_CACHE_SIZE,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._store = store
         self._timeout = catch_up_timeout
         self._cache: NewestCache[AllowlistChanged] = NewestCache(cache_size)
         self.replica = CompactedTopicReplica(
-            bootstrap, topics, TopicName.SETTINGS_ALLOWLIST, self._apply, dlq, max_attempts
+            bootstrap,
+            topics,
+            TopicName.SETTINGS_ALLOWLIST,
+            self._apply,
+            dlq,
+            max_attempts,
+            kafka_options,
         )
 
     async def _apply(self, event: AllowlistChanged, record: ConsumerRecord[bytes, bytes]) -> None:
@@ -314,6 +325,7 @@ class EndpointRegistry:
         catch_up_timeout: float,
         cache_size: int = ENDPOINT_CACHE_SIZE,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        kafka_options: KafkaOptions | None = None,
     ) -> None:
         self._store = store
         self._timeout = catch_up_timeout
@@ -322,7 +334,7 @@ class EndpointRegistry:
         self._cache: NewestCache[EndpointRecord] = NewestCache(cache_size)
         self._applied = 0
         self.replica = CompactedTopicReplica(
-            bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq, max_attempts
+            bootstrap, topics, TopicName.ENDPOINTS, self._apply, dlq, max_attempts, kafka_options
         )
 
     async def _apply(self, event: EndpointRegistered, record: ConsumerRecord[bytes, bytes]) -> None:

@@ -20,6 +20,7 @@ from aiokafka.errors import (
 
 from services.settings.adapters.redis_store import OutboxRecord, RedisAllowlistStore
 from services.settings.metrics import SettingsMetrics
+from shared.kafka import KafkaOptions
 from shared.tasks import cancel_and_wait, raise_if_cancelling
 from shared.topics import Topics
 
@@ -52,12 +53,18 @@ def relay_transactional_id(topics: Topics) -> str:
 
 
 def make_relay_producer(
-    bootstrap: str, transactional_id: str, *, client_id: str, linger_ms: int = 5
+    bootstrap: str,
+    transactional_id: str,
+    *,
+    client_id: str,
+    linger_ms: int = 5,
+    options: KafkaOptions | None = None,
 ) -> ProducerFactory:
     """A factory of transactional producers (acks=all and idempotence come with transactions)."""
 
     def build() -> AIOKafkaProducer:
         return AIOKafkaProducer(
+            **(options or {}),
             bootstrap_servers=bootstrap,
             client_id=client_id,
             acks="all",

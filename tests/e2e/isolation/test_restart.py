@@ -31,7 +31,7 @@ from shared.messages import (
     ReleaseEndpoint,
 )
 from shared.topics import Topics
-from tests.helpers import ServiceProcess, read_topic, wait_for
+from tests.helpers import ServiceProcess, kafka_admin_options, read_topic, wait_for
 
 NORMAL = 200  # x 4 requests: isolate, isolate again (no-op), release, isolate -> sequences 1..3
 PRIORITY = 100  # x 2 requests: strict, strict again (no-op) -> sequence 1
@@ -69,7 +69,7 @@ async def test_sigkill_mid_stream_loses_no_request_and_issues_no_wrong_policy(
     kafka_bootstrap: str, topics: Topics, service_env: dict[str, str], tmp_path: Path
 ) -> None:
     now = datetime.now(UTC)
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     try:
         await publish(

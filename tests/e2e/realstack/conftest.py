@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -19,7 +20,10 @@ from shared.auth import mint_token
 from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
 from shared.enrollment import enrollment_key
 from shared.infra.proc import free_port, spawn, stop
-from tests.helpers import ServiceProcess
+from shared.kafka import ensure_topics
+from shared.kafka_acls import provision_acls
+from shared.topics import Topics
+from tests.helpers import ServiceProcess, kafka_admin_options
 
 ROOT = Path(__file__).resolve().parents[3]
 T = TypeVar("T")
@@ -127,6 +131,15 @@ def realstack(
     ]
     account_id = f"acct-{suffix}"
     agents: Any = None
+    if kafka_admin_options():
+        # The services' principals may not create topics: provision them and their ACLs first.
+        prefix = Topics(env["HOSTISO_TOPIC_PREFIX"])
+
+        async def provision() -> None:
+            await ensure_topics(kafka_bootstrap, prefix, options=kafka_admin_options())
+            await provision_acls(kafka_bootstrap, prefix, options=kafka_admin_options())
+
+        asyncio.run(provision())
     try:
         for service in services:
             service.start()

@@ -24,7 +24,7 @@ from shared.enrollment import enrollment_key
 from shared.infra.certs import issue_cert, make_ca
 from shared.infra.proc import free_port, spawn, stop
 from shared.topics import Topics
-from tests.helpers import wait_for
+from tests.helpers import SECURITY, wait_for
 
 
 async def test_agent_enrolls_with_the_real_enforcer_over_verified_tls(
@@ -40,6 +40,8 @@ async def test_agent_enrolls_with_the_real_enforcer_over_verified_tls(
         env={
             **os.environ,
             **service_env,
+            # The enforcer connects to Kafka and Redis as its own principal and Redis user.
+            **SECURITY.service_env("enforcer", service_env),
             "HOSTISO_HTTP_PORT": str(port),
             "HOSTISO_TLS_CERT_FILE": str(cert.cert),
             "HOSTISO_TLS_KEY_FILE": str(cert.key),

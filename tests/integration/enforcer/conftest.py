@@ -19,6 +19,7 @@ from shared.enrollment import enrollment_key
 from shared.kafka import make_producer, publish, wait_topics_ready
 from shared.messages import EnforcePolicy, FrozenPolicy, utcnow
 from shared.topics import TOPIC_SPECS, Topics
+from tests.helpers import SECURITY, kafka_admin_options
 
 
 def policy_command(
@@ -90,7 +91,9 @@ async def enforcer_settings(
     kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str, topics: Topics
 ) -> Callable[..., EnforcerSettings]:
     # Fresh topics get their partition leaders a moment after creation; start once they have them.
-    await wait_topics_ready(kafka_bootstrap, [topics(spec.name) for spec in TOPIC_SPECS])
+    await wait_topics_ready(
+        kafka_bootstrap, [topics(spec.name) for spec in TOPIC_SPECS], options=kafka_admin_options()
+    )
 
     def make(**overrides: Any) -> EnforcerSettings:
         values: dict[str, Any] = {
@@ -100,6 +103,7 @@ async def enforcer_settings(
             "topic_prefix": topic_prefix,
             "redis_prefix": redis_prefix,
             "log_json": False,
+            **SECURITY.service_settings("enforcer", redis_url=redis_url),
             **overrides,
         }
         return EnforcerSettings.model_validate(values)
@@ -128,7 +132,7 @@ async def enforcer(
 
 @pytest.fixture
 async def producer(kafka_bootstrap: str) -> AsyncIterator[Any]:
-    prod = make_producer(kafka_bootstrap)
+    prod = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await prod.start()
     try:
         yield prod

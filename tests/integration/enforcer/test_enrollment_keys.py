@@ -15,8 +15,9 @@ from shared.auth import mint_token
 from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
 from shared.enrollment import enrollment_key
 from shared.messages import AuditRecorded
+from shared.redis import redis_tls_options
 from shared.topics import Topics
-from tests.helpers import read_topic
+from tests.helpers import SECURITY, read_topic
 from tests.integration.enforcer.conftest import AgentClient, running_enforcer
 
 Running = tuple[FastAPI, httpx.AsyncClient]
@@ -122,7 +123,9 @@ async def test_enrollment_keys_are_stored_only_as_hashes(
     _, http = enforcer
     issued = [await rotate(http, "acct-1"), await rotate(http, "acct-1")]
     await enroll_with(http, "acct-1", issued[1]["enrollment_key"])
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(
+        redis_url, **redis_tls_options(redis_url, SECURITY.redis_ca_file)
+    )
     try:
         everything = b""
         names = [name async for name in client.scan_iter(match=f"{redis_prefix}*")]

@@ -13,7 +13,7 @@ from services.enforcer.measure import committed_total, produce_backlog
 from shared.infra.proc import free_port
 from shared.messages import SignedPolicy
 from shared.topics import Topics
-from tests.helpers import ServiceProcess, wait_for
+from tests.helpers import ServiceProcess, kafka_admin_options, wait_for
 from tests.integration.enforcer.conftest import enroll, policy_command, send_command
 
 BACKLOG = 100_000
@@ -27,7 +27,13 @@ async def test_strict_command_reaches_the_agent_while_the_normal_backlog_is_most
     producer: Any,
     tmp_path: Path,
 ) -> None:
-    await produce_backlog(kafka_bootstrap, topics.enforcer_commands, BACKLOG, endpoints=10_000)
+    await produce_backlog(
+        kafka_bootstrap,
+        topics.enforcer_commands,
+        BACKLOG,
+        endpoints=10_000,
+        options=kafka_admin_options(),
+    )
     enforcer = ServiceProcess("services.enforcer", service_env, free_port(), tmp_path / "e.log")
     enforcer.start()
     try:
@@ -46,7 +52,9 @@ async def test_strict_command_reaches_the_agent_while_the_normal_backlog_is_most
             await send_command(producer, topics.enforcer_commands_priority, strict)
             response = await asyncio.wait_for(waiting, timeout=30)
             latency = time.monotonic() - sent
-            consumed = await committed_total(kafka_bootstrap, f"{topic_prefix}enforcer-normal")
+            consumed = await committed_total(
+                kafka_bootstrap, f"{topic_prefix}enforcer-normal", options=kafka_admin_options()
+            )
 
             assert response.status_code == 200
             assert SignedPolicy.model_validate_json(response.content).policy.mode == "strict"

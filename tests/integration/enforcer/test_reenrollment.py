@@ -9,8 +9,9 @@ from fastapi import FastAPI
 from shared.config import DEV_ENROLLMENT_SECRET
 from shared.enrollment import enrollment_key
 from shared.messages import AuditRecorded, EndpointRegistered
+from shared.redis import redis_tls_options
 from shared.topics import Topics
-from tests.helpers import read_topic, wait_for
+from tests.helpers import SECURITY, read_topic, wait_for
 from tests.integration.enforcer.conftest import AgentClient, enroll, policy_command, send_command
 
 Running = tuple[FastAPI, httpx.AsyncClient]
@@ -117,7 +118,9 @@ async def test_a_lost_agent_whose_policy_names_another_account_is_not_recreated(
 
     await wait_for(held, timeout=20)
     # The agent record is lost but the desired policy (account acct-2) survived.
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(
+        redis_url, **redis_tls_options(redis_url, SECURITY.redis_ca_file)
+    )
     try:
         assert await client.delete(f"{redis_prefix}enforcer:agent:{victim.agent_id}") == 1
     finally:

@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 from services.enforcer.adapters.redis_store import RedisAgentStore, RedisEnrollmentKeyStore
 from services.enforcer.domain import CreateOutcome, EnrollmentKeyRecord, ReissueOutcome
 from services.enforcer.handlers import AgentRecord, AgentStore, EnrollmentKeyStore
-from shared.redis import Keys
+from shared.redis import Keys, redis_tls_options
+from tests.helpers import SECURITY
 from tests.unit.enforcer.fakes import InMemoryAgents, InMemoryEnrollmentKeys
 
 Stores = tuple[EnrollmentKeyStore, AgentStore]
@@ -23,7 +24,9 @@ async def stores(
     if request.param == "fake":
         yield InMemoryEnrollmentKeys(), InMemoryAgents(max_per_account=2)
         return
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(
+        redis_url, **redis_tls_options(redis_url, SECURITY.redis_ca_file)
+    )
     keys = Keys(redis_prefix)
     try:
         yield RedisEnrollmentKeyStore(client, keys), RedisAgentStore(client, keys, 2)

@@ -15,7 +15,7 @@ from shared.kafka import make_producer, publish
 from shared.messages import Actor, IsolateEndpoint
 from shared.runtime import Runtime
 from shared.topics import TOPIC_SPECS, TopicName, Topics
-from tests.helpers import wait_for
+from tests.helpers import SECURITY, kafka_admin_options, wait_for
 
 SOC = Actor(sub="soc", role="soc")
 
@@ -29,10 +29,15 @@ def runtime_for(
     *,
     static: bool = False,
 ) -> Runtime:
+    # A runtime of the harness, not of a product service: it connects as the admin principal.
+    connection: dict[str, Any] = {
+        "kafka_bootstrap": kafka_bootstrap,
+        "redis_url": redis_url,
+        **SECURITY.service_settings("admin", redis_url=redis_url),
+    }
     settings = ServiceSettings(
         dev=True,
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
+        **connection,
         topic_prefix=topics.prefix,
         redis_prefix=redis_prefix,
         instance_id=instance,
@@ -76,7 +81,7 @@ async def test_a_consumer_added_mid_stream_neither_crashes_the_group_nor_loses_r
             name="requests",
             max_records=50,
         )
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     async with started(runtimes):
         try:
@@ -164,7 +169,7 @@ async def test_a_static_member_restarted_at_once_gets_its_partitions_back(
         )
         return runtime
 
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     try:
         first = static_runtime()

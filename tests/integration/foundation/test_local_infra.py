@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import textwrap
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -25,21 +26,42 @@ def _alive(pid: int) -> bool:
         return stat.read().split()[2] != "Z"
 
 
+async def _partition_with_leader(admin: AIOKafkaAdminClient, topic: str) -> dict[str, Any]:
+    """The topic's partition 0 once the brokers' metadata has it with a leader.
+
+    Right after create_topics the broker answering describe_topics may not have applied the new
+    topic yet (no partitions, or leader -1): wait for it with a deadline.
+    """
+
+    async def described() -> dict[str, Any] | None:
+        (topic_meta,) = await admin.describe_topics([topic])
+        parts = topic_meta.get("partitions") or []
+        if topic_meta.get("error_code", 0) == 0 and parts and parts[0]["leader"] >= 0:
+            return dict(parts[0])
+        return None
+
+    return await wait_for(described, timeout=30, interval=0.1, message=f"{topic} leader")
+
+
 async def test_three_node_cluster_keeps_acks_all_writes_when_a_broker_dies() -> None:
-    cluster = KafkaCluster(nodes_count=3, heap="384m")
+    # Secure, like the suite's broker: brokers fail over on the mTLS inter-broker listener.
+    cluster = KafkaCluster(nodes_count=3, heap="384m", secure=True)
     cluster.start()
+    options = cluster.client_options()
     try:
-        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
+        admin = AIOKafkaAdminClient(**options, bootstrap_servers=cluster.bootstrap)
         await admin.start()
-        await admin.create_topics(
-            [NewTopic("ha", 1, 3, topic_configs={"min.insync.replicas": "2"})]
-        )
-        described = await admin.describe_topics(["ha"])
-        await admin.close()
-        partition = described[0]["partitions"][0]
+        try:
+            await admin.create_topics(
+                [NewTopic("ha", 1, 3, topic_configs={"min.insync.replicas": "2"})]
+            )
+            partition = await _partition_with_leader(admin, "ha")
+        finally:
+            await admin.close()
         assert len(partition["replicas"]) == 3
         leader_index = partition["leader"] - 1
         producer = AIOKafkaProducer(
+            **options,
             bootstrap_servers=cluster.bootstrap,
             acks="all",
             enable_idempotence=True,
@@ -52,7 +74,9 @@ async def test_three_node_cluster_keeps_acks_all_writes_when_a_broker_dies() -> 
             await producer.send_and_wait("ha", b"after")
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(bootstrap_servers=cluster.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            **options, bootstrap_servers=cluster.bootstrap, enable_auto_commit=False
+        )
         await consumer.start()
         try:
             tp = TopicPartition("ha", 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -9,7 +11,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from shared.config import ServiceSettings
 from shared.runtime import Runtime
 from shared.topics import TopicName, Topics
-from tests.helpers import topic_partitions
+from tests.helpers import SECURITY, kafka_admin_options, topic_partitions
 
 pytestmark = pytest.mark.integration
 
@@ -17,10 +19,15 @@ pytestmark = pytest.mark.integration
 async def test_runtime_creates_topics_with_the_configured_counts_and_min_isr(
     kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str
 ) -> None:
+    # Creating topics is the admin's right (services may not): the runtime connects as admin.
+    connection: dict[str, Any] = {
+        "kafka_bootstrap": kafka_bootstrap,
+        "redis_url": redis_url,
+        **SECURITY.service_settings("admin", redis_url=redis_url),
+    }
     settings = ServiceSettings(
         dev=True,
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
+        **connection,
         topic_prefix=topic_prefix,
         redis_prefix=redis_prefix,
         topic_partitions={"isolation.requests.priority.v1": 7},
@@ -33,7 +40,7 @@ async def test_runtime_creates_topics_with_the_configured_counts_and_min_isr(
         assert len(await topic_partitions(kafka_bootstrap, topics.isolation_requests_priority)) == 7
         # Unlisted topics keep the counts of shared/topics.py.
         assert len(await topic_partitions(kafka_bootstrap, topics(TopicName.DLQ))) == 1
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin = AIOKafkaAdminClient(**kafka_admin_options(), bootstrap_servers=kafka_bootstrap)
         await admin.start()
         try:
             described = await admin.describe_configs(

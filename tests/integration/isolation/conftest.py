@@ -26,7 +26,7 @@ from shared.messages import (
     PolicyStatusReported,
 )
 from shared.topics import Topics
-from tests.helpers import read_topic, wait_for
+from tests.helpers import SECURITY, kafka_admin_options, read_topic, wait_for
 
 SOC = Actor(sub="soc-analyst", role="soc")
 
@@ -169,14 +169,18 @@ async def running_isolation(
     settings_client: Any = None,
 ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """The service's app with its lifespan running, and an HTTP client on it, once /ready."""
+    connection: dict[str, Any] = {
+        "kafka_bootstrap": kafka_bootstrap,
+        "redis_url": redis_url,
+        **SECURITY.service_settings("isolation", redis_url=redis_url),
+    }
     settings = IsolationSettings(
         dev=True,
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
         topic_prefix=topics.prefix,
         redis_prefix=redis_prefix,
         platform_addresses=["198.51.100.1"],
         log_json=False,
+        **connection,
     )
     client = settings_client or RecordingSettingsClient()
     app = build_app(settings, settings_client=client)
@@ -196,7 +200,7 @@ async def running_isolation(
 async def h(
     kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str
 ) -> AsyncIterator[Harness]:
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     try:
         async with running_isolation(kafka_bootstrap, redis_url, topics, redis_prefix) as (

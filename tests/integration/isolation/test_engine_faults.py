@@ -17,7 +17,7 @@ from shared.infra import LocalRedis
 from shared.kafka import make_producer, publish
 from shared.messages import DeadLetter, StrictIsolateAccount
 from shared.topics import Topics
-from tests.helpers import read_topic, wait_for
+from tests.helpers import kafka_admin_options, read_topic, wait_for
 from tests.integration.isolation.conftest import SOC, Harness, running_isolation
 
 
@@ -44,7 +44,7 @@ async def real_client_h(
     client = HttpSettingsClient(
         "http://settings", DEV_JWT_SECRET, transport=httpx.MockTransport(api.handler)
     )
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     try:
         async with running_isolation(
@@ -122,7 +122,7 @@ async def test_isolation_recovers_from_a_redis_outage_and_ready_says_so_meanwhil
 ) -> None:
     (tmp_path / "redis").mkdir()
     redis = LocalRedis(appendfsync="always", workdir=tmp_path / "redis").start()
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     try:
         async with running_isolation(kafka_bootstrap, redis.url, topics, redis_prefix) as (

@@ -11,7 +11,7 @@ from shared.infra.redis_cluster import LocalRedisCluster
 from shared.kafka import make_producer
 from shared.messages import IsolateEndpoint, ReleaseEndpoint
 from shared.topics import Topics
-from tests.helpers import wait_for
+from tests.helpers import kafka_admin_options, wait_for
 from tests.integration.isolation.conftest import SOC, Harness, running_isolation
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def redis_cluster() -> Iterator[LocalRedisCluster]:
 async def hc(
     kafka_bootstrap: str, redis_cluster: LocalRedisCluster, topics: Topics, redis_prefix: str
 ) -> AsyncIterator[Harness]:
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(kafka_bootstrap, options=kafka_admin_options())
     await producer.start()
     try:
         async with running_isolation(kafka_bootstrap, redis_cluster.url, topics, redis_prefix) as (

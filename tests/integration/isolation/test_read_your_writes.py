@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.messages import Actor, EnforcePolicy, IsolateEndpoint
 from shared.topics import TopicName
-from tests.helpers import topic_partitions, wait_for
+from tests.helpers import kafka_admin_options, topic_partitions, wait_for
 from tests.integration.isolation.conftest import Harness
 
 ACCOUNTS = 10
@@ -37,7 +37,9 @@ async def test_acknowledged_allowlist_change_is_in_the_next_snapshot_200_times(
         return bool(await apply_settings(event))
 
     monkeypatch.setattr(store, "apply_settings", lagging_apply)
-    reader = AIOKafkaConsumer(bootstrap_servers=h.bootstrap, enable_auto_commit=False)
+    reader = AIOKafkaConsumer(
+        **kafka_admin_options(), bootstrap_servers=h.bootstrap, enable_auto_commit=False
+    )
     await reader.start()
     topic = h.topics.enforcer_commands
     tps = [TopicPartition(topic, p) for p in await topic_partitions(h.bootstrap, topic)]

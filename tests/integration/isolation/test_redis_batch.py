@@ -11,11 +11,12 @@ from redis.exceptions import ResponseError
 
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
 from shared.redis import make_redis
+from tests.helpers import SECURITY
 
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = make_redis(redis_url)
+    client = make_redis(redis_url, ca_file=SECURITY.redis_ca_file)
     try:
         yield client
     finally:

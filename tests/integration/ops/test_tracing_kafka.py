@@ -17,7 +17,7 @@ from shared.config import ServiceSettings
 from shared.messages import IsolateEndpoint
 from shared.runtime import Runtime
 from shared.topics import Topics
-from tests.helpers import wait_for
+from tests.helpers import SECURITY, wait_for
 from tests.samples import PARTNER
 
 
@@ -33,12 +33,14 @@ def spans() -> Iterator[InMemorySpanExporter]:
 async def runtime(
     kafka_bootstrap: str, redis_url: str, topics: Topics, redis_prefix: str
 ) -> AsyncIterator[Runtime]:
+    # Not a service of the product: the harness's own runtime connects as the admin principal.
+    connection: dict[str, Any] = {
+        "kafka_bootstrap": kafka_bootstrap,
+        "redis_url": redis_url,
+        **SECURITY.service_settings("admin", redis_url=redis_url),
+    }
     settings = ServiceSettings(
-        dev=True,
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
-        topic_prefix=topics.prefix,
-        redis_prefix=redis_prefix,
+        dev=True, topic_prefix=topics.prefix, redis_prefix=redis_prefix, **connection
     )
     rt = Runtime(settings, "tracing-test")
     yield rt

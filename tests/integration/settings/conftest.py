@@ -18,15 +18,18 @@ from services.settings.config import SettingsServiceSettings
 from shared.auth import mint_token
 from shared.config import DEV_JWT_SECRET
 from shared.kafka import ensure_topics
+from shared.kafka_acls import provision_acls
 from shared.messages import Role
 from shared.topics import Topics
+from tests.helpers import SECURITY, kafka_admin_options
 
 
 def token(
     role: Role,
     account_id: str | None = None,
     sub: str = "tester",
-    # Module-level tokens (SOC below) are minted at collection: they must outlive the whole run.
+    # Module-level tokens (SOC below) are minted at collection: they must outlive a full run of
+    # the suite (over 10 minutes on a loaded machine); 1 h is the maximum for the service role.
     ttl: int = 3600,
     scopes: tuple[str, ...] = (),
 ) -> str:
@@ -71,8 +74,9 @@ SettingsFactory = Callable[..., SettingsServiceSettings]
 
 @pytest.fixture
 def make_settings(
-    kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str
+    kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str, topics: Topics
 ) -> SettingsFactory:
+    # ``topics``: created as admin; the settings principal may not create topics itself.
     def factory(**overrides: Any) -> SettingsServiceSettings:
         values: dict[str, Any] = {
             "dev": True,
@@ -82,6 +86,7 @@ def make_settings(
             "redis_prefix": redis_prefix,
             "relay_lease_ms": 1000,
             "log_json": False,
+            **SECURITY.service_settings("settings", redis_url=redis_url),
         }
         values.update(overrides)
         return SettingsServiceSettings(**values)
@@ -113,15 +118,22 @@ async def settings_app(
 async def module_app(kafka_bootstrap: str, redis_url: str) -> AsyncIterator[SettingsApp]:
     """One app (own topic and key prefixes) shared by a module's table-driven tests."""
     suffix = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "kafka_bootstrap": kafka_bootstrap,
+        "redis_url": redis_url,
+        **SECURITY.service_settings("settings", redis_url=redis_url),
+    }
     settings = SettingsServiceSettings(
         dev=True,
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
         topic_prefix=f"m{suffix}.",
         redis_prefix=f"m{suffix}:",
         relay_lease_ms=1000,
         log_json=False,
+        **values,
     )
-    await ensure_topics(kafka_bootstrap, Topics(settings.topic_prefix))
+    admin = kafka_admin_options()
+    await ensure_topics(kafka_bootstrap, Topics(settings.topic_prefix), options=admin)
+    if admin:
+        await provision_acls(kafka_bootstrap, Topics(settings.topic_prefix), options=admin)
     async with running_app(settings) as running:
         yield running

@@ -30,7 +30,15 @@ async def test_kafka_down_gives_clear_503_and_every_saved_change_is_published_on
     make_settings: SettingsFactory, own_kafka: KafkaCluster, topic_prefix: str
 ) -> None:
     topics = Topics(topic_prefix)
-    settings = make_settings(kafka_bootstrap=own_kafka.bootstrap, publish_wait_s=1.5)
+    # The test's own broker is PLAINTEXT (it is stopped and restarted, not secured).
+    settings = make_settings(
+        kafka_bootstrap=own_kafka.bootstrap,
+        kafka_security_protocol="PLAINTEXT",
+        kafka_sasl_username=None,
+        kafka_sasl_password=None,
+        kafka_ssl_cafile=None,
+        publish_wait_s=1.5,
+    )
     async with running_app(settings) as running:
         # A fresh broker may still be electing partition leaders: the first write may be
         # answered 503, but it is published all the same before the broker goes down.

@@ -17,6 +17,7 @@ from services.settings.adapters.outbox_relay import (
     make_relay_producer,
     relay_transactional_id,
 )
+from shared.kafka import kafka_client_options
 from shared.messages import AllowlistChanged
 from shared.topics import Topics
 from tests.helpers import read_topic, wait_for
@@ -33,7 +34,10 @@ def relay_on(app: SettingsApp, name: str) -> OutboxRelay:
     return OutboxRelay(
         app.app.state.store,
         make_relay_producer(
-            settings.kafka_bootstrap, relay_transactional_id(app.topics), client_id=name
+            settings.kafka_bootstrap,
+            relay_transactional_id(app.topics),
+            client_id=name,
+            options=kafka_client_options(settings),
         ),
         app.topics,
         app.app.state.relay._metrics,
