@@ -51,6 +51,28 @@ def redis_acl_rules(service: str, key_prefix: str) -> str:
     ).replace("  ", " ")
 
 
+def local_server_args(workdir: Path, *, appendfsync: str = "everysec") -> list[str]:
+    """The ``redis-server`` options every local node runs with: loopback, AOF in ``workdir``."""
+    return [
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(workdir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        appendfsync,
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+        "--loglevel",
+        "warning",
+    ]
+
+
 @dataclass
 class LocalRedis:
     """redis-server with ``appendonly yes`` and its data in a temp dir; restartable in place.
@@ -147,22 +169,7 @@ class LocalRedis:
                 binary,
                 *config,
                 *ports,
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.workdir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                self.appendfsync,
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "yes",
-                "--loglevel",
-                "warning",
+                *local_server_args(self.workdir, appendfsync=self.appendfsync),
                 "--notify-keyspace-events",
                 "",
             ],

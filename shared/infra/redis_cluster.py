@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.infra.proc import free_port, spawn, stop, wait_port
-from shared.infra.redis import ensure_redis_server
+from shared.infra.redis import ensure_redis_server, local_server_args
 
 
 def _redis_cli() -> str:
@@ -122,10 +122,6 @@ class LocalRedisCluster:
                 ensure_redis_server(),
                 "--port",
                 str(node.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(node.workdir),
                 "--cluster-enabled",
                 "yes",
                 "--cluster-port",
@@ -138,16 +134,7 @@ class LocalRedisCluster:
                 # replica that never synced refuses to take over from a failed master.
                 "--repl-diskless-sync-delay",
                 "0",
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "yes",
-                "--loglevel",
-                "warning",
+                *local_server_args(node.workdir),
             ],
             log_path=node.log_path,
         )
