@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -248,6 +249,37 @@ _ENROLL_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """How the enroll route answers one refusal of the use case."""
+
+    status: int
+    title: str
+    field: str
+    rule: str
+    metric: str | None
+
+
+_ENROLL_REFUSALS: dict[type[Exception], _Refusal] = {
+    EnrollmentRateLimitedError: _Refusal(
+        429, "Too many enrollment attempts", "account_id", "enrollment_rate", "rate_limited"
+    ),
+    EnrollmentKeyRejectedError: _Refusal(
+        403, "Enrollment key refused", "enrollment_key", "active_key", "rejected"
+    ),
+    EndpointOfAnotherAccountError: _Refusal(
+        403, "Endpoint of another account", "endpoint_id", "same_account", "rejected"
+    ),
+    EndpointLimitReachedError: _Refusal(
+        403, "Endpoint limit reached", "account_id", "max_endpoints", "limit_reached"
+    ),
+    EnrollmentConflictError: _Refusal(
+        409, "Concurrent enrollment", "endpoint_id", "concurrent", None
+    ),
+}
+_ENROLL_REFUSALS_TYPES = tuple(_ENROLL_REFUSALS)
+
+
 @router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED, responses=_ENROLL_ERRORS)
 async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollResponse:
     try:
@@ -259,50 +291,18 @@ async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollRes
             platform=body.platform,
             endpoint_id=body.endpoint_id,
         )
-    except EnrollmentRateLimitedError as exc:
-        metrics.enrollments.labels("rate_limited").inc()
+    except _ENROLL_REFUSALS_TYPES as exc:
+        refusal = next(r for t, r in _ENROLL_REFUSALS.items() if isinstance(exc, t))
+        if refusal.metric:
+            metrics.enrollments.labels(refusal.metric).inc()
+        retry_after = getattr(exc, "retry_after_s", None)
         raise Problem(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            "Too many enrollment attempts",
-            field="account_id",
-            rule="enrollment_rate",
+            refusal.status,
+            refusal.title,
+            field=refusal.field,
+            rule=refusal.rule,
             detail=str(exc),
-            headers={"Retry-After": str(exc.retry_after_s)},
-        ) from exc
-    except EnrollmentKeyRejectedError as exc:
-        metrics.enrollments.labels("rejected").inc()
-        raise Problem(
-            status.HTTP_403_FORBIDDEN,
-            "Enrollment key refused",
-            field="enrollment_key",
-            rule="active_key",
-            detail=str(exc),
-        ) from exc
-    except EndpointOfAnotherAccountError as exc:
-        metrics.enrollments.labels("rejected").inc()
-        raise Problem(
-            status.HTTP_403_FORBIDDEN,
-            "Endpoint of another account",
-            field="endpoint_id",
-            rule="same_account",
-            detail=str(exc),
-        ) from exc
-    except EndpointLimitReachedError as exc:
-        metrics.enrollments.labels("limit_reached").inc()
-        raise Problem(
-            status.HTTP_403_FORBIDDEN,
-            "Endpoint limit reached",
-            field="account_id",
-            rule="max_endpoints",
-            detail=str(exc),
-        ) from exc
-    except EnrollmentConflictError as exc:
-        raise Problem(
-            status.HTTP_409_CONFLICT,
-            "Concurrent enrollment",
-            field="endpoint_id",
-            rule="concurrent",
-            detail=str(exc),
+            headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
         ) from exc
     metrics.enrollments.labels("reenrolled" if body.endpoint_id else "ok").inc()
     return EnrollResponse(agent_id=enrollment.agent_id, agent_token=enrollment.agent_token)
