@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,13 +27,24 @@ from shared.enrollment import enrollment_key
 from shared.infra.proc import free_port
 from shared.topics import Topics
 from tests.helpers import ServiceProcess, wait_for
-from tests.netns import probe, read_line, requires_netns, run, session_send
+from tests.netns import (
+    HOST_IP,
+    PEER_IP,
+    PEER_PORT,
+    PLATFORM_ROOT,
+    UNLISTED,
+    PlatformLab,
+    platform_lab,
+    probe,
+    read_line,
+    requires_netns,
+    session_send,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-PLATFORM_ROOT, PLATFORM_HOST = "198.18.1.1", "198.18.1.2"
-HOST_IP, PEER_IP, RMM, UNLISTED = "198.18.0.1", "198.18.0.2", "203.0.113.20", "198.18.0.30"
+RMM = "203.0.113.20"
 RESOLVER = "198.18.0.53"
-PEER_PORT, LISTENER_PORT = 8080, 9000
+LISTENER_PORT = 9000
 ACCOUNT = "acct-netns"
 SOC = {"Authorization": f"Bearer {mint_token(DEV_JWT_SECRET, sub='soc-e2e', role='soc')}"}
 
@@ -43,95 +52,19 @@ SOC = {"Authorization": f"Bearer {mint_token(DEV_JWT_SECRET, sub='soc-e2e', role
 pytestmark = requires_netns
 
 
-class Lab:
-    """Namespaces `host` and `peer`, a veth from the root namespace to `host`, servers in `peer`."""
+class Lab(PlatformLab):
+    """The platform lab plus a listener in ``host`` for the inbound checks."""
 
     def __init__(self) -> None:
-        s = uuid.uuid4().hex[:6]
-        self.host, self.peer = f"hi-fh-{s}", f"hi-fp-{s}"
-        self.links: list[str] = []
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen[str]] = []
-        self.suffix = s
-
-    def ns_python(self, ns: str, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", ns, sys.executable, *args]
+        super().__init__("f", RMM)
 
     def setup(self) -> None:
-        for ns in (self.host, self.peer):
-            run("ip", "netns", "add", ns)
-            self.namespaces.append(ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        root_if, host_up = f"hir{self.suffix}", f"hiu{self.suffix}"
-        run(
-            "ip",
-            "link",
-            "add",
-            root_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            host_up,
-            "netns",
-            self.host,
-        )
-        self.links.append(root_if)
-        run("ip", "addr", "add", f"{PLATFORM_ROOT}/24", "dev", root_if)
-        run("ip", "link", "set", root_if, "up")
-        run("ip", "-n", self.host, "addr", "add", f"{PLATFORM_HOST}/24", "dev", host_up)
-        run("ip", "-n", self.host, "link", "set", host_up, "up")
-        host_if, peer_if = f"hih{self.suffix}", f"hip{self.suffix}"
-        run(
-            "ip",
-            "link",
-            "add",
-            host_if,
-            "netns",
-            self.host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            peer_if,
-            "netns",
-            self.peer,
-        )
-        run("ip", "-n", self.host, "addr", "add", f"{HOST_IP}/24", "dev", host_if)
-        for address in (PEER_IP, RMM, UNLISTED):
-            run("ip", "-n", self.peer, "addr", "add", f"{address}/24", "dev", peer_if)
-        run("ip", "-n", self.host, "link", "set", host_if, "up")
-        run("ip", "-n", self.peer, "link", "set", peer_if, "up")
-        run("ip", "-n", self.host, "route", "add", f"{RMM}/32", "dev", host_if)
-        self.serve(self.peer, PEER_PORT)
+        super().setup()
         self.serve(self.host, LISTENER_PORT)
-
-    def spawn(self, args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(args, cwd=ROOT, text=True, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def serve(self, ns: str, port: int) -> None:
-        proc = self.spawn(
-            self.ns_python(ns, "-m", "tests.e2e.agent.netprobe", "serve", str(port)),
-            stdout=subprocess.PIPE,
-        )
-        assert read_line(proc, 15) == "ready"
-
-    probe = staticmethod(probe)
-
-    def reachability(self, enforcer_port: int) -> dict[str, bool]:
-        targets = {
-            "platform": f"{PLATFORM_ROOT}:{enforcer_port}",
-            "rmm": f"{RMM}:{PEER_PORT}",
-            "unlisted": f"{UNLISTED}:{PEER_PORT}",
-        }
-        got = self.probe(self.host, *targets.values())
-        return {name: got[target] for name, target in targets.items()}
 
     def inbound_from(self, source: str) -> bool:
         target = f"{HOST_IP}:{LISTENER_PORT}"
-        return self.probe(self.peer, target, source=source)[target]
+        return probe(self.peer, target, source=source)[target]
 
     def open_inbound_session(self, source: str) -> subprocess.Popen[str]:
         proc = self.spawn(
@@ -147,31 +80,11 @@ class Lab:
 
     session_send = staticmethod(session_send)
 
-    def table_exists(self) -> bool:
-        listed = run(
-            "ip", "netns", "exec", self.host, "nft", "list", "table", "inet", "hostiso", check=False
-        )
-        return listed.returncode == 0
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-        for proc in self.procs:
-            proc.wait(timeout=10)
-        for link in self.links:
-            run("ip", "link", "del", link, check=False)
-        for ns in self.namespaces:
-            run("ip", "netns", "del", ns, check=False)
-
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    net = Lab()
-    try:
-        net.setup()
+    with platform_lab(Lab()) as net:
         yield net
-    finally:
-        net.cleanup()
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,86 +35,22 @@ from fastapi import FastAPI, Request, Response
 from shared.infra.proc import free_port
 from tests.helpers import wait_for
 from tests.integration.agent.fake_enforcer import FakeEnforcer
-from tests.netns import probe, read_line, requires_netns, run
+from tests.netns import (
+    PEER_PORT,
+    PLATFORM_ROOT,
+    UNLISTED,
+    PlatformLab,
+    platform_lab,
+    requires_netns,
+)
 from tests.unit.agent.policies import TestSigner, make_policy
 
 ROOT = Path(__file__).resolve().parents[3]
-PLATFORM_ROOT, PLATFORM_HOST = "198.18.1.1", "198.18.1.2"
-HOST_IP, PEER_IP, RMM, UNLISTED = "198.18.0.1", "198.18.0.2", "198.18.0.20", "198.18.0.30"
+RMM = "198.18.0.20"
 RESOLVER = "198.18.0.53"
-PEER_PORT = 8080
 ACCOUNT = "acct-1"
 
 pytestmark = requires_netns
-
-
-class Lab:
-    """Namespaces ``host`` and ``peer``; a veth from the root namespace to ``host``."""
-
-    def __init__(self) -> None:
-        s = uuid.uuid4().hex[:6]
-        self.suffix = s
-        self.host, self.peer = f"hi-mh-{s}", f"hi-mp-{s}"
-        self.links: list[str] = []
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def setup(self) -> None:
-        for ns in (self.host, self.peer):
-            run("ip", "netns", "add", ns)
-            self.namespaces.append(ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        root_if, host_up = f"him{self.suffix}", f"hin{self.suffix}"
-        run("ip", "link", "add", root_if, "type", "veth", "peer", "name", host_up,
-            "netns", self.host)  # fmt: skip
-        self.links.append(root_if)
-        run("ip", "addr", "add", f"{PLATFORM_ROOT}/24", "dev", root_if)
-        run("ip", "link", "set", root_if, "up")
-        run("ip", "-n", self.host, "addr", "add", f"{PLATFORM_HOST}/24", "dev", host_up)
-        run("ip", "-n", self.host, "link", "set", host_up, "up")
-        host_if, peer_if = f"hio{self.suffix}", f"hiq{self.suffix}"
-        run("ip", "link", "add", host_if, "netns", self.host, "type", "veth", "peer", "name",
-            peer_if, "netns", self.peer)  # fmt: skip
-        run("ip", "-n", self.host, "addr", "add", f"{HOST_IP}/24", "dev", host_if)
-        for address in (PEER_IP, RMM, UNLISTED):
-            run("ip", "-n", self.peer, "addr", "add", f"{address}/24", "dev", peer_if)
-        run("ip", "-n", self.host, "link", "set", host_if, "up")
-        run("ip", "-n", self.peer, "link", "set", peer_if, "up")
-        server = self.spawn(
-            ["ip", "netns", "exec", self.peer, sys.executable, "-m", "tests.e2e.agent.netprobe",
-             "serve", str(PEER_PORT)],
-            stdout=subprocess.PIPE,
-        )  # fmt: skip
-        assert read_line(server, 15) == "ready"
-
-    def spawn(self, args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(args, cwd=ROOT, text=True, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def reachability(self, platform_port: int) -> dict[str, bool]:
-        targets = {
-            "platform": f"{PLATFORM_ROOT}:{platform_port}",
-            "rmm": f"{RMM}:{PEER_PORT}",
-            "unlisted": f"{UNLISTED}:{PEER_PORT}",
-        }
-        got = probe(self.host, *targets.values())
-        return {name: got[target] for name, target in targets.items()}
-
-    def table_exists(self) -> bool:
-        listed = run("ip", "netns", "exec", self.host, "nft", "list", "table", "inet", "hostiso",
-                     check=False)  # fmt: skip
-        return listed.returncode == 0
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-        for proc in self.procs:
-            proc.wait(timeout=10)
-        for link in self.links:
-            run("ip", "link", "del", link, check=False)
-        for ns in self.namespaces:
-            run("ip", "netns", "del", ns, check=False)
 
 
 Override = Callable[[], Response]
@@ -217,13 +152,9 @@ class Mitm:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    net = Lab()
-    try:
-        net.setup()
+def lab() -> Iterator[PlatformLab]:
+    with platform_lab(PlatformLab("m", RMM)) as net:
         yield net
-    finally:
-        net.cleanup()
 
 
 @pytest.fixture
@@ -235,7 +166,7 @@ async def enforcer() -> AsyncIterator[FakeEnforcer]:
 
 
 @pytest.fixture
-async def mitm(lab: Lab, enforcer: FakeEnforcer) -> AsyncIterator[Mitm]:
+async def mitm(lab: PlatformLab, enforcer: FakeEnforcer) -> AsyncIterator[Mitm]:
     proxy = Mitm(enforcer.url)
     await proxy.start()
     yield proxy
@@ -252,7 +183,7 @@ def _reports(enforcer: FakeEnforcer, agent_id: str, **match: Any) -> list[dict[s
 
 
 async def test_man_in_the_middle_cannot_open_a_strictly_isolated_host(
-    lab: Lab, enforcer: FakeEnforcer, mitm: Mitm, tmp_path: Path
+    lab: PlatformLab, enforcer: FakeEnforcer, mitm: Mitm, tmp_path: Path
 ) -> None:
     state_dir, log_path = tmp_path / "agent-state", tmp_path / "agent.log"
     key_file = tmp_path / "enrollment.key"
