@@ -58,6 +58,7 @@ class LogConsumer:
         self.positions = {tp: 0 for tp in log}
         self.committed: dict[TopicPartition, int] = {}
         self.commit_calls = 0
+        self.fetches = 0
         self.owned = set(log)
         self.commit_error: BaseException | None = None
         self.seek_error: BaseException | None = None
@@ -67,6 +68,7 @@ class LogConsumer:
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[Record]]:
         await asyncio.sleep(0.001)
+        self.fetches += 1
         batch: dict[TopicPartition, list[Record]] = {}
         for tp in sorted(self.owned, key=lambda t: t.partition):
             records = self.log[tp][self.positions[tp] : self.positions[tp] + self._max]
@@ -286,7 +288,9 @@ async def test_a_revocation_mid_batch_cancels_the_unfinished_work_and_commits_wh
         assert cancelled.is_set()
         assert consumer.committed == {P0: 1}  # finished work committed before giving it up
         await loop.listener.on_partitions_assigned({P0})
-        await asyncio.sleep(0.05)
+        # The loop goes on fetching after the rebalance (it did not end or crash).
+        fetched = consumer.fetches
+        await wait_for(lambda: consumer.fetches > fetched + 3, timeout=5, message="more fetches")
         assert not task.done(), "the revocation ended the loop"
         assert loop.member()
     finally:
