@@ -265,8 +265,7 @@ class OutboxRelay:
             try:
                 await producer.start()
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
+                await self._stop_quietly(producer)
                 raise
             self._producer = producer
         return self._producer
@@ -274,10 +273,14 @@ class OutboxRelay:
     async def _drop_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            try:
-                await producer.stop()
-            except (KafkaError, OSError) as exc:
-                log.info("relay producer stopped with %r", exc)
+            await self._stop_quietly(producer)
+
+    @staticmethod
+    async def _stop_quietly(producer: Any) -> None:
+        try:
+            await producer.stop()
+        except (KafkaError, OSError) as exc:
+            log.info("relay producer stopped with %r", exc)
 
     async def _publish(self, records: list[OutboxRecord]) -> None:
         producer = await self._transactional_producer()
@@ -301,8 +304,12 @@ class OutboxRelay:
             if not await self._still_leader():
                 raise LeaseLostError(f"lease lost before committing {len(records)} entries")
         except BaseException:
-            with contextlib.suppress(Exception):
+            try:
                 await producer.abort_transaction()
+            except Exception as exc:
+                # A fenced or broken producer cannot abort; it is dropped, and the next leader's
+                # initialisation (or the transaction timeout) aborts what it left open.
+                log.info("relay could not abort its transaction: %r", exc)
             raise
         await producer.commit_transaction()
         now_ms = time.time() * 1000
