@@ -69,14 +69,15 @@ class KafkaPublisher:
     async def send_audit(self, audit: AuditRecorded) -> None:
         await publish(self._producer, self._topics.audit, audit.account_id or "", audit)
 
+    def _request_topic(self, lane: Lane) -> str:
+        if lane == "priority":
+            return self._topics.isolation_requests_priority
+        return self._topics.isolation_requests
+
     async def send_request(
         self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
     ) -> None:
-        topic = (
-            self._topics.isolation_requests_priority
-            if lane == "priority"
-            else self._topics.isolation_requests
-        )
+        topic = self._request_topic(lane)
         key = (
             request.account_id if isinstance(request, StrictIsolateAccount) else request.endpoint_id
         )
@@ -84,11 +85,7 @@ class KafkaPublisher:
 
     async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None:
         """Every request handed to the producer, then all acknowledged (a fan-out)."""
-        topic = (
-            self._topics.isolation_requests_priority
-            if lane == "priority"
-            else self._topics.isolation_requests
-        )
+        topic = self._request_topic(lane)
         # Chunks bound the futures in flight; within a chunk the sends ride shared batches.
         for start in range(0, len(requests), _FAN_OUT_CHUNK):
             chunk = requests[start : start + _FAN_OUT_CHUNK]
