@@ -6,7 +6,10 @@ exporter finds it through the standard ``OTEL_EXPORTER_OTLP_ENDPOINT``.
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from shared import tracing
 from shared.docs import APP_FACTORIES
+from tests.dockerbuild import ROOT
 
 
 class Receiver:
@@ -133,3 +137,26 @@ async def test_outgoing_httpx_requests_carry_the_trace_and_are_exported(
     trace_id = bytes.fromhex(traceparent.split("-")[1])
     spans = _wait_for_spans(receiver, trace_id, {Span.SPAN_KIND_CLIENT})
     assert [s.kind for s in spans] == [Span.SPAN_KIND_CLIENT]
+
+
+def test_with_tracing_off_the_services_import_neither_the_sdk_nor_instrumentations() -> None:
+    # (redis-py imports opentelemetry.sdk.metrics for its own optional metrics: not ours.)
+    script = (
+        "import sys\n"
+        "from shared.docs import APP_FACTORIES\n"
+        "for factory in APP_FACTORIES.values():\n"
+        "    factory()\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(("
+        "'opentelemetry.sdk.trace', 'opentelemetry.instrumentation', 'opentelemetry.exporter')))\n"
+        "print(loaded)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOSTISO_", "OTEL_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**env, "HOSTISO_DEV": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]"
