@@ -5,7 +5,7 @@
 # gives three distinct ids without any configuration.
 set -eu
 if [ -z "${HOSTISO_INSTANCE_ID:-}" ]; then
-  HOSTISO_INSTANCE_ID="$(hostname)"
+  HOSTISO_INSTANCE_ID="${HOSTNAME:-$(hostname)}"
 fi
 export HOSTISO_INSTANCE_ID
 exec "$@"

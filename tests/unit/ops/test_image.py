@@ -95,7 +95,7 @@ def test_runtime_stage_installs_the_wheels_only_and_runs_as_a_non_root_user() ->
 
 
 def _entrypoint(env: dict[str, str], *command: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if k != "HOSTISO_INSTANCE_ID"}
+    clean = {k: v for k, v in os.environ.items() if k not in ("HOSTISO_INSTANCE_ID", "HOSTNAME")}
     result = subprocess.run(
         ["sh", str(ROOT / "infra/docker/entrypoint.sh"), *command],
         env={**clean, **env},
@@ -107,14 +107,15 @@ def _entrypoint(env: dict[str, str], *command: str) -> str:
 
 
 def test_entrypoint_names_each_container_instance_after_its_hostname() -> None:
+    show = ("sh", "-c", 'echo "$HOSTISO_INSTANCE_ID"')
+    # Docker sets HOSTNAME to the container id: two replicas, two ids.
+    assert _entrypoint({"HOSTNAME": "3f2a9c1d0b7e"}, *show) == "3f2a9c1d0b7e"
+    assert _entrypoint({"HOSTNAME": "8e41d27aa0c5"}, *show) == "8e41d27aa0c5"
     hostname = subprocess.run(["hostname"], capture_output=True, text=True, check=True)
-    printed = _entrypoint({}, "sh", "-c", 'echo "$HOSTISO_INSTANCE_ID"')
-    assert printed == hostname.stdout.strip() and printed
+    assert _entrypoint({}, *show) == hostname.stdout.strip() != ""
     # An explicit id wins (e.g. static group membership with stable names).
-    assert _entrypoint({"HOSTISO_INSTANCE_ID": "iso-a"}, "sh", "-c", "echo $HOSTISO_INSTANCE_ID")
     assert (
-        _entrypoint({"HOSTISO_INSTANCE_ID": "iso-a"}, "sh", "-c", "echo $HOSTISO_INSTANCE_ID")
-        == "iso-a"
+        _entrypoint({"HOSTISO_INSTANCE_ID": "iso-a", "HOSTNAME": "3f2a9c1d0b7e"}, *show) == "iso-a"
     )
 
 
