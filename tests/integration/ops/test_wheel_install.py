@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -84,9 +85,17 @@ def runtime_env(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:16]
     deps = cache_dir() / f"runtime-deps-{digest}"
     if not (deps / ".complete").exists():
-        venv.create(deps, with_pip=True, clear=True)
-        _run(deps / "bin" / "python", "-m", "pip", "install", "-q", *requirements)
-        (deps / ".complete").write_text("\n".join(requirements) + "\n")
+        # Built beside it and renamed into place: a concurrent run never sees half of it.
+        partial = deps.with_name(f"{deps.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        venv.create(partial, with_pip=True)
+        _run(partial / "bin" / "python", "-m", "pip", "install", "-q", *requirements)
+        (partial / ".complete").write_text("\n".join(requirements) + "\n")
+        if (deps / ".complete").exists():  # another run finished first: use its environment
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            shutil.rmtree(deps, ignore_errors=True)  # a half-built one from a killed run
+            partial.rename(deps)
     clean = tmp_path_factory.mktemp("clean") / "venv"
     venv.create(clean, with_pip=False)
     (_site_packages(clean) / "runtime-deps.pth").write_text(f"{_site_packages(deps)}\n")
