@@ -119,3 +119,44 @@ async def test_every_metric_the_rules_and_the_dashboard_name_is_exported() -> No
     assert not missing, (
         f"named in docs/prometheus or docs/grafana but exported by no service: {missing}"
     )
+
+
+async def _label_names() -> dict[str, set[str]]:
+    """Sample name -> the label names the services give it (read from their registries)."""
+    labels: dict[str, set[str]] = {}
+    for factory in APP_FACTORIES.values():
+        app = factory()
+        # The HTTP metrics are registered when the middleware stack is built (first request).
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+        registry = app.state.runtime.registry
+        for collector, names in registry._collector_to_names.items():
+            own = getattr(collector, "_labelnames", None)
+            if own is not None:  # a Counter, Gauge, Histogram of prometheus_client
+                for name in names:
+                    labels.setdefault(name, set()).update(own)
+                continue
+            for family in collector.collect():  # a custom collector's families
+                found = set(getattr(family, "_labelnames", ()))
+                found |= {k for sample in family.samples for k in sample.labels}
+                for suffix in SUFFIXES.get(family.type, ("",)):
+                    labels.setdefault(family.name + suffix, set()).update(found)
+    return labels
+
+
+async def test_every_label_the_rules_and_the_dashboard_use_is_one_the_metric_has() -> None:
+    labels = await _label_names()
+    scraped = {"job", "instance", "le"}  # added by Prometheus (le: histogram buckets)
+    exprs = [rule["expr"] for rule in _rules()] + _dashboard_exprs()
+    checked = 0
+    for expr in exprs:
+        metrics = set(re.findall(r"\bhostiso_[a-z0-9_]+", expr))
+        allowed = scraped.union(*(labels.get(m, set()) for m in metrics))
+        used = set(re.findall(r"([a-z_]+)\s*(?:=~|!=|!~|=)\s*\"", expr))
+        for group in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr):
+            used |= {label.strip() for label in group.split(",") if label.strip()}
+        unknown = used - allowed
+        assert not unknown, f"{expr!r}: labels {sorted(unknown)} are on none of {sorted(metrics)}"
+        checked += bool(used - scraped)
+    assert checked > 10
