@@ -1,8 +1,19 @@
 """OpenTelemetry tracing across HTTP and Kafka, off unless an exporter is configured.
 
-``HOSTISO_OTEL_EXPORTER=console`` prints finished spans as JSON on stdout; tests use
+``HOSTISO_OTEL_EXPORTER=otlp`` exports spans over OTLP/HTTP (protobuf) to the collector named by
+the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, headers,
+timeout: the exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables itself);
+``console`` prints finished spans as JSON on stdout; tests use
 ``configure_tracing(..., span_exporter=InMemorySpanExporter())``. With no exporter, every hook
 below is one boolean test: no span, no header, no SDK import (the zero-overhead path).
+
+HTTP uses the standard instrumentations: ``instrument_app`` adds OpenTelemetry's FastAPI (ASGI)
+middleware to a service's app (its SERVER span is the one ``server_span`` hands to the metrics
+middleware), and outgoing ``httpx`` requests get CLIENT spans and a ``traceparent`` header.
+Kafka keeps the hand-written propagation below: ``opentelemetry-instrumentation-aiokafka`` has no
+release of the SDK's train (its newest, 0.66b1, pins ``opentelemetry-semantic-conventions==0.66b1``
+while ``opentelemetry-sdk==1.45.2`` pins 0.66b2), and its consumer span ends when ``getmany``
+returns, before the handler runs, so it could not carry the trace through the handler anyway.
 
 The W3C trace context travels in Kafka record headers (``traceparent``/``tracestate``): the
 publisher injects it, the consumer continues the trace around its handler, so one isolation is a
@@ -30,7 +41,9 @@ from shared.config import ConfigError
 log = logging.getLogger(__name__)
 
 EXPORTER_ENV = "HOSTISO_OTEL_EXPORTER"
-EXPORTERS = ("console", "none")
+EXPORTERS = ("otlp", "console", "none")
+# Probes and scrapes are not traced (every few seconds per instance, no information).
+UNTRACED_PATHS = ("/health", "/ready", "/metrics")
 _CORRELATION_LIMIT = 10_000
 
 _propagator = TraceContextTextMapPropagator()
@@ -54,6 +67,7 @@ def configure_tracing(
     global _tracer, _provider
     if _tracer is not None:
         return True
+    name = "custom"
     if span_exporter is None:
         name = (exporter or "none").strip().lower()
         if name not in EXPORTERS:
@@ -74,13 +88,23 @@ def configure_tracing(
     provider = TracerProvider(resource=Resource.create({"service.name": f"hostiso-{service}"}))
     if span_exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    elif name == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:
         # One JSON object per line on stdout, like the logs on stderr, for line-based shippers.
         console = ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
         provider.add_span_processor(BatchSpanProcessor(console))
     _provider = provider
     _tracer = provider.get_tracer("hostiso")
-    log.info("tracing on", extra={"service": service, "exporter": exporter or "custom"})
+    # The instrumentations use the stable HTTP attribute names (http.request.method,
+    # http.response.status_code, url.*), as the Kafka spans here do, unless told otherwise.
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    HTTPXClientInstrumentor().instrument(tracer_provider=provider)
+    log.info("tracing on", extra={"service": service, "exporter": name})
     return True
 
 
@@ -95,7 +119,33 @@ def shutdown_tracing() -> None:
     provider, _provider, _tracer = _provider, None, None
     _commands.clear()
     if provider is not None:
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        HTTPXClientInstrumentor().uninstrument()
         provider.shutdown()
+
+
+def force_flush(timeout_ms: int = 5000) -> bool:
+    """Export every finished span now (tests; shutdown does it too). True when all were sent."""
+    return bool(_provider.force_flush(timeout_ms)) if _provider is not None else True
+
+
+def instrument_app(app: Any) -> None:
+    """Add OpenTelemetry's FastAPI (ASGI) middleware to ``app``; no-op while tracing is off.
+
+    Call it right after building the app (it wraps the middleware stack, built at the first
+    request). The probes and ``/metrics`` are not traced.
+    """
+    if _provider is None:
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=_provider,
+        excluded_urls=",".join(f"{path}$" for path in UNTRACED_PATHS),
+        exclude_spans=["receive", "send"],
+    )
 
 
 def _tracer_or_fail() -> trace.Tracer:
@@ -253,8 +303,20 @@ def record_error(span: Any, exc: BaseException, *, dead_lettered: bool = False) 
 
 @contextlib.contextmanager
 def server_span(method: str, path: str, headers: Mapping[str, str]) -> Iterator[Any]:
-    """A SERVER span for one HTTP request, continuing a ``traceparent`` the caller sent."""
+    """The SERVER span of one HTTP request, continuing a ``traceparent`` the caller sent.
+
+    In an app passed to ``instrument_app`` the instrumentation's span is already current and
+    names itself (route template, status); it ends when the last body chunk is sent, so the
+    caller gets a non-recording span to annotate. Otherwise a span is started here. Probes and
+    ``/metrics`` are not traced.
+    """
     tracer = _tracer_or_fail()
+    current = trace.get_current_span()
+    if path in UNTRACED_PATHS or (
+        current.is_recording() and getattr(current, "kind", None) == SpanKind.SERVER
+    ):
+        yield trace.INVALID_SPAN
+        return
     parent = _propagator.extract(dict(headers))
     with tracer.start_as_current_span(
         f"{method} {path}",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shared.infra import LocalKafka, LocalRedis, ensure_kafka_jars
-from shared.infra.kafka import KAFKA_VERSION
+from shared.infra.kafka import KAFKA_IMAGE, KAFKA_VERSION
 from shared.infra.proc import free_port
 from shared.kafka import ensure_topics
 from shared.kafka_acls import provision_acls
@@ -71,7 +71,7 @@ def _apache_kafka_container() -> Iterator[str]:
 
     port = free_port()
     container = (
-        DockerContainer("apache/kafka:4.1.1")
+        DockerContainer(KAFKA_IMAGE)
         .with_bind_ports(9092, port)
         .with_envs(
             KAFKA_NODE_ID="1",

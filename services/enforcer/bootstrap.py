@@ -30,6 +30,7 @@ from services.enforcer.signing import (
     generate_private_key_b64,
     parse_private_key,
 )
+from shared import tracing
 from shared.config import ConfigError
 from shared.consume import ConsumeLoop
 from shared.http import add_operational_routes, serve
@@ -193,6 +194,8 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
 
     api.install_guards(app, settings)  # first: innermost of the middleware, see install_guards
     add_operational_routes(app, readiness, runtime.registry)
+    # OpenTelemetry's FastAPI middleware when HOSTISO_OTEL_EXPORTER is set (no-op otherwise).
+    tracing.instrument_app(app)
     api.install(app)
     return app
 

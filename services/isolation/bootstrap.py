@@ -27,6 +27,7 @@ from services.isolation.api import add_error_handlers, build_router
 from services.isolation.config import IsolationSettings
 from services.isolation.consumers import IsolationConsumers
 from services.isolation.handlers import IsolationService, SettingsClient
+from shared import tracing
 from shared.auth import AUDIENCE_ISOLATION
 from shared.http import add_operational_routes, install_request_guards, serve, token_policy
 from shared.kafka import DeadLetterSink
@@ -166,6 +167,8 @@ def build_app(
         allow_headers=["Authorization", "Content-Type"],
     )
     add_operational_routes(app, readiness, runtime.registry)
+    # OpenTelemetry's FastAPI middleware when HOSTISO_OTEL_EXPORTER is set (no-op otherwise).
+    tracing.instrument_app(app)
     add_error_handlers(app)
     app.include_router(build_router(service))
     return app

@@ -20,6 +20,7 @@ from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
 from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
+from shared import tracing
 from shared.auth import AUDIENCE_SETTINGS
 from shared.http import add_operational_routes, install_request_guards, serve, token_policy
 from shared.logs import configure_logging
@@ -100,6 +101,8 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
         return checks
 
     add_operational_routes(app, readiness, runtime.registry)
+    # OpenTelemetry's FastAPI middleware when HOSTISO_OTEL_EXPORTER is set (no-op otherwise).
+    tracing.instrument_app(app)
     api.install(app, metrics)
     mount_portal(app, isolation_url=settings.isolation_public_url)
     return app

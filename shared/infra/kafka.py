@@ -24,6 +24,9 @@ from shared.kafka_acls import ADMIN_PRINCIPAL, PRINCIPALS
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.2"
+# The official image of the same release: docker-compose.yml and the testcontainers path of the
+# tests (a unit test checks the compose file's tag and infra/pom.xml against KAFKA_VERSION).
+KAFKA_IMAGE = f"apache/kafka:{KAFKA_VERSION}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POM = REPO_ROOT / "infra" / "pom.xml"
 

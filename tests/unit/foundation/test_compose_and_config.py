@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,24 @@ def test_compose_runs_kafka_redis_and_the_three_services_with_health_checks() ->
         assert deps["topics"]["condition"] == "service_completed_successfully"
 
 
+def _names_read_outside_settings() -> set[str]:
+    """``HOSTISO_*`` names the CLI and the agent read themselves (os.environ, typer envvar)."""
+    names: set[str] = set()
+    for package in ("cli", "agent"):
+        for module in (ROOT / package).rglob("*.py"):
+            names |= set(re.findall(r"[\"'](HOSTISO_[A-Z0-9_]+)[\"']", module.read_text()))
+    return names
+
+
 def test_compose_environment_names_are_read_by_the_code() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     fields = _settings_fields()
+    direct = _names_read_outside_settings()
+    assert {"HOSTISO_TOKEN", "HOSTISO_ENFORCER_URL"} <= direct
     for name, service in compose["services"].items():
         for var in service.get("environment") or {}:
             if var.startswith("HOSTISO_"):
-                assert var.removeprefix("HOSTISO_").lower() in fields, (
+                assert var.removeprefix("HOSTISO_").lower() in fields or var in direct, (
                     f"{name}: {var} is read by no config"
                 )
 
