@@ -14,6 +14,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from services.isolation.adapters.redis_store import RedisReplicaStore
 from services.isolation.domain import EndpointRecord
+from services.isolation.inventory import InventoryRow
 from shared.consume import DEFAULT_MAX_ATTEMPTS, FETCHED_AT, ConsumeLoop, PerRecord, typed
 from shared.kafka import DeadLetterSink, KafkaOptions, MessageRejected
 from shared.messages import AllowlistChanged, EndpointRegistered
@@ -344,6 +345,21 @@ class EndpointRegistry:
             hostname=event.hostname,
             platform=event.platform,
         )
+        previous = await self._store.endpoint(event.endpoint_id)
+        # The inventory row first: a crash in between replays this record, and both writes
+        # are idempotent. An endpoint that moved account leaves the old account's inventory.
+        await self._store.index_endpoint(
+            InventoryRow(
+                endpoint_id=event.endpoint_id,
+                account_id=event.account_id,
+                hostname=event.hostname,
+                platform=event.platform,
+                enrolled_at=event.enrolled_at,
+                last_seen=event.last_seen,
+            )
+        )
+        if previous is not None and previous.account_id != event.account_id:
+            await self._store.unindex_endpoint(previous.account_id, event.endpoint_id)
         await self._store.put_endpoint(endpoint)
         self._applied += 1
         self._cache.offer(endpoint.endpoint_id, endpoint, self._applied)
