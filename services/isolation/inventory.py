@@ -138,6 +138,10 @@ class IsolationStates(Protocol):
 class EndpointLookup(Protocol):
     async def get(self, endpoint_id: str) -> EndpointRecord | None: ...
 
+    async def sync(self) -> None:
+        """Return once every registration acknowledged before the call is in the index."""
+        ...
+
 
 class AuditSink(Protocol):
     async def send_audit(self, audit: AuditRecorded) -> None: ...
@@ -178,6 +182,8 @@ class InventoryService:
     ) -> InventoryPage:
         await self._authorize(actor, account_id, None)
         after = decode_cursor(cursor) if cursor else None
+        # Read-your-writes: an endpoint whose enrollment was answered before this request is listed.
+        await self._registry.sync()
         items: list[InventoryItem] = []
         scanned = 0
         while len(items) < limit and scanned < self._max_scan:

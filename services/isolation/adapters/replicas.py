@@ -215,6 +215,30 @@ class CompactedTopicReplica:
                 f"{self.topic}[{part}] replica did not catch up in {timeout}s"
             ) from exc
 
+    async def catch_up_all(self, timeout: float) -> None:
+        """Wait until the replica holds everything written to any partition before the call.
+
+        For reads that span keys (an account's inventory): one shared end-offset lookup, as in
+        ``catch_up``, then a wait for every partition to reach it.
+        """
+        since = FETCHED_AT.get()
+        if since is None:
+            since = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._started.wait()
+                ends = await self._end_offsets_since(since)
+
+                def reached() -> bool:
+                    return all(self._positions.get(p, 0) >= end for p, end in ends.items())
+
+                if reached():
+                    return
+                async with self._progress:
+                    await self._progress.wait_for(reached)
+        except TimeoutError as exc:
+            raise ReplicaLagError(f"{self.topic} replica did not catch up in {timeout}s") from exc
+
     async def _end_offsets_since(self, since: float) -> dict[int, int]:
         """End offsets of every partition from a lookup that started at or after ``since``."""
         latest = self._lookup
@@ -371,6 +395,10 @@ class EndpointRegistry:
             return found
         await self.replica.catch_up(endpoint_id, self._timeout)
         return await self._lookup(endpoint_id)
+
+    async def sync(self) -> None:
+        """Catch up with every registration made before this call (the inventory's reads)."""
+        await self.replica.catch_up_all(self._timeout)
 
     async def _lookup(self, endpoint_id: str) -> EndpointRecord | None:
         cached = self._cache.get(endpoint_id)
