@@ -157,9 +157,7 @@ async def test_last_seen_moves_forward_and_a_replayed_older_record_changes_nothi
     # A rename at a later registration moves the row in the hostname order, without a duplicate.
     await enroll(h, "ep-ls", "acct-ls", "app-ls", last_seen=seen + timedelta(minutes=5))
     items = (await inventory(h, "acct-ls"))["items"]
-    assert [(i["hostname"], i["last_seen"]) for i in items] == [
-        ("app-ls", "2026-01-05T10:05:00Z")
-    ]
+    assert [(i["hostname"], i["last_seen"]) for i in items] == [("app-ls", "2026-01-05T10:05:00Z")]
     assert (await inventory(h, "acct-ls", q="web"))["items"] == []
 
 
