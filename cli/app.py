@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -732,12 +732,19 @@ def watch(
 
 # --- inventory: every enrolled endpoint, by hostname -----------------------------------
 
+
+class EndpointState(StrEnum):
+    """The isolation states an endpoint can be listed by (completion offers them)."""
+
+    not_isolated = "not_isolated"
+    isolation_pending = "isolation_pending"
+    isolated = "isolated"
+    release_pending = "release_pending"
+    failed = "failed"
+
+
 StateOption = Annotated[
-    str | None,
-    typer.Option(
-        "--state",
-        help="not_isolated, isolation_pending, isolated, release_pending or failed.",
-    ),
+    EndpointState | None, typer.Option("--state", help="Only endpoints in this state.")
 ]
 _CANDIDATES_SHOWN = 20
 
@@ -834,7 +841,7 @@ def endpoints(
     """Every enrolled endpoint of the account: hostname, platform, state, mode, last seen."""
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
-        rows = api.all_endpoints(account_id, state=state, q=host)
+        rows = api.all_endpoints(account_id, state=state.value if state else None, q=host)
     if as_json:
         # Every page's items, as one page: the listing followed next_cursor to the end.
         _print_json({"items": rows, "next_cursor": None})
