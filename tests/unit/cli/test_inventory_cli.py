@@ -213,7 +213,9 @@ def test_version_prints_the_package_version() -> None:
     assert result.stdout.strip() == f"hostiso {version('hostiso')}"
 
 
-def test_shell_completion_script_is_offered() -> None:
+def test_shell_completion_script_is_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Name the shell instead of detecting the parent process's (none under a test runner).
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     result = run(None, "--show-completion", "bash", token=None)
     assert result.exit_code == 0, result.output
     assert "complete" in result.stdout and "hostiso" in result.stdout.lower()
