@@ -227,10 +227,23 @@ def _invalid_query(name: str, message: str) -> RequestValidationError:
     )
 
 
+_READ_ERRORS: dict[int | str, dict[str, str]] = {
+    401: {"description": "Missing, expired or forged bearer token"},
+    403: {"description": "A partner token for another account"},
+    422: {"description": "Invalid parameter (the field is named)"},
+    503: {"description": "Redis, Kafka or the registry replica unavailable or behind; retry"},
+}
+
+
 def build_inventory_router(inventory: InventoryService) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["inventory"])
 
-    @router.get("/accounts/{account_id}/endpoints", response_model=EndpointInventory)
+    @router.get(
+        "/accounts/{account_id}/endpoints",
+        response_model=EndpointInventory,
+        responses=_READ_ERRORS,
+        summary="List the account's enrolled endpoints",
+    )
     async def list_endpoints(
         account_id: AccountId,
         principal: Reader,
@@ -254,7 +267,12 @@ def build_inventory_router(inventory: InventoryService) -> APIRouter:
             raise _invalid_query("cursor", str(exc)) from exc
         return EndpointInventory(items=page.items, next_cursor=page.next_cursor)
 
-    @router.get("/endpoints/{endpoint_id}/isolation/timeline", response_model=IsolationTimeline)
+    @router.get(
+        "/endpoints/{endpoint_id}/isolation/timeline",
+        response_model=IsolationTimeline,
+        responses={**_READ_ERRORS, 404: {"description": "No enrolled endpoint with this id"}},
+        summary="The policies issued to an endpoint and the agent's answers",
+    )
     async def isolation_timeline(
         endpoint_id: EndpointId,
         principal: Reader,
