@@ -241,3 +241,22 @@ def test_every_api_command_answers_json_with_json(inv: InventoryApis, args: list
     result = run(inv, *args, "--json")
     assert result.exit_code == 0, result.output
     json.loads(result.stdout)
+
+
+def test_token_json_carries_the_token_and_its_claims(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOSTISO_JWT_SECRET", raising=False)
+    result = run(
+        None,
+        "token",
+        "--role",
+        "partner",
+        "--account-id",
+        "acct-a",
+        "--json",
+        token=None,
+        env={"HOSTISO_DEV": "1"},
+    )
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert (body["role"], body["account_id"]) == ("partner", "acct-a")
+    assert body["token"].count(".") == 2
