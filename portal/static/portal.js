@@ -7,7 +7,6 @@
 (() => {
   const TOKEN_KEY = "hostiso.token";
   const ACCOUNT_KEY = "hostiso.account";
-  const TRACKED_KEY = "hostiso.endpoints.";
   const POLL_MS = 2000;
 
   const state = {
