@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -68,7 +70,8 @@ app = typer.Typer(
     help="Operate host isolation: the Tooling Allowlist, isolations, and local infrastructure.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # `--install-completion` / `--show-completion` for bash, zsh, fish and PowerShell.
+    add_completion=True,
 )
 allowlist_app = typer.Typer(help="The account's Tooling Allowlist.", no_args_is_help=True)
 account_app = typer.Typer(help="Account-wide actions.", no_args_is_help=True)
@@ -105,6 +108,28 @@ def fail(code: ExitCode, message: str) -> NoReturn:
     raise typer.Exit(int(code))
 
 
+def cli_version() -> str:
+    """The installed hostiso version (the package metadata)."""
+    try:
+        return package_version("hostiso")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hostiso {cli_version()}")
+        raise typer.Exit(0)
+
+
+VersionOption = Annotated[
+    bool,
+    typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+]
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -122,6 +147,7 @@ def main_options(
         typer.Option(envvar="HOSTISO_TOKEN", help="Bearer JWT (dev: `hostiso token`)."),
     ] = None,
     timeout: Annotated[float, typer.Option(help="HTTP timeout in seconds.")] = 10.0,
+    version: VersionOption = False,
 ) -> None:
     """Operate host isolation over the platform's REST APIs."""
     preset = ctx.obj if isinstance(ctx.obj, CliOptions) else CliOptions()
@@ -199,7 +225,16 @@ IfMatchOption = Annotated[
     str | None,
     typer.Option(help="Only if the allowlist is still at this version (412 otherwise)."),
 ]
+# Shared by every command: the API's answer as JSON on stdout instead of a table or sentence.
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
+HostOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--host",
+        help="Endpoint by hostname (exact, case-insensitive), resolved through the account's"
+        " inventory; an unknown or ambiguous name is refused with the candidates. Repeatable.",
+    ),
+]
 
 
 def _when(value: Any) -> str:
@@ -265,11 +300,16 @@ def allowlist_show(
         _print_allowlist(answer.body)
 
 
-def _set_enabled(ctx: typer.Context, account: str | None, if_match: str | None, on: bool) -> None:
+def _set_enabled(
+    ctx: typer.Context, account: str | None, if_match: str | None, on: bool, as_json: bool
+) -> None:
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
         api.set_enabled(account_id, on, if_match=if_match)
         body = api.get_allowlist(account_id).body
+    if as_json:
+        _print_json(body)
+        return
     _out().print(
         plain(
             f"Tooling Connections {'on' if on else 'off'} for {account_id} (version {body.get('version')}); "
@@ -280,18 +320,24 @@ def _set_enabled(ctx: typer.Context, account: str | None, if_match: str | None, 
 
 @allowlist_app.command("enable")
 def allowlist_enable(
-    ctx: typer.Context, account: AccountOption = None, if_match: IfMatchOption = None
+    ctx: typer.Context,
+    account: AccountOption = None,
+    if_match: IfMatchOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Switch Tooling Connections on."""
-    _set_enabled(ctx, account, if_match, True)
+    _set_enabled(ctx, account, if_match, True, as_json)
 
 
 @allowlist_app.command("disable")
 def allowlist_disable(
-    ctx: typer.Context, account: AccountOption = None, if_match: IfMatchOption = None
+    ctx: typer.Context,
+    account: AccountOption = None,
+    if_match: IfMatchOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Switch Tooling Connections off."""
-    _set_enabled(ctx, account, if_match, False)
+    _set_enabled(ctx, account, if_match, False, as_json)
 
 
 @allowlist_app.command("add")
@@ -301,11 +347,15 @@ def allowlist_add(
     address: Annotated[str, typer.Argument(help="Static IPv4 address of a self-hosted RMM.")],
     account: AccountOption = None,
     if_match: IfMatchOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Add an entry (static IPv4 only: cloud RMMs are not supported)."""
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
         body = api.add_entry(account_id, name, address, if_match=if_match).body
+    if as_json:
+        _print_json(body)
+        return
     entry_id = body.get("id") if isinstance(body, dict) else None
     _out().print(plain(f"Added {name!r} {address}" + (f" (entry {entry_id})" if entry_id else "")))
 
@@ -317,11 +367,15 @@ def allowlist_rename(
     name: Annotated[str, typer.Argument(help="New display name.")],
     account: AccountOption = None,
     if_match: IfMatchOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Rename an entry."""
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
-        api.rename_entry(account_id, entry_id, name, if_match=if_match)
+        answer = api.rename_entry(account_id, entry_id, name, if_match=if_match)
+    if as_json:
+        _print_json(answer.body)
+        return
     _out().print(plain(f"Renamed entry {entry_id} to {name!r}"))
 
 
@@ -331,11 +385,16 @@ def allowlist_remove(
     entry_id: Annotated[str, typer.Argument(help="Entry id (see `allowlist show`).")],
     account: AccountOption = None,
     if_match: IfMatchOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Remove an entry."""
     account_id = resolve_account(ctx, account)
     with platform(ctx) as api:
-        api.remove_entry(account_id, entry_id, if_match=if_match)
+        answer = api.remove_entry(account_id, entry_id, if_match=if_match)
+    if as_json:
+        # 204 has no body: the JSON says what was removed.
+        _print_json(answer.body if answer.body is not None else {"removed": entry_id})
+        return
     _out().print(plain(f"Removed entry {entry_id}"))
 
 
@@ -355,7 +414,9 @@ def _sequence(api: PlatformClient, endpoint_id: str) -> int:
 @app.command()
 def isolate(
     ctx: typer.Context,
-    endpoints: Annotated[list[str], typer.Argument(help="Endpoint ids.")],
+    endpoints: Annotated[list[str] | None, typer.Argument(help="Endpoint ids.")] = None,
+    host: HostOption = None,
+    account: AccountOption = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Platform traffic only; ignores the allowlist.")
     ] = False,
@@ -363,20 +424,24 @@ def isolate(
     watch_: WatchOption = False,
     wait_timeout: TimeoutOption = 120.0,
     interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Isolate endpoints (standard: frozen allowlist; --strict: platform only)."""
     mode = "strict" if strict else "standard"
     targets: dict[str, Target] = {}
+    accepted: list[dict[str, Any]] = []
     with platform(ctx) as api:
-        for endpoint_id in endpoints:
+        for endpoint_id in target_endpoints(ctx, api, endpoints, host, account):
             before = _sequence(api, endpoint_id) if watch_ else 0
             answer = api.isolate(endpoint_id, mode=mode, reason=reason)
             targets[endpoint_id] = isolate_target(mode, before)
-            _out().print(
-                plain(
-                    f"{mode} isolation of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+            accepted.append({"endpoint_id": endpoint_id, **_dict(answer.body)})
+            if not as_json:
+                _out().print(
+                    plain(
+                        f"{mode} isolation of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                    )
                 )
-            )
         if watch_:
             _watch(
                 api,
@@ -384,29 +449,38 @@ def isolate(
                 targets,
                 wait_timeout,
                 interval,
+                accepted=accepted if as_json else None,
             )
+        elif as_json:
+            _print_json(accepted)
 
 
 @app.command()
 def release(
     ctx: typer.Context,
-    endpoints: Annotated[list[str], typer.Argument(help="Endpoint ids.")],
+    endpoints: Annotated[list[str] | None, typer.Argument(help="Endpoint ids.")] = None,
+    host: HostOption = None,
+    account: AccountOption = None,
     watch_: WatchOption = False,
     wait_timeout: TimeoutOption = 120.0,
     interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Release isolated endpoints (a strict isolation only by the SOC)."""
     targets: dict[str, Target] = {}
+    accepted: list[dict[str, Any]] = []
     with platform(ctx) as api:
-        for endpoint_id in endpoints:
+        for endpoint_id in target_endpoints(ctx, api, endpoints, host, account):
             before = _sequence(api, endpoint_id) if watch_ else 0
             answer = api.release(endpoint_id)
             targets[endpoint_id] = release_target(before)
-            _out().print(
-                plain(
-                    f"release of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+            accepted.append({"endpoint_id": endpoint_id, **_dict(answer.body)})
+            if not as_json:
+                _out().print(
+                    plain(
+                        f"release of {endpoint_id} accepted (request {answer.body.get('request_id')})"
+                    )
                 )
-            )
         if watch_:
             _watch(
                 api,
@@ -414,7 +488,10 @@ def release(
                 targets,
                 wait_timeout,
                 interval,
+                accepted=accepted if as_json else None,
             )
+        elif as_json:
+            _print_json(accepted)
 
 
 @account_app.command("strict")
@@ -429,6 +506,7 @@ def account_strict(
     watch_: WatchOption = False,
     wait_timeout: TimeoutOption = 120.0,
     interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
 ) -> None:
     """RMM compromised: strictly isolate every isolated endpoint and switch the allowlist off."""
     account_id = resolve_account(ctx, account)
@@ -443,13 +521,16 @@ def account_strict(
         before = {row["endpoint_id"]: row for row in api.list_isolations(account_id)}
         answer = api.strict_account(account_id, reason=reason, disable_allowlist=not keep_allowlist)
         covered = answer.body.get("endpoints")
-        _out().print(
-            plain(
-                f"strict isolation of {covered} endpoint(s) of {account_id} accepted "
-                f"(request {answer.body.get('request_id')})"
-                + ("" if keep_allowlist else "; Tooling Connections off")
+        if as_json and not watch_:
+            _print_json(answer.body)
+        elif not as_json:
+            _out().print(
+                plain(
+                    f"strict isolation of {covered} endpoint(s) of {account_id} accepted "
+                    f"(request {answer.body.get('request_id')})"
+                    + ("" if keep_allowlist else "; Tooling Connections off")
+                )
             )
-        )
         if watch_:
             targets = {
                 eid: isolate_target(
@@ -464,6 +545,7 @@ def account_strict(
                 targets,
                 wait_timeout,
                 interval,
+                accepted=[_dict(answer.body)] if as_json else None,
             )
 
 
@@ -495,8 +577,14 @@ def _watch(
     targets: dict[str, Target],
     wait_timeout: float,
     interval: float,
+    *,
+    accepted: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Poll until every target is applied; a progress bar when several endpoints are involved."""
+    """Poll until every target is applied; a progress bar when several endpoints are involved.
+
+    With ``accepted`` (``--json``) the result is JSON on stdout: the accepted requests and the
+    endpoints' final isolation states, as the API answered them.
+    """
     deadline = time.monotonic() + wait_timeout
     console = _err()
     with Progress(
@@ -522,7 +610,11 @@ def _watch(
             if counts.finished or time.monotonic() >= deadline:
                 break
             time.sleep(interval)
-    _print_isolations([rows.get(eid, {"endpoint_id": eid}) for eid in targets])
+    final = [rows.get(eid, {"endpoint_id": eid}) for eid in targets]
+    if accepted is not None:
+        _print_json({"accepted": accepted, "isolations": final})
+    else:
+        _print_isolations(final)
     failed = [eid for eid, o in outcomes.items() if o is Outcome.FAILED]
     waiting = [eid for eid, o in outcomes.items() if o is Outcome.WAITING]
     if failed:
@@ -532,7 +624,8 @@ def _watch(
             ExitCode.NOT_SETTLED,
             f"timed out after {wait_timeout:g}s; still waiting for {', '.join(waiting)}",
         )
-    _out().print(f"all {len(targets)} endpoint(s) applied")
+    if accepted is None:
+        _out().print(f"all {len(targets)} endpoint(s) applied")
 
 
 def _print_isolations(rows: list[dict[str, Any]]) -> None:
@@ -575,12 +668,14 @@ def status(
     endpoint: Annotated[
         list[str] | None, typer.Option("--endpoint", "-e", help="Only these endpoints.")
     ] = None,
+    host: HostOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """A table of the account's isolations (or of the given endpoints)."""
     with platform(ctx) as api:
-        if endpoint:
-            rows = [api.get_isolation(eid) for eid in endpoint]
+        if endpoint or host:
+            ids = list(endpoint or []) + resolve_hosts(ctx, api, host or [], account)
+            rows = [api.get_isolation(eid) for eid in ids]
         else:
             rows = api.list_isolations(resolve_account(ctx, account))
     if as_json:
@@ -601,6 +696,7 @@ def watch(
     ] = None,
     wait_timeout: TimeoutOption = 120.0,
     interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Poll until every endpoint reports its newest policy applied (exit 4 on timeout)."""
     with platform(ctx) as api:
@@ -619,9 +715,187 @@ def watch(
             ]
             fetch = _account_fetcher(api, account_id, ids)
         if not ids:
-            _out().print("Nothing to watch: no isolated or pending endpoints.")
+            if as_json:
+                _print_json({"accepted": [], "isolations": []})
+            else:
+                _out().print("Nothing to watch: no isolated or pending endpoints.")
             return
-        _watch(api, fetch, dict.fromkeys(ids, ANY_SETTLED), wait_timeout, interval)
+        _watch(
+            api,
+            fetch,
+            dict.fromkeys(ids, ANY_SETTLED),
+            wait_timeout,
+            interval,
+            accepted=[] if as_json else None,
+        )
+
+
+# --- inventory: every enrolled endpoint, by hostname -----------------------------------
+
+
+class EndpointState(StrEnum):
+    """The isolation states an endpoint can be listed by (completion offers them)."""
+
+    not_isolated = "not_isolated"
+    isolation_pending = "isolation_pending"
+    isolated = "isolated"
+    release_pending = "release_pending"
+    failed = "failed"
+
+
+StateOption = Annotated[
+    EndpointState | None, typer.Option("--state", help="Only endpoints in this state.")
+]
+_CANDIDATES_SHOWN = 20
+
+
+def _dict(body: Any) -> dict[str, Any]:
+    return body if isinstance(body, dict) else {}
+
+
+def _candidates(rows: list[dict[str, Any]]) -> str:
+    shown = [
+        f"{row.get('hostname')} ({row.get('endpoint_id')}, {row.get('state')})"
+        for row in rows[:_CANDIDATES_SHOWN]
+    ]
+    more = len(rows) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def resolve_hosts(
+    ctx: typer.Context, api: PlatformClient, hosts: list[str], account: str | None
+) -> list[str]:
+    """The endpoint id of each hostname; exit 1 listing the candidates if not exactly one."""
+    if not hosts:
+        return []
+    account_id = resolve_account(ctx, account)
+    ids: list[str] = []
+    for name in hosts:
+        rows = api.all_endpoints(account_id, q=name)
+        exact = [r for r in rows if str(r.get("hostname", "")).lower() == name.lower()]
+        if len(exact) == 1:
+            ids.append(str(exact[0]["endpoint_id"]))
+            continue
+        if len(exact) > 1:
+            fail(
+                ExitCode.REFUSED,
+                f"--host {name!r} is ambiguous: {len(exact)} endpoints of {account_id} have that"
+                f" hostname: {_candidates(exact)}; pass the endpoint id instead",
+            )
+        if rows:
+            fail(
+                ExitCode.REFUSED,
+                f"--host {name!r}: no endpoint of {account_id} has exactly that hostname;"
+                f" candidates: {_candidates(rows)}",
+            )
+        fail(ExitCode.REFUSED, f"--host {name!r}: no endpoint of {account_id} has that hostname")
+    return ids
+
+
+def target_endpoints(
+    ctx: typer.Context,
+    api: PlatformClient,
+    endpoints: list[str] | None,
+    hosts: list[str] | None,
+    account: str | None,
+) -> list[str]:
+    """Endpoint ids given as arguments and by ``--host``; at least one (else a usage error)."""
+    ids = list(endpoints or []) + resolve_hosts(ctx, api, hosts or [], account)
+    if not ids:
+        fail(ExitCode.USAGE, "name at least one endpoint: an endpoint id or --host HOSTNAME")
+    return ids
+
+
+def _ago(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        return "never"
+    return _when(value)
+
+
+def _print_endpoints(rows: list[dict[str, Any]]) -> None:
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("Hostname", "Platform", "State", "Mode", "Last seen", "Endpoint"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            plain(row.get("hostname", "")),
+            plain(row.get("platform", "")),
+            plain(row.get("state", "?")),
+            plain(row.get("mode") or "—"),
+            plain(_ago(row.get("last_seen"))),
+            plain(row.get("endpoint_id", "")),
+        )
+    _out().print(table)
+
+
+@app.command()
+def endpoints(
+    ctx: typer.Context,
+    account: AccountOption = None,
+    state: StateOption = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Hostname substring (case-insensitive).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Every enrolled endpoint of the account: hostname, platform, state, mode, last seen."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        rows = api.all_endpoints(account_id, state=state.value if state else None, q=host)
+    if as_json:
+        # Every page's items, as one page: the listing followed next_cursor to the end.
+        _print_json({"items": rows, "next_cursor": None})
+        return
+    if not rows:
+        _out().print(plain(f"No endpoints of {account_id} match."))
+        return
+    _print_endpoints(rows)
+    _out().print(plain(f"{len(rows)} endpoint(s) of {account_id}"))
+
+
+def _print_timeline(endpoint_id: str, items: list[dict[str, Any]]) -> None:
+    if not items:
+        _out().print(plain(f"No policies issued to {endpoint_id} yet."))
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("Seq", "Issued", "By", "Mode", "Settings v", "Reason", "Agent", "Detail"):
+        table.add_column(column)
+    for item in items:
+        table.add_row(
+            plain(item.get("sequence", "")),
+            plain(_when(item.get("issued_at"))),
+            plain(item.get("issued_by", "")),
+            plain("release" if item.get("mode") == "none" else item.get("mode", "")),
+            plain(item.get("settings_version", "")),
+            plain(item.get("reason") or "—"),
+            plain(item.get("status", "")),
+            plain(item.get("detail") or ""),
+        )
+    _out().print(table)
+
+
+@app.command()
+def timeline(
+    ctx: typer.Context,
+    endpoint: Annotated[str | None, typer.Argument(help="Endpoint id.")] = None,
+    host: HostOption = None,
+    account: AccountOption = None,
+    limit: Annotated[int, typer.Option(min=1, max=100, help="Newest policies shown.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """The policies issued to an endpoint: when, who, why, mode, and what the agent answered."""
+    with platform(ctx) as api:
+        (endpoint_id, *more) = target_endpoints(
+            ctx, api, [endpoint] if endpoint else None, host, account
+        )
+        if more:
+            fail(ExitCode.USAGE, "timeline shows one endpoint at a time")
+        body = _dict(api.isolation_timeline(endpoint_id, limit=limit).body)
+    if as_json:
+        _print_json(body)
+        return
+    items = body.get("items")
+    _print_timeline(endpoint_id, [i for i in items if isinstance(i, dict)] if items else [])
 
 
 # --- enrollment keys (enforcer) ----------------------------------------------------------
@@ -737,6 +1011,7 @@ def token(
         list[str] | None,
         typer.Option(help="Services the token is for, repeatable (default: all three)."),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Dev only (HOSTISO_DEV=1): print a token signed with the dev JWT secret."""
     from shared.auth import ALL_AUDIENCES, TokenPolicy, mint_token
@@ -766,19 +1041,21 @@ def token(
     if role == "service" and not scope:
         fail(ExitCode.USAGE, "--scope: a service token needs at least one scope")
     try:
-        typer.echo(
-            mint_token(
-                secret,
-                sub=sub,
-                role=role,  # type: ignore[arg-type]
-                account_id=account_id,
-                ttl_s=ttl,
-                audience=audience or ALL_AUDIENCES,
-                scopes=scope or (),
-            )
+        minted = mint_token(
+            secret,
+            sub=sub,
+            role=role,  # type: ignore[arg-type]
+            account_id=account_id,
+            ttl_s=ttl,
+            audience=audience or ALL_AUDIENCES,
+            scopes=scope or (),
         )
     except ValueError as exc:
         fail(ExitCode.USAGE, f"--account-id: {exc}")
+    if as_json:
+        _print_json({"token": minted, "role": role, "sub": sub, "account_id": account_id})
+    else:
+        typer.echo(minted)
 
 
 def _run_dir() -> Path:

@@ -52,6 +52,11 @@ def describe_detail(body: Any) -> str:
     return str(detail)
 
 
+# The inventory's largest page, and how many pages a listing follows (at most 50,000 endpoints).
+INVENTORY_PAGE = 500
+MAX_INVENTORY_PAGES = 100
+
+
 def _q(value: str) -> str:
     return quote(value, safe="")
 
@@ -192,6 +197,51 @@ class PlatformClient:
             "GET", f"{self.isolation_url}/v1/accounts/{_q(account_id)}/isolations"
         ).body
         return isolation_rows(body)
+
+    def list_endpoints(
+        self,
+        account_id: str,
+        *,
+        state: str | None = None,
+        q: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Answer:
+        """One page of the account's inventory (every enrolled endpoint)."""
+        params = {
+            name: str(value)
+            for name, value in (("state", state), ("q", q), ("limit", limit), ("cursor", cursor))
+            if value is not None
+        }
+        url = httpx.URL(
+            f"{self.isolation_url}/v1/accounts/{_q(account_id)}/endpoints", params=params
+        )
+        return self._call("GET", str(url))
+
+    def all_endpoints(
+        self, account_id: str, *, state: str | None = None, q: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every page of the inventory, followed through ``next_cursor``."""
+        rows: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(MAX_INVENTORY_PAGES):
+            body = self.list_endpoints(
+                account_id, state=state, q=q, limit=INVENTORY_PAGE, cursor=cursor
+            ).body
+            if not isinstance(body, dict):
+                break
+            rows += [row for row in body.get("items") or [] if isinstance(row, dict)]
+            cursor = body.get("next_cursor")
+            if not isinstance(cursor, str) or not cursor:
+                break
+        return rows
+
+    def isolation_timeline(self, endpoint_id: str, *, limit: int | None = None) -> Answer:
+        url = httpx.URL(
+            f"{self._isolation(endpoint_id)}/timeline",
+            params={} if limit is None else {"limit": str(limit)},
+        )
+        return self._call("GET", str(url))
 
     # --- enforcer: enrollment keys -------------------------------------------------------
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from shared.auth import mint_token
-from shared.config import DEV_JWT_SECRET
+from shared.config import ServiceSettings
 from shared.infra import LocalKafka, LocalRedis
 from shared.infra.certs import CertPaths, issue_cert, make_ca
 from shared.infra.proc import spawn, stop
@@ -67,9 +67,20 @@ def _wait_ready(
     raise TimeoutError(f"{name} not ready after {timeout}s; see {log}")
 
 
-def _provision_enrollment_key(enforcer_port: int, account_id: str, ca_file: Path) -> str:
+def jwt_secret_in_force() -> str:
+    """The secret the services verify tokens with: ``HOSTISO_JWT_SECRET`` if set, else the dev one.
+
+    The services inherit this process's environment (in dev mode), so a token signed with
+    anything else would get 401.
+    """
+    return ServiceSettings(dev=True).require_secret("jwt_secret")
+
+
+def _provision_enrollment_key(
+    enforcer_port: int, account_id: str, ca_file: Path, secret: str
+) -> str:
     """A fresh enrollment key of ``account_id`` from the enforcer (revokes the previous run's)."""
-    soc = mint_token(DEV_JWT_SECRET, sub="devstack", role="soc", ttl_s=300)
+    soc = mint_token(secret, sub="devstack", role="soc", ttl_s=300)
     response = httpx.post(
         f"{_base_url('enforcer', enforcer_port)}/v1/accounts/{account_id}/enrollment-keys",
         headers={"Authorization": f"Bearer {soc}"},
@@ -84,6 +95,8 @@ def main() -> int:
     logs = ROOT / ".run"
     logs.mkdir(exist_ok=True)
     ca, enforcer_cert = dev_tls(logs / "tls")
+    # Before anything starts: a too-short HOSTISO_JWT_SECRET stops here with the services' rule.
+    jwt_secret = jwt_secret_in_force()
     stopped = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
@@ -129,7 +142,9 @@ def main() -> int:
             print(f"{name:9} {url}  (OpenAPI: {url}/docs)", flush=True)
         if (ROOT / "agent" / "__main__.py").exists() and "enforcer" in started:
             log = logs / "agents.log"
-            demo_key = _provision_enrollment_key(started["enforcer"], DEMO_ACCOUNT, ca.cert)
+            demo_key = _provision_enrollment_key(
+                started["enforcer"], DEMO_ACCOUNT, ca.cert, jwt_secret
+            )
             procs.append(
                 spawn(
                     [
@@ -164,7 +179,7 @@ def main() -> int:
             print(f"agents  3 simulated agents of {DEMO_ACCOUNT} (log: {log})", flush=True)
         if "settings" in started:
             print(f"portal  http://127.0.0.1:{started['settings']}/portal/", flush=True)
-        token = mint_token(DEV_JWT_SECRET, sub="dev-soc", role="soc", ttl_s=86400)
+        token = mint_token(jwt_secret, sub="dev-soc", role="soc", ttl_s=86400)
         print(
             "dev token (role soc, 24 h; others: `HOSTISO_DEV=1 .venv/bin/hostiso token --role partner --account-id acct-demo`):",
             flush=True,

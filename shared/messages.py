@@ -127,7 +127,10 @@ class AllowlistChanged(Message):
 
 
 class EndpointRegistered(Message):
-    """An endpoint (agent) enrolled: which account it belongs to."""
+    """An endpoint (agent) enrolled, or polled again: its account, host and when it was last seen.
+
+    The topic is compacted by endpoint, so every record carries the full registration.
+    """
 
     type: Literal["EndpointRegistered"] = "EndpointRegistered"
     endpoint_id: str = Field(min_length=1, max_length=128)
@@ -135,6 +138,11 @@ class EndpointRegistered(Message):
     hostname: str = Field(min_length=1, max_length=255)
     platform: Literal["linux", "windows", "macos"]
     enrolled_at: datetime
+    last_seen: datetime | None = Field(
+        None,
+        description="When the agent last polled for a policy (at most one update per"
+        " HOSTISO_LAST_SEEN_INTERVAL_S); null until the first poll after enrollment.",
+    )
 
 
 # --- isolation.requests.v1 / isolation.requests.priority.v1 (key = endpoint_id) --------

@@ -7,7 +7,6 @@
 (() => {
   const TOKEN_KEY = "hostiso.token";
   const ACCOUNT_KEY = "hostiso.account";
-  const TRACKED_KEY = "hostiso.endpoints.";
   const POLL_MS = 2000;
 
   const state = {
@@ -387,48 +386,87 @@
     return true;
   }
 
-  // ---- Endpoints view ---------------------------------------------------------------
+  // ---- Endpoints view: the account's inventory --------------------------------------
 
-  const trackedKey = () => TRACKED_KEY + state.account;
-  const tracked = () => JSON.parse(sessionStorage.getItem(trackedKey()) || "[]");
+  const PAGE_SIZE = 25;
+  const SEARCH_DELAY_MS = 300;
+  // Where the list stands: the filters, the cursor of this page and those of the pages before.
+  const inventory = { q: "", state: "", cursor: null, previous: [], next: null, searchTimer: null, timelineFor: null };
 
-  function track(endpointId) {
-    const ids = tracked();
-    if (!ids.includes(endpointId)) {
-      ids.push(endpointId);
-      sessionStorage.setItem(trackedKey(), JSON.stringify(ids));
-    }
-  }
-
-  function untrack(endpointId) {
-    sessionStorage.setItem(trackedKey(), JSON.stringify(tracked().filter((id) => id !== endpointId)));
-  }
-
-  function isolationList(data) {
-    if (Array.isArray(data)) return data;
-    if (data && typeof data === "object") {
-      for (const key of ["isolations", "endpoints", "items"]) if (Array.isArray(data[key])) return data[key];
-    }
-    return [];
+  function inventoryPath() {
+    const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    if (inventory.q) params.set("q", inventory.q);
+    if (inventory.state) params.set("state", inventory.state);
+    if (inventory.cursor) params.set("cursor", inventory.cursor);
+    return `/v1/accounts/${encodeURIComponent(state.account)}/endpoints?${params}`;
   }
 
   async function loadEndpoints() {
-    const res = await api("isolation", "GET", `/v1/accounts/${encodeURIComponent(state.account)}/isolations`);
+    const res = await api("isolation", "GET", inventoryPath());
     if (!res.ok) {
       if (res.status !== 401) showBanner(`Could not load the endpoints (${res.status}): ${detailText(res.data)}`);
       return;
     }
-    const rows = isolationList(res.data);
-    const seen = new Set(rows.map((r) => r.endpoint_id));
-    for (const id of tracked()) {
-      if (seen.has(id)) continue;
-      const one = await api("isolation", "GET", `/v1/endpoints/${encodeURIComponent(id)}/isolation`);
-      if (one.ok && one.data) rows.push(one.data);
-      else if (one.status === 404 || one.status === 403) untrack(id);
-    }
-    rows.sort((a, b) => String(a.endpoint_id).localeCompare(String(b.endpoint_id)));
+    const items = (res.data && Array.isArray(res.data.items)) ? res.data.items : [];
+    inventory.next = (res.data && res.data.next_cursor) || null;
+    // The frozen allowlist is in each isolated endpoint's own state: fetched for those rows only.
+    const rows = await Promise.all(items.map(withPolicy));
     state.endpoints = rows;
     renderEndpoints();
+    if (inventory.timelineFor) await loadTimeline(inventory.timelineFor);
+  }
+
+  async function withPolicy(item) {
+    if (item.state === "not_isolated" && !item.mode) return item;
+    const one = await api("isolation", "GET", `/v1/endpoints/${encodeURIComponent(item.endpoint_id)}/isolation`);
+    return one.ok && one.data ? { ...one.data, ...item, policy: one.data.policy, desired_sequence: one.data.desired_sequence, detail: one.data.detail } : item;
+  }
+
+  // "4 min ago" for recent times (the full time is the cell's title), a date beyond a week.
+  function fmtAgo(iso) {
+    const then = new Date(iso).getTime();
+    if (Number.isNaN(then)) return String(iso);
+    const s = Math.max(0, Math.round((Date.now() - then) / 1000));
+    if (s < 60) return "just now";
+    if (s < 3600) return `${Math.round(s / 60)} min ago`;
+    if (s < 86400) return `${Math.round(s / 3600)} h ago`;
+    if (s < 7 * 86400) return `${Math.round(s / 86400)} d ago`;
+    return new Date(iso).toLocaleDateString(undefined, { dateStyle: "medium" });
+  }
+
+  function resetPages() {
+    inventory.cursor = null;
+    inventory.previous = [];
+  }
+
+  function onSearchInput() {
+    clearTimeout(inventory.searchTimer);
+    inventory.searchTimer = setTimeout(() => {
+      const q = $("endpoint-search").value.trim();
+      if (q === inventory.q) return;
+      inventory.q = q;
+      resetPages();
+      guarded(loadEndpoints);
+    }, SEARCH_DELAY_MS);
+  }
+
+  function onStateFilter() {
+    inventory.state = $("endpoint-state").value;
+    resetPages();
+    guarded(loadEndpoints);
+  }
+
+  function nextPage() {
+    if (!inventory.next) return;
+    inventory.previous.push(inventory.cursor);
+    inventory.cursor = inventory.next;
+    guarded(loadEndpoints);
+  }
+
+  function previousPage() {
+    if (!inventory.previous.length) return;
+    inventory.cursor = inventory.previous.pop();
+    guarded(loadEndpoints);
   }
 
   const PENDING = new Set(["isolation_pending", "release_pending"]);
@@ -482,15 +520,22 @@
         onclick: () => guarded(() => endpointAction(row, action)),
       }),
     );
+    buttons.push(timelineButton(row));
     return el(
       "tr",
       { "data-endpoint-id": row.endpoint_id },
-      el("td", { class: "mono", text: row.endpoint_id }),
+      el(
+        "td",
+        { class: "ep-host" },
+        el("span", { class: "ep-hostname", text: row.hostname || "—" }),
+        el("span", { class: "ep-sub" }, el("span", { class: "ep-platform", text: row.platform || "—" }), " · ", el("span", { class: "ep-id mono", text: row.endpoint_id })),
+      ),
       stateCell,
       el("td", { class: "ep-mode" }, mode && mode !== "none" ? el("span", { class: `badge badge-${mode}`, text: mode }) : el("span", { class: "none", text: "—" })),
       el("td", { class: "ep-allowlist" }, allowCell),
       el("td", { class: "ep-settings-version", text: inForce ? String(policy.settings_version) : "—" }),
       el("td", { class: "ep-sequence mono", text: seq, title: row.updated_at ? `updated ${fmtTime(row.updated_at)}` : null }),
+      el("td", { class: "ep-last-seen", text: row.last_seen ? fmtAgo(row.last_seen) : "Never", title: row.last_seen ? fmtTime(row.last_seen) : null }),
       el("td", { class: "actions" }, ...buttons),
     );
   }
@@ -500,56 +545,101 @@
     body.replaceChildren(...state.endpoints.map(endpointRow));
     $("endpoints-empty").hidden = state.endpoints.length > 0;
     $("endpoints-table").hidden = state.endpoints.length === 0;
+    $("endpoints-prev").disabled = inventory.previous.length === 0;
+    $("endpoints-next").disabled = !inventory.next;
+    const pageNo = inventory.previous.length + 1;
+    $("endpoints-page").textContent = pageNo > 1 || inventory.next ? `Page ${pageNo}` : "";
     const pending = state.endpoints.filter((r) => PENDING.has(r.state)).length;
+    const filtered = inventory.q || inventory.state;
     $("endpoints-meta").textContent =
       `Account ${state.account} · ${state.endpoints.length} endpoint${state.endpoints.length === 1 ? "" : "s"}` +
+      (filtered ? " matching" : "") +
+      (inventory.next || inventory.previous.length ? " on this page" : "") +
       (pending ? ` · ${pending} waiting for the agent to apply` : "") +
       ` · refreshed ${new Date().toLocaleTimeString()}`;
   }
 
   async function endpointAction(row, action) {
     const id = row.endpoint_id;
+    const name = row.hostname ? `${row.hostname} (${id})` : id;
     const text = {
-      isolate: [`Isolate ${id}?`, "The endpoint will reach only the platform and the Tooling Allowlist as it is now (frozen). Inbound connections are blocked."],
-      strict: [`Strictly isolate ${id}?`, "The endpoint will reach only the platform: the Tooling Allowlist is ignored. Only the SOC can release a strict isolation."],
-      release: [`Release ${id}?`, "The endpoint's network access is restored."],
+      isolate: [`Isolate ${name}?`, "The endpoint will reach only the platform and the Tooling Allowlist as it is now (frozen). Inbound connections are blocked."],
+      strict: [`Strictly isolate ${name}?`, "The endpoint will reach only the platform: the Tooling Allowlist is ignored. Only the SOC can release a strict isolation."],
+      release: [`Release ${name}?`, "The endpoint's network access is restored."],
     }[action];
     const answer = await confirmDialog({ title: text[0], body: text[1], ok: ACTION[action].label, danger: action !== "release", reason: true });
     if (!answer) return;
     const path = `/v1/endpoints/${encodeURIComponent(id)}/isolation`;
     const res =
       action === "release"
-        ? await api("isolation", "DELETE", path)
+        ? await api("isolation", "DELETE", `${path}?${new URLSearchParams({ reason: answer.reason })}`)
         : await api("isolation", "POST", path, { body: { mode: action === "strict" ? "strict" : "standard", reason: answer.reason } });
     if (res.ok) {
-      track(id);
-      showBanner(`${ACTION[action].label}: request accepted for ${id}${res.data && res.data.request_id ? ` (request ${res.data.request_id})` : ""}.`, "ok");
+      showBanner(`${ACTION[action].label}: request accepted for ${name}${res.data && res.data.request_id ? ` (request ${res.data.request_id})` : ""}.`, "ok");
     } else if (res.status !== 401) {
-      showBanner(`${ACTION[action].label} ${id} refused (${res.status}): ${detailText(res.data)}`);
+      showBanner(`${ACTION[action].label} ${name} refused (${res.status}): ${detailText(res.data)}`);
     }
     await loadEndpoints();
   }
 
-  async function lookup(ev) {
-    ev.preventDefault();
-    const id = $("lookup-input").value.trim();
-    setFieldError("lookup-input", "lookup-error", "");
-    if (!id) {
-      setFieldError("lookup-input", "lookup-error", "Enter an endpoint ID.");
-      return;
-    }
-    const res = await api("isolation", "GET", `/v1/endpoints/${encodeURIComponent(id)}/isolation`);
+  // ---- per-endpoint timeline --------------------------------------------------------
+
+  const OUTCOME_LABEL = { pending: "Pending", applied: "Applied", failed: "Failed" };
+
+  function timelineButton(row) {
+    return el("button", {
+      type: "button",
+      class: "btn btn-sm btn-ghost",
+      "data-action": "timeline",
+      "aria-label": `Timeline ${row.endpoint_id}`,
+      "aria-controls": "timeline-panel",
+      text: "Timeline",
+      onclick: () => guarded(() => openTimeline(row)),
+    });
+  }
+
+  async function openTimeline(row) {
+    inventory.timelineFor = row;
+    $("timeline-title").textContent = `Timeline of ${row.hostname || row.endpoint_id}`;
+    $("timeline-panel").hidden = false;
+    await loadTimeline(row);
+    $("timeline-panel").scrollIntoView({ block: "nearest" });
+  }
+
+  function closeTimeline() {
+    inventory.timelineFor = null;
+    $("timeline-panel").hidden = true;
+  }
+
+  async function loadTimeline(row) {
+    const res = await api("isolation", "GET", `/v1/endpoints/${encodeURIComponent(row.endpoint_id)}/isolation/timeline`);
+    if (inventory.timelineFor !== row) return;
     if (!res.ok) {
-      if (res.status !== 401) setFieldError("lookup-input", "lookup-error", detailText(res.data) || `Not found (${res.status}).`);
+      if (res.status !== 401) showBanner(`Could not load the timeline of ${row.endpoint_id} (${res.status}): ${detailText(res.data)}`);
       return;
     }
-    if (res.data && res.data.account_id && res.data.account_id !== state.account) {
-      setFieldError("lookup-input", "lookup-error", `Endpoint ${id} belongs to account ${res.data.account_id}, not ${state.account}.`);
-      return;
-    }
-    track(id);
-    $("lookup-input").value = "";
-    await loadEndpoints();
+    const items = (res.data && Array.isArray(res.data.items)) ? res.data.items : [];
+    $("timeline-body").replaceChildren(...items.map(timelineRow));
+    $("timeline-empty").hidden = items.length > 0;
+    $("timeline-table").hidden = items.length === 0;
+  }
+
+  function timelineRow(item) {
+    const mode = item.mode === "none" ? "release" : item.mode;
+    const status = el("td", { class: "tl-status" }, el("span", { class: `badge badge-tl-${item.status}`, text: OUTCOME_LABEL[item.status] || item.status }));
+    if (item.reported_at) status.append(el("span", { class: "muted", text: fmtTime(item.reported_at) }));
+    if (item.detail) status.append(el("span", { class: "muted tl-detail", text: item.detail }));
+    return el(
+      "tr",
+      { "data-sequence": item.sequence },
+      el("td", { class: "mono", text: `#${item.sequence}` }),
+      el("td", { text: fmtTime(item.issued_at) }),
+      el("td", { class: "tl-by", text: item.issued_by || "—" }),
+      el("td", { class: "tl-mode" }, el("span", { class: `badge badge-${item.mode === "none" ? "release" : item.mode}`, text: mode })),
+      el("td", { class: "tl-settings-version", text: item.mode === "standard" ? String(item.settings_version) : "—" }),
+      el("td", { class: "tl-reason", text: item.reason || "—" }),
+      status,
+    );
   }
 
   async function rmmCompromised() {
@@ -692,6 +782,8 @@
       if (!value || value === state.account) return;
       state.account = value;
       sessionStorage.setItem(ACCOUNT_KEY, value);
+      resetPages();
+      closeTimeline();
       showBanner("");
       render();
     };
@@ -699,7 +791,12 @@
     $("account-input").addEventListener("keydown", (ev) => { if (ev.key === "Enter") pickAccount(); });
     $("tooling-switch").addEventListener("click", () => guarded(toggleSwitch));
     $("add-form").addEventListener("submit", (ev) => guarded(() => addEntry(ev)));
-    $("lookup-form").addEventListener("submit", (ev) => guarded(() => lookup(ev)));
+    $("endpoint-filters").addEventListener("submit", (ev) => ev.preventDefault());
+    $("endpoint-search").addEventListener("input", onSearchInput);
+    $("endpoint-state").addEventListener("change", onStateFilter);
+    $("endpoints-prev").addEventListener("click", previousPage);
+    $("endpoints-next").addEventListener("click", nextPage);
+    $("timeline-close").addEventListener("click", closeTimeline);
     $("endpoints-refresh").addEventListener("click", () => guarded(loadEndpoints));
     $("rmm-compromised").addEventListener("click", () => guarded(rmmCompromised));
     window.addEventListener("hashchange", () => { showBanner(""); render(); });

@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from services.enforcer import handlers
+from services.enforcer import handlers, presence
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.config import EnforcerSettings
 from services.enforcer.domain import (
@@ -328,6 +328,7 @@ async def get_policy(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail=f"wait: must be at most {settings.long_poll_max_s:g} seconds",
         )
+    presence.note_poll(request, agent.agent_id)
     held = await handlers.wait_for_policy(deps, agent.agent_id, after=after, wait=wait)
     if held is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from services.enforcer import api
+from services.enforcer import api, presence
 from services.enforcer.adapters.kafka_publisher import KafkaEventPublisher
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.adapters.redis_store import (
@@ -121,6 +121,12 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         signer_or_none=signer,
     )
     metrics = EnforcerMetrics(runtime.registry, lambda: wakeups.waiting_count)
+    seen = presence.Presence(
+        presence.RedisSeenGate(store_redis, runtime.keys),
+        presence.RedisAgentRegistrations(store_redis, runtime.keys),
+        deps.events.endpoint_registered,
+        settings.last_seen_interval_s,
+    )
     # The normal lane gives way while the priority lane holds a batch (same event loop).
     gate = PriorityGate()
     lanes = {
@@ -169,6 +175,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await seen.drain()
             await runtime.stop()
             await wakeups.stop()
             await store_redis.aclose()
@@ -186,6 +193,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.wakeups = wakeups
     app.state.lanes = lanes
+    app.state.presence = seen
 
     async def readiness() -> dict[str, bool]:
         checks = await runtime.readiness()

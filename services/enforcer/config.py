@@ -40,6 +40,13 @@ class EnforcerSettings(ServiceSettings):
     tls_key_file: Path | None = Field(
         None, description="PEM private key of tls_cert_file (keep it mode 0600)."
     )
+    last_seen_interval_s: int = Field(
+        300,
+        ge=1,
+        le=86_400,
+        description="At most one last_seen update per endpoint on endpoints.v1 in this many"
+        " seconds (the agent's long poll marks it seen).",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> EnforcerSettings:

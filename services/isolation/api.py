@@ -7,6 +7,7 @@ from typing import Annotated
 
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, FastAPI, Path, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
@@ -20,6 +21,14 @@ from services.isolation.handlers import (
     IsolationService,
     StrictOverrideDeniedError,
 )
+from services.isolation.inventory import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    InvalidCursorError,
+    InventoryItem,
+    InventoryService,
+)
+from services.isolation.timeline import TIMELINE_MAX_POLICIES, TimelinePolicy
 from shared.auth import (
     SCOPE_ISOLATION_READ,
     SCOPE_ISOLATION_WRITE,
@@ -189,3 +198,87 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StrictOverrideDeniedError, forbidden)
     for error in (ReplicaLagError, SettingsUnavailableError, KafkaError, RedisError, TimeoutError):
         app.add_exception_handler(error, unavailable)
+
+
+# --- inventory and timeline ------------------------------------------------------------
+
+
+class EndpointInventory(BaseModel):
+    """A page of the account's enrolled endpoints, in hostname order."""
+
+    items: list[InventoryItem]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page. A page may hold"
+        " fewer than `limit` items (a narrow filter scans a bounded part of the account)."
+    )
+
+
+class IsolationTimeline(BaseModel):
+    """The policies issued to an endpoint, newest first, with the agent's answer to each."""
+
+    endpoint_id: str
+    items: list[TimelinePolicy]
+
+
+def _invalid_query(name: str, message: str) -> RequestValidationError:
+    # The same 422 as FastAPI's own query validation, so every error names its field alike.
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("query", name), "msg": message, "input": None}]
+    )
+
+
+_READ_ERRORS: dict[int | str, dict[str, str]] = {
+    401: {"description": "Missing, expired or forged bearer token"},
+    403: {"description": "A partner token for another account"},
+    422: {"description": "Invalid parameter (the field is named)"},
+    503: {"description": "Redis, Kafka or the registry replica unavailable or behind; retry"},
+}
+
+
+def build_inventory_router(inventory: InventoryService) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["inventory"])
+
+    @router.get(
+        "/accounts/{account_id}/endpoints",
+        response_model=EndpointInventory,
+        responses=_READ_ERRORS,
+        summary="List the account's enrolled endpoints",
+    )
+    async def list_endpoints(
+        account_id: AccountId,
+        principal: Reader,
+        state: Annotated[
+            IsolationState | None, Query(description="Only endpoints in this state.")
+        ] = None,
+        q: Annotated[
+            str | None,
+            Query(max_length=255, description="Hostname substring (case-insensitive)."),
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+        cursor: Annotated[
+            str | None, Query(max_length=2048, description="`next_cursor` of the previous page.")
+        ] = None,
+    ) -> EndpointInventory:
+        try:
+            page = await inventory.endpoints(
+                account_id, principal, state=state, text=q, limit=limit, cursor=cursor
+            )
+        except InvalidCursorError as exc:
+            raise _invalid_query("cursor", str(exc)) from exc
+        return EndpointInventory(items=page.items, next_cursor=page.next_cursor)
+
+    @router.get(
+        "/endpoints/{endpoint_id}/isolation/timeline",
+        response_model=IsolationTimeline,
+        responses={**_READ_ERRORS, 404: {"description": "No enrolled endpoint with this id"}},
+        summary="The policies issued to an endpoint and the agent's answers",
+    )
+    async def isolation_timeline(
+        endpoint_id: EndpointId,
+        principal: Reader,
+        limit: Annotated[int, Query(ge=1, le=TIMELINE_MAX_POLICIES)] = 50,
+    ) -> IsolationTimeline:
+        items = await inventory.timeline(endpoint_id, principal, limit)
+        return IsolationTimeline(endpoint_id=endpoint_id, items=items)
+
+    return router

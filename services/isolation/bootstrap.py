@@ -23,10 +23,11 @@ from services.isolation.adapters.settings_client import (
     HttpSettingsClient,
     SettingsUnavailableError,
 )
-from services.isolation.api import add_error_handlers, build_router
+from services.isolation.api import add_error_handlers, build_inventory_router, build_router
 from services.isolation.config import IsolationSettings
 from services.isolation.consumers import IsolationConsumers
 from services.isolation.handlers import IsolationService, SettingsClient
+from services.isolation.inventory import InventoryService
 from shared import tracing
 from shared.auth import AUDIENCE_ISOLATION
 from shared.http import add_operational_routes, install_request_guards, serve, token_policy
@@ -73,14 +74,17 @@ def build_app(
         max_attempts=settings.consumer_max_attempts,
         kafka_options=runtime.kafka_options,
     )
+    isolation_store = RedisIsolationStore(runtime.redis, runtime.keys, batcher)
+    publisher = KafkaPublisher(runtime.producer, runtime.topics)
     service = IsolationService(
-        store=RedisIsolationStore(runtime.redis, runtime.keys, batcher),
+        store=isolation_store,
         settings=allowlists,
         registry=registry,
-        publisher=KafkaPublisher(runtime.producer, runtime.topics),
+        publisher=publisher,
         settings_client=settings_client or HttpSettingsClient(settings.settings_url, jwt_secret),
         platform=tuple(settings.platform_addresses),
     )
+    inventory = InventoryService(replica_store, isolation_store, registry, publisher)
     consumers = IsolationConsumers(service, runtime.registry)
     # One consumer group per lane: the priority lane has its own consumer and group, so strict
     # requests never queue behind a backlog of normal ones (guarantee 5). Instances of the
@@ -171,6 +175,7 @@ def build_app(
     tracing.instrument_app(app)
     add_error_handlers(app)
     app.include_router(build_router(service))
+    app.include_router(build_inventory_router(inventory))
     return app
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
 from services.isolation.domain import EndpointIsolation, EndpointRecord, RequestOutcome
 from services.isolation.handlers import CommitConflictError, DuplicateRequest
+from services.isolation.inventory import InventoryRow
+from services.isolation.timeline import TIMELINE_MAX_EVENTS, TimelineEvent, timeline_event
 from shared.messages import AllowlistChanged
 from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 
@@ -17,6 +21,8 @@ REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
 # other, and the revision check makes concurrent writers (two lanes, status, other instances)
 # retry instead of overwriting each other. Every key it touches carries the endpoint's hash tag
 # (one Redis Cluster slot): the account's isolated/pending set is kept per endpoint bucket.
+# The endpoint's timeline (KEYS[5], bounded) gets the event of the change in the same script, so
+# it holds exactly the changes that were stored: no lost entry, no entry for a refused commit.
 # ARGV[7] = '1' when the write carries a request outcome: without one KEYS[2] and KEYS[4] are a
 # placeholder inside the service's namespace and slot (never read or written), because Redis
 # checks the ACL key patterns of every declared key and an empty name matches none.
@@ -38,6 +44,10 @@ if ARGV[2] ~= '' then
 end
 if ARGV[7] == '1' then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[4]))
+end
+if ARGV[2] ~= '' and ARGV[8] ~= '' then
+  redis.call('LPUSH', KEYS[5], ARGV[8])
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[9]) - 1)
 end
 return {'ok', ''}
 """
@@ -62,7 +72,49 @@ return 1
 """
 
 
+# The account's inventory: a sorted set of index positions (hostname, endpoint id; all scores 0,
+# so ordered by bytes) and a hash of rows, both tagged by the account (one slot per account, no
+# global key). A row is replaced only by a registration at least as new as the stored one, so a
+# replica replaying the topic from the start never moves a row back in time.
+_INDEX_ENDPOINT = """
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old then
+  local row = cjson.decode(old)
+  if tonumber(row['v']) > tonumber(ARGV[4]) then
+    return 0
+  end
+  if row['k'] ~= ARGV[2] then
+    redis.call('ZREM', KEYS[1], row['k'])
+  end
+end
+redis.call('ZADD', KEYS[1], 0, ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+_UNINDEX_ENDPOINT = """
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old then
+  redis.call('ZREM', KEYS[1], cjson.decode(old)['k'])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# One page of the index and its rows in one round trip (read-only, one slot).
+_SCAN_INDEX = """
+local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
+local rows = {}
+for i, member in ipairs(members) do
+  local sep = string.find(member, '\\0', 1, true)
+  local endpoint_id = string.sub(member, sep + 1)
+  rows[i] = redis.call('HGET', KEYS[2], endpoint_id) or ''
+end
+return rows
+"""
+
 _TAG = "iso"
+_INVENTORY_TAG = "inv"
 
 
 class RedisIsolationStore:
@@ -91,6 +143,14 @@ class RedisIsolationStore:
 
     def _sent_key(self, endpoint_id: str, request_key: str) -> str:
         return self._keys("isolation", slot_tag(_TAG, endpoint_id), "request-sent", request_key)
+
+    def _timeline_key(self, endpoint_id: str) -> str:
+        return self._keys("isolation", slot_tag(_TAG, endpoint_id), "timeline", endpoint_id)
+
+    async def timeline(self, endpoint_id: str, count: int) -> list[TimelineEvent]:
+        """The endpoint's newest ``count`` timeline events, newest first."""
+        raw = await self._batch.command("LRANGE", self._timeline_key(endpoint_id), 0, count - 1)
+        return [TimelineEvent.model_validate_json(item) for item in raw or []]
 
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
         doc, rev = await self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev")
@@ -152,7 +212,13 @@ class RedisIsolationStore:
             self._request_key(endpoint_id, request_key) if request_key else unused,
             self._active_key(endpoint_id, isolation.account_id),
             self._sent_key(endpoint_id, request_key) if request_key else unused,
+            self._timeline_key(endpoint_id),
         ]
+        event = (
+            timeline_event(isolation, issued=outcome is not None and outcome.kind == "policy")
+            if changed
+            else None
+        )
         args = [
             str(current_rev),
             isolation.model_dump_json() if changed else "",
@@ -161,6 +227,8 @@ class RedisIsolationStore:
             "1" if isolation.isolated_or_pending else "0",
             isolation.endpoint_id,
             "1" if request_key else "0",
+            event.model_dump_json() if event else "",
+            str(TIMELINE_MAX_EVENTS),
         ]
         status, payload, *sent = await self._batch.script(self._commit, keys, args)
         if status == b"dup":
@@ -187,6 +255,9 @@ class RedisReplicaStore:
         self._keys = keys
         self._batch = batcher or RedisBatcher(redis)
         self._apply_settings: Any = redis.register_script(_APPLY_SETTINGS)
+        self._index_endpoint: Any = redis.register_script(_INDEX_ENDPOINT)
+        self._unindex_endpoint: Any = redis.register_script(_UNINDEX_ENDPOINT)
+        self._scan_index: Any = redis.register_script(_SCAN_INDEX)
 
     async def apply_settings(self, event: AllowlistChanged) -> bool:
         key = self._keys("isolation", "settings", event.account_id)
@@ -200,6 +271,31 @@ class RedisReplicaStore:
             "HGET", self._keys("isolation", "settings", account_id), "doc"
         )
         return None if raw is None else AllowlistChanged.model_validate_json(raw)
+
+    def _inventory_keys(self, account_id: str) -> list[str]:
+        tag = slot_tag(_INVENTORY_TAG, account_id)
+        return [
+            self._keys("isolation", tag, "inventory", account_id),
+            self._keys("isolation", tag, "inventory-rows", account_id),
+        ]
+
+    async def index_endpoint(self, row: InventoryRow) -> bool:
+        """Put ``row`` in its account's inventory unless a newer registration is there."""
+        stored = row.model_dump(mode="json") | {"k": row.sort_key, "v": row.version_ms}
+        applied = await self._index_endpoint(
+            keys=self._inventory_keys(row.account_id),
+            args=[row.endpoint_id, row.sort_key, orjson.dumps(stored), str(row.version_ms)],
+        )
+        return bool(applied)
+
+    async def unindex_endpoint(self, account_id: str, endpoint_id: str) -> None:
+        """Drop the endpoint from an account it no longer belongs to."""
+        await self._unindex_endpoint(keys=self._inventory_keys(account_id), args=[endpoint_id])
+
+    async def scan(self, account_id: str, after: str | None, count: int) -> list[InventoryRow]:
+        start = "-" if after is None else "(" + after
+        raw = await self._scan_index(keys=self._inventory_keys(account_id), args=[start, count])
+        return [InventoryRow.model_validate_json(r) for r in raw if r]
 
     async def put_endpoint(self, endpoint: EndpointRecord) -> None:
         await self._redis.set(

@@ -14,6 +14,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from services.isolation.adapters.redis_store import RedisReplicaStore
 from services.isolation.domain import EndpointRecord
+from services.isolation.inventory import InventoryRow
 from shared.consume import DEFAULT_MAX_ATTEMPTS, FETCHED_AT, ConsumeLoop, PerRecord, typed
 from shared.kafka import DeadLetterSink, KafkaOptions, MessageRejected
 from shared.messages import AllowlistChanged, EndpointRegistered
@@ -214,6 +215,30 @@ class CompactedTopicReplica:
                 f"{self.topic}[{part}] replica did not catch up in {timeout}s"
             ) from exc
 
+    async def catch_up_all(self, timeout: float) -> None:
+        """Wait until the replica holds everything written to any partition before the call.
+
+        For reads that span keys (an account's inventory): one shared end-offset lookup, as in
+        ``catch_up``, then a wait for every partition to reach it.
+        """
+        since = FETCHED_AT.get()
+        if since is None:
+            since = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._started.wait()
+                ends = await self._end_offsets_since(since)
+
+                def reached() -> bool:
+                    return all(self._positions.get(p, 0) >= end for p, end in ends.items())
+
+                if reached():
+                    return
+                async with self._progress:
+                    await self._progress.wait_for(reached)
+        except TimeoutError as exc:
+            raise ReplicaLagError(f"{self.topic} replica did not catch up in {timeout}s") from exc
+
     async def _end_offsets_since(self, since: float) -> dict[int, int]:
         """End offsets of every partition from a lookup that started at or after ``since``."""
         latest = self._lookup
@@ -344,6 +369,21 @@ class EndpointRegistry:
             hostname=event.hostname,
             platform=event.platform,
         )
+        previous = await self._store.endpoint(event.endpoint_id)
+        # The inventory row first: a crash in between replays this record, and both writes
+        # are idempotent. An endpoint that moved account leaves the old account's inventory.
+        await self._store.index_endpoint(
+            InventoryRow(
+                endpoint_id=event.endpoint_id,
+                account_id=event.account_id,
+                hostname=event.hostname,
+                platform=event.platform,
+                enrolled_at=event.enrolled_at,
+                last_seen=event.last_seen,
+            )
+        )
+        if previous is not None and previous.account_id != event.account_id:
+            await self._store.unindex_endpoint(previous.account_id, event.endpoint_id)
         await self._store.put_endpoint(endpoint)
         self._applied += 1
         self._cache.offer(endpoint.endpoint_id, endpoint, self._applied)
@@ -355,6 +395,10 @@ class EndpointRegistry:
             return found
         await self.replica.catch_up(endpoint_id, self._timeout)
         return await self._lookup(endpoint_id)
+
+    async def sync(self) -> None:
+        """Catch up with every registration made before this call (the inventory's reads)."""
+        await self.replica.catch_up_all(self._timeout)
 
     async def _lookup(self, endpoint_id: str) -> EndpointRecord | None:
         cached = self._cache.get(endpoint_id)

@@ -119,6 +119,13 @@ class Isolation:
     applied_sequence: int = 0
     updated_at: str | None = None
     applies_at: float = 0.0
+    hostname: str = ""
+    platform: str = "linux"
+    enrolled_at: str = field(default_factory=_now)
+    last_seen: str | None = None
+    # Newest first: the policies issued, each with the agent's (simulated) answer.
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    fail_next: str | None = None
 
 
 class FakePlatform:
@@ -131,8 +138,22 @@ class FakePlatform:
         self.apply_delay_s = apply_delay_s
         self.if_match_seen: list[str | None] = []
 
-    def register(self, endpoint_id: str, account_id: str) -> None:
-        self.isolations[endpoint_id] = Isolation(endpoint_id, account_id)
+    def register(
+        self,
+        endpoint_id: str,
+        account_id: str,
+        *,
+        hostname: str | None = None,
+        platform: str = "linux",
+        last_seen: str | None = None,
+    ) -> None:
+        self.isolations[endpoint_id] = Isolation(
+            endpoint_id,
+            account_id,
+            hostname=hostname or f"host-{endpoint_id}",
+            platform=platform,
+            last_seen=last_seen,
+        )
 
     def allowlist(self, account_id: str) -> Allowlist:
         return self.allowlists.setdefault(account_id, Allowlist(account_id))
@@ -144,8 +165,15 @@ class FakePlatform:
     def progress(self, iso: Isolation) -> Isolation:
         # Stands in for the agent's ack: the desired policy counts as applied after a delay.
         if iso.state.endswith("_pending") and time.monotonic() >= iso.applies_at:
+            if iso.fail_next is not None:
+                iso.state = "failed"
+                iso.timeline[0].update(status="failed", reported_at=_now(), detail=iso.fail_next)
+                iso.fail_next = None
+                return iso
             iso.applied_sequence = iso.desired_sequence
             iso.state = "not_isolated" if iso.state == "release_pending" else "isolated"
+            if iso.timeline:
+                iso.timeline[0].update(status="applied", reported_at=_now())
         return iso
 
     def issue(self, iso: Isolation, mode: str, reason: str, by: Principal) -> None:
@@ -171,6 +199,24 @@ class FakePlatform:
         }
         iso.updated_at = _now()
         iso.applies_at = time.monotonic() + self.apply_delay_s
+        policy = iso.policy
+        iso.timeline.insert(
+            0,
+            {
+                "sequence": policy["sequence"],
+                "policy_id": policy["policy_id"],
+                "mode": mode,
+                "issued_at": policy["issued_at"],
+                "issued_by": by.sub,
+                "reason": reason,
+                "settings_version": allowlist.version,
+                "request_ids": [str(uuid.uuid4())],
+                "status": "pending",
+                "reported_at": None,
+                "detail": "",
+                "rules_sha256": None,
+            },
+        )
 
 
 def _tenant(principal: Principal, account_id: str) -> None:
@@ -345,13 +391,13 @@ def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAP
         return {"request_id": str(uuid.uuid4())}
 
     @app.delete("/v1/endpoints/{endpoint_id}/isolation", status_code=202)
-    def release(endpoint_id: str, who: CurrentPrincipal) -> Any:
+    def release(endpoint_id: str, who: CurrentPrincipal, reason: str = "") -> Any:
         with platform.lock:
             iso = endpoint(endpoint_id, who)
             if iso.mode == "strict" and who.role == "partner":
                 raise HTTPException(403, detail="only the SOC may release a strict isolation")
             if iso.state in ("isolated", "isolation_pending", "failed"):
-                platform.issue(iso, "none", "", who)
+                platform.issue(iso, "none", reason, who)
         return {"request_id": str(uuid.uuid4())}
 
     @app.post("/v1/accounts/{account_id}/strict-isolation", status_code=202)
@@ -372,6 +418,65 @@ def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAP
                 allowlist.enabled = False
                 platform.bump(allowlist)
         return {"request_id": str(uuid.uuid4()), "endpoints": len(covered)}
+
+    @app.get("/v1/accounts/{account_id}/endpoints")
+    def list_endpoints(
+        account_id: str,
+        who: CurrentPrincipal,
+        state: str | None = None,
+        q: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Any:
+        _tenant(who, account_id)
+        if not 1 <= limit <= 500:
+            raise HTTPException(422, detail=[{"loc": ["query", "limit"], "msg": "limit: 1 to 500"}])
+        start = 0
+        if cursor is not None:
+            if not re.fullmatch(r"c[0-9]+", cursor):
+                raise HTTPException(
+                    422, detail=[{"loc": ["query", "cursor"], "msg": "cursor: not a cursor"}]
+                )
+            start = int(cursor[1:])
+        with platform.lock:
+            rows = sorted(
+                (
+                    platform.progress(iso)
+                    for iso in platform.isolations.values()
+                    if iso.account_id == account_id
+                ),
+                key=lambda iso: (iso.hostname.lower(), iso.endpoint_id),
+            )
+            matching = [
+                iso
+                for iso in rows
+                if (state is None or iso.state == state)
+                and (not q or q.lower() in iso.hostname.lower())
+            ]
+            page = matching[start : start + limit]
+            more = start + limit < len(matching)
+            return {
+                "items": [
+                    {
+                        "endpoint_id": iso.endpoint_id,
+                        "hostname": iso.hostname,
+                        "platform": iso.platform,
+                        "enrolled_at": iso.enrolled_at,
+                        "last_seen": iso.last_seen,
+                        "state": iso.state,
+                        "mode": iso.mode,
+                        "applied_sequence": iso.applied_sequence,
+                    }
+                    for iso in page
+                ],
+                "next_cursor": f"c{start + limit}" if more else None,
+            }
+
+    @app.get("/v1/endpoints/{endpoint_id}/isolation/timeline")
+    def isolation_timeline(endpoint_id: str, who: CurrentPrincipal, limit: int = 50) -> Any:
+        with platform.lock:
+            iso = endpoint(endpoint_id, who)
+            return {"endpoint_id": endpoint_id, "items": iso.timeline[:limit]}
 
     @app.get("/v1/accounts/{account_id}/isolations")
     def list_isolations(account_id: str, who: CurrentPrincipal) -> Any:

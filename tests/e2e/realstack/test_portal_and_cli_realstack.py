@@ -31,6 +31,30 @@ def _json(result: Any) -> Any:
     return json.loads(result.stdout)
 
 
+def test_cli_lists_the_inventory_with_last_seen_and_resolves_a_hostname(
+    realstack: RealStack,
+) -> None:
+    stack = realstack
+
+    def listed() -> list[dict[str, Any]] | None:
+        rows: list[dict[str, Any]] = _json(hostiso(stack, "partner", "endpoints", "--json"))[
+            "items"
+        ]
+        seen = [r for r in rows if r["endpoint_id"] in stack.endpoints and r["last_seen"]]
+        return rows if len(seen) == len(stack.endpoints) else None
+
+    # The agents enrolled through the enforcer and poll it: each shows up with a last_seen.
+    rows = poll(listed, timeout=30, what="both agents listed with last_seen")
+    by_id = {r["endpoint_id"]: r for r in rows}
+    first = by_id[stack.endpoints[0]]
+    assert first["platform"] == "linux" and first["hostname"]
+    result = hostiso(stack, "partner", "status", "--host", first["hostname"], "--json")
+    (row,) = _json(result)
+    assert row["endpoint_id"] == stack.endpoints[0]
+    table = hostiso(stack, "partner", "endpoints")
+    assert table.exit_code == 0 and first["hostname"] in table.stdout
+
+
 def test_cli_drives_allowlist_isolation_strict_and_release_end_to_end(
     realstack: RealStack,
 ) -> None:
@@ -193,9 +217,9 @@ def test_portal_on_the_real_stack_freezes_the_allowlist_and_strict_wins(
         _shot(page, screenshot_dir, "allowlist")
 
         page.get_by_role("link", name="Endpoints & Isolation").click()
-        page.get_by_label("Endpoint ID").fill(endpoint)
-        page.get_by_role("button", name="Look up").click()
+        # Every enrolled endpoint is listed (the inventory), with its hostname.
         row = page.locator(f'tr[data-endpoint-id="{endpoint}"]')
+        expect(row.locator(".ep-hostname")).not_to_be_empty()
         expect(row).to_be_visible()
         _isolate(page, endpoint, "Isolate")
         # "Isolated" only once the simulated agent reported the policy applied.

@@ -94,3 +94,39 @@ async def test_isolate_release_and_account_strict_on_redis_cluster(
     assert all(c.policy.mode == "strict" and c.policy.sequence == 2 for c in strict)
     # The state lives on every master, not on one hot node.
     assert all(count > 0 for count in keys_per_node(redis_cluster, redis_prefix))
+
+
+async def test_inventory_pages_and_timeline_on_redis_cluster(hc: Harness) -> None:
+    for endpoint in ENDPOINTS[:7]:
+        await hc.register(endpoint, "acct-inv-rc")
+    await hc.register("ep-rc-other", "acct-inv-rc2")
+    hosts: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+        response = await hc.http.get(
+            "/v1/accounts/acct-inv-rc/endpoints", params=params, headers=hc.token()
+        )
+        assert response.status_code == 200, response.text
+        hosts += [i["hostname"] for i in response.json()["items"]]
+        cursor = response.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert hosts == [f"host-{e}" for e in ENDPOINTS[:7]]
+    await hc.send(
+        hc.topics.isolation_requests,
+        ENDPOINTS[0],
+        IsolateEndpoint(endpoint_id=ENDPOINTS[0], mode="standard", requested_by=SOC),
+    )
+    (command,) = await hc.commands(expect=1)
+    await hc.report(command.policy)
+
+    async def applied() -> list[dict[str, object]] | None:
+        response = await hc.http.get(
+            f"/v1/endpoints/{ENDPOINTS[0]}/isolation/timeline", headers=hc.token()
+        )
+        items: list[dict[str, object]] = response.json()["items"]
+        return items if items and items[0]["status"] == "applied" else None
+
+    (item,) = await wait_for(applied, timeout=30, message="the timeline shows the applied policy")
+    assert (item["sequence"], item["mode"]) == (1, "standard")
