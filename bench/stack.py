@@ -21,10 +21,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench.lb import RoundRobinBalancer
 from shared.auth import mint_token
 from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
 from shared.enrollment import enrollment_key
-from bench.lb import RoundRobinBalancer
 from shared.infra import KafkaCluster, LocalRedis
 from shared.infra.proc import free_port, spawn, stop
 from shared.infra.redis_cluster import LocalRedisCluster
@@ -453,7 +453,7 @@ class Stack:
         """Stop an instance for good (SIGTERM: it leaves its groups, a rebalance)."""
         instance = self.instances.pop(name)
         self._rebalance(instance.service)
-        instance.stop()
+        await asyncio.to_thread(instance.stop)
         self._event("remove", name)
         if self.services.get(instance.service) is instance:
             rest = self.instances_of(instance.service)
@@ -476,10 +476,7 @@ class Stack:
 
     async def restart_instance(self, name: str, *, kill: bool = True) -> None:
         instance = self.instances[name]
-        if kill:
-            instance.kill()
-        else:
-            instance.stop()
+        await asyncio.to_thread(instance.kill if kill else instance.stop)
         self._event("kill" if kill else "stop", name)
         await self.start_instance(name)
 
