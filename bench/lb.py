@@ -72,8 +72,14 @@ class RoundRobinBalancer:
         self._pipes.add(task)
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            # close(): the balancer goes away with the stack; both sides are closed below.
+            pass
         finally:
             self._pipes.discard(task)
+            for side in (writer, up_writer):
+                with contextlib.suppress(OSError, RuntimeError):
+                    side.close()
 
     async def close(self) -> None:
         if self._server is not None:
