@@ -9,6 +9,13 @@ system to settle, then counts against what was accepted:
 - wrong: an agent holding an older sequence than the isolation service's desired one, or a policy
   of another endpoint / account, or an allowlist entry of another account;
 - duplicates: one request that issued policies under more than one sequence.
+
+The scale scenario (``run_scale``; ``--only-scale`` runs it alone) does the same on 3 brokers, a
+Redis Cluster and several instances of every service behind round-robin balancers, step by step
+(``SCALE_STEPS``): SIGKILL an instance of each service, add one of each, remove one of each, kill
+the busiest broker leader, kill a Redis master. Each step also strictly isolates one account
+account-wide; an accepted strict that did not cover the whole account, or left its allowlist on,
+or an endpoint of it not ending strict, counts as lost.
 """
 
 from __future__ import annotations
