@@ -44,6 +44,21 @@ SERVICES = ("settings", "isolation", "enforcer")
 REDIS_CLUSTER_SERVICES: frozenset[str] = frozenset({"isolation"})
 
 
+def redis_cluster_services() -> frozenset[str]:
+    """``REDIS_CLUSTER_SERVICES``, or ``HOSTISO_BENCH_REDIS_CLUSTER_SERVICES`` (comma-separated)
+    to try a branch whose services run on Redis Cluster without editing the constant."""
+    chosen = os.environ.get("HOSTISO_BENCH_REDIS_CLUSTER_SERVICES")
+    if chosen is None:
+        return REDIS_CLUSTER_SERVICES
+    names = frozenset(n.strip() for n in chosen.split(",") if n.strip())
+    unknown = names - set(SERVICES)
+    if unknown:
+        raise ValueError(
+            f"HOSTISO_BENCH_REDIS_CLUSTER_SERVICES: unknown services {sorted(unknown)}"
+        )
+    return names
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of a process, in KiB (0 if it is gone)."""
     try:
@@ -259,7 +274,7 @@ class Stack:
     behind a round-robin balancer per service (``url(service)``): the agents talk to the
     enforcer's, the isolation service to the settings'. ``redis_cluster=True`` also starts a
     3-master Redis Cluster (``redis_replicas`` per master) that the services in
-    ``cluster_services`` (default ``REDIS_CLUSTER_SERVICES``) use; the others keep the single
+    ``cluster_services`` (default ``redis_cluster_services()``) use; the others keep the single
     redis-server.
     """
 
@@ -288,7 +303,7 @@ class Stack:
                 appendfsync=appendfsync,
                 root=workdir / "redis-cluster",
             )
-            chosen = REDIS_CLUSTER_SERVICES if cluster_services is None else cluster_services
+            chosen = redis_cluster_services() if cluster_services is None else cluster_services
             self.cluster_services = frozenset(chosen)
         unknown = set(instances or {}) - set(SERVICES)
         if unknown:
