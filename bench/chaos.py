@@ -9,6 +9,13 @@ system to settle, then counts against what was accepted:
 - wrong: an agent holding an older sequence than the isolation service's desired one, or a policy
   of another endpoint / account, or an allowlist entry of another account;
 - duplicates: one request that issued policies under more than one sequence.
+
+The scale scenario (``run_scale``; ``--only-scale`` runs it alone) does the same on 3 brokers, a
+Redis Cluster and several instances of every service behind round-robin balancers, step by step
+(``SCALE_STEPS``): SIGKILL an instance of each service, add one of each, remove one of each, kill
+the busiest broker leader, kill a Redis master. Each step also strictly isolates one account
+account-wide; an accepted strict that did not cover the whole account, or left its allowlist on,
+or an endpoint of it not ending strict, counts as lost.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,7 +37,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.figures import SOC, _end_offsets, _read_all
 from bench.report import chaos_table, write_json
-from bench.stack import Stack
+from bench.stack import SERVICES, GroupWatcher, Stack
 from shared.messages import IsolateEndpoint, ReleaseEndpoint
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,20 @@ class ChaosSizes:
     fuzz_http: int = 1000
     fuzz_kafka: int = 1000
     settle_s: float = 180.0
+    single: bool = True
     cluster: bool = True
+    # The scale scenario: 3 brokers, Redis Cluster, several instances of every service.
+    scale: bool = True
+    scale_instances: tuple[tuple[str, int], ...] = (
+        ("settings", 2),
+        ("isolation", 2),
+        ("enforcer", 2),
+    )
+    # Which steps (SCALE_STEPS) and, for "kill", which services lose an instance.
+    scale_steps: tuple[str, ...] = ("kill", "add", "remove", "leader", "redis-master")
+    scale_kill: tuple[str, ...] = ("settings", "isolation", "enforcer")
+    # Agents of the account that gets an account-wide strict in every scale step.
+    strict_agents: int = 10
 
     @classmethod
     def full(cls) -> ChaosSizes:
@@ -68,6 +88,8 @@ class ChaosSizes:
             fuzz_http=10_000,
             fuzz_kafka=10_000,
             settle_s=900.0,
+            scale_instances=(("settings", 2), ("isolation", 3), ("enforcer", 2)),
+            strict_agents=50,
         )
 
     @classmethod
@@ -82,6 +104,22 @@ class ChaosSizes:
             fuzz_kafka=300,
             settle_s=150.0,
             cluster=False,
+            scale=False,
+        )
+
+    @classmethod
+    def scale_test(cls) -> ChaosSizes:
+        """The scale scenario's copy in the test suite: 2 isolation + 2 enforcer instances, one
+        settings; one SIGKILL of an isolation and of an enforcer instance, one Redis master."""
+        return cls(
+            agents_per_account=10,
+            isolations=400,
+            rate=20.0,
+            settle_s=150.0,
+            scale_instances=(("settings", 1), ("isolation", 2), ("enforcer", 2)),
+            scale_steps=("kill", "redis-master"),
+            scale_kill=("isolation", "enforcer"),
+            strict_agents=6,
         )
 
 
@@ -90,54 +128,82 @@ class Workload:
     """What was accepted during one scenario."""
 
     requests: dict[str, str] = field(default_factory=dict)  # request_id → endpoint
-    last: dict[str, str] = field(default_factory=dict)  # endpoint → "standard" | "none"
+    last: dict[str, str] = field(default_factory=dict)  # endpoint → "standard"|"none"|"strict"
     entries: dict[str, set[str]] = field(default_factory=dict)  # account → addresses acked
+    # account → endpoints an accepted (202) account-wide strict said it covers
+    account_stricts: dict[str, int] = field(default_factory=dict)
     send_errors: int = 0
 
 
 class Chaos:
     """One stack, its agents, and the bookkeeping of what each endpoint was last asked."""
 
-    def __init__(self, stack: Stack, sizes: ChaosSizes) -> None:
+    def __init__(
+        self, stack: Stack, sizes: ChaosSizes, *, strict_accounts: tuple[str, ...] = ()
+    ) -> None:
         self.stack = stack
         self.sizes = sizes
+        self.accounts = (*ACCOUNTS, *strict_accounts)
+        # Accounts whose endpoints are not toggled but strictly isolated account-wide per step.
+        self.strict_accounts = strict_accounts
         self.endpoints: dict[str, str] = {}  # endpoint → account
         self.isolated: dict[str, bool] = {}
-        self.addresses: dict[str, set[str]] = {a: set() for a in ACCOUNTS}
+        self.addresses: dict[str, set[str]] = {a: set() for a in self.accounts}
         # Every address ever submitted per account: a write whose answer was lost (timeout, 503
         # while Kafka is down) may still be committed and published, legitimately.
-        self.attempted: dict[str, set[str]] = {a: set() for a in ACCOUNTS}
+        self.attempted: dict[str, set[str]] = {a: set() for a in self.accounts}
         self._entry_counter = 0
 
+    @property
+    def toggled(self) -> list[str]:
+        """The endpoints the workload isolates and releases in turn."""
+        return [e for e, a in self.endpoints.items() if a not in self.strict_accounts]
+
     async def setup(self) -> None:
-        for account in ACCOUNTS:
+        for account in self.accounts:
             await self.add_entry(account, Workload())
             await self.toggle_switch(account)
-            group = await self.stack.start_agents(account, self.sizes.agents_per_account)
+            count = (
+                self.sizes.strict_agents
+                if account in self.strict_accounts
+                else self.sizes.agents_per_account
+            )
+            group = await self.stack.start_agents(account, count)
             for endpoint in group.endpoints:
                 self.endpoints[endpoint] = account
 
-    async def toggle_switch(self, account: str) -> None:
+    async def toggle_switch(self, account: str, enabled: bool = True) -> None:
+        """Set the account's switch; retried while an instance is down (an answer 2xx or 4xx)."""
+        deadline = time.monotonic() + SEND_DEADLINE_S
         async with httpx.AsyncClient(timeout=30) as http:
-            response = await http.patch(
-                f"{self.stack.services['settings'].url}/v1/accounts/{account}/tooling-allowlist",
-                json={"enabled": True},
-                headers=self.stack.auth(),
-            )
-            response.raise_for_status()
+            while True:
+                try:
+                    response = await http.patch(
+                        f"{self.stack.url('settings')}/v1/accounts/{account}/tooling-allowlist",
+                        json={"enabled": enabled},
+                        headers=self.stack.auth(),
+                    )
+                    if response.status_code < 500:
+                        response.raise_for_status()
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"switch of {account} not set within {SEND_DEADLINE_S}s")
+                await asyncio.sleep(0.5)
 
     async def add_entry(self, account: str, work: Workload) -> None:
         """Add one entry; it counts as accepted only on a 2xx answer."""
         self._entry_counter += 1
         n = self._entry_counter
-        octet = ACCOUNTS.index(account) + 1
+        octet = self.accounts.index(account) + 1
         # 10/8 (RFC 1918) is a valid allowlist range; 198.18.0.0/15 (benchmarking) is refused.
         address = f"10.{octet}.{n // 250}.{n % 250 + 1}"
         self.attempted[account].add(address)
         try:
             async with httpx.AsyncClient(timeout=10) as http:
                 response = await http.post(
-                    f"{self.stack.services['settings'].url}/v1/accounts/{account}/tooling-allowlist/entries",
+                    f"{self.stack.url('settings')}/v1/accounts/{account}/tooling-allowlist/entries",
                     json={"name": f"rmm-{n}", "address": address},
                     headers=self.stack.auth(),
                 )
@@ -183,12 +249,22 @@ class Chaos:
         work.requests[message.request_id] = endpoint
         work.last[endpoint] = mode
 
-    async def drive(self, count: int, fault: Fault | None = None) -> tuple[Workload, str]:
-        """Send ``count`` requests at the configured rate while ``fault`` runs; returns both."""
+    async def drive(
+        self, count: int, fault: Fault | None = None, *, account_strict: bool = False
+    ) -> tuple[Workload, str]:
+        """Send ``count`` requests at the configured rate while ``fault`` runs; returns both.
+
+        ``account_strict``: meanwhile, each strict account's endpoints are isolated again and
+        then strictly isolated account-wide (allowlist switched off), as in an RMM compromise.
+        """
         work = Workload()
-        endpoints = list(self.endpoints)
+        endpoints = self.toggled
         note = ""
         fault_task = asyncio.create_task(fault()) if fault is not None else None
+        waves = [
+            asyncio.create_task(self.account_strict_wave(account, work))
+            for account in (self.strict_accounts if account_strict else ())
+        ]
         interval = 1.0 / self.sizes.rate
         started = time.perf_counter()
         pending: set[asyncio.Task[None]] = set()
@@ -213,14 +289,55 @@ class Chaos:
                 entry.add_done_callback(pending.discard)
         if pending:
             await asyncio.gather(*pending)
+        await asyncio.gather(*waves)
         if fault_task is not None:
             note = await fault_task
         return work, note
 
+    async def account_strict_wave(self, account: str, work: Workload) -> None:
+        """Switch the allowlist on, isolate every endpoint of ``account`` (standard; released
+        first if isolated), wait until each is, then strictly isolate the account with the
+        allowlist switched off. Accepted when the strict answers 202."""
+        endpoints = [e for e, a in self.endpoints.items() if a == account]
+        await self.toggle_switch(account, True)
+        for endpoint in endpoints:
+            if self.isolated.get(endpoint):
+                await self.send_toggle(endpoint, work)
+        for endpoint in endpoints:
+            await self.send_toggle(endpoint, work)
+        deadline = time.monotonic() + SEND_DEADLINE_S
+        async with httpx.AsyncClient(timeout=10) as http:
+            while True:
+                states = await asyncio.gather(*(self.isolation_state(http, e) for e in endpoints))
+                if all(s is not None and s.get("mode") == "standard" for s in states):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{account}'s endpoints not isolated within deadline")
+                await asyncio.sleep(0.5)
+            while True:
+                try:
+                    response = await http.post(
+                        f"{self.stack.url('isolation')}/v1/accounts/{account}/strict-isolation",
+                        json={"reason": "chaos: RMM compromised", "disable_allowlist": True},
+                        headers=self.stack.auth(),
+                    )
+                    if response.status_code == 202:
+                        work.account_stricts[account] = int(response.json()["endpoints"])
+                        break
+                    if response.status_code < 500:
+                        response.raise_for_status()
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"account strict of {account} not accepted in time")
+                await asyncio.sleep(0.5)
+        for endpoint in endpoints:
+            work.last[endpoint] = "strict"
+
     async def isolation_state(
         self, http: httpx.AsyncClient, endpoint: str
     ) -> dict[str, Any] | None:
-        url = f"{self.stack.services['isolation'].url}/v1/endpoints/{endpoint}/isolation"
+        url = f"{self.stack.url('isolation')}/v1/endpoints/{endpoint}/isolation"
         try:
             response = await http.get(url, headers=self.stack.auth())
         except httpx.HTTPError:
@@ -282,6 +399,8 @@ class Chaos:
             if not peers <= self.attempted[account]:
                 wrong += 1
         lost += await self.missing_entries(work)
+        stricts_lost = await self.strict_accounts_lost(work)
+        lost += stricts_lost
         return {
             "scenario": name,
             "accepted": len(work.requests) + sum(len(v) for v in work.entries.values()),
@@ -292,8 +411,39 @@ class Chaos:
             "requests": len(work.requests),
             "allowlist_entries_acked": sum(len(v) for v in work.entries.values()),
             "send_retries": work.send_errors,
+            "account_stricts": dict(work.account_stricts),
+            "account_strict_lost": stricts_lost,
             "note": note,
         }
+
+    async def strict_accounts_lost(self, work: Workload) -> int:
+        """An accepted account-wide strict that did not cover every endpoint of its account
+        (each was isolated when it was sent) or left the allowlist on counts as lost."""
+        lost = 0
+        for account, covered in work.account_stricts.items():
+            endpoints = [e for e, a in self.endpoints.items() if a == account]
+            lost += max(0, len(endpoints) - covered)
+            document = await self._get_json(
+                f"{self.stack.url('settings')}/v1/accounts/{account}/tooling-allowlist"
+            )
+            lost += bool(document.get("enabled"))
+        return lost
+
+    async def _get_json(self, url: str) -> dict[str, Any]:
+        """GET through the balancer, retried while an instance is down."""
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(timeout=10) as http:
+            while True:
+                try:
+                    response = await http.get(url, headers=self.stack.auth())
+                    if response.status_code == 200:
+                        data: dict[str, Any] = response.json()
+                        return data
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"GET {url} failed for 60 s")
+                await asyncio.sleep(0.5)
 
     async def issued_sequences(self) -> dict[str, set[int]]:
         """request_id → the sequences its commands carried (both command lanes)."""
@@ -313,14 +463,12 @@ class Chaos:
 
     async def missing_entries(self, work: Workload) -> int:
         missing = 0
-        async with httpx.AsyncClient(timeout=10) as http:
-            for account, acked in work.entries.items():
-                response = await http.get(
-                    f"{self.stack.services['settings'].url}/v1/accounts/{account}/tooling-allowlist",
-                    headers=self.stack.auth(),
-                )
-                present = {e["address"] for e in response.json()["entries"]}
-                missing += len(acked - present)
+        for account, acked in work.entries.items():
+            document = await self._get_json(
+                f"{self.stack.url('settings')}/v1/accounts/{account}/tooling-allowlist"
+            )
+            present = {e["address"] for e in document["entries"]}
+            missing += len(acked - present)
         return missing
 
 
@@ -402,6 +550,146 @@ def restart_redis(chaos: Chaos, after: float) -> Fault:
     return fault
 
 
+# --- the scale scenario's faults ----------------------------------------------------------
+
+
+@dataclass
+class ScaleTally:
+    """What the scale scenario did to the system, for its report."""
+
+    instance_kills: dict[str, int] = field(default_factory=dict)  # service → SIGKILLs
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    broker_kills: int = 0
+    redis_master_kills: int = 0
+    max_instances: dict[str, int] = field(default_factory=dict)
+
+    def seen(self, stack: Stack) -> None:
+        for service in SERVICES:
+            count = len(stack.instances_of(service))
+            self.max_instances[service] = max(self.max_instances.get(service, 0), count)
+
+
+def kill_instances(chaos: Chaos, tally: ScaleTally, services: tuple[str, ...]) -> Fault:
+    """SIGKILL one instance of each service in ``services`` in turn (a random one), restart it."""
+
+    async def fault() -> str:
+        stack = chaos.stack
+        done = []
+        for service in services:
+            await asyncio.sleep(random.uniform(0.5, 2.0))
+            victim = random.choice(stack.instances_of(service)).name
+            stack.kill_instance(victim)
+            tally.instance_kills[service] = tally.instance_kills.get(service, 0) + 1
+            # Down for a moment: its partitions wait for the group to notice (session timeout).
+            await asyncio.sleep(random.uniform(0.5, 2.0))
+            await stack.start_instance(victim)
+            done.append(victim)
+        return "SIGKILL + restart " + ", ".join(done)
+
+    return fault
+
+
+def add_instances(chaos: Chaos, tally: ScaleTally) -> Fault:
+    """One more instance of every service while work flows: each joins its groups (rebalance)."""
+
+    async def fault() -> str:
+        added = []
+        for service in SERVICES:
+            await asyncio.sleep(random.uniform(0.5, 1.5))
+            added.append(await chaos.stack.add_instance(service))
+        tally.added.extend(added)
+        tally.seen(chaos.stack)
+        return "added " + ", ".join(added)
+
+    return fault
+
+
+def remove_instances(chaos: Chaos, tally: ScaleTally) -> Fault:
+    """Stop (SIGTERM) the oldest instance of every service that has more than one (rebalance)."""
+
+    async def fault() -> str:
+        removed = []
+        for service in SERVICES:
+            running = chaos.stack.instances_of(service)
+            if len(running) < 2:
+                continue
+            await asyncio.sleep(random.uniform(0.5, 1.5))
+            await chaos.stack.remove_instance(running[0].name)
+            removed.append(running[0].name)
+        tally.removed.extend(removed)
+        return "removed " + (", ".join(removed) or "nothing")
+
+    return fault
+
+
+def kill_redis_master(chaos: Chaos, tally: ScaleTally, after: float) -> Fault:
+    """SIGKILL a Redis Cluster master; its replica is promoted; the old master is restarted
+    (it rejoins as a replica)."""
+
+    async def fault() -> str:
+        await asyncio.sleep(after)
+        cluster = chaos.stack.redis_cluster
+        assert cluster is not None
+        masters = await asyncio.to_thread(cluster.master_indexes)
+        victim = random.choice(masters)
+        port = cluster.ports[victim]
+        started = time.perf_counter()
+        await asyncio.to_thread(cluster.stop_node, victim, kill=True)
+        tally.redis_master_kills += 1
+        deadline = time.monotonic() + 60
+        while True:
+            now = await asyncio.to_thread(cluster.master_indexes)
+            if len(now) == len(masters) and victim not in now:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica promoted for Redis node {port} within 60 s")
+            await asyncio.sleep(0.2)
+        promoted = (set(now) - set(masters)).pop()
+        failover_s = time.perf_counter() - started
+        await asyncio.sleep(2)
+        await asyncio.to_thread(cluster.start_node, victim)
+        await asyncio.to_thread(cluster.wait_healthy, 60.0)
+        return (
+            f"SIGKILL Redis master :{port}; replica :{cluster.ports[promoted]} promoted in "
+            f"{failover_s:.1f}s; old master back as a replica"
+        )
+
+    return fault
+
+
+def _counted_leader_kill(chaos: Chaos, tally: ScaleTally, after: float) -> Fault:
+    inner = kill_leader(chaos, after)
+
+    async def fault() -> str:
+        note = await inner()
+        tally.broker_kills += 1
+        return note
+
+    return fault
+
+
+# name → (report row, the fault of that step)
+SCALE_STEPS: dict[str, tuple[str, Callable[[Chaos, ScaleTally, float], Fault]]] = {
+    "kill": (
+        "scale: SIGKILL + restart an instance of each service",
+        lambda chaos, tally, after: kill_instances(chaos, tally, chaos.sizes.scale_kill),
+    ),
+    "add": (
+        "scale: add an instance of each service (rebalance)",
+        lambda chaos, tally, after: add_instances(chaos, tally),
+    ),
+    "remove": (
+        "scale: remove an instance of each service (rebalance)",
+        lambda chaos, tally, after: remove_instances(chaos, tally),
+    ),
+    "leader": ("scale: SIGKILL busiest broker leader", _counted_leader_kill),
+    "redis-master": ("scale: SIGKILL a Redis master (replica promoted)", kill_redis_master),
+}
+
+SCALE_STRICT_ACCOUNT = "acct-chaos-s"
+
+
 # --- malformed traffic ------------------------------------------------------------------
 
 
@@ -470,9 +758,7 @@ async def fuzz_kafka(
 
 async def fuzz_http(stack: Stack, count: int, rng: random.Random) -> dict[str, int]:
     """Bad bodies and tokens on every write route; counts answers by class."""
-    settings, isolation, enforcer = (
-        stack.services[n].url for n in ("settings", "isolation", "enforcer")
-    )
+    settings, isolation, enforcer = (stack.url(n) for n in ("settings", "isolation", "enforcer"))
     targets = [
         ("POST", f"{settings}/v1/accounts/acct-chaos-a/tooling-allowlist/entries"),
         ("PATCH", f"{settings}/v1/accounts/acct-chaos-a/tooling-allowlist"),
@@ -622,17 +908,93 @@ async def _cluster_scenario(workdir: Path, sizes: ChaosSizes) -> dict[str, Any]:
         await stack.close()
 
 
+async def run_scale(workdir: Path, sizes: ChaosSizes) -> dict[str, Any]:
+    """The scale scenario: 3 brokers, Redis Cluster, N instances of every service, its steps in
+    turn on one stack, each driving isolations, releases, allowlist entries and an account-wide
+    strict; returns {"steps": [rows], "scale": what ran and what was done to it}."""
+    (workdir / "scale").mkdir(parents=True, exist_ok=True)
+    instances = dict(sizes.scale_instances)
+    stack = Stack(
+        workdir / "scale",
+        kafka_nodes=3,
+        kafka_heap="384m",
+        appendfsync="always",
+        instances=instances,
+        redis_cluster=True,
+    )
+    tally = ScaleTally()
+    watcher = GroupWatcher(stack)
+    steps = []
+    try:
+        await stack.start_infra()
+        await stack.start_services()
+        tally.seen(stack)
+        chaos = Chaos(stack, sizes, strict_accounts=(SCALE_STRICT_ACCOUNT,))
+        await chaos.setup()
+        await watcher.start()
+        small = max(60, sizes.isolations // 4)
+        for step in sizes.scale_steps:
+            title, make_fault = SCALE_STEPS[step]
+            fault = make_fault(chaos, tally, small / sizes.rate / 3)
+            work, note = await chaos.drive(small, fault, account_strict=True)
+            tally.seen(stack)
+            steps.append(await chaos.settle_and_check(title, work, note))
+    finally:
+        await watcher.stop()
+        await stack.close()
+    assert stack.redis_cluster is not None
+    summary = {
+        "instances_at_start": instances,
+        "instances_max": tally.max_instances,
+        "brokers": len(stack.kafka.nodes),
+        "redis_cluster_nodes": len(stack.redis_cluster.nodes),
+        "redis_cluster_masters": stack.redis_cluster.masters,
+        "redis_cluster_services": sorted(stack.cluster_services),
+        "kills": {
+            "service_instances": tally.instance_kills,
+            "broker_leader": tally.broker_kills,
+            "redis_master": tally.redis_master_kills,
+        },
+        "instances_added": tally.added,
+        "instances_removed": tally.removed,
+        "membership_changes_caused": len(stack.membership_events),
+        "membership_events": [
+            {"at": round(at, 3), "action": action, "instance": name}
+            for at, action, name in stack.membership_events
+        ],
+        "consumer_groups_observed": watcher.snapshot(),
+        "rebalances_observed": sum(watcher.member_changes.values()),
+    }
+    return {"steps": steps, "scale": summary}
+
+
+def scale_summary(scale: dict[str, Any]) -> str:
+    kills = scale["kills"]
+    return (
+        f"scale: instances {scale['instances_at_start']} (max {scale['instances_max']}), "
+        f"{scale['brokers']} brokers, Redis Cluster {scale['redis_cluster_nodes']} nodes "
+        f"({scale['redis_cluster_masters']} masters; used by "
+        f"{', '.join(scale['redis_cluster_services'])}); kills: instances "
+        f"{kills['service_instances']}, broker leader {kills['broker_leader']}, Redis master "
+        f"{kills['redis_master']}; membership changes caused {scale['membership_changes_caused']}"
+        f", group member-set changes observed {scale['rebalances_observed']}"
+    )
+
+
 async def run_chaos(workdir: Path, sizes: ChaosSizes) -> dict[str, Any]:
     started = time.perf_counter()
-    scenarios = await _single_node_scenarios(workdir, sizes)
+    scenarios = await _single_node_scenarios(workdir, sizes) if sizes.single else []
     if sizes.cluster:
         scenarios.append(await _cluster_scenario(workdir, sizes))
-    return {
-        "sizes": asdict(sizes),
-        "scenarios": scenarios,
-        "workdir": str(workdir),
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
+    result: dict[str, Any] = {"sizes": asdict(sizes)}
+    if sizes.scale:
+        scale = await run_scale(workdir, sizes)
+        scenarios.extend(scale["steps"])
+        result["scale"] = scale["scale"]
+    result.update(
+        scenarios=scenarios, workdir=str(workdir), wall_s=round(time.perf_counter() - started, 1)
+    )
+    return result
 
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -647,6 +1009,17 @@ def main(
         "artifacts/chaos-report.json"
     ),
     cluster: Annotated[bool, typer.Option(help="Also run the 3-node cluster scenario.")] = True,
+    scale: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the scale scenario (3 brokers, Redis Cluster, several instances of "
+            "every service; kills, added and removed instances, a broker leader and a Redis "
+            "master killed)."
+        ),
+    ] = True,
+    only_scale: Annotated[
+        bool, typer.Option(help="Run the scale scenario alone (not the single-node ones).")
+    ] = False,
 ) -> None:
     """Run every fault scenario and print scenario x (accepted, lost, wrong, duplicates)."""
     from bench.__main__ import scratch_dir
@@ -655,13 +1028,15 @@ def main(
     # Brokers are killed on purpose here: the clients' reconnect chatter is expected noise.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     sizes = ChaosSizes.full() if full else ChaosSizes()
-    if not cluster:
-        sizes = ChaosSizes(**{**asdict(sizes), "cluster": False})
+    sizes = replace(sizes, cluster=cluster and not only_scale, scale=scale or only_scale)
+    sizes = replace(sizes, single=not only_scale)
     workdir = scratch_dir("hostiso-chaos-")
     typer.echo(f"chaos: {'full' if full else 'reduced'} sizes, logs in {workdir}")
     result = asyncio.run(run_chaos(workdir, sizes))
     write_json(report, result)
     typer.echo(chaos_table(result))
+    if "scale" in result:
+        typer.echo("\n" + scale_summary(result["scale"]))
     failed = sum(
         s["lost"] + s["wrong"] + s["duplicates"] + s.get("failures", 0) for s in result["scenarios"]
     )

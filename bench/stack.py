@@ -19,20 +19,44 @@ from typing import Any
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
+from bench.lb import RoundRobinBalancer
 from shared.auth import mint_token
 from shared.config import DEV_ENROLLMENT_SECRET, DEV_JWT_SECRET
 from shared.enrollment import enrollment_key
 from shared.infra import KafkaCluster, LocalRedis
 from shared.infra.proc import free_port, spawn, stop
+from shared.infra.redis_cluster import LocalRedisCluster
 from shared.kafka import ensure_topics, make_producer, wait_topics_ready
 from shared.messages import Message
-from shared.topics import TOPIC_SPECS, Topics
+from shared.topics import TOPIC_SPECS, GroupName, Topics
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("settings", "isolation", "enforcer")
+
+# The services that use the Redis Cluster of a ``Stack(redis_cluster=True)``; the others use the
+# stack's single redis-server beside it. A service joins this set once it runs on Redis Cluster
+# (its keys hash-tagged, every script in one slot): add "settings" and "enforcer" when their
+# Redis Cluster support is merged.
+REDIS_CLUSTER_SERVICES: frozenset[str] = frozenset({"isolation"})
+
+
+def redis_cluster_services() -> frozenset[str]:
+    """``REDIS_CLUSTER_SERVICES``, or ``HOSTISO_BENCH_REDIS_CLUSTER_SERVICES`` (comma-separated)
+    to try a branch whose services run on Redis Cluster without editing the constant."""
+    chosen = os.environ.get("HOSTISO_BENCH_REDIS_CLUSTER_SERVICES")
+    if chosen is None:
+        return REDIS_CLUSTER_SERVICES
+    names = frozenset(n.strip() for n in chosen.split(",") if n.strip())
+    unknown = names - set(SERVICES)
+    if unknown:
+        raise ValueError(
+            f"HOSTISO_BENCH_REDIS_CLUSTER_SERVICES: unknown services {sorted(unknown)}"
+        )
+    return names
 
 
 def rss_kib(pid: int) -> int:
@@ -57,7 +81,8 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class ServiceProc:
-    """One service run as ``python -m services.<name>`` (optionally under pyinstrument)."""
+    """One instance of a service run as ``python -m services.<service>`` (optionally under
+    pyinstrument); ``name`` is its instance id (the service's name when it runs alone)."""
 
     name: str
     port: int
@@ -66,6 +91,10 @@ class ServiceProc:
     profile_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    service: str = ""
+
+    def __post_init__(self) -> None:
+        self.service = self.service or self.name
 
     @property
     def url(self) -> str:
@@ -80,7 +109,7 @@ class ServiceProc:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        args = [sys.executable, "-m", f"services.{self.name}"]
+        args = [sys.executable, "-m", f"services.{self.service}"]
         if self.profile_path is not None:
             args = [
                 sys.executable,
@@ -91,7 +120,7 @@ class ServiceProc:
                 "-o",
                 str(self.profile_path),
                 "-m",
-                f"services.{self.name}",
+                f"services.{self.service}",
             ]
         self.proc = spawn(args, log_path=self.log_path, cwd=ROOT, env=self.env)
         self.starts += 1
@@ -238,7 +267,16 @@ class AgentGroup:
 
 
 class Stack:
-    """Kafka (1 or 3 nodes), Redis with AOF, the services and agent groups, in one work dir."""
+    """Kafka (1 or 3 nodes), Redis with AOF, the services and agent groups, in one work dir.
+
+    ``instances`` (e.g. ``{"isolation": 3, "enforcer": 2}``) runs that many instances of a
+    service, each its own process, HTTP port and ``HOSTISO_INSTANCE_ID`` (``isolation-1`` …),
+    behind a round-robin balancer per service (``url(service)``): the agents talk to the
+    enforcer's, the isolation service to the settings'. ``redis_cluster=True`` also starts a
+    3-master Redis Cluster (``redis_replicas`` per master) that the services in
+    ``cluster_services`` (default ``redis_cluster_services()``) use; the others keep the single
+    redis-server.
+    """
 
     def __init__(
         self,
@@ -248,14 +286,45 @@ class Stack:
         appendfsync: str = "everysec",
         kafka_heap: str = "512m",
         service_env: dict[str, str] | None = None,
+        instances: dict[str, int] | None = None,
+        redis_cluster: bool = False,
+        redis_replicas: int = 1,
+        cluster_services: Iterable[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.kafka = KafkaCluster(nodes_count=kafka_nodes, heap=kafka_heap)
         self.redis = LocalRedis(appendfsync=appendfsync)
+        self.redis_cluster: LocalRedisCluster | None = None
+        self.cluster_services: frozenset[str] = frozenset()
+        if redis_cluster:
+            self.redis_cluster = LocalRedisCluster(
+                masters=3,
+                replicas=redis_replicas,
+                appendfsync=appendfsync,
+                root=workdir / "redis-cluster",
+            )
+            chosen = redis_cluster_services() if cluster_services is None else cluster_services
+            self.cluster_services = frozenset(chosen)
+        unknown = set(instances or {}) - set(SERVICES)
+        if unknown:
+            raise ValueError(f"instances: unknown services {sorted(unknown)}")
+        self.instance_counts = {name: 1 for name in SERVICES} | dict(instances or {})
+        # Balanced (several instances possible) only when asked: the single-instance benchmarks
+        # measure the services, not a proxy in the driver's process.
+        self.balanced = instances is not None
+        self.balancers: dict[str, RoundRobinBalancer] = {}
         tag = uuid.uuid4().hex[:8]
         self.topics = Topics(f"b{tag}.")
         self.redis_prefix = f"b{tag}:"
+        # One instance per service (the first running one): what single-instance code talks to.
         self.services: dict[str, ServiceProc] = {}
+        # Every instance by its id, in start order.
+        self.instances: dict[str, ServiceProc] = {}
+        # What the harness did to instances: (time, action, instance id), for the reports.
+        self.membership_events: list[tuple[float, str, str]] = []
+        self._next_index: dict[str, int] = {name: 0 for name in SERVICES}
+        self._profiled: set[str] = set()
+        self._ports: dict[str, int] = {}
         self.agents: list[AgentGroup] = []
         self.producer: Any = None
         self._extra_env = service_env or {}
@@ -276,6 +345,9 @@ class Stack:
     async def start_infra(self) -> None:
         await asyncio.to_thread(self.kafka.start)
         await asyncio.to_thread(self.redis.start)
+        if self.redis_cluster is not None:
+            (self.workdir / "redis-cluster").mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(self.redis_cluster.start)
         await ensure_topics(
             self.bootstrap,
             self.topics,
@@ -290,6 +362,12 @@ class Stack:
             self.bootstrap, client_id="hostiso-bench", options=self.kafka_options
         )
         await self.producer.start()
+
+    def redis_url_for(self, service: str) -> str:
+        """The Redis ``service`` uses: the cluster when it is in ``cluster_services``."""
+        if self.redis_cluster is not None and service in self.cluster_services:
+            return self.redis_cluster.url
+        return self.redis.url
 
     def base_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -308,34 +386,119 @@ class Stack:
         env.update(self._extra_env)
         return env
 
+    def url(self, service: str) -> str:
+        """Where clients reach ``service``: its balancer, or its single instance."""
+        if service in self.balancers:
+            return self.balancers[service].url
+        return self.services[service].url
+
+    def instances_of(self, service: str) -> list[ServiceProc]:
+        return [i for i in self.instances.values() if i.service == service]
+
+    def _settings_url(self) -> str:
+        if "settings" in self.balancers:
+            return self.balancers["settings"].url
+        return f"http://127.0.0.1:{self._ports['settings']}"
+
+    def _new_instance(self, service: str, port: int | None = None) -> ServiceProc:
+        self._next_index[service] += 1
+        name = f"{service}-{self._next_index[service]}" if self.balanced else service
+        port = port or free_port()
+        env = dict(
+            self.base_env(),
+            HOSTISO_SETTINGS_URL=self._settings_url(),
+            HOSTISO_REDIS_URL=self.redis_url_for(service),
+            HOSTISO_HTTP_PORT=str(port),
+            HOSTISO_INSTANCE_ID=name,
+        )
+        instance = ServiceProc(
+            name=name,
+            service=service,
+            port=port,
+            env=env,
+            log_path=self.workdir / f"{name}.log",
+            profile_path=(
+                self.workdir / f"{name}.profile.txt" if service in self._profiled else None
+            ),
+        )
+        self.instances[name] = instance
+        self.services.setdefault(service, instance)
+        return instance
+
+    def _rebalance(self, service: str) -> None:
+        if service in self.balancers:
+            self.balancers[service].set_backends([i.port for i in self.instances_of(service)])
+
     async def start_services(
         self, names: Iterable[str] = SERVICES, *, profile: Iterable[str] = ()
     ) -> None:
-        profiled = set(profile)
-        ports = {name: free_port() for name in SERVICES}
-        env = self.base_env()
-        env["HOSTISO_SETTINGS_URL"] = f"http://127.0.0.1:{ports['settings']}"
-        for name in names:
-            service = ServiceProc(
-                name=name,
-                port=ports[name],
-                env=dict(env, HOSTISO_HTTP_PORT=str(ports[name]), HOSTISO_INSTANCE_ID=name),
-                log_path=self.workdir / f"{name}.log",
-                profile_path=self.workdir / f"{name}.profile.txt" if name in profiled else None,
-            )
-            service.start()
-            self.services[name] = service
-        for service in self.services.values():
-            await service.wait_ready()
+        self._profiled = set(profile)
+        names = list(names)
+        if self.balanced:
+            for service in SERVICES:
+                if service not in self.balancers:
+                    self.balancers[service] = await RoundRobinBalancer(service).start()
+        else:
+            # Ports chosen up front: the isolation service is told the settings service's.
+            self._ports = {name: free_port() for name in SERVICES}
+        started = []
+        for service in names:
+            for _ in range(self.instance_counts[service]):
+                instance = self._new_instance(service, self._ports.get(service))
+                instance.start()
+                started.append(instance)
+        for instance in started:
+            await instance.wait_ready()
+        for service in names:
+            self._rebalance(service)
+
+    def _event(self, action: str, name: str) -> None:
+        self.membership_events.append((time.time(), action, name))
+
+    async def add_instance(self, service: str) -> str:
+        """Start one more instance of ``service`` (a new group member: a rebalance)."""
+        instance = self._new_instance(service)
+        instance.start()
+        await instance.wait_ready()
+        self._rebalance(service)
+        self._event("add", instance.name)
+        return instance.name
+
+    async def remove_instance(self, name: str) -> None:
+        """Stop an instance for good (SIGTERM: it leaves its groups, a rebalance)."""
+        instance = self.instances.pop(name)
+        self._rebalance(instance.service)
+        await asyncio.to_thread(instance.stop)
+        self._event("remove", name)
+        if self.services.get(instance.service) is instance:
+            rest = self.instances_of(instance.service)
+            if rest:
+                self.services[instance.service] = rest[0]
+            else:
+                del self.services[instance.service]
+
+    def kill_instance(self, name: str) -> None:
+        """SIGKILL, as a crash would; it stays down until ``start_instance``."""
+        self.instances[name].kill()
+        self._event("kill", name)
+
+    async def start_instance(self, name: str) -> None:
+        """Start a stopped or killed instance again (same id and port)."""
+        instance = self.instances[name]
+        instance.start()
+        await instance.wait_ready()
+        self._event("start", name)
+
+    async def restart_instance(self, name: str, *, kill: bool = True) -> None:
+        instance = self.instances[name]
+        await asyncio.to_thread(instance.kill if kill else instance.stop)
+        self._event("kill" if kill else "stop", name)
+        await self.start_instance(name)
 
     async def restart_service(self, name: str, *, kill: bool = True) -> None:
-        service = self.services[name]
-        if kill:
-            service.kill()
-        else:
-            service.stop()
-        service.start()
-        await service.wait_ready()
+        """Restart ``name``: an instance id, or a service (its first instance)."""
+        instance = self.instances.get(name) or self.services[name]
+        await self.restart_instance(instance.name, kill=kill)
 
     async def start_agents(
         self,
@@ -358,7 +521,7 @@ class Stack:
             profile_renderer=profile or "text",
             per_process=per_process,
         )
-        group.start(self.services["enforcer"].url, self.base_env(), poll_wait)
+        group.start(self.url("enforcer"), self.base_env(), poll_wait)
         self.agents.append(group)
         group.endpoints = await self.enrolled_endpoints(account_id, count, timeout=timeout)
         return group
@@ -411,7 +574,7 @@ class Stack:
         await self.producer.start()
 
     def cpu_by_process(self) -> dict[str, float]:
-        out = {name: cpu_seconds(s.pid) for name, s in self.services.items() if s.alive()}
+        out = {name: cpu_seconds(s.pid) for name, s in self.instances.items() if s.alive()}
         for group in self.agents:
             out[group.label] = sum(cpu_seconds(pid) for pid in group.pids)
         out["bench driver"] = cpu_seconds(os.getpid())
@@ -419,18 +582,100 @@ class Stack:
         out["kafka broker(s)"] = sum(cpu_seconds(n.proc.pid) for n in self.kafka.nodes if n.proc)
         if self.redis.proc is not None:
             out["redis"] = cpu_seconds(self.redis.proc.pid)
+        if self.redis_cluster is not None:
+            out["redis cluster"] = sum(cpu_seconds(pid) for pid in self.redis_cluster.pids)
         return out
 
     async def close(self) -> None:
         for group in self.agents:
             group.stop()
-        for service in self.services.values():
-            service.stop()
+        for instance in self.instances.values():
+            instance.stop()
+        for balancer in self.balancers.values():
+            await balancer.close()
         if self.producer is not None:
             with contextlib.suppress(Exception):
                 await self.producer.stop()
         await asyncio.to_thread(self.redis.close)
+        if self.redis_cluster is not None:
+            await asyncio.to_thread(self.redis_cluster.close)
         await asyncio.to_thread(self.kafka.stop)
+
+
+# The consumer groups the services' instances share (the replicas read without a group).
+CONSUMER_GROUPS = (
+    GroupName.ISOLATION_REQUESTS,
+    GroupName.ISOLATION_REQUESTS_PRIORITY,
+    GroupName.ISOLATION_STATUS,
+    GroupName.ENFORCER_COMMANDS,
+    GroupName.ENFORCER_COMMANDS_PRIORITY,
+)
+
+
+class GroupWatcher:
+    """Samples the services' consumer groups (DescribeGroups) and counts what it sees change:
+    the member set of a group (each change is a new generation: a rebalance) and the time
+    spent in a rebalance state. DescribeGroups does not carry the generation id itself, so two
+    rebalances between samples count once: the figure is a lower bound."""
+
+    def __init__(self, stack: Stack, interval_s: float = 0.5) -> None:
+        self._stack = stack
+        self._interval = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.groups = [stack.topics.group(name) for name in CONSUMER_GROUPS]
+        self.members: dict[str, frozenset[str]] = {}
+        self.member_changes: dict[str, int] = {g: 0 for g in self.groups}
+        self.rebalancing_samples: dict[str, int] = {g: 0 for g in self.groups}
+        self.errors = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-watcher")
+
+    async def _run(self) -> None:
+        admin = AIOKafkaAdminClient(
+            **self._stack.kafka_options, bootstrap_servers=self._stack.bootstrap
+        )
+        await admin.start()
+        try:
+            while True:
+                try:
+                    await self._sample(admin)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a broker is being killed: sample again later
+                    self.errors += 1
+                    log.info("group watcher: %r", exc)
+                await asyncio.sleep(self._interval)
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    async def _sample(self, admin: AIOKafkaAdminClient) -> None:
+        for group in self.groups:
+            for response in await admin.describe_consumer_groups([group]):
+                for described in response.groups:
+                    _error, group_id, state, _ptype, _protocol, members = described[:6]
+                    if state in ("PreparingRebalance", "CompletingRebalance"):
+                        self.rebalancing_samples[group_id] += 1
+                    current = frozenset(str(m[0]) for m in members)
+                    before = self.members.get(group_id)
+                    if before is not None and current != before and state == "Stable":
+                        self.member_changes[group_id] += 1
+                    if state == "Stable":
+                        self.members[group_id] = current
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "member_set_changes": dict(self.member_changes),
+            "members_now": {g: len(m) for g, m in self.members.items()},
+            "samples_in_rebalance": dict(self.rebalancing_samples),
+        }
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class StatusWatcher:

@@ -14,6 +14,7 @@ import typer
 
 from shared.infra.kafka import KafkaCluster, ensure_kafka_jars, write_broker_tls
 from shared.infra.redis import SERVICE_REDIS_USERS, LocalRedis
+from shared.infra.redis_cluster import LocalRedisCluster
 from shared.kafka import ensure_topics, kafka_security_options
 from shared.kafka_acls import (
     ADMIN_PRINCIPAL,
@@ -70,14 +71,25 @@ def up(
     secure: Annotated[
         bool,
         typer.Option(
-            help="Kafka SASL_SSL + SCRAM + ACLs, Redis ACL users; prints the JSON line of "
-            "docs/operations.md with every principal's credentials"
+            help="Kafka SASL_SSL + SCRAM + ACLs, Redis ACL users and TLS; prints the JSON line "
+            "of docs/operations.md with every principal's credentials"
         ),
     ] = False,
+    redis_cluster: Annotated[
+        bool,
+        typer.Option(
+            "--redis-cluster",
+            help="A Redis Cluster (3 masters, a replica each) instead of one redis-server; "
+            "the URLs are redis+cluster:// (rediss+cluster:// with --secure)",
+        ),
+    ] = False,
+    redis_replicas: Annotated[
+        int, typer.Option(help="Replicas per Redis Cluster master (with --redis-cluster)")
+    ] = 1,
 ) -> None:
     """Start the infrastructure in the foreground; Ctrl-C stops it and removes its data."""
     cluster: KafkaCluster | None = None
-    local_redis: LocalRedis | None = None
+    local_redis: LocalRedis | LocalRedisCluster | None = None
     try:
         if kafka:
             started = time.monotonic()
@@ -88,7 +100,16 @@ def up(
                 f"HOSTISO_KAFKA_BOOTSTRAP={cluster.bootstrap}",
                 err=secure,
             )
-        if redis:
+        if redis and redis_cluster:
+            local_redis = LocalRedisCluster(
+                masters=3, replicas=redis_replicas, secure=secure, key_prefix=redis_prefix
+            ).start()
+            typer.echo(
+                f"redis cluster ({len(local_redis.nodes)} nodes, ports {local_redis.ports}) "
+                f"ready: HOSTISO_REDIS_URL={local_redis.url if not secure else '(see JSON)'}",
+                err=secure,
+            )
+        elif redis:
             local_redis = LocalRedis(secure=secure, tls=secure, key_prefix=redis_prefix).start()
             typer.echo(f"redis ready on port {local_redis.port}", err=secure)
         if secure:
@@ -117,7 +138,9 @@ async def _provision(cluster: KafkaCluster, topics: Topics) -> None:
 
 
 def connection_document(
-    cluster: KafkaCluster | None, redis: LocalRedis | None, topic_prefix: str
+    cluster: KafkaCluster | None,
+    redis: LocalRedis | LocalRedisCluster | None,
+    topic_prefix: str,
 ) -> dict[str, Any]:
     """``{"kafka_bootstrap", "redis_url", "env"}``: ``env`` maps each principal to its HOSTISO_*.
 

@@ -41,14 +41,71 @@ REDIS_ADMIN_USER = "admin"
 _SERVICE_COMMANDS = "-@all +@read +@write +@keyspace +@scripting +@transaction +@connection"
 
 
-def redis_acl_rules(service: str, key_prefix: str) -> str:
+# What a Redis Cluster client needs besides (redis-py reads the slot map with CLUSTER SLOTS and
+# follows MOVED/ASK redirects; ASKING and READONLY are @connection already).
+_CLUSTER_COMMANDS = " +cluster|slots +cluster|shards +cluster|nodes +cluster|info +cluster|myid"
+
+
+def redis_acl_rules(service: str, key_prefix: str, *, cluster: bool = False) -> str:
     """The ACL rules (after the password) of ``service``'s user, keys limited to its namespace."""
     channels = f"&{key_prefix}{service}:*" if service == "enforcer" else ""
     pubsub = " +@pubsub" if service == "enforcer" else ""
+    topology = _CLUSTER_COMMANDS if cluster else ""
     return (
         f"resetkeys ~{key_prefix}{service}:* resetchannels {channels} "
-        f"{_SERVICE_COMMANDS}{pubsub} -@dangerous"
+        f"{_SERVICE_COMMANDS}{pubsub}{topology} -@dangerous"
     ).replace("  ", " ")
+
+
+def new_passwords() -> dict[str, str]:
+    """Random per run, never in the repository: the admin's and each service user's."""
+    return {name: secrets.token_urlsafe(24) for name in (REDIS_ADMIN_USER, *SERVICE_REDIS_USERS)}
+
+
+def write_acl_config(
+    path: Path,
+    passwords: dict[str, str],
+    key_prefix: str,
+    *,
+    cluster: bool = False,
+    extra: tuple[str, ...] = (),
+) -> Path:
+    """A ``redis.conf`` (mode 0600) with the default user off, ``admin`` and the service users.
+
+    ``extra``: more config lines (a cluster node's replication credentials).
+    """
+    lines = [
+        "user default off resetkeys -@all",
+        f"user {REDIS_ADMIN_USER} on >{passwords[REDIS_ADMIN_USER]} ~* &* +@all",
+    ]
+    for service in SERVICE_REDIS_USERS:
+        rules = redis_acl_rules(service, key_prefix, cluster=cluster)
+        lines.append(f"user {service} on >{passwords[service]} {rules}")
+    lines.extend(extra)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    return path
+
+
+def tls_server_args(ca: CertPaths, workdir: Path, port: int) -> list[str]:
+    """TLS only on ``port`` (no plain port), a server certificate issued by ``ca``."""
+    server = issue_cert(ca, workdir / "tls", "redis")
+    return [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(server.cert),
+        "--tls-key-file",
+        str(server.key),
+        "--tls-ca-cert-file",
+        str(ca.cert),
+        # Clients authenticate with their ACL user; the certificate proves the server.
+        "--tls-auth-clients",
+        "no",
+    ]
 
 
 def local_server_args(workdir: Path, *, appendfsync: str = "everysec") -> list[str]:
@@ -118,41 +175,13 @@ class LocalRedis:
     def _tls_args(self, workdir: Path) -> list[str]:
         if self.ca is None:
             self.ca = make_ca(workdir / "tls", common_name="hostiso local Redis CA")
-        server = issue_cert(self.ca, workdir / "tls", "redis")
-        return [
-            "--port",
-            "0",
-            "--tls-port",
-            str(self.port),
-            "--tls-cert-file",
-            str(server.cert),
-            "--tls-key-file",
-            str(server.key),
-            "--tls-ca-cert-file",
-            str(self.ca.cert),
-            # Clients authenticate with their ACL user; the certificate proves the server.
-            "--tls-auth-clients",
-            "no",
-        ]
+        return tls_server_args(self.ca, workdir, self.port)
 
     def _write_acl_config(self, workdir: Path) -> Path:
         if not self.passwords:
-            # Random per run, never in the repository; kept across restart() of this instance.
-            self.passwords = {
-                name: secrets.token_urlsafe(24) for name in (REDIS_ADMIN_USER, *SERVICE_REDIS_USERS)
-            }
-        lines = [
-            "user default off resetkeys -@all",
-            f"user {REDIS_ADMIN_USER} on >{self.passwords[REDIS_ADMIN_USER]} ~* &* +@all",
-        ]
-        for service in SERVICE_REDIS_USERS:
-            rules = redis_acl_rules(service, self.key_prefix)
-            lines.append(f"user {service} on >{self.passwords[service]} {rules}")
-        path = workdir / "redis.conf"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write("\n".join(lines) + "\n")
-        return path
+            # Kept across restart() of this instance.
+            self.passwords = new_passwords()
+        return write_acl_config(workdir / "redis.conf", self.passwords, self.key_prefix)
 
     def start(self, timeout: float = 30.0) -> LocalRedis:
         binary = ensure_redis_server()

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
+from shared.infra.certs import CertPaths, make_ca
 from shared.infra.proc import free_port, spawn, stop, wait_port
-from shared.infra.redis import ensure_redis_server, local_server_args
+from shared.infra.redis import (
+    REDIS_ADMIN_USER,
+    ensure_redis_server,
+    local_server_args,
+    new_passwords,
+    tls_server_args,
+    write_acl_config,
+)
 
 
 def _redis_cli() -> str:
@@ -39,6 +49,12 @@ class LocalRedisCluster:
     Every node runs with ``cluster-enabled yes`` and AOF in a temp dir; ``redis-cli --cluster
     create`` assigns the 16384 slots. Nodes can be stopped, SIGKILLed and restarted in place (a
     restarted node rejoins with its ``nodes.conf``), so failover can be tested.
+
+    ``secure=True``: on every node the ACL users of ``LocalRedis`` (default user off, ``admin``,
+    one user per service confined to ``key_prefix``, plus the CLUSTER SLOTS/SHARDS/NODES a
+    cluster client reads), TLS only for clients (``tls-port``, no plain port), and TLS on the
+    cluster bus and replication too (``tls-cluster yes``, ``tls-replication yes``); replicas
+    authenticate to their master as ``admin``. All nodes share one CA (``ca_file``).
     """
 
     masters: int = 3
@@ -46,12 +62,35 @@ class LocalRedisCluster:
     node_timeout_ms: int = 2000
     root: Path | None = None
     nodes: list[_ClusterNode] = field(default_factory=list)
+    secure: bool = False
+    key_prefix: str = "hostiso:"
+    appendfsync: str = "everysec"
+    passwords: dict[str, str] = field(default_factory=dict)
+    ca: CertPaths | None = None
     _owns_dir: bool = False
 
     @property
+    def scheme(self) -> str:
+        return "rediss+cluster" if self.secure else "redis+cluster"
+
+    @property
+    def ca_file(self) -> str | None:
+        return str(self.ca.cert) if self.ca is not None else None
+
+    @property
     def url(self) -> str:
-        """The ``redis+cluster://`` URL the services take (any node bootstraps the client)."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        """The ``redis+cluster://`` URL the services take (any node bootstraps the client);
+        secure: the admin's ``rediss+cluster://`` URL (tooling and tests)."""
+        if self.secure:
+            return self.url_for(REDIS_ADMIN_USER)
+        return f"{self.scheme}://127.0.0.1:{self.nodes[0].port}/0"
+
+    def url_for(self, user: str) -> str:
+        """``user``'s URL (secure), else the only one."""
+        if not self.secure:
+            return self.url
+        password = quote(self.passwords[user], safe="")
+        return f"{self.scheme}://{user}:{password}@127.0.0.1:{self.nodes[0].port}/0"
 
     @property
     def ports(self) -> list[int]:
@@ -63,6 +102,9 @@ class LocalRedisCluster:
         if self.root is None:
             self.root = Path(tempfile.mkdtemp(prefix="hostiso-redis-cluster-"))
             self._owns_dir = True
+        if self.secure:
+            self.passwords = self.passwords or new_passwords()
+            self.ca = self.ca or make_ca(self.root / "tls", common_name="hostiso local Redis CA")
         taken: set[int] = set()
         for index in range(self.masters * (1 + self.replicas)):
             node = _ClusterNode(port=0, bus_port=0, workdir=self.root / f"node-{index}")
@@ -71,7 +113,7 @@ class LocalRedisCluster:
             self._start_on_free_ports(node, taken, timeout)
         result = subprocess.run(
             [
-                _redis_cli(),
+                *self._cli_args(),
                 "--cluster",
                 "create",
                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
@@ -83,6 +125,7 @@ class LocalRedisCluster:
             text=True,
             timeout=timeout,
             check=False,
+            env=self._cli_env(),
         )
         if result.returncode != 0:
             self.stop()
@@ -116,12 +159,39 @@ class LocalRedisCluster:
                 ports.append(port)
         return ports[0], ports[1]
 
+    def _security_args(self, node: _ClusterNode) -> list[str]:
+        if not self.secure:
+            return ["--port", str(node.port)]
+        assert self.ca is not None
+        # Replicas authenticate to their master (any master: a failover changes which one).
+        config = write_acl_config(
+            node.workdir / "redis.conf",
+            self.passwords,
+            self.key_prefix,
+            cluster=True,
+            extra=(
+                f"masteruser {REDIS_ADMIN_USER}",
+                f"masterauth {self.passwords[REDIS_ADMIN_USER]}",
+            ),
+        )
+        return [
+            str(config),
+            *tls_server_args(self.ca, node.workdir, node.port),
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ]
+
     def _spawn(self, node: _ClusterNode) -> None:
+        security = self._security_args(node)
+        # The config file (secure) must be redis-server's first argument.
+        config, options = (security[:1], security[1:]) if self.secure else ([], security)
         node.proc = spawn(
             [
                 ensure_redis_server(),
-                "--port",
-                str(node.port),
+                *config,
+                *options,
                 "--cluster-enabled",
                 "yes",
                 "--cluster-port",
@@ -134,18 +204,31 @@ class LocalRedisCluster:
                 # replica that never synced refuses to take over from a failed master.
                 "--repl-diskless-sync-delay",
                 "0",
-                *local_server_args(node.workdir),
+                *local_server_args(node.workdir, appendfsync=self.appendfsync),
             ],
             log_path=node.log_path,
         )
 
+    def _cli_args(self) -> list[str]:
+        if not self.secure:
+            return [_redis_cli()]
+        assert self.ca is not None
+        return [_redis_cli(), "--tls", "--cacert", str(self.ca.cert), "--user", REDIS_ADMIN_USER]
+
+    def _cli_env(self) -> dict[str, str] | None:
+        # The password through the environment, not the command line (visible in ps).
+        if not self.secure:
+            return None
+        return dict(os.environ, REDISCLI_AUTH=self.passwords[REDIS_ADMIN_USER])
+
     def _cli(self, port: int, *args: str) -> str:
         result = subprocess.run(
-            [_redis_cli(), "-p", str(port), *args],
+            [*self._cli_args(), "-p", str(port), *args],
             capture_output=True,
             text=True,
             timeout=10,
             check=False,
+            env=self._cli_env(),
         )
         return result.stdout
 
@@ -168,19 +251,41 @@ class LocalRedisCluster:
             time.sleep(0.2)
         raise RuntimeError(f"Redis Cluster not healthy within {timeout}s (ports {self.ports})")
 
+    def _running_port(self) -> int:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                return node.port
+        raise RuntimeError("no Redis Cluster node is running")
+
+    def _live_masters(self) -> list[tuple[int, list[str]]]:
+        """(index in ``nodes``, slot spans) of every master that has not failed, as a running
+        node sees the cluster now."""
+        out = []
+        for line in self._cli(self._running_port(), "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 8 or "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            port = int(fields[1].split(":")[1].split("@")[0])
+            out.append((self.ports.index(port), fields[8:]))
+        return out
+
+    def master_indexes(self) -> list[int]:
+        """Indexes in ``nodes`` of the masters serving slots now (a promoted replica included)."""
+        return sorted(index for index, spans in self._live_masters() if spans)
+
     def master_of(self, key: str) -> int:
         """Index in ``nodes`` of the master that serves ``key``'s slot now."""
-        slot = self._cli(self.nodes[0].port, "cluster", "keyslot", key).strip()
-        for line in self._cli(self.nodes[0].port, "cluster", "nodes").splitlines():
-            fields = line.split()
-            if "master" not in fields[2] or "fail" in fields[2]:
-                continue
-            for span in fields[8:]:
+        slot = self._cli(self._running_port(), "cluster", "keyslot", key).strip()
+        for index, spans in self._live_masters():
+            for span in spans:
                 low, _, high = span.partition("-")
                 if low.isdigit() and int(low) <= int(slot) <= int(high or low):
-                    port = int(fields[1].split(":")[1].split("@")[0])
-                    return self.ports.index(port)
+                    return index
         raise LookupError(f"no master serves slot {slot} of {key!r}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [n.proc.pid for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
     def stop_node(self, index: int, *, kill: bool = False) -> None:
         stop(self.nodes[index].proc, kill=kill)

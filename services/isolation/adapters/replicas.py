@@ -189,6 +189,14 @@ class CompactedTopicReplica:
         since = FETCHED_AT.get()
         if since is None:
             since = asyncio.get_running_loop().time()
+        if not self._started.is_set():
+            # A request handled before start() knew the partitions (an instance restarted under
+            # load: its lanes fetch at once): a lag like any other, transient, not a poison.
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._started.wait()
+            except TimeoutError as exc:
+                raise ReplicaLagError(f"{self.topic} replica not started in {timeout}s") from exc
         part = self.partition_for(key)
         latest = self._lookup
         if (
