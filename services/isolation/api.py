@@ -6,8 +6,7 @@ from datetime import datetime
 from typing import Annotated
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, FastAPI, Path, Query, Request, status
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
@@ -27,6 +26,7 @@ from shared.auth import (
     scoped_principal,
 )
 from shared.messages import FrozenPolicy, IsolationMode, IsolationState, PolicyMode
+from shared.problems import ErrorMapping, ProblemKind
 
 # One rule for every id in a path (the settings API's account id rule): printable ASCII, no
 # whitespace or control characters, at most 128. An id such as "acct-1\n" would otherwise be
@@ -109,6 +109,45 @@ class PolicyPreview(BaseModel):
     policy: FrozenPolicy | None
 
 
+_UNAVAILABLE = ProblemKind(
+    503, "Temporarily unavailable", "temporarily unavailable; retry", retry_after=1
+)
+# Every error a route may raise and how it answers (RFC 9457, shared.problems).
+ERRORS = ErrorMapping(
+    {
+        EndpointNotFoundError: ProblemKind(
+            404, "Not found", "No enrolled endpoint with this id", "endpoint_id", "enrolled"
+        ),
+        AccountForbiddenError: ProblemKind(
+            403,
+            "Forbidden",
+            "The endpoint or account belongs to another account",
+            "account_id",
+            "same_account",
+        ),
+        StrictOverrideDeniedError: ProblemKind(
+            403,
+            "Forbidden",
+            "Only the SOC may release or relax a strict isolation",
+            "mode",
+            "strict_override",
+        ),
+        ReplicaLagError: _UNAVAILABLE,
+        SettingsUnavailableError: _UNAVAILABLE,
+        KafkaError: _UNAVAILABLE,
+        RedisError: _UNAVAILABLE,
+        TimeoutError: _UNAVAILABLE,
+    },
+    fields={"endpoint_id": "path.endpoint_id"},
+    everywhere=(RedisError,),
+)
+_ENDPOINT_ERRORS = ERRORS.responses(EndpointNotFoundError, AccountForbiddenError)
+_WRITE_ERRORS = ERRORS.responses(
+    EndpointNotFoundError, AccountForbiddenError, StrictOverrideDeniedError
+)
+_ACCOUNT_ERRORS = ERRORS.responses(AccountForbiddenError)
+
+
 def build_router(service: IsolationService) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["isolation"])
 
@@ -116,6 +155,7 @@ def build_router(service: IsolationService) -> APIRouter:
         "/endpoints/{endpoint_id}/isolation",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=Accepted,
+        responses=_WRITE_ERRORS,
     )
     async def isolate(endpoint_id: EndpointId, body: IsolationBody, principal: Writer) -> Accepted:
         request_id = await service.submit_isolation(endpoint_id, body.mode, body.reason, principal)
@@ -125,6 +165,7 @@ def build_router(service: IsolationService) -> APIRouter:
         "/endpoints/{endpoint_id}/isolation",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=Accepted,
+        responses=_WRITE_ERRORS,
     )
     async def release(
         endpoint_id: EndpointId,
@@ -137,6 +178,7 @@ def build_router(service: IsolationService) -> APIRouter:
         "/accounts/{account_id}/strict-isolation",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=AccountStrictAccepted,
+        responses=_ACCOUNT_ERRORS,
     )
     async def strict_isolate_account(
         account_id: AccountId, body: AccountStrictBody, principal: Writer
@@ -146,18 +188,30 @@ def build_router(service: IsolationService) -> APIRouter:
         )
         return AccountStrictAccepted(request_id=request_id, endpoints=covered)
 
-    @router.get("/endpoints/{endpoint_id}/isolation", response_model=IsolationView)
+    @router.get(
+        "/endpoints/{endpoint_id}/isolation",
+        response_model=IsolationView,
+        responses=_ENDPOINT_ERRORS,
+    )
     async def get_isolation(endpoint_id: EndpointId, principal: Reader) -> IsolationView:
         return IsolationView.of(await service.isolation_of(endpoint_id, principal))
 
-    @router.get("/accounts/{account_id}/isolations", response_model=AccountIsolations)
+    @router.get(
+        "/accounts/{account_id}/isolations",
+        response_model=AccountIsolations,
+        responses=_ACCOUNT_ERRORS,
+    )
     async def list_isolations(account_id: AccountId, principal: Reader) -> AccountIsolations:
         states = await service.isolations_of_account(account_id, principal)
         return AccountIsolations(
             account_id=account_id, endpoints=[IsolationView.of(s) for s in states]
         )
 
-    @router.get("/endpoints/{endpoint_id}/isolation/preview", response_model=PolicyPreview)
+    @router.get(
+        "/endpoints/{endpoint_id}/isolation/preview",
+        response_model=PolicyPreview,
+        responses=_ENDPOINT_ERRORS,
+    )
     async def preview(
         endpoint_id: EndpointId,
         principal: Reader,
@@ -171,21 +225,4 @@ def build_router(service: IsolationService) -> APIRouter:
 
 def add_error_handlers(app: FastAPI) -> None:
     """Named errors become 4xx; infrastructure trouble a 503 that does not leak internals."""
-
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
-
-    async def forbidden(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_403_FORBIDDEN)
-
-    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"temporarily unavailable ({type(exc).__name__}); retry"},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        )
-
-    app.add_exception_handler(EndpointNotFoundError, not_found)
-    app.add_exception_handler(AccountForbiddenError, forbidden)
-    app.add_exception_handler(StrictOverrideDeniedError, forbidden)
-    for error in (ReplicaLagError, SettingsUnavailableError, KafkaError, RedisError, TimeoutError):
-        app.add_exception_handler(error, unavailable)
+    ERRORS.install(app)

@@ -28,7 +28,13 @@ from services.isolation.config import IsolationSettings
 from services.isolation.consumers import IsolationConsumers
 from services.isolation.handlers import IsolationService, SettingsClient
 from shared.auth import AUDIENCE_ISOLATION
-from shared.http import add_operational_routes, install_request_guards, serve, token_policy
+from shared.http import (
+    add_operational_routes,
+    install_request_guards,
+    serve,
+    service_app,
+    token_policy,
+)
 from shared.kafka import DeadLetterSink
 from shared.logs import configure_logging
 from shared.runtime import Runtime
@@ -144,7 +150,7 @@ def build_app(
                 checks[f"replica:{replica.topic}"] = False
         return checks
 
-    app = FastAPI(
+    app = service_app(
         title="hostiso isolation service",
         description="Endpoint isolation with frozen Tooling Allowlist snapshots (DESIGN.md §4).",
         lifespan=lifespan,

@@ -21,7 +21,13 @@ from services.settings.config import SettingsServiceSettings
 from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
 from shared.auth import AUDIENCE_SETTINGS
-from shared.http import add_operational_routes, install_request_guards, serve, token_policy
+from shared.http import (
+    add_operational_routes,
+    install_request_guards,
+    serve,
+    service_app,
+    token_policy,
+)
 from shared.logs import configure_logging
 from shared.runtime import Runtime, single_node_redis
 
@@ -71,7 +77,7 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
             await relay.stop()
             await runtime.stop()
 
-    app = FastAPI(
+    app = service_app(
         title="hostiso settings service",
         description="Tooling Allowlist per account (DESIGN.md §4): the source of truth and the "
         "only writer of settings.allowlist.v1. A 2xx write means its AllowlistChanged event "
