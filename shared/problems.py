@@ -446,10 +446,10 @@ def document_problems(
                 if status.isdigit() and int(status) >= 400:
                     content: dict[str, Any] = doc.get("content") or {}
                     found: dict[str, Any] = next(iter(content.values()), {})
-                    schema: dict[str, Any] | None = found.get("schema")
-                    if not schema or schema.get("$ref", "").endswith("/HTTPValidationError"):
-                        schema = None
-                    doc["content"] = _problem_content(schema)
+                    own: dict[str, Any] | None = found.get("schema")
+                    if not own or own.get("$ref", "").endswith("/HTTPValidationError"):
+                        own = None
+                    doc["content"] = _problem_content(own)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     return document
