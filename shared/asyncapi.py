@@ -266,7 +266,7 @@ def asyncapi_document() -> dict[str, Any]:
 
 def asyncapi_yaml() -> str:
     """The same document as YAML (needs PyYAML, a test dependency)."""
-    import yaml
+    import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs
 
     text: str = yaml.safe_dump(asyncapi_document(), sort_keys=False, allow_unicode=True)
     return text
