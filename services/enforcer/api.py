@@ -73,7 +73,13 @@ class EnrollRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     account_id: str = Field(pattern=ACCOUNT_ID_PATTERN, examples=["acct-1"])
-    enrollment_key: str = Field(min_length=1, max_length=256, examples=["hek_<key_id>_<secret>"])
+    enrollment_key: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[\x21-\x7e]+$",
+        description="The account's enrollment key (printable ASCII, no spaces).",
+        examples=["hek_<key_id>_<secret>"],
+    )
     hostname: str = Field(min_length=1, max_length=255, examples=["web-01"])
     platform: Literal["linux", "windows", "macos"]
     endpoint_id: str | None = Field(

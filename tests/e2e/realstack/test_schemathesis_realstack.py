@@ -77,8 +77,6 @@ def _run(base_url: str, config: str, work: Path) -> dict[str, Any]:
         "1",
         "--request-timeout",
         "15",
-        "--max-time",
-        "150",
         "--report",
         "json",
         "--report-json-path",
