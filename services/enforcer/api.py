@@ -70,7 +70,8 @@ KeyIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$", description="The key 
 class EnrollRequest(BaseModel):
     """An agent asks to enroll (or re-enroll its endpoint id) with its account's enrollment key."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     account_id: str = Field(pattern=ACCOUNT_ID_PATTERN, examples=["acct-1"])
     enrollment_key: str = Field(
@@ -138,7 +139,8 @@ class IssuedEnrollmentKeyView(EnrollmentKeyView):
 class StatusReportRequest(BaseModel):
     """The agent's outcome for one policy sequence."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     sequence: int = Field(ge=1)
     policy_id: str = Field(min_length=1, max_length=128)

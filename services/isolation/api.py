@@ -48,7 +48,8 @@ Writer = Annotated[Principal, scoped_principal(SCOPE_ISOLATION_WRITE)]
 class IsolationBody(BaseModel):
     """Isolate an endpoint: standard freezes the allowlist now; strict allows the platform only."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: IsolationMode = Field("standard", examples=["standard", "strict"])
     reason: str = Field("", max_length=1000, examples=["incident 4711"])
@@ -57,7 +58,8 @@ class IsolationBody(BaseModel):
 class AccountStrictBody(BaseModel):
     """Strictly isolate every isolated or pending endpoint of the account (RMM compromised)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     reason: str = Field("", max_length=1000)
     disable_allowlist: bool = Field(True, description="Also switch Tooling Connections off.")
