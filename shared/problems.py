@@ -247,7 +247,13 @@ class ErrorMapping:
             )
             documented = out.get(kind.status)
             if documented is None:
-                out[kind.status] = problem_doc(kind.description, kind.model, kind.retry_after)
+                # 429 and 503 always say when to retry (the error's own retry_after_s or the kind's).
+                retry = (
+                    kind.retry_after
+                    if kind.retry_after is not None
+                    else (0 if kind.status in (429, 503) else None)
+                )
+                out[kind.status] = problem_doc(kind.description, kind.model, retry)
             elif kind.description not in documented["description"]:
                 documented["description"] += f"; {kind.description}"
         return out
@@ -256,9 +262,10 @@ class ErrorMapping:
 def problem_doc(
     description: str, model: type[Problem] = Problem, retry_after: int | None = None
 ) -> dict[str, Any]:
-    """One documented problem response (``model`` registers its schema with FastAPI)."""
+    """One documented problem response (``model`` registers its schema with FastAPI); with
+    ``retry_after`` set, its ``Retry-After`` header is documented too."""
     doc: dict[str, Any] = {"description": description, "model": model}
-    if retry_after is not None or description.startswith("Too many"):
+    if retry_after is not None:
         doc["headers"] = {"Retry-After": _RETRY_AFTER}
     return doc
 
