@@ -76,7 +76,7 @@ def _run(base_url: str, config: str, work: Path) -> dict[str, Any]:
         "--workers",
         "1",
         "--request-timeout",
-        "15",
+        "40",
         "--report",
         "json",
         "--report-json-path",
