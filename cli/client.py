@@ -23,16 +23,23 @@ class ApiUnavailableError(Exception):
 
 
 def describe_detail(body: Any) -> str:
-    """The API's ``detail`` as one line: a string, each ``loc`` field, or problem ``errors``."""
+    """The API's error as one line.
+
+    RFC 9457 problem details (``{title, detail, errors: [{field, rule, message}]}``, every
+    service since this release); still tolerant of the older bodies for a release: FastAPI's
+    ``{"detail": [{loc, msg}]}`` and ``{"detail": "text"}``.
+    """
     detail = body.get("detail") if isinstance(body, dict) else body
     errors = body.get("errors") if isinstance(body, dict) else None
-    if isinstance(detail, str) and isinstance(errors, list) and errors:
-        # RFC 9457 problem details: each {field, rule, message} after the summary.
+    if isinstance(errors, list) and errors:
+        text = detail if isinstance(detail, str) else ""
+        # Each refused field once: the detail often already says it.
         named = [
-            f"{e.get('field')}: {e.get('message')}" if isinstance(e, dict) else str(e)
+            _problem_item(e)
             for e in errors
+            if not (isinstance(e, dict) and str(e.get("message") or "") in text)
         ]
-        return "; ".join([detail, *named])
+        return "; ".join([p for p in (text, *named) if p])
     if isinstance(detail, str):
         return detail
     if isinstance(detail, list):
@@ -55,6 +62,16 @@ def describe_detail(body: Any) -> str:
 # The inventory's largest page, and how many pages a listing follows (at most 50,000 endpoints).
 INVENTORY_PAGE = 500
 MAX_INVENTORY_PAGES = 100
+
+
+def _problem_item(item: Any) -> str:
+    if not isinstance(item, dict):
+        return str(item)
+    field = str(item.get("field") or "")
+    for location in ("body.", "query.", "path.", "header."):
+        field = field.removeprefix(location)
+    message = str(item.get("message") or item.get("rule") or "")
+    return f"{field}: {message}" if field and not message.startswith(field) else message
 
 
 def _q(value: str) -> str:

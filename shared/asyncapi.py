@@ -1,16 +1,19 @@
 """AsyncAPI description of every topic: a FastStream app that declares who publishes and consumes what.
 
 The services run their own aiokafka loops (``shared.kafka``); this app is never started. It
-exists so ``faststream docs gen shared.asyncapi:app`` turns the message models of
-``shared.messages`` and the topic table of ``shared.topics`` into ``docs/asyncapi.json``, and a
-unit test regenerates it to check that the document and the code have not drifted apart.
+exists so FastStream turns the message models of ``shared.messages`` and the topic table of
+``shared.topics`` into ``docs/asyncapi.json``; ``asyncapi_document`` then adds what FastStream
+does not say (each message's Kafka key, each topic's partitions and cleanup policy) and drops
+the ``correlation_id`` header FastStream assumes (nothing here sends it). A unit test
+regenerates the document to check that it and the code have not drifted apart.
+``message_schemas`` gives the JSON Schema of every message of every topic (``docs/schemas/``).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
@@ -229,18 +232,72 @@ def build_app() -> FastStream:
     return FastStream(broker, specification=spec)
 
 
+def _spec_of_address(address: str, topic_prefix: str = "hostiso.") -> TopicSpec:
+    return next(spec for spec in TOPIC_SPECS if f"{topic_prefix}{spec.name.value}" == address)
+
+
 def asyncapi_document() -> dict[str, Any]:
-    """The AsyncAPI document as ``faststream docs gen`` writes it (JSON-compatible)."""
+    """The AsyncAPI document: FastStream's, plus keys, partitions and cleanup policies."""
     document: dict[str, Any] = json.loads(
         json.dumps(build_app().schema.to_specification().to_jsonable())
     )
+    messages = document.get("components", {}).get("messages", {})
+    for channel in document.get("channels", {}).values():
+        spec = _spec_of_address(channel["address"])
+        kafka = channel.setdefault("bindings", {}).setdefault("kafka", {})
+        kafka["partitions"] = spec.partitions
+        kafka["topicConfiguration"] = {"cleanup.policy": [spec.cleanup_policy]}
+        for ref in channel.get("messages", {}).values():
+            message = messages[ref["$ref"].rsplit("/", 1)[-1]]
+            # FastStream assumes a correlation_id header; no producer here sends one.
+            message.pop("correlationId", None)
+            message["bindings"] = {
+                "kafka": {
+                    "key": {
+                        "type": "string",
+                        "description": f"The record key: the message's {spec.key} (UTF-8); "
+                        "all records of one key go to one partition, in order.",
+                    },
+                    "bindingVersion": "0.4.0",
+                }
+            }
     return document
 
 
 def asyncapi_yaml() -> str:
-    """The same document as YAML (needs PyYAML, a test dependency), as ``docs gen --yaml`` writes it."""
-    text: str = build_app().schema.to_specification().to_yaml()
+    """The same document as YAML (needs PyYAML, a test dependency)."""
+    import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs
+
+    text: str = yaml.safe_dump(asyncapi_document(), sort_keys=False, allow_unicode=True)
     return text
+
+
+def message_types(topic: TopicName) -> tuple[type[Any], ...]:
+    """The message model(s) of a topic: one, or each member of its discriminated union."""
+    model = TOPIC_MESSAGE_TYPES[topic]
+    if isinstance(model, type):
+        return (model,)
+    union = get_args(model)[0]  # Annotated[A | B | C, Field(discriminator=...)]
+    return tuple(get_args(union))
+
+
+def message_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """The JSON Schema (2020-12) of every message of every topic, by (topic, type name).
+
+    Validation schemas, as a consumer decodes: an envelope field with a default may be absent.
+    Objects stay open (no ``additionalProperties: false``) except the signed policy's parts:
+    a consumer ignores fields a newer producer added (DESIGN §9).
+    """
+    schemas: dict[tuple[str, str], dict[str, Any]] = {}
+    for topic in TopicName:
+        for model in message_types(topic):
+            schema = {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "$id": f"urn:hostiso:schema:{topic.value}:{model.__name__}",
+                **model.model_json_schema(),
+            }
+            schemas[(topic.value, model.__name__)] = schema
+    return schemas
 
 
 app = build_app()

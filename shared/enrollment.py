@@ -18,4 +18,6 @@ def enrollment_key(secret: str, account_id: str) -> str:
 
 
 def enrollment_key_matches(secret: str, account_id: str, presented: str) -> bool:
-    return hmac.compare_digest(enrollment_key(secret, account_id), presented)
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a no).
+    expected = enrollment_key(secret, account_id).encode()
+    return hmac.compare_digest(expected, presented.encode("utf-8", "surrogatepass"))

@@ -13,7 +13,10 @@ from typing import Any
 import orjson
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -21,13 +24,48 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import BaseModel, Field
 from starlette.routing import Match
 
 from shared import tracing
 from shared.auth import PRINCIPAL_SCOPE_KEY, TokenError, TokenPolicy, decode_token
 from shared.config import ServiceSettings
+from shared.problems import (
+    PROBLEM_JSON,
+    ProblemItem,
+    document_problems,
+    install_problem_handlers,
+    problem_body,
+)
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+class Readiness(BaseModel):
+    """Whether the service is ready, and each check (503 when one fails, as a problem)."""
+
+    ready: bool = Field(description="True when every check passes.")
+    checks: dict[str, bool] = Field(
+        description="Each check by name.", examples=[{"kafka": True, "redis": True}]
+    )
+
+
+class ReadinessProblem(Readiness):
+    """503: a check fails; RFC 9457 fields plus ``ready`` and ``checks``."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemItem]
+
+
+_TEXT_METRICS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
 
 def add_operational_routes(
@@ -44,15 +82,77 @@ def add_operational_routes(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["operations"])
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        response_model=Readiness,
+        responses={503: {"model": ReadinessProblem, "description": "A check fails"}},
+    )
     async def ready() -> JSONResponse:
         checks = await readiness()
-        ok = all(checks.values())
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        if all(checks.values()):
+            return JSONResponse({"ready": True, "checks": checks})
+        failing = sorted(name for name, ok in checks.items() if not ok)
+        body = problem_body(
+            503,
+            f"not ready: {', '.join(failing)}",
+            title="Not ready",
+            errors=[
+                ProblemItem(field=f"checks.{name}", rule="ready", message=f"{name} is not ready")
+                for name in failing
+            ],
+            type_="about:blank",
+            extensions={"ready": False, "checks": checks},
+        )
+        return JSONResponse(body, status_code=503, media_type=PROBLEM_JSON)
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get("/metrics", tags=["operations"], response_class=Response, responses=_TEXT_METRICS)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def operation_id(route: APIRoute) -> str:
+    """``read_allowlist`` -> ``readAllowlist``: the route function's name in camelCase."""
+    head, *rest = route.name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def service_app(**options: Any) -> FastAPI:
+    """A service's FastAPI app: problem+json errors, readable operation ids, Swagger UI
+    served from a pinned package (``fastapi-offline``, no CDN), and an OpenAPI document in
+    which every route lists every status it can answer (see ``shared.problems``).
+
+    ``options`` are FastAPI's (title, description, version, lifespan).
+    """
+    app = FastAPIOffline(
+        generate_unique_id_function=operation_id,
+        static_url=DOCS_STATIC_PATH,
+        favicon_url=f"{DOCS_STATIC_PATH}/favicon.png",
+        **options,
+    )
+    install_problem_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            classify = getattr(app.state, "auth_classify", None)
+            app.openapi_schema = document_problems(
+                document,
+                authenticated=lambda method, path: (
+                    classify is not None and classify(method, path) is not None
+                ),
+                everywhere=getattr(app.state, "problem_responses_everywhere", {}),
+                operational=OPERATIONAL_PATHS,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
 
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -169,7 +269,8 @@ async def with_timeout(check: Awaitable[object], timeout: float = 2.0) -> bool:
 # --- request guards: body size limit and the auth gate (DESIGN §4, "Errors, on every service")
 
 MAX_BODY_BYTES = 64 * 1024
-PROBLEM_JSON = "application/problem+json"
+# Swagger UI's own files, from the fastapi-offline package (no CDN).
+DOCS_STATIC_PATH = "/docs/static"
 # Served without a token on every service: probes, metrics and the API documents.
 OPERATIONAL_PATHS = frozenset(
     {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -182,9 +283,10 @@ async def send_problem(
     title: str,
     detail: str,
     headers: Iterable[tuple[str, str]] = (),
+    errors: Iterable[ProblemItem] = (),
 ) -> None:
     """Answer with an RFC 9457 problem document straight on the ASGI channel."""
-    body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    body = orjson.dumps(problem_body(status, detail, title=title, errors=errors))
     raw_headers = [
         (b"content-type", PROBLEM_JSON.encode()),
         (b"content-length", str(len(body)).encode()),
@@ -214,12 +316,14 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
 
     def _too_large(self, send: Send) -> Awaitable[None]:
+        message = f"must be at most {self.max_bytes} bytes"
         return send_problem(
             send,
             413,
             "Content Too Large",
-            f"request body: must be at most {self.max_bytes} bytes",
+            f"request body: {message}",
             [("Connection", "close")],
+            [ProblemItem(field="body", rule="max_bytes", message=message)],
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -335,7 +439,13 @@ class AuthGate:
             if refusal.status == 503:
                 headers.append(("Retry-After", "1"))
             title = _TITLES.get(refusal.status, "Refused")
-            await send_problem(send, refusal.status, title, refusal.detail, headers)
+            rule = {401: "bearer_token", 403: "token_scope"}.get(refusal.status)
+            errors = (
+                [ProblemItem(field="header.Authorization", rule=rule, message=refusal.detail)]
+                if rule
+                else []
+            )
+            await send_problem(send, refusal.status, title, refusal.detail, headers, errors)
             return
         await self.app(scope, receive, send)
 
@@ -360,7 +470,7 @@ def install_request_guards(
     app.state.token_policy = token_policy
     platform = jwt_authenticator(token_policy)
     paths = OPERATIONAL_PATHS | frozenset(public_paths)
-    prefixes = tuple(public_prefixes)
+    prefixes = (f"{DOCS_STATIC_PATH}/", *public_prefixes)
     routes = frozenset(public_routes)
     others = tuple(other_authenticators)
 
@@ -372,6 +482,7 @@ def install_request_guards(
                 return authenticator
         return platform
 
+    app.state.auth_classify = classify  # the OpenAPI document lists 401/403 where it applies
     app.add_middleware(AuthGate, classify=classify)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 

@@ -61,9 +61,22 @@ class SignedContract(BaseModel):
 class Message(Contract):
     """Envelope fields every message carries."""
 
-    id: str = Field(default_factory=new_id, description="Unique message id (UUID).")
-    occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC).")
-    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Schema version of the type.")
+    id: str = Field(
+        default_factory=new_id,
+        description="Unique message id (UUID).",
+        examples=["0b7f1c52-3d4e-4a8f-9c61-2f5e8d9a0b13"],
+    )
+    occurred_at: datetime = Field(
+        default_factory=utcnow,
+        description="When it happened (UTC, RFC 3339).",
+        examples=["2026-11-29T12:00:00Z"],
+    )
+    schema_version: Literal[1] = Field(
+        SCHEMA_VERSION,
+        description="Schema version of the type; a change older consumers must not ignore "
+        "is a new version.",
+        examples=[1],
+    )
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -72,19 +85,35 @@ class Message(Contract):
 class Actor(Contract):
     """Who did something: the JWT subject and role, and the partner's account."""
 
-    sub: str = Field(min_length=1, max_length=256, examples=["alice@msp.example"])
-    role: Role
-    account_id: str | None = None
+    sub: str = Field(
+        min_length=1,
+        max_length=256,
+        description="The token's subject (user, service or agent name).",
+        examples=["alice@msp.example"],
+    )
+    role: Role = Field(description="The token's role.", examples=["partner", "soc"])
+    account_id: str | None = Field(
+        None, description="The partner's account; null for soc and service.", examples=["acct-1"]
+    )
 
 
 class AllowlistEntry(Contract):
     """One Tooling Allowlist entry: a display name and a static IPv4 address."""
 
-    id: str = Field(description="Entry id (UUID).")
-    name: str = Field(min_length=1, max_length=64, examples=["ConnectWise Automate"])
+    id: str = Field(
+        description="Entry id (UUID).", examples=["5d0c2a8e-8a3b-4f5e-9d1c-7b2a6e4f0c91"]
+    )
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        description="Display name of the tool.",
+        examples=["ConnectWise Automate"],
+    )
     address: str = Field(description="Static unicast IPv4 address.", examples=["203.0.113.10"])
-    created_at: datetime
-    created_by: str
+    created_at: datetime = Field(
+        description="When the entry was added (UTC).", examples=["2026-11-29T12:00:00Z"]
+    )
+    created_by: str = Field(description="Who added it (token subject).", examples=["alice"])
 
 
 def _renderable_peer(value: str) -> str:
@@ -102,8 +131,11 @@ def _renderable_peer(value: str) -> str:
 class AllowedPeer(SignedContract):
     """A peer an isolated endpoint may open outbound connections to."""
 
-    name: str
-    address: str
+    name: str = Field(description="Display name of the peer.", examples=["Self-hosted RMM"])
+    address: str = Field(
+        description="Unicast IPv4/IPv6 address or prefix the endpoint may connect to.",
+        examples=["203.0.113.10"],
+    )
 
     _address_renderable = field_validator("address")(_renderable_peer)
 
@@ -114,13 +146,28 @@ class AllowedPeer(SignedContract):
 class AllowlistChanged(Message):
     """Full state of an account's Tooling Allowlist after a change, at a strictly higher version."""
 
-    type: Literal["AllowlistChanged"] = "AllowlistChanged"
-    account_id: str = Field(min_length=1, max_length=128)
-    enabled: bool
-    entries: tuple[AllowlistEntry, ...] = ()
-    version: int = Field(ge=1, description="Settings version, strictly increasing per account.")
-    updated_at: datetime
-    changed_by: Actor
+    type: Literal["AllowlistChanged"] = Field(
+        "AllowlistChanged", description="Message type.", examples=["AllowlistChanged"]
+    )
+    account_id: str = Field(
+        min_length=1, max_length=128, description="The account (also the key).", examples=["acct-1"]
+    )
+    enabled: bool = Field(description='The "Tooling Connections" switch.', examples=[True])
+    entries: tuple[AllowlistEntry, ...] = Field(
+        (),
+        description="Every entry of the allowlist (full state, not a delta).",
+        examples=[[]],
+    )
+    version: int = Field(
+        ge=1, description="Settings version, strictly increasing per account.", examples=[7]
+    )
+    updated_at: datetime = Field(
+        description="When this version was written (UTC).", examples=["2026-11-29T12:00:00Z"]
+    )
+    changed_by: Actor = Field(
+        description="Who made the change.",
+        examples=[{"sub": "alice", "role": "partner", "account_id": "acct-1"}],
+    )
 
 
 # --- endpoints.v1 (compacted, key = endpoint_id) ---------------------------------------
@@ -132,16 +179,32 @@ class EndpointRegistered(Message):
     The topic is compacted by endpoint, so every record carries the full registration.
     """
 
-    type: Literal["EndpointRegistered"] = "EndpointRegistered"
-    endpoint_id: str = Field(min_length=1, max_length=128)
-    account_id: str = Field(min_length=1, max_length=128)
-    hostname: str = Field(min_length=1, max_length=255)
-    platform: Literal["linux", "windows", "macos"]
-    enrolled_at: datetime
+    type: Literal["EndpointRegistered"] = Field(
+        "EndpointRegistered", description="Message type.", examples=["EndpointRegistered"]
+    )
+    endpoint_id: str = Field(
+        min_length=1, max_length=128, description="The endpoint (also the key).", examples=["ep-1"]
+    )
+    account_id: str = Field(
+        min_length=1, max_length=128, description="Its account.", examples=["acct-1"]
+    )
+    hostname: str = Field(
+        min_length=1,
+        max_length=255,
+        description="Host name the agent reported.",
+        examples=["web-01"],
+    )
+    platform: Literal["linux", "windows", "macos"] = Field(
+        description="Operating system family.", examples=["linux"]
+    )
+    enrolled_at: datetime = Field(
+        description="When it (re-)enrolled (UTC).", examples=["2026-11-29T12:00:00Z"]
+    )
     last_seen: datetime | None = Field(
         None,
         description="When the agent last polled for a policy (at most one update per"
         " HOSTISO_LAST_SEEN_INTERVAL_S); null until the first poll after enrollment.",
+        examples=["2026-11-29T12:05:00Z"],
     )
 
 
@@ -151,33 +214,72 @@ class EndpointRegistered(Message):
 class IsolateEndpoint(Message):
     """Command: isolate an endpoint, standard (frozen allowlist) or strict (platform only)."""
 
-    type: Literal["IsolateEndpoint"] = "IsolateEndpoint"
-    request_id: str = Field(default_factory=new_id, description="Idempotency key.")
-    endpoint_id: str = Field(min_length=1, max_length=128)
-    mode: IsolationMode
-    reason: str = Field("", max_length=1000)
-    requested_by: Actor
+    type: Literal["IsolateEndpoint"] = Field(
+        "IsolateEndpoint", description="Message type.", examples=["IsolateEndpoint"]
+    )
+    request_id: str = Field(
+        default_factory=new_id,
+        description="Idempotency key: a redelivered request issues no second policy.",
+        examples=["req-7f3a"],
+    )
+    endpoint_id: str = Field(
+        min_length=1, max_length=128, description="The endpoint (also the key).", examples=["ep-1"]
+    )
+    mode: IsolationMode = Field(
+        description="standard: frozen allowlist snapshot; strict: the platform only.",
+        examples=["standard"],
+    )
+    reason: str = Field(
+        "", max_length=1000, description="Why, for the audit.", examples=["incident 4711"]
+    )
+    requested_by: Actor = Field(
+        description="Who asked.", examples=[{"sub": "soc-analyst", "role": "soc"}]
+    )
 
 
 class ReleaseEndpoint(Message):
     """Command: release an isolated endpoint (policy mode ``none``)."""
 
-    type: Literal["ReleaseEndpoint"] = "ReleaseEndpoint"
-    request_id: str = Field(default_factory=new_id)
-    endpoint_id: str = Field(min_length=1, max_length=128)
-    reason: str = Field("", max_length=1000)
-    requested_by: Actor
+    type: Literal["ReleaseEndpoint"] = Field(
+        "ReleaseEndpoint", description="Message type.", examples=["ReleaseEndpoint"]
+    )
+    request_id: str = Field(
+        default_factory=new_id, description="Idempotency key.", examples=["req-7f3b"]
+    )
+    endpoint_id: str = Field(
+        min_length=1, max_length=128, description="The endpoint (also the key).", examples=["ep-1"]
+    )
+    reason: str = Field(
+        "", max_length=1000, description="Why, for the audit.", examples=["resolved"]
+    )
+    requested_by: Actor = Field(
+        description="Who asked.", examples=[{"sub": "soc-analyst", "role": "soc"}]
+    )
 
 
 class StrictIsolateAccount(Message):
     """Command: strictly isolate every isolated or pending endpoint of an account (RMM compromised)."""
 
-    type: Literal["StrictIsolateAccount"] = "StrictIsolateAccount"
-    request_id: str = Field(default_factory=new_id)
-    account_id: str = Field(min_length=1, max_length=128)
-    reason: str = Field("", max_length=1000)
-    disable_allowlist: bool = True
-    requested_by: Actor
+    type: Literal["StrictIsolateAccount"] = Field(
+        "StrictIsolateAccount", description="Message type.", examples=["StrictIsolateAccount"]
+    )
+    request_id: str = Field(
+        default_factory=new_id,
+        description="Idempotency key; the per-endpoint requests derive their ids from it.",
+        examples=["req-7f3c"],
+    )
+    account_id: str = Field(
+        min_length=1, max_length=128, description="The account.", examples=["acct-1"]
+    )
+    reason: str = Field(
+        "", max_length=1000, description="Why, for the audit.", examples=["RMM compromised"]
+    )
+    disable_allowlist: bool = Field(
+        True, description="Also switch Tooling Connections off.", examples=[True]
+    )
+    requested_by: Actor = Field(
+        description="Who asked.", examples=[{"sub": "soc-analyst", "role": "soc"}]
+    )
 
 
 IsolationRequest = Annotated[
@@ -191,17 +293,31 @@ IsolationRequest = Annotated[
 class FrozenPolicy(SignedContract):
     """An endpoint's isolation policy, frozen at isolation time; ``mode: none`` is a release."""
 
-    policy_id: str
-    endpoint_id: str
-    account_id: str
-    sequence: int = Field(ge=1, description="Strictly increasing per endpoint.")
-    mode: PolicyMode
-    allowed_outbound: tuple[AllowedPeer, ...] = ()
-    platform: tuple[str, ...] = ()
-    settings_version: int = Field(ge=0, description="Settings version the snapshot came from.")
-    issued_at: datetime
-    issued_by: str
-    reason: str = ""
+    policy_id: str = Field(description="Policy id (UUID).", examples=["pol-1"])
+    endpoint_id: str = Field(description="The endpoint it is for.", examples=["ep-1"])
+    account_id: str = Field(description="The endpoint's account.", examples=["acct-1"])
+    sequence: int = Field(ge=1, description="Strictly increasing per endpoint.", examples=[3])
+    mode: PolicyMode = Field(
+        description="standard, strict, or none (a release).", examples=["standard"]
+    )
+    allowed_outbound: tuple[AllowedPeer, ...] = Field(
+        (),
+        description="Peers the endpoint may open connections to (the frozen allowlist).",
+        examples=[[{"name": "RMM", "address": "203.0.113.10"}]],
+    )
+    platform: tuple[str, ...] = Field(
+        (),
+        description="The platform's addresses, always reachable.",
+        examples=[["198.51.100.1"]],
+    )
+    settings_version: int = Field(
+        ge=0, description="Settings version the snapshot came from.", examples=[7]
+    )
+    issued_at: datetime = Field(
+        description="When it was issued (UTC).", examples=["2026-11-29T12:00:00Z"]
+    )
+    issued_by: str = Field(description="Who asked for it (token subject).", examples=["alice"])
+    reason: str = Field("", description="Why, as given by the requester.", examples=["incident 42"])
 
     @field_validator("platform")
     @classmethod
@@ -232,9 +348,28 @@ def canonical_policy_bytes(policy: FrozenPolicy) -> bytes:
 class EnforcePolicy(Message):
     """Command to the enforcer: make this policy the endpoint's desired policy."""
 
-    type: Literal["EnforcePolicy"] = "EnforcePolicy"
-    request_id: str
-    policy: FrozenPolicy
+    type: Literal["EnforcePolicy"] = Field(
+        "EnforcePolicy", description="Message type.", examples=["EnforcePolicy"]
+    )
+    request_id: str = Field(
+        description="The request that issued the policy.", examples=["req-7f3a"]
+    )
+    policy: FrozenPolicy = Field(
+        description="The frozen policy to sign and deliver.",
+        examples=[
+            {
+                "policy_id": "pol-1",
+                "endpoint_id": "ep-1",
+                "account_id": "acct-1",
+                "sequence": 3,
+                "mode": "strict",
+                "platform": ["198.51.100.1"],
+                "settings_version": 7,
+                "issued_at": "2026-11-29T12:00:00Z",
+                "issued_by": "soc-analyst",
+            }
+        ],
+    )
 
 
 # --- isolation.status.v1 (key = endpoint_id) -------------------------------------------
@@ -243,14 +378,25 @@ class EnforcePolicy(Message):
 class PolicyStatusReported(Message):
     """The agent applied (with the rules' hash) or failed to apply a policy sequence."""
 
-    type: Literal["PolicyStatusReported"] = "PolicyStatusReported"
-    endpoint_id: str
-    account_id: str
-    policy_id: str
-    sequence: int = Field(ge=1)
-    status: Literal["applied", "failed"]
-    rules_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
-    detail: str = Field("", max_length=2000)
+    type: Literal["PolicyStatusReported"] = Field(
+        "PolicyStatusReported", description="Message type.", examples=["PolicyStatusReported"]
+    )
+    endpoint_id: str = Field(description="The endpoint (also the key).", examples=["ep-1"])
+    account_id: str = Field(description="Its account.", examples=["acct-1"])
+    policy_id: str = Field(description="The policy reported on.", examples=["pol-1"])
+    sequence: int = Field(ge=1, description="The policy's sequence.", examples=[3])
+    status: Literal["applied", "failed"] = Field(
+        description="What the agent did.", examples=["applied"]
+    )
+    rules_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the rules in force (applied); null when failed.",
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+    )
+    detail: str = Field(
+        "", max_length=2000, description="The agent's reason when failed.", examples=[""]
+    )
 
 
 # --- isolation.events.v1 (key = endpoint_id) --------------------------------------------
@@ -264,25 +410,41 @@ class IsolationStateChanged(Message):
     state, so a consumer keeps the newest ``sequence`` (then the newest ``occurred_at``).
     """
 
-    type: Literal["IsolationStateChanged"] = "IsolationStateChanged"
-    endpoint_id: str = Field(description="The endpoint (the agent id).", examples=["3f1c…"])
-    account_id: str = Field(description="The endpoint's account.", examples=["acct-1"])
-    state: IsolationState = Field(description="The state after the change.")
-    mode: PolicyMode | None = Field(
-        None, description="Mode of the policy in force or pending; null before any policy."
+    type: Literal["IsolationStateChanged"] = Field(
+        "IsolationStateChanged", description="Message type.", examples=["IsolationStateChanged"]
     )
-    sequence: int = Field(0, ge=0, description="Sequence of the policy in force or pending.")
-    policy_id: str | None = Field(None, description="Id of the policy in force or pending.")
+    endpoint_id: str = Field(
+        description="The endpoint (the agent id; also the key).", examples=["ep-1"]
+    )
+    account_id: str = Field(description="The endpoint's account.", examples=["acct-1"])
+    state: IsolationState = Field(description="The state after the change.", examples=["isolated"])
+    mode: PolicyMode | None = Field(
+        None,
+        description="Mode of the policy in force or pending; null before any policy.",
+        examples=["standard"],
+    )
+    sequence: int = Field(
+        0, ge=0, description="Sequence of the policy in force or pending.", examples=[3]
+    )
+    policy_id: str | None = Field(
+        None, description="Id of the policy in force or pending.", examples=["pol-1"]
+    )
     request_ids: tuple[str, ...] = Field(
-        (), description="The request(s) that issued the policy this state is about."
+        (),
+        description="The request(s) that issued the policy this state is about.",
+        examples=[["req-7f3a"]],
     )
     settings_version: int | None = Field(
-        None, description="Allowlist version frozen into the policy (standard mode)."
+        None, description="Allowlist version frozen into the policy (standard mode).", examples=[7]
     )
     rules_sha256: str | None = Field(
-        None, description="SHA-256 of the rules the agent reported applied."
+        None,
+        description="SHA-256 of the rules the agent reported applied.",
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
     )
-    detail: str = Field("", max_length=2000, description="The agent's reason on failure.")
+    detail: str = Field(
+        "", max_length=2000, description="The agent's reason on failure.", examples=[""]
+    )
 
 
 # --- audit.v1 (key = account_id) -------------------------------------------------------
@@ -291,16 +453,38 @@ class IsolationStateChanged(Message):
 class AuditRecorded(Message):
     """A change or a refused attempt, for the audit trail."""
 
-    type: Literal["AuditRecorded"] = "AuditRecorded"
-    service: Literal["settings", "isolation", "enforcer"]
-    action: str = Field(examples=["allowlist.entry.add", "isolation.release"])
-    outcome: Literal["ok", "denied", "rejected"]
-    actor: Actor
-    account_id: str | None = None
-    endpoint_id: str | None = None
-    detail: str = ""
-    before: dict[str, Any] | None = None
-    after: dict[str, Any] | None = None
+    type: Literal["AuditRecorded"] = Field(
+        "AuditRecorded", description="Message type.", examples=["AuditRecorded"]
+    )
+    service: Literal["settings", "isolation", "enforcer"] = Field(
+        description="The service that recorded it.", examples=["settings"]
+    )
+    action: str = Field(
+        description="What was done or attempted.",
+        examples=["allowlist.entry.add", "isolation.release"],
+    )
+    outcome: Literal["ok", "denied", "rejected"] = Field(
+        description="ok; denied (not allowed); rejected (invalid).", examples=["ok"]
+    )
+    actor: Actor = Field(
+        description="Who did it.",
+        examples=[{"sub": "alice", "role": "partner", "account_id": "acct-1"}],
+    )
+    account_id: str | None = Field(
+        None, description="The account (also the key).", examples=["acct-1"]
+    )
+    endpoint_id: str | None = Field(None, description="The endpoint, if any.", examples=["ep-1"])
+    detail: str = Field(
+        "", description="What happened, for a person.", examples=["address 203.0.113.10"]
+    )
+    before: dict[str, Any] | None = Field(
+        None, description="The changed part before (null when added).", examples=[None]
+    )
+    after: dict[str, Any] | None = Field(
+        None,
+        description="The changed part after (null when removed).",
+        examples=[{"name": "RMM", "address": "203.0.113.10"}],
+    )
 
 
 # --- dlq.v1 (key = source topic) -------------------------------------------------------
@@ -309,15 +493,28 @@ class AuditRecorded(Message):
 class DeadLetter(Message):
     """A message a consumer could not accept, with the reason and where it came from."""
 
-    type: Literal["DeadLetter"] = "DeadLetter"
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    consumer_group: str
-    reason: str
-    key: str | None = None
-    payload: str = Field(description="The raw value as text (truncated to 64 KiB).")
-    payload_truncated: bool = False
+    type: Literal["DeadLetter"] = Field(
+        "DeadLetter", description="Message type.", examples=["DeadLetter"]
+    )
+    source_topic: str = Field(
+        description="Topic of the refused record (also the key).",
+        examples=["hostiso.isolation.requests.v1"],
+    )
+    source_partition: int = Field(description="Its partition.", examples=[2])
+    source_offset: int = Field(description="Its offset.", examples=[1042])
+    consumer_group: str = Field(
+        description="The consumer that refused it.", examples=["hostiso.isolation"]
+    )
+    reason: str = Field(
+        description="Why it was refused.", examples=["validation error: mode: Input should be ..."]
+    )
+    key: str | None = Field(None, description="The record's key as text.", examples=["ep-1"])
+    payload: str = Field(
+        description="The raw value as text (truncated to 64 KiB).", examples=['{"type": "Isol']
+    )
+    payload_truncated: bool = Field(
+        False, description="True when payload was cut at 64 KiB.", examples=[False]
+    )
 
 
 TOPIC_MESSAGE_TYPES: dict[TopicName, Any] = {

@@ -124,18 +124,41 @@
     return { ok: response.ok, status: response.status, data, etag: response.headers.get("ETag") };
   }
 
-  // FastAPI answers {"detail": "text"} or {"detail": [{"loc": [..., "field"], "msg": "..."}]}.
+  // Every service answers RFC 9457 problem details {title, detail, errors: [{field, rule, message}]}
+  // (field a dotted path such as "body.address"). Older bodies are still read for a release:
+  // {"detail": "text"} or {"detail": [{"loc": [..., "field"], "msg": "..."}]}.
+  function problemItems(data) {
+    if (!data) return [];
+    if (Array.isArray(data.errors) && data.errors.length) {
+      return data.errors.map((e) => ({
+        field: String((e && e.field) || "").split(".").pop(),
+        message: (e && (e.message || e.rule)) || JSON.stringify(e),
+      }));
+    }
+    return [];
+  }
+
   function detailText(data) {
     if (!data) return "";
     const detail = data.detail;
     if (typeof detail === "string") return detail;
     if (Array.isArray(detail)) return detail.map((d) => (d && d.msg) || JSON.stringify(d)).join("; ");
     if (detail && typeof detail === "object") return detail.msg || detail.message || JSON.stringify(detail);
-    return "";
+    const items = problemItems(data);
+    if (items.length) return items.map((i) => i.message).join("; ");
+    return data.title || "";
   }
 
   function fieldErrors(data, fields) {
     const out = { general: [] };
+    const problems = problemItems(data);
+    if (problems.length) {
+      for (const item of problems) {
+        if (fields.includes(item.field)) (out[item.field] = out[item.field] || []).push(item.message);
+        else out.general.push(item.message);
+      }
+      return out;
+    }
     const detail = data && data.detail;
     const items = Array.isArray(detail) ? detail : [detail];
     for (const item of items) {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -21,7 +20,6 @@ from fastapi import (
     Response,
     status,
 )
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
@@ -47,6 +45,8 @@ from services.enforcer.domain import (
 from shared.auth import AUDIENCE_ENFORCER, CurrentPrincipal
 from shared.config import ConfigError
 from shared.http import AuthRefusedError, Scope, install_request_guards, token_policy
+from shared.messages import SignedPolicy
+from shared.problems import ErrorMapping, InputRejectedError, ProblemKind
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["agents"])
@@ -70,10 +70,17 @@ KeyIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$", description="The key 
 class EnrollRequest(BaseModel):
     """An agent asks to enroll (or re-enroll its endpoint id) with its account's enrollment key."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     account_id: str = Field(pattern=ACCOUNT_ID_PATTERN, examples=["acct-1"])
-    enrollment_key: str = Field(min_length=1, max_length=256, examples=["hek_<key_id>_<secret>"])
+    enrollment_key: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[\x21-\x7e]+$",
+        description="The account's enrollment key (printable ASCII, no spaces).",
+        examples=["hek_<key_id>_<secret>"],
+    )
     hostname: str = Field(min_length=1, max_length=255, examples=["web-01"])
     platform: Literal["linux", "windows", "macos"]
     endpoint_id: str | None = Field(
@@ -132,7 +139,8 @@ class IssuedEnrollmentKeyView(EnrollmentKeyView):
 class StatusReportRequest(BaseModel):
     """The agent's outcome for one policy sequence."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     sequence: int = Field(ge=1)
     policy_id: str = Field(min_length=1, max_length=128)
@@ -196,88 +204,99 @@ async def current_agent(
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
         ) from exc
-    except AgentScopeError as exc:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from exc
 
 
 CurrentAgent = Annotated[AgentIdentity, Depends(current_agent)]
 
 
-class Problem(Exception):
-    """An RFC 9457 answer naming the field and the rule that refused the request."""
+_UNAVAILABLE = ProblemKind(
+    503,
+    "Temporarily unavailable",
+    "the enforcer's store or event log is unavailable; retry shortly",
+    retry_after=1,
+    log_level=logging.WARNING,
+)
+# Every error a route may raise and how it answers (RFC 9457, shared.problems).
+ERRORS = ErrorMapping(
+    {
+        EnrollmentRateLimitedError: ProblemKind(
+            429,
+            "Too many enrollment attempts",
+            "Too many enrollment attempts for the account; see Retry-After",
+            "body.account_id",
+            "enrollment_rate",
+        ),
+        EnrollmentKeyRejectedError: ProblemKind(
+            403,
+            "Enrollment key refused",
+            "Enrollment key not active for the account",
+            "body.enrollment_key",
+            "active_key",
+        ),
+        EndpointOfAnotherAccountError: ProblemKind(
+            403,
+            "Endpoint of another account",
+            "The endpoint id is enrolled in another account",
+            "body.endpoint_id",
+            "same_account",
+        ),
+        EndpointLimitReachedError: ProblemKind(
+            403,
+            "Endpoint limit reached",
+            "The account's endpoint limit is reached",
+            "body.account_id",
+            "max_endpoints",
+        ),
+        EnrollmentConflictError: ProblemKind(
+            409,
+            "Concurrent enrollment",
+            "The endpoint id was re-created by a concurrent enrollment; retry",
+            "body.endpoint_id",
+            "concurrent",
+        ),
+        AccountAccessDeniedError: ProblemKind(
+            403, "Forbidden", "A partner token for another account", "path.account_id", "forbidden"
+        ),
+        EnrollmentKeyNotFoundError: ProblemKind(
+            404, "Not found", "No such key in the account", "path.key_id", "exists"
+        ),
+        AgentScopeError: ProblemKind(
+            403, "Forbidden", "The token of another agent", "path.agent_id", "own_agent"
+        ),
+        PolicyNotHeldError: ProblemKind(
+            409,
+            "Policy not held",
+            "The report names a policy that is not the desired one",
+            rule="held",
+        ),
+        StatusReportInvalidError: ProblemKind(
+            422, "Invalid input", "The report contradicts itself", rule="consistent"
+        ),
+        handlers.SignerNotReadyError: ProblemKind(
+            503, "Starting", "the enforcer is starting; retry shortly", retry_after=1
+        ),
+        RedisError: _UNAVAILABLE,
+        KafkaError: _UNAVAILABLE,
+    },
+    fields={
+        "sequence": "body.sequence",
+        "policy_id": "body.policy_id",
+        "rules_sha256": "body.rules_sha256",
+        "detail": "body.detail",
+    },
+    everywhere=(RedisError,),
+)
 
-    def __init__(
-        self,
-        status_code: int,
-        title: str,
-        *,
-        field: str,
-        rule: str,
-        detail: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.title = title
-        self.field = field
-        self.rule = rule
-        self.detail = detail
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "type": f"urn:hostiso:problem:{self.field}.{self.rule}",
-            "title": self.title,
-            "status": self.status_code,
-            "detail": self.detail,
-            "errors": [{"field": self.field, "rule": self.rule, "message": self.detail}],
-        }
-
-
-def _problem_doc(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/problem+json": {}}}
-
-
-_ENROLL_ERRORS: dict[int | str, dict[str, Any]] = {
-    403: _problem_doc(
-        "Enrollment key not active for the account, endpoint of another account, or the"
-        " account's endpoint limit reached"
-    ),
-    409: _problem_doc("The endpoint id was re-created by a concurrent enrollment; retry"),
-    422: {"description": "Invalid body (field and rule named)"},
-    429: _problem_doc("Too many enrollment attempts for the account; see Retry-After"),
+# Each refusal of enrollment and the outcome it counts.
+_ENROLL_METRIC: dict[type[Exception], str | None] = {
+    EnrollmentRateLimitedError: "rate_limited",
+    EnrollmentKeyRejectedError: "rejected",
+    EndpointOfAnotherAccountError: "rejected",
+    EndpointLimitReachedError: "limit_reached",
+    EnrollmentConflictError: None,
 }
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    """How the enroll route answers one refusal of the use case."""
-
-    status: int
-    title: str
-    field: str
-    rule: str
-    metric: str | None
-
-
-_ENROLL_REFUSALS: dict[type[Exception], _Refusal] = {
-    EnrollmentRateLimitedError: _Refusal(
-        429, "Too many enrollment attempts", "account_id", "enrollment_rate", "rate_limited"
-    ),
-    EnrollmentKeyRejectedError: _Refusal(
-        403, "Enrollment key refused", "enrollment_key", "active_key", "rejected"
-    ),
-    EndpointOfAnotherAccountError: _Refusal(
-        403, "Endpoint of another account", "endpoint_id", "same_account", "rejected"
-    ),
-    EndpointLimitReachedError: _Refusal(
-        403, "Endpoint limit reached", "account_id", "max_endpoints", "limit_reached"
-    ),
-    EnrollmentConflictError: _Refusal(
-        409, "Concurrent enrollment", "endpoint_id", "concurrent", None
-    ),
-}
-_ENROLL_REFUSALS_TYPES = tuple(_ENROLL_REFUSALS)
+_ENROLL_REFUSALS_TYPES = tuple(_ENROLL_METRIC)
+_ENROLL_ERRORS = ERRORS.responses(*_ENROLL_REFUSALS_TYPES)
 
 
 @router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED, responses=_ENROLL_ERRORS)
@@ -292,18 +311,10 @@ async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollRes
             endpoint_id=body.endpoint_id,
         )
     except _ENROLL_REFUSALS_TYPES as exc:
-        refusal = next(r for t, r in _ENROLL_REFUSALS.items() if isinstance(exc, t))
-        if refusal.metric:
-            metrics.enrollments.labels(refusal.metric).inc()
-        retry_after = getattr(exc, "retry_after_s", None)
-        raise Problem(
-            refusal.status,
-            refusal.title,
-            field=refusal.field,
-            rule=refusal.rule,
-            detail=str(exc),
-            headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
-        ) from exc
+        outcome = next(m for t, m in _ENROLL_METRIC.items() if isinstance(exc, t))
+        if outcome:
+            metrics.enrollments.labels(outcome).inc()
+        raise  # answered by ERRORS
     metrics.enrollments.labels("reenrolled" if body.endpoint_id else "ok").inc()
     return EnrollResponse(agent_id=enrollment.agent_id, agent_token=enrollment.agent_token)
 
@@ -311,8 +322,18 @@ async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollRes
 @router.get(
     "/v1/agents/{agent_id}/policy",
     responses={
-        200: {"description": "The newest signed policy with a sequence above `after`."},
+        200: {
+            "model": SignedPolicy,
+            "description": "The newest signed policy with a sequence above `after`.",
+            "headers": {
+                "X-Policy-Sequence": {
+                    "description": "The policy's sequence.",
+                    "schema": {"type": "integer"},
+                }
+            },
+        },
         204: {"description": "No newer policy within `wait` seconds."},
+        **ERRORS.responses(AgentScopeError),
     },
 )
 async def get_policy(
@@ -324,9 +345,8 @@ async def get_policy(
 ) -> Response:
     settings: EnforcerSettings = request.app.state.settings
     if wait > settings.long_poll_max_s:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"wait: must be at most {settings.long_poll_max_s:g} seconds",
+        raise InputRejectedError(
+            "query.wait", "le", f"must be at most {settings.long_poll_max_s:g} seconds"
         )
     presence.note_poll(request, agent.agent_id)
     held = await handlers.wait_for_policy(deps, agent.agent_id, after=after, wait=wait)
@@ -339,24 +359,23 @@ async def get_policy(
     )
 
 
-@router.post("/v1/agents/{agent_id}/policy-status", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/v1/agents/{agent_id}/policy-status",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=ERRORS.responses(AgentScopeError, PolicyNotHeldError, StatusReportInvalidError),
+)
 async def post_policy_status(
     body: StatusReportRequest, agent: CurrentAgent, deps: Deps, metrics: Metrics
 ) -> StatusReportAccepted:
-    try:
-        report = await handlers.report_policy_status(
-            deps,
-            agent,
-            sequence=body.sequence,
-            policy_id=body.policy_id,
-            status=body.status,
-            rules_sha256=body.rules_sha256,
-            detail=body.detail,
-        )
-    except StatusReportInvalidError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
-    except PolicyNotHeldError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    report = await handlers.report_policy_status(
+        deps,
+        agent,
+        sequence=body.sequence,
+        policy_id=body.policy_id,
+        status=body.status,
+        rules_sha256=body.rules_sha256,
+        detail=body.detail,
+    )
     metrics.status_reports.labels(report.status).inc()
     return StatusReportAccepted(
         endpoint_id=report.endpoint_id, sequence=report.sequence, status=report.status
@@ -377,26 +396,13 @@ keys_router = APIRouter(
     prefix="/v1/accounts/{account_id}/enrollment-keys", tags=["enrollment keys"]
 )
 
-_KEY_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing, expired or forged bearer token"},
-    403: _problem_doc("A partner token for another account, or a service token"),
-    422: {"description": "Invalid account or key id (field and rule named)"},
-}
+_KEY_ERRORS = ERRORS.responses(AccountAccessDeniedError)
 
 
 def _key_admin(action: str) -> Any:
     # Authorised before anything else is read, so a partner learns nothing about another account.
     async def dependency(account_id: AccountIdPath, principal: CurrentPrincipal, deps: Deps) -> str:
-        try:
-            await handlers.authorize_key_admin(deps, principal, account_id, action)
-        except AccountAccessDeniedError as exc:
-            raise Problem(
-                status.HTTP_403_FORBIDDEN,
-                "Forbidden",
-                field="account_id",
-                rule="forbidden",
-                detail=str(exc),
-            ) from exc
+        await handlers.authorize_key_admin(deps, principal, account_id, action)
         return account_id
 
     return Depends(dependency)
@@ -438,7 +444,7 @@ async def rotate_enrollment_key(
 
 @keys_router.delete(
     "/{key_id}",
-    responses={**_KEY_ERRORS, 404: _problem_doc("No such key in the account")},
+    responses=ERRORS.responses(AccountAccessDeniedError, EnrollmentKeyNotFoundError),
 )
 async def revoke_enrollment_key(
     deps: Deps,
@@ -447,50 +453,15 @@ async def revoke_enrollment_key(
     account_id: Annotated[str, _key_admin("enrollment_key.revoke")],
 ) -> EnrollmentKeyView:
     """Refuse the key for new enrollments from now on (idempotent)."""
-    try:
-        record = await handlers.revoke_enrollment_key(deps, principal, account_id, key_id)
-    except EnrollmentKeyNotFoundError as exc:
-        raise Problem(
-            status.HTTP_404_NOT_FOUND, "Not found", field="key_id", rule="exists", detail=str(exc)
-        ) from exc
+    record = await handlers.revoke_enrollment_key(deps, principal, account_id, key_id)
     return EnrollmentKeyView.of(record)
 
 
-def _unavailable(detail: str) -> JSONResponse:
-    return JSONResponse(
-        {"detail": detail},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "1"},
-    )
-
-
 def install(app: FastAPI) -> None:
-    """Mount the agent routes and map infrastructure failures to 503 (never a 500)."""
+    """Mount the agent routes and map named and infrastructure errors (never a 500)."""
     app.include_router(router)
     app.include_router(keys_router)
-
-    @app.exception_handler(Problem)
-    async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return JSONResponse(
-            exc.body(),
-            status_code=exc.status_code,
-            headers=exc.headers,
-            media_type="application/problem+json",
-        )
-
-    @app.exception_handler(RedisError)
-    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
-        log.warning("answered 503: redis error %r", exc, extra={"path": request.url.path})
-        return _unavailable("the enforcer's store is unavailable; retry shortly")
-
-    @app.exception_handler(KafkaError)
-    async def _kafka_down(request: Request, exc: KafkaError) -> JSONResponse:
-        log.warning("answered 503: kafka error %r", exc, extra={"path": request.url.path})
-        return _unavailable("the event log is unavailable; retry shortly")
-
-    @app.exception_handler(handlers.SignerNotReadyError)
-    async def _not_ready(request: Request, exc: handlers.SignerNotReadyError) -> JSONResponse:
-        return _unavailable("the enforcer is starting; retry shortly")
+    ERRORS.install(app)
 
 
 AGENT_SCOPE_KEY = "hostiso.agent"

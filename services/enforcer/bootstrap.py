@@ -33,7 +33,7 @@ from services.enforcer.signing import (
 from shared import tracing
 from shared.config import ConfigError
 from shared.consume import ConsumeLoop
-from shared.http import add_operational_routes, serve
+from shared.http import add_operational_routes, serve, service_app
 from shared.logs import configure_logging
 from shared.redis import make_redis
 from shared.runtime import Runtime, single_node_redis
@@ -181,7 +181,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
             await store_redis.aclose()
             await store_redis.connection_pool.disconnect()
 
-    app = FastAPI(
+    app = service_app(
         title="hostiso enforcer",
         description="Agent enrollment and delivery of signed frozen isolation policies.",
         lifespan=lifespan,

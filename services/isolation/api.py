@@ -6,9 +6,7 @@ from datetime import datetime
 from typing import Annotated
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, FastAPI, Path, Query, Request, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
@@ -36,6 +34,7 @@ from shared.auth import (
     scoped_principal,
 )
 from shared.messages import FrozenPolicy, IsolationMode, IsolationState, PolicyMode
+from shared.problems import ErrorMapping, InputRejectedError, ProblemKind
 
 # One rule for every id in a path (the settings API's account id rule): printable ASCII, no
 # whitespace or control characters, at most 128. An id such as "acct-1\n" would otherwise be
@@ -57,7 +56,8 @@ Writer = Annotated[Principal, scoped_principal(SCOPE_ISOLATION_WRITE)]
 class IsolationBody(BaseModel):
     """Isolate an endpoint: standard freezes the allowlist now; strict allows the platform only."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: IsolationMode = Field("standard", examples=["standard", "strict"])
     reason: str = Field("", max_length=1000, examples=["incident 4711"])
@@ -66,7 +66,8 @@ class IsolationBody(BaseModel):
 class AccountStrictBody(BaseModel):
     """Strictly isolate every isolated or pending endpoint of the account (RMM compromised)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: 0 is not false and "3" is not 3, as the OpenAPI schema says (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     reason: str = Field("", max_length=1000)
     disable_allowlist: bool = Field(True, description="Also switch Tooling Connections off.")
@@ -118,6 +119,45 @@ class PolicyPreview(BaseModel):
     policy: FrozenPolicy | None
 
 
+_UNAVAILABLE = ProblemKind(
+    503, "Temporarily unavailable", "temporarily unavailable; retry", retry_after=1
+)
+# Every error a route may raise and how it answers (RFC 9457, shared.problems).
+ERRORS = ErrorMapping(
+    {
+        EndpointNotFoundError: ProblemKind(
+            404, "Not found", "No enrolled endpoint with this id", "endpoint_id", "enrolled"
+        ),
+        AccountForbiddenError: ProblemKind(
+            403,
+            "Forbidden",
+            "The endpoint or account belongs to another account",
+            "account_id",
+            "same_account",
+        ),
+        StrictOverrideDeniedError: ProblemKind(
+            403,
+            "Forbidden",
+            "Only the SOC may release or relax a strict isolation",
+            "mode",
+            "strict_override",
+        ),
+        ReplicaLagError: _UNAVAILABLE,
+        SettingsUnavailableError: _UNAVAILABLE,
+        KafkaError: _UNAVAILABLE,
+        RedisError: _UNAVAILABLE,
+        TimeoutError: _UNAVAILABLE,
+    },
+    fields={"endpoint_id": "path.endpoint_id"},
+    everywhere=(RedisError,),
+)
+_ENDPOINT_ERRORS = ERRORS.responses(EndpointNotFoundError, AccountForbiddenError)
+_WRITE_ERRORS = ERRORS.responses(
+    EndpointNotFoundError, AccountForbiddenError, StrictOverrideDeniedError
+)
+_ACCOUNT_ERRORS = ERRORS.responses(AccountForbiddenError)
+
+
 def build_router(service: IsolationService) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["isolation"])
 
@@ -125,6 +165,7 @@ def build_router(service: IsolationService) -> APIRouter:
         "/endpoints/{endpoint_id}/isolation",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=Accepted,
+        responses=_WRITE_ERRORS,
     )
     async def isolate(endpoint_id: EndpointId, body: IsolationBody, principal: Writer) -> Accepted:
         request_id = await service.submit_isolation(endpoint_id, body.mode, body.reason, principal)
@@ -134,6 +175,7 @@ def build_router(service: IsolationService) -> APIRouter:
         "/endpoints/{endpoint_id}/isolation",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=Accepted,
+        responses=_WRITE_ERRORS,
     )
     async def release(
         endpoint_id: EndpointId,
@@ -146,6 +188,7 @@ def build_router(service: IsolationService) -> APIRouter:
         "/accounts/{account_id}/strict-isolation",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=AccountStrictAccepted,
+        responses=_ACCOUNT_ERRORS,
     )
     async def strict_isolate_account(
         account_id: AccountId, body: AccountStrictBody, principal: Writer
@@ -155,18 +198,30 @@ def build_router(service: IsolationService) -> APIRouter:
         )
         return AccountStrictAccepted(request_id=request_id, endpoints=covered)
 
-    @router.get("/endpoints/{endpoint_id}/isolation", response_model=IsolationView)
+    @router.get(
+        "/endpoints/{endpoint_id}/isolation",
+        response_model=IsolationView,
+        responses=_ENDPOINT_ERRORS,
+    )
     async def get_isolation(endpoint_id: EndpointId, principal: Reader) -> IsolationView:
         return IsolationView.of(await service.isolation_of(endpoint_id, principal))
 
-    @router.get("/accounts/{account_id}/isolations", response_model=AccountIsolations)
+    @router.get(
+        "/accounts/{account_id}/isolations",
+        response_model=AccountIsolations,
+        responses=_ACCOUNT_ERRORS,
+    )
     async def list_isolations(account_id: AccountId, principal: Reader) -> AccountIsolations:
         states = await service.isolations_of_account(account_id, principal)
         return AccountIsolations(
             account_id=account_id, endpoints=[IsolationView.of(s) for s in states]
         )
 
-    @router.get("/endpoints/{endpoint_id}/isolation/preview", response_model=PolicyPreview)
+    @router.get(
+        "/endpoints/{endpoint_id}/isolation/preview",
+        response_model=PolicyPreview,
+        responses=_ENDPOINT_ERRORS,
+    )
     async def preview(
         endpoint_id: EndpointId,
         principal: Reader,
@@ -180,24 +235,7 @@ def build_router(service: IsolationService) -> APIRouter:
 
 def add_error_handlers(app: FastAPI) -> None:
     """Named errors become 4xx; infrastructure trouble a 503 that does not leak internals."""
-
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
-
-    async def forbidden(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_403_FORBIDDEN)
-
-    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"temporarily unavailable ({type(exc).__name__}); retry"},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        )
-
-    app.add_exception_handler(EndpointNotFoundError, not_found)
-    app.add_exception_handler(AccountForbiddenError, forbidden)
-    app.add_exception_handler(StrictOverrideDeniedError, forbidden)
-    for error in (ReplicaLagError, SettingsUnavailableError, KafkaError, RedisError, TimeoutError):
-        app.add_exception_handler(error, unavailable)
+    ERRORS.install(app)
 
 
 # --- inventory and timeline ------------------------------------------------------------
@@ -220,19 +258,9 @@ class IsolationTimeline(BaseModel):
     items: list[TimelinePolicy]
 
 
-def _invalid_query(name: str, message: str) -> RequestValidationError:
-    # The same 422 as FastAPI's own query validation, so every error names its field alike.
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("query", name), "msg": message, "input": None}]
-    )
-
-
-_READ_ERRORS: dict[int | str, dict[str, str]] = {
-    401: {"description": "Missing, expired or forged bearer token"},
-    403: {"description": "A partner token for another account"},
-    422: {"description": "Invalid parameter (the field is named)"},
-    503: {"description": "Redis, Kafka or the registry replica unavailable or behind; retry"},
-}
+def _invalid_query(name: str, message: str) -> InputRejectedError:
+    # A 422 problem naming the query field, like FastAPI's own query validation.
+    return InputRejectedError(f"query.{name}", "valid_cursor", message)
 
 
 def build_inventory_router(inventory: InventoryService) -> APIRouter:
@@ -241,7 +269,7 @@ def build_inventory_router(inventory: InventoryService) -> APIRouter:
     @router.get(
         "/accounts/{account_id}/endpoints",
         response_model=EndpointInventory,
-        responses=_READ_ERRORS,
+        responses=_ACCOUNT_ERRORS,
         summary="List the account's enrolled endpoints",
     )
     async def list_endpoints(
@@ -270,7 +298,7 @@ def build_inventory_router(inventory: InventoryService) -> APIRouter:
     @router.get(
         "/endpoints/{endpoint_id}/isolation/timeline",
         response_model=IsolationTimeline,
-        responses={**_READ_ERRORS, 404: {"description": "No enrolled endpoint with this id"}},
+        responses=_ENDPOINT_ERRORS,
         summary="The policies issued to an endpoint and the agent's answers",
     )
     async def isolation_timeline(

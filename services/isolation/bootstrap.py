@@ -30,7 +30,13 @@ from services.isolation.handlers import IsolationService, SettingsClient
 from services.isolation.inventory import InventoryService
 from shared import tracing
 from shared.auth import AUDIENCE_ISOLATION
-from shared.http import add_operational_routes, install_request_guards, serve, token_policy
+from shared.http import (
+    add_operational_routes,
+    install_request_guards,
+    serve,
+    service_app,
+    token_policy,
+)
 from shared.kafka import DeadLetterSink
 from shared.logs import configure_logging
 from shared.runtime import Runtime
@@ -149,7 +155,7 @@ def build_app(
                 checks[f"replica:{replica.topic}"] = False
         return checks
 
-    app = FastAPI(
+    app = service_app(
         title="hostiso isolation service",
         description="Endpoint isolation with frozen Tooling Allowlist snapshots (DESIGN.md §4).",
         lifespan=lifespan,

@@ -16,12 +16,21 @@ from redis.exceptions import RedisError
 from services.settings.domain import (
     Allowlist,
     Change,
+    DuplicateAddressError,
+    EntryNotFoundError,
     EntryRejectedError,
+    InvalidIfMatchError,
     SettingsError,
+    StaleVersionError,
     find_entry,
     parse_if_match,
 )
-from services.settings.handlers import NotPublishedError, SettingsHandlers
+from services.settings.handlers import (
+    AccountAccessDeniedError,
+    ConcurrentChangeError,
+    NotPublishedError,
+    SettingsHandlers,
+)
 from services.settings.metrics import SettingsMetrics
 from shared.auth import (
     SCOPE_ALLOWLIST_READ,
@@ -32,6 +41,7 @@ from shared.auth import (
     require_scope,
 )
 from shared.messages import AllowlistEntry
+from shared.problems import ErrorMapping, Problem, ProblemKind, problem_doc, problem_response
 
 log = logging.getLogger(__name__)
 
@@ -155,40 +165,78 @@ class EntryChangeRequest(BaseModel):
     address: StrictStr | None = None
 
 
-class ErrorItem(BaseModel):
-    """Where the request went wrong, which rule, and what to do."""
-
-    loc: list[str]
-    msg: str
-    type: str
-
-
-class ErrorBody(BaseModel):
-    """Error answer: ``detail`` names the field and the rule."""
-
-    detail: list[ErrorItem]
-
-
-class UnpublishedBody(BaseModel):
+class UnpublishedProblem(Problem):
     """503: the change is saved in the outbox but not yet in Kafka."""
 
-    detail: str
-    version: int
+    version: int = Field(description="The saved version (also the ETag).", examples=[8])
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing, expired or forged bearer token"},
-    403: {"model": ErrorBody, "description": "A partner token for another account"},
-    422: {"model": ErrorBody, "description": "Invalid input (field and rule named)"},
-}
-_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
-    404: {"model": ErrorBody, "description": "No such entry"},
-    409: {"model": ErrorBody, "description": "Duplicate address"},
-    412: {"model": ErrorBody, "description": "If-Match names a stale version"},
-    413: {"description": "Body over the limit (problem+json), refused before it is read"},
-    503: {"model": UnpublishedBody, "description": "Saved, but not yet in Kafka"},
-}
+class MovedProblem(Problem):
+    """410: the route moved; ``location`` is where to go."""
+
+    location: str = Field(examples=["/v1/accounts/acct-1/enrollment-keys"])
+
+
+# Every domain error of the settings service and how it answers (RFC 9457, shared.problems).
+ERRORS = ErrorMapping(
+    {
+        DuplicateAddressError: ProblemKind(409, "Duplicate address", "Duplicate address"),
+        EntryRejectedError: ProblemKind(
+            422, "Invalid input", "Invalid input (field and rule named)"
+        ),
+        InvalidIfMatchError: ProblemKind(422, "Invalid input", "If-Match is not a version"),
+        EntryNotFoundError: ProblemKind(404, "Not found", "No such entry"),
+        StaleVersionError: ProblemKind(412, "Stale version", "If-Match names a stale version"),
+        AccountAccessDeniedError: ProblemKind(403, "Forbidden", "A token of another account"),
+        ConcurrentChangeError: ProblemKind(
+            409, "Concurrent change", "The allowlist kept changing; retry", retry_after=1
+        ),
+        NotPublishedError: ProblemKind(
+            503,
+            "Not yet published",
+            "Saved, but not yet in Kafka",
+            retry_after=5,
+            model=UnpublishedProblem,
+        ),
+        RedisError: ProblemKind(
+            503,
+            "Store unavailable",
+            "settings store unavailable; the change may not be saved, retry",
+            retry_after=2,
+            log_level=logging.ERROR,
+        ),
+        SettingsError: ProblemKind(400, "Refused", "Refused (field and rule named)"),
+    },
+    fields={
+        "name": "body.name",
+        "address": "body.address",
+        "If-Match": "header.If-Match",
+        "entry_id": "path.entry_id",
+        "account_id": "path.account_id",
+        "entries": "allowlist.entries",
+    },
+    everywhere=(RedisError,),
+)
+_READ_ERRORS = ERRORS.responses(AccountAccessDeniedError)
+_WRITE_ERRORS = ERRORS.responses(
+    AccountAccessDeniedError,
+    EntryRejectedError,
+    InvalidIfMatchError,
+    StaleVersionError,
+    ConcurrentChangeError,
+    NotPublishedError,
+)
+_ENTRY_ERRORS = {**_WRITE_ERRORS, **ERRORS.responses(EntryNotFoundError)}
+_ADD_ERRORS = ERRORS.responses(
+    AccountAccessDeniedError,
+    EntryRejectedError,
+    DuplicateAddressError,
+    InvalidIfMatchError,
+    StaleVersionError,
+    ConcurrentChangeError,
+    NotPublishedError,
+)
+_CHANGE_ERRORS = {**_ADD_ERRORS, **ERRORS.responses(EntryNotFoundError)}
 
 
 # --- dependencies ----------------------------------------------------------------------
@@ -245,7 +293,7 @@ def _with_etag(response: Response, version: int) -> None:
 router = APIRouter(prefix="/v1/accounts/{account_id}", tags=["tooling allowlist"])
 
 
-@router.get("/tooling-allowlist", response_model=AllowlistView, responses=_ERRORS)
+@router.get("/tooling-allowlist", response_model=AllowlistView, responses=_READ_ERRORS)
 async def read_allowlist(
     access: Annotated[AccountAccess, Depends(_access("allowlist.read"))], response: Response
 ) -> AllowlistView:
@@ -274,7 +322,7 @@ async def switch_tooling_connections(
     "/tooling-allowlist/entries",
     response_model=EntryWritten,
     status_code=status.HTTP_201_CREATED,
-    responses=_WRITE_ERRORS,
+    responses=_ADD_ERRORS,
 )
 async def add_entry(
     access: Annotated[AccountAccess, Depends(_access("allowlist.entry.add"))],
@@ -290,7 +338,7 @@ async def add_entry(
 
 
 @router.patch(
-    "/tooling-allowlist/entries/{entry_id}", response_model=EntryWritten, responses=_WRITE_ERRORS
+    "/tooling-allowlist/entries/{entry_id}", response_model=EntryWritten, responses=_CHANGE_ERRORS
 )
 async def change_entry(
     access: Annotated[AccountAccess, Depends(_access("allowlist.entry.update"))],
@@ -311,7 +359,7 @@ async def change_entry(
 
 
 @router.delete(
-    "/tooling-allowlist/entries/{entry_id}", response_model=AllowlistView, responses=_WRITE_ERRORS
+    "/tooling-allowlist/entries/{entry_id}", response_model=AllowlistView, responses=_ENTRY_ERRORS
 )
 async def remove_entry(
     access: Annotated[AccountAccess, Depends(_access("allowlist.entry.remove"))],
@@ -327,7 +375,7 @@ async def remove_entry(
     return AllowlistView.of(allowlist)
 
 
-@router.get("/tooling-allowlist/history", response_model=HistoryView, responses=_ERRORS)
+@router.get("/tooling-allowlist/history", response_model=HistoryView, responses=_READ_ERRORS)
 async def read_history(
     access: Annotated[AccountAccess, Depends(_access("allowlist.history"))],
     response: Response,
@@ -353,11 +401,10 @@ async def read_history(
     "/enrollment-key",
     status_code=status.HTTP_410_GONE,
     responses={
-        **_ERRORS,
-        410: {
-            "description": "Moved: the enforcer issues, lists and revokes enrollment keys",
-            "content": {"application/problem+json": {}},
-        },
+        **_READ_ERRORS,
+        410: problem_doc(
+            "Moved: the enforcer issues, lists and revokes enrollment keys", MovedProblem
+        ),
     },
 )
 async def read_enrollment_key(
@@ -373,17 +420,12 @@ async def read_enrollment_key(
         f"enrollment keys moved to the enforcer: POST {moved} issues a new key (shown once), "
         f"GET {moved} lists them, DELETE {moved}/{{key_id}} revokes one"
     )
-    return JSONResponse(
-        {
-            "type": "urn:hostiso:problem:enrollment_key.moved",
-            "title": "Gone",
-            "status": 410,
-            "detail": detail,
-            "errors": [{"field": "enrollment_key", "rule": "moved", "message": detail}],
-            "location": moved,
-        },
-        status_code=status.HTTP_410_GONE,
-        media_type="application/problem+json",
+    return problem_response(
+        status.HTTP_410_GONE,
+        detail,
+        title="Gone",
+        errors=[{"field": "enrollment_key", "rule": "moved", "message": detail}],
+        extensions={"location": moved},
     )
 
 
@@ -407,37 +449,19 @@ def _entry_written(response: Response, allowlist: Allowlist, change: Change | No
 
 # --- errors and metrics ----------------------------------------------------------------
 
-_LOCATION = {"name": "body", "address": "body", "If-Match": "header", "entry_id": "path"}
-_LOCATION.update({"account_id": "path", "entries": "allowlist"})
-
-
-def error_body(error: SettingsError) -> dict[str, Any]:
-    loc = [_LOCATION[error.field], error.field] if error.field in _LOCATION else [error.field]
-    return {"detail": [{"loc": loc, "msg": error.message, "type": f"{error.field}.{error.rule}"}]}
-
 
 def install(app: FastAPI, metrics: SettingsMetrics) -> None:
     """Add the routes and the error mapping to ``app`` (shared.http counts the requests)."""
     app.include_router(router)
+    ERRORS.install(app)
 
     @app.exception_handler(NotPublishedError)
     async def _unpublished(request: Request, error: NotPublishedError) -> JSONResponse:
         metrics.unpublished_writes.inc()
-        return JSONResponse(
-            {"detail": error.message, "version": error.version},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        return problem_response(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            error.message,
+            title="Not yet published",
             headers={"Retry-After": "5", "ETag": f'"{error.version}"'},
-        )
-
-    @app.exception_handler(SettingsError)
-    async def _settings_error(request: Request, error: SettingsError) -> JSONResponse:
-        return JSONResponse(error_body(error), status_code=error.status)
-
-    @app.exception_handler(RedisError)
-    async def _store_unavailable(request: Request, error: RedisError) -> JSONResponse:
-        log.error("settings store (Redis) error: %r", error)
-        return JSONResponse(
-            {"detail": "settings store unavailable; the change may not be saved, retry"},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "2"},
+            extensions={"version": error.version},
         )

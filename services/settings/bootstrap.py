@@ -22,7 +22,13 @@ from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
 from shared import tracing
 from shared.auth import AUDIENCE_SETTINGS
-from shared.http import add_operational_routes, install_request_guards, serve, token_policy
+from shared.http import (
+    add_operational_routes,
+    install_request_guards,
+    serve,
+    service_app,
+    token_policy,
+)
 from shared.logs import configure_logging
 from shared.runtime import Runtime, single_node_redis
 
@@ -72,7 +78,7 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
             await relay.stop()
             await runtime.stop()
 
-    app = FastAPI(
+    app = service_app(
         title="hostiso settings service",
         description="Tooling Allowlist per account (DESIGN.md §4): the source of truth and the "
         "only writer of settings.allowlist.v1. A 2xx write means its AllowlistChanged event "

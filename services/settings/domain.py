@@ -25,7 +25,6 @@ CLOUD_RMM_HINT = (
 class SettingsError(Exception):
     """Base of the settings service's domain errors; ``field`` names the offending input."""
 
-    status = 400
     field: str = ""
     rule: str = ""
 
@@ -37,8 +36,6 @@ class SettingsError(Exception):
 class EntryRejectedError(SettingsError):
     """An entry's name or address breaks a rule of DESIGN.md §7."""
 
-    status = 422
-
     def __init__(self, field: str, rule: str, message: str) -> None:
         super().__init__(message)
         self.field = field
@@ -47,8 +44,6 @@ class EntryRejectedError(SettingsError):
 
 class DuplicateAddressError(EntryRejectedError):
     """The account already has an entry with this address."""
-
-    status = 409
 
     def __init__(self, address: str, existing_name: str) -> None:
         super().__init__(
@@ -73,7 +68,6 @@ class EntryLimitError(EntryRejectedError):
 class EntryNotFoundError(SettingsError):
     """No entry with this id in the account's allowlist."""
 
-    status = 404
     field = "entry_id"
     rule = "not_found"
 
@@ -84,7 +78,6 @@ class EntryNotFoundError(SettingsError):
 class StaleVersionError(SettingsError):
     """``If-Match`` named a version that is no longer current."""
 
-    status = 412
     field = "If-Match"
     rule = "stale_version"
 
@@ -100,7 +93,6 @@ class StaleVersionError(SettingsError):
 class InvalidIfMatchError(SettingsError):
     """``If-Match`` is not a version (``"7"``, ``W/"7"``, ``7`` or ``*``)."""
 
-    status = 422
     field = "If-Match"
     rule = "invalid"
 

@@ -46,15 +46,12 @@ class AuditSink(Protocol):
 class AccountAccessDeniedError(SettingsError):
     """A partner tried to touch another account."""
 
-    status = 403
     field = "account_id"
     rule = "forbidden"
 
 
 class NotPublishedError(SettingsError):
     """The change is saved but its event is not in Kafka yet (Kafka unreachable or slow)."""
-
-    status = 503
 
     def __init__(self, version: int) -> None:
         super().__init__(
@@ -67,7 +64,6 @@ class NotPublishedError(SettingsError):
 class ConcurrentChangeError(SettingsError):
     """The compare-and-set kept losing to other writers."""
 
-    status = 409
     field = "version"
     rule = "contention"
 
@@ -128,7 +124,7 @@ class SettingsHandlers:
                 outcome="denied" if outcome == "denied" else "rejected",
                 actor=_actor(principal),
                 account_id=account_id,
-                detail=f"{error.status} {error.field}.{error.rule}: {error.message}",
+                detail=f"{error.field}.{error.rule}: {error.message}",
             )
         )
 

@@ -30,6 +30,7 @@ from shared.auth import (
     TokenPolicy,
 )
 from shared.infra.proc import free_port
+from shared.problems import InputRejectedError, install_problem_handlers
 
 JWT_SECRET = "portal-test-jwt-secret-0123456789abcdef"
 CLOUD_RMM = (
@@ -43,10 +44,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _invalid(field_name: str, msg: str, status: int = 422) -> HTTPException:
-    return HTTPException(
-        status, detail=[{"loc": ["body", field_name], "msg": msg, "type": "value_error"}]
-    )
+def _invalid(field_name: str, msg: str) -> InputRejectedError:
+    # Answered as the real services answer: an RFC 9457 problem naming body.<field>.
+    return InputRejectedError(f"body.{field_name}", "value_error", msg)
 
 
 def address_problem(address: str) -> str | None:
@@ -236,6 +236,7 @@ def _check_if_match(platform: FakePlatform, allowlist: Allowlist, if_match: str 
 
 def build_settings_app(platform: FakePlatform, *, isolation_url: str) -> FastAPI:
     app = FastAPI()
+    install_problem_handlers(app)
     app.state.token_policy = TokenPolicy(JWT_SECRET, audience=AUDIENCE_SETTINGS)
     base = "/v1/accounts/{account_id}/tooling-allowlist"
 
@@ -343,6 +344,7 @@ def build_settings_app(platform: FakePlatform, *, isolation_url: str) -> FastAPI
 
 def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAPI:
     app = FastAPI()
+    install_problem_handlers(app)
     app.state.token_policy = TokenPolicy(JWT_SECRET, audience=AUDIENCE_ISOLATION)
     app.add_middleware(
         CORSMiddleware,

@@ -43,12 +43,13 @@ async def test_enrollment_with_a_wrong_key_or_bad_fields_is_refused(enforcer: Ru
     assert "enrollment_key" in wrong.json()["detail"]
     bad = await http.post("/v1/agents/enroll", json={**body, "platform": "amiga", "hostname": ""})
     assert bad.status_code == 422
-    fields = {tuple(err["loc"]) for err in bad.json()["detail"]}
+    fields = {tuple(err["field"].split(".")) for err in bad.json()["errors"]}
     assert {("body", "platform"), ("body", "hostname")} <= fields
     not_json = await http.post(
         "/v1/agents/enroll", content=b"{", headers={"content-type": "application/json"}
     )
-    assert not_json.status_code == 422
+    assert not_json.status_code == 400
+    assert not_json.headers["content-type"] == "application/problem+json"
 
 
 async def test_agent_token_opens_only_its_own_routes(enforcer: Running) -> None:

@@ -76,7 +76,7 @@ async def test_rotation_refuses_the_old_key_while_agents_enrolled_with_it_keep_p
     assert old.status_code == 403
     assert old.headers["content-type"].startswith("application/problem+json")
     assert old.json()["errors"] == [
-        {"field": "enrollment_key", "rule": "active_key", "message": old.json()["detail"]}
+        {"field": "body.enrollment_key", "rule": "active_key", "message": old.json()["detail"]}
     ]
     # The agent's token never depended on the key it enrolled with.
     assert (await agent.poll()).status_code == 204
@@ -111,7 +111,7 @@ async def test_a_revoked_key_is_refused_for_enrollment(enforcer: Running) -> Non
     )
     assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
     unknown = await http.delete("/v1/accounts/acct-1/enrollment-keys/0123456789abcdef", headers=SOC)
-    assert unknown.status_code == 404 and unknown.json()["errors"][0]["field"] == "key_id"
+    assert unknown.status_code == 404 and unknown.json()["errors"][0]["field"] == "path.key_id"
     # A key of one account never opens another account.
     other = await rotate(http, "acct-2")
     assert (await try_enroll(http, "acct-1", other["enrollment_key"])).status_code == 403
@@ -192,7 +192,7 @@ async def test_enrollment_rate_limit_answers_429_with_retry_after_and_spares_oth
         assert 1 <= int(limited.headers["Retry-After"]) <= 60
         body = limited.json()
         assert body["status"] == 429
-        assert body["errors"][0]["field"] == "account_id"
+        assert body["errors"][0]["field"] == "body.account_id"
         assert body["errors"][0]["rule"] == "enrollment_rate"
         assert "at most 3 enrollment attempts per minute" in body["detail"]
         await enroll_with(http, "acct-2", enrollment_key(DEV_ENROLLMENT_SECRET, "acct-2"))

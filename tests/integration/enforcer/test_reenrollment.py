@@ -79,7 +79,7 @@ async def test_reenrollment_with_another_accounts_endpoint_id_is_refused(
     refused = await reenroll(http, "acct-1", victim.agent_id)
     assert refused.status_code == 403
     assert refused.json()["errors"][0] == {
-        "field": "endpoint_id",
+        "field": "body.endpoint_id",
         "rule": "same_account",
         "message": refused.json()["detail"],
     }
@@ -140,6 +140,6 @@ async def test_endpoint_id_must_be_a_plain_id(enforcer: Running) -> None:
     _, http = enforcer
     bad = await reenroll(http, "acct-1", "{slot}/../x")
     assert bad.status_code == 422
-    assert ("body", "endpoint_id") in {tuple(err["loc"]) for err in bad.json()["detail"]}
+    assert "body.endpoint_id" in {err["field"] for err in bad.json()["errors"]}
     bad_account = await reenroll(http, "{acct-1}", "e1", key_account="acct-1")
     assert bad_account.status_code == 422

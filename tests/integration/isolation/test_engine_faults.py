@@ -63,14 +63,14 @@ async def test_an_account_id_with_a_control_character_is_refused_naming_the_fiel
             f"/v1/accounts/{bad}/strict-isolation", json={}, headers=h.token()
         )
         assert response.status_code == 422, (bad, response.text)
-        (error,) = response.json()["detail"]
-        assert error["loc"] == ["path", "account_id"]
-        assert "pattern" in error["msg"]
+        (error,) = response.json()["errors"]
+        assert error["field"] == "path.account_id"
+        assert "pattern" in error["message"]
     response = await h.http.post(
         "/v1/endpoints/ep-1%0A/isolation", json={"mode": "standard"}, headers=h.token()
     )
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["path", "endpoint_id"]
+    assert response.json()["errors"][0]["field"] == "path.endpoint_id"
 
 
 async def test_a_poison_strict_request_is_dead_lettered_and_later_ones_on_its_partition_handled(

@@ -270,13 +270,14 @@ async def test_bad_input_gets_clear_4xx_or_dlq_and_the_service_carries_on(h: Har
         "/v1/endpoints/ep-b/isolation", json={"mode": "lenient"}, headers=h.token()
     )
     assert bad_mode.status_code == 422
-    assert bad_mode.json()["detail"][0]["loc"] == ["body", "mode"]
+    assert bad_mode.json()["errors"][0]["field"] == "body.mode"
     bad_json = await h.http.post(
         "/v1/endpoints/ep-b/isolation",
         content=b"{not json",
         headers={**h.token(), "Content-Type": "application/json"},
     )
-    assert bad_json.status_code == 422
+    assert bad_json.status_code == 400
+    assert bad_json.json()["errors"][0]["rule"] == "json_invalid"
     assert (
         await h.http.post("/v1/endpoints/ep-b/isolation", json={"mode": "strict"})
     ).status_code == 401

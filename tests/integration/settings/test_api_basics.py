@@ -43,7 +43,7 @@ async def test_allowlist_lifecycle_carries_versions_and_etags(module_app: Settin
         module_app.url(account, f"/entries/{entry['id']}"), headers={**partner, "If-Match": '"2"'}
     )
     assert stale_delete.status_code == 412
-    assert stale_delete.json()["detail"][0]["loc"] == ["header", "If-Match"]
+    assert stale_delete.json()["errors"][0]["field"] == "header.If-Match"
     removed = await client.delete(
         module_app.url(account, f"/entries/{entry['id']}"), headers={**partner, "If-Match": '"3"'}
     )

@@ -84,7 +84,8 @@ async def test_fuzzed_bodies_never_5xx_and_never_store_an_invalid_entry(
     assert response.status_code < 500, response.text
     assert response.status_code in (200, 201, 404, 409, 422), response.text
     if response.status_code >= 400:
-        detail = response.json()["detail"]
-        assert isinstance(detail, list) and detail and "loc" in detail[0] and detail[0]["msg"]
+        assert response.headers["content-type"] == "application/problem+json"
+        errors = response.json()["errors"]
+        assert isinstance(errors, list) and errors and errors[0]["field"] and errors[0]["message"]
     state = (await client.get(module_app.url(ACCOUNT), headers=SOC)).json()
     _assert_stored_state_is_valid(state)

@@ -63,8 +63,8 @@ async def test_invalid_paging_parameters_get_422_naming_the_field(
         module_app.url("acct-paging", "/history"), params=params, headers=SOC
     )
     assert response.status_code == 422, response.text
-    [error] = response.json()["detail"]
-    assert error["loc"] == ["query", field]
+    [error] = response.json()["errors"]
+    assert error["field"] == f"query.{field}"
 
 
 async def test_history_storage_is_trimmed_to_the_configured_maximum(

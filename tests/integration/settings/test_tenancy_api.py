@@ -76,9 +76,9 @@ async def test_route_role_account_matrix(
     before = (await module_app.client.get(module_app.url(account), headers=SOC)).json()
     if role == "partner" and whose == "other":
         assert response.status_code == 403, response.text
-        [error] = response.json()["detail"]
-        assert error["loc"] == ["path", "account_id"]
-        assert "may not access account" in error["msg"]
+        [error] = response.json()["errors"]
+        assert error["field"] == "path.account_id"
+        assert "may not access account" in error["message"]
         assert before["version"] == 1, "a refused write must change nothing"
     else:
         assert response.status_code == route[4], response.text

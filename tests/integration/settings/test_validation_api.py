@@ -125,10 +125,11 @@ async def test_entry_validation_answers_status_field_and_message(
         assert response.headers["ETag"] == '"1"'
         assert [e["address"] for e in stored["entries"]] == [address]
     else:
-        [error] = body["detail"]
-        assert error["loc"] == ["body", field]
-        assert message in error["msg"], error["msg"]
-        assert error["type"].startswith(f"{field}.")
+        [error] = body["errors"]
+        assert error["field"] == f"body.{field}"
+        assert message in error["message"], error["message"]
+        assert response.json()["type"].startswith(f"urn:hostiso:problem:{field}.")
+        assert error["rule"]
         assert stored["entries"] == [] and stored["version"] == 0
 
 
@@ -149,19 +150,19 @@ async def test_wrong_json_types_name_the_field(
         module_app.url("acct-types", "/entries"), json=payload, headers=SOC
     )
     assert response.status_code == 422
-    [error] = response.json()["detail"]
-    assert error["loc"] == ["body", field]
-    assert message in error["msg"]
+    [error] = response.json()["errors"]
+    assert error["field"] == f"body.{field}"
+    assert message in error["message"]
 
 
-async def test_malformed_json_is_a_422_naming_the_body(module_app: SettingsApp) -> None:
+async def test_malformed_json_is_a_400_naming_the_body(module_app: SettingsApp) -> None:
     response = await module_app.client.post(
         module_app.url("acct-json", "/entries"),
         content=b'{"name": "RMM", "address": ',
         headers={**SOC, "Content-Type": "application/json"},
     )
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"][0] == "body"
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"].startswith("body")
 
 
 async def test_switch_must_be_a_json_boolean(module_app: SettingsApp) -> None:
@@ -169,7 +170,7 @@ async def test_switch_must_be_a_json_boolean(module_app: SettingsApp) -> None:
         module_app.url("acct-switch"), json={"enabled": "yes"}, headers=SOC
     )
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "enabled"]
+    assert response.json()["errors"][0]["field"] == "body.enabled"
 
 
 async def test_duplicate_address_is_409_naming_the_address(module_app: SettingsApp) -> None:
@@ -177,9 +178,9 @@ async def test_duplicate_address_is_409_naming_the_address(module_app: SettingsA
     assert (await module_app.add(account, "RMM", "192.168.7.7")).status_code == 201
     response = await module_app.add(account, "Other", "192.168.7.7")
     assert response.status_code == 409
-    [error] = response.json()["detail"]
-    assert error["loc"] == ["body", "address"]
-    assert "already in this account's allowlist" in error["msg"]
+    [error] = response.json()["errors"]
+    assert error["field"] == "body.address"
+    assert "already in this account's allowlist" in error["message"]
     other = (await module_app.add(account, "Other", "192.168.7.8")).json()
     readdress = await module_app.client.patch(
         module_app.url(account, f"/entries/{other['entry']['id']}"),
@@ -197,14 +198,14 @@ async def test_invalid_readdress_is_refused_and_changes_nothing(module_app: Sett
         url, json={"address": "rmm.cloud.example"}, headers=SOC
     )
     assert response.status_code == 422
-    assert CLOUD in response.json()["detail"][0]["msg"]
+    assert CLOUD in response.json()["errors"][0]["message"]
     empty = await module_app.client.patch(url, json={}, headers=SOC)
     assert empty.status_code == 422
     missing = await module_app.client.patch(
         module_app.url(account, "/entries/no-such-entry"), json={"name": "x"}, headers=SOC
     )
     assert missing.status_code == 404
-    assert missing.json()["detail"][0]["loc"] == ["path", "entry_id"]
+    assert missing.json()["errors"][0]["field"] == "path.entry_id"
     stored = (await module_app.client.get(module_app.url(account), headers=SOC)).json()
     assert stored["version"] == 1
 
@@ -219,15 +220,15 @@ async def test_entry_limit_is_422_and_configurable(
             ).status_code == 201
         response = await running.add("acct-limit", "one too many", "10.0.0.99")
         assert response.status_code == 422
-        [error] = response.json()["detail"]
-        assert error["loc"] == ["allowlist", "entries"]
-        assert "maximum of 3 entries" in error["msg"]
+        [error] = response.json()["errors"]
+        assert error["field"] == "allowlist.entries"
+        assert "maximum of 3 entries" in error["message"]
 
 
 async def test_invalid_account_id_in_path_is_422(module_app: SettingsApp) -> None:
     response = await module_app.client.get(module_app.url("bad:account"), headers=SOC)
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["path", "account_id"]
+    assert response.json()["errors"][0]["field"] == "path.account_id"
 
 
 async def test_if_match_must_be_a_version(module_app: SettingsApp) -> None:
@@ -235,4 +236,4 @@ async def test_if_match_must_be_a_version(module_app: SettingsApp) -> None:
         module_app.url("acct-ifmatch"), json={"enabled": True}, headers={**SOC, "If-Match": "abc"}
     )
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["header", "If-Match"]
+    assert response.json()["errors"][0]["field"] == "header.If-Match"

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.docs import APP_FACTORIES
+from tools.docs import APP_FACTORIES
 
 # Metric family names as the text exposition declares them (counters without ``_total``).
 COMMON = {

@@ -1,7 +1,9 @@
-"""Writes the checked-in API documents: ``docs/asyncapi.json`` and ``docs/openapi-<service>.json``.
+"""Writes the checked-in API documents: ``docs/asyncapi.{json,yaml}``,
+``docs/openapi-<service>.json`` and ``docs/schemas/<topic>/<Type>.json``.
 
-Run ``python -m shared.docs`` after changing a route, a message or a topic; unit tests fail
-while the checked-in documents differ from what the code generates.
+Run ``python -m tools.docs`` after changing a route, a message or a topic; unit tests fail
+while the checked-in documents differ from what the code generates. Dev tooling: it builds the
+services' apps, so it lives outside ``shared/`` (which imports nothing above it).
 """
 
 from __future__ import annotations
@@ -53,8 +55,26 @@ def openapi_document(service: str) -> dict[str, Any]:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    # The same layout ``faststream docs gen`` uses, so either tool rewrites the file identically.
     path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+
+SCHEMAS_DIR = "schemas"
+
+
+def write_schemas(target: Path = DOCS_DIR) -> list[Path]:
+    """``<target>/schemas/<topic>/<Type>.json`` for every message; stale files are removed."""
+    from shared.asyncapi import message_schemas
+
+    root = target / SCHEMAS_DIR
+    written = []
+    for (topic, name), schema in message_schemas().items():
+        path = root / topic / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, schema)
+        written.append(path)
+    for stale in set(root.glob("*/*.json")) - set(written):
+        stale.unlink()
+    return written
 
 
 def write_all(target: Path = DOCS_DIR) -> list[Path]:
@@ -69,6 +89,7 @@ def write_all(target: Path = DOCS_DIR) -> list[Path]:
         path = target / f"openapi-{service}.json"
         _write_json(path, openapi_document(service))
         written.append(path)
+    written.extend(write_schemas(target))
     return written
 
 
