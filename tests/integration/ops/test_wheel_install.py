@@ -143,7 +143,17 @@ outside = {m: f for m, f in files.items() if not f.startswith(sys.prefix)}
 assert not outside, f"imported from outside the venv: {outside}"
 
 import asyncio, httpx
-from shared.docs import APP_FACTORIES
+from services.settings.bootstrap import build_app as settings_app
+from services.settings.config import SettingsServiceSettings
+from services.isolation.bootstrap import build_app as isolation_app
+from services.isolation.config import IsolationSettings
+from services.enforcer.bootstrap import build_app as enforcer_app
+from services.enforcer.config import EnforcerSettings
+APP_FACTORIES = {
+    "settings": lambda: settings_app(SettingsServiceSettings(dev=True)),
+    "isolation": lambda: isolation_app(IsolationSettings(dev=True)),
+    "enforcer": lambda: enforcer_app(EnforcerSettings(dev=True)),
+}
 async def main():
     seen = {}
     for service, factory in APP_FACTORIES.items():

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.docs import APP_FACTORIES
+from tools.docs import APP_FACTORIES
 from tests.dockerbuild import ROOT
 
 RULES = ROOT / "docs/prometheus/alerts.yml"

@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from shared import tracing
-from shared.docs import APP_FACTORIES
+from tools.docs import APP_FACTORIES
 from tests.dockerbuild import ROOT
 
 
@@ -143,7 +143,7 @@ def test_with_tracing_off_the_services_import_neither_the_sdk_nor_instrumentatio
     # (redis-py imports opentelemetry.sdk.metrics for its own optional metrics: not ours.)
     script = (
         "import sys\n"
-        "from shared.docs import APP_FACTORIES\n"
+        "from tools.docs import APP_FACTORIES\n"
         "for factory in APP_FACTORIES.values():\n"
         "    factory()\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(("
