@@ -18,8 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tools.docs import APP_FACTORIES
 from tests.dockerbuild import ROOT
+from tools.docs import APP_FACTORIES
 
 RULES = ROOT / "docs/prometheus/alerts.yml"
 RULE_TESTS = ROOT / "docs/prometheus/alerts.test.yml"

@@ -21,8 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from shared import tracing
-from tools.docs import APP_FACTORIES
 from tests.dockerbuild import ROOT
+from tools.docs import APP_FACTORIES
 
 
 class Receiver:
