@@ -298,14 +298,35 @@ def allowlist_disable(
 def allowlist_add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Display name, e.g. 'ConnectWise Automate'.")],
-    address: Annotated[str, typer.Argument(help="Static IPv4 address of a self-hosted RMM.")],
+    address: Annotated[
+        str,
+        typer.Argument(help="Static IPv4/IPv6 address or narrow prefix of a self-hosted RMM."),
+    ],
     account: AccountOption = None,
     if_match: IfMatchOption = None,
+    port: Annotated[
+        list[int] | None,
+        typer.Option("--port", help="Allow only this port (repeatable; needs --protocol)."),
+    ] = None,
+    protocol: Annotated[
+        str | None, typer.Option("--protocol", help="tcp, udp or any (default any).")
+    ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option("--expires", help="RFC 3339 time the entry stops (at most 90 days ahead)."),
+    ] = None,
 ) -> None:
-    """Add an entry (static IPv4 only: cloud RMMs are not supported)."""
+    """Add an entry (static addresses or narrow prefixes only: cloud RMMs are not supported)."""
     account_id = resolve_account(ctx, account)
+    options: dict[str, Any] = {}
+    if port:
+        options["ports"] = port
+    if protocol is not None:
+        options["protocol"] = protocol
+    if expires is not None:
+        options["expires_at"] = expires
     with platform(ctx) as api:
-        body = api.add_entry(account_id, name, address, if_match=if_match).body
+        body = api.add_entry(account_id, name, address, if_match=if_match, options=options).body
     entry_id = body.get("id") if isinstance(body, dict) else None
     _out().print(plain(f"Added {name!r} {address}" + (f" (entry {entry_id})" if entry_id else "")))
 
