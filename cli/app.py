@@ -242,13 +242,25 @@ def _print_allowlist(body: dict[str, Any]) -> None:
     for entry in entries:
         table.add_row(
             plain(entry.get("name", "")),
-            plain(entry.get("address", "")),
+            plain(entry.get("address", "") + _entry_reach(entry)),
             plain(entry.get("created_by", "")),
             plain(_when(entry.get("created_at"))),
             plain(entry.get("id", "")),
         )
     out.print(table)
     out.print("Changes reach only endpoints isolated afterwards.")
+
+
+def _entry_reach(entry: dict[str, Any]) -> str:
+    """Allowlist v2: `` tcp/8041,443 until …`` after the address; nothing for a v1 entry."""
+    reach = ""
+    protocol = entry.get("protocol") or "any"
+    if protocol != "any":
+        ports = ",".join(str(p) for p in entry.get("ports") or [])
+        reach += f" {protocol}" + (f"/{ports}" if ports else "")
+    if entry.get("expires_at"):
+        reach += f" until {_when(entry.get('expires_at'))}"
+    return reach
 
 
 @allowlist_app.command("show")
