@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -185,6 +186,18 @@ class AllowedPeer(SignedContract):
         if self.ports and self.protocol == "any":
             raise ValueError('ports need protocol "tcp" or "udp" (rule: ports_need_protocol)')
         return self
+
+    # Left unannotated on purpose: an annotated wrap serializer replaces the model's schema in
+    # the API documents. On the wire a v1-shaped peer stays ``{name, address}``, so an agent
+    # that predates policy v2 (strict: unknown fields refused) still applies a v1-shaped policy.
+    @model_serializer(mode="wrap")
+    def _v1_shape_when_default(self, handler):  # type: ignore[no-untyped-def]
+        data = handler(self)
+        if isinstance(data, dict):
+            for key, default in _PEER_V2_DEFAULTS.items():
+                if key in data and data[key] in (default, ()):
+                    del data[key]
+        return data
 
 
 # Policy v2 fields of a peer and their defaults: left out of the signed bytes when default.

@@ -113,3 +113,13 @@ def test_peer_key_is_canonical() -> None:
     assert peer_key("2001:db8:1:0::/64", (), "any") == ("2001:db8:1::/64", (), "any")
     assert peer_key("203.0.113.10", (80, 443), "tcp") == peer_key("203.0.113.10", (443, 80), "tcp")
     assert peer_key("203.0.113.10", (80,), "tcp") != peer_key("203.0.113.10", (80,), "udp")
+
+
+def test_a_v1_shaped_policy_travels_as_v1_so_agents_that_predate_v2_still_apply_it() -> None:
+    # An agent before policy v2 refuses unknown peer fields (SignedContract is strict).
+    signer = _signer()
+    wire = json.loads(signer.sign(sample_policy(3)).model_dump_json())
+    assert wire["policy"]["allowed_outbound"] == [{"name": "RMM", "address": "203.0.113.10"}]
+    v2 = AllowedPeer(name="RMM", address="203.0.113.10", ports=(22,), protocol="tcp")
+    assert set(json.loads(v2.model_dump_json())) == {"name", "address", "ports", "protocol"}
+    assert AllowedPeer.model_validate_json(v2.model_dump_json()) == v2
