@@ -498,7 +498,15 @@ def validate_expires_at(raw: str | None, now: datetime) -> datetime | None:
             "timezone",
             "expires_at must carry a time zone offset (Z or +01:00), e.g. 2026-12-31T18:00:00Z",
         )
-    when = when.astimezone(UTC)
+    try:
+        when = when.astimezone(UTC)
+    except OverflowError:
+        # Year 1 or 9999 with an offset: outside what a date can hold, so far past or future.
+        when = (
+            datetime.min.replace(tzinfo=UTC)
+            if when.year < 2000
+            else datetime.max.replace(tzinfo=UTC)
+        )
     if when <= now:
         raise EntryRejectedError(
             "expires_at", "past", f"expires_at {raw} is not in the future; give a later time"

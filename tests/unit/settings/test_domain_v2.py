@@ -116,3 +116,18 @@ def test_prefix_limits_are_parameters() -> None:
         )  # fmt: skip
     assert caught.value.rule == "prefix_too_wide" and "/28" in caught.value.message
     assert domain.validate_address("2001:db8::/96", max_prefix_v6=96) == "2001:db8::/96"
+
+
+@pytest.mark.parametrize(
+    ("raw", "rule"),
+    [
+        ("0001-01-01T00:00:00+01:00", "past"),
+        ("9999-12-31T23:59:59-01:00", "too_far"),
+        ("2026-12-01T12:00:00+25:00", "format"),
+        ("2026-12-01 12:00:00Z", "format"),
+    ],
+)
+def test_odd_expiry_times_get_a_rule_not_a_crash(raw: str, rule: str) -> None:
+    with pytest.raises(EntryRejectedError) as caught:
+        domain.validate_expires_at(raw, NOW)
+    assert (caught.value.field, caught.value.rule) == ("expires_at", rule)
