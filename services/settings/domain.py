@@ -117,7 +117,10 @@ def _reject(rule: str, message: str) -> EntryRejectedError:
 
 _WHITESPACE_OR_INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2028-\u202f\u205f-\u206f\ufeff]")
 _DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
-_RANGE = re.compile(r"^[0-9A-Fa-f.:]+\s*-\s*[0-9A-Fa-f.:]+$")
+# IPv4 a-b, or IPv6 a-b (colons on both sides: "cafe-face" is a hostname, not a range).
+_RANGE = re.compile(
+    r"^([0-9.]+\s*-\s*[0-9.]+|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\s*-\s*[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)$"
+)
 _WITH_PORT = re.compile(r"^[0-9.]+:[0-9]*$")
 _BRACKETED = re.compile(r"^\[([^\]]*)\](:[0-9]*)?$")
 _HOSTNAME_CHARS = re.compile(r"^[A-Za-z0-9.-]+$")
