@@ -116,7 +116,8 @@ class HistoryRecord(BaseModel):
     at: datetime
     detail: str
     before: dict[str, Any] | None = Field(
-        description="Entry changes: the entry {id, name, address} before (null when added); "
+        description="Entry changes: the entry {id, name, address} (and its ports, protocol, "
+        "expires_at when set) before (null when added); "
         'the switch: {"enabled": ...}. Records written before 2026-12 hold the whole list.'
     )
     after: dict[str, Any] | None = Field(
