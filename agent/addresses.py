@@ -20,6 +20,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.addresses import (
@@ -29,9 +30,10 @@ from shared.addresses import (
     parse_address_or_prefix,
     parse_host_address,
 )
-from shared.messages import FrozenPolicy
+from shared.messages import FrozenPolicy, PeerProtocol
 
 __all__ = [
+    "AllowedEntry",
     "HostFacts",
     "IPAddress",
     "IPNetwork",
@@ -157,39 +159,101 @@ class HostFacts:
 
 
 @dataclass(frozen=True)
+class AllowedEntry:
+    """One allowlist peer of the policy in force: where, which transport and ports, until when.
+
+    ``protocol == "any"`` means every protocol and port (``ports`` is then empty); ``tcp`` or
+    ``udp`` with empty ``ports`` means every port of that protocol.
+    """
+
+    network: IPNetwork
+    protocol: PeerProtocol = "any"
+    ports: tuple[int, ...] = ()
+    expires_at: datetime | None = None
+
+    def permits(self, address: IPAddress, protocol: str | None, port: int | None) -> bool:
+        if address not in self.network:
+            return False
+        if self.protocol == "any":
+            return True
+        if protocol is not None and protocol != self.protocol:
+            return False
+        return port is None or not self.ports or port in self.ports
+
+
+@dataclass(frozen=True)
 class PermittedPeers:
     """Every peer an isolated host may talk to, validated, collapsed and split by role."""
 
     platform: tuple[IPNetwork, ...]
-    allowlist: tuple[IPNetwork, ...]
+    entries: tuple[AllowedEntry, ...]
     resolvers: tuple[IPAddress, ...]
 
     @property
+    def allowlist(self) -> tuple[IPNetwork, ...]:
+        """The allowlist networks open to every protocol and port."""
+        return collapse(e.network for e in self.entries if e.protocol == "any")
+
+    @property
+    def restricted(self) -> tuple[AllowedEntry, ...]:
+        """The allowlist entries limited to one protocol (and perhaps ports)."""
+        return tuple(e for e in self.entries if e.protocol != "any")
+
+    @property
     def all(self) -> tuple[IPNetwork, ...]:
+        """Every network the host may reach in some way (protocol- or port-limited or not)."""
         return collapse(
-            (*self.platform, *self.allowlist, *(ipaddress.ip_network(a) for a in self.resolvers))
+            (
+                *self.platform,
+                *(e.network for e in self.entries),
+                *(ipaddress.ip_network(a) for a in self.resolvers),
+            )
         )
 
-    def permits(self, address: IPAddress) -> bool:
-        return any(address in network for network in self.all)
+    def permits(
+        self, address: IPAddress, protocol: str | None = None, port: int | None = None
+    ) -> bool:
+        """Whether the ruleset lets the host open ``protocol``/``port`` to ``address``
+        (None: some protocol / some port)."""
+        if any(address in network for network in self.platform):
+            return True
+        if any(e.permits(address, protocol, port) for e in self.entries):
+            return True
+        return address in self.resolvers and (
+            (protocol is None or protocol in ("tcp", "udp")) and port in (None, 53)
+        )
 
 
-def permitted_peers(policy: FrozenPolicy, facts: HostFacts) -> PermittedPeers:
+def permitted_peers(
+    policy: FrozenPolicy, facts: HostFacts, now: datetime | None = None
+) -> PermittedPeers:
     """Validate and collect the peers; strict and release policies carry no allowlist.
 
     The host's own platform addresses are configuration: a bad one raises InvalidAddressError.
-    The policy's addresses passed the same rules at decode, so they cannot raise here.
+    The policy's addresses passed the same rules at decode, so they cannot raise here. An entry
+    whose ``expires_at`` is not after ``now`` (default: the current time) is left out: the
+    agent never opens an expired entry (ENFORCEMENT.md "Expiry without a new policy").
     """
     for value in facts.platform_addresses:
         _host_address("platform_addresses", value)
     platform = _networks("platform", (*policy.platform, *facts.platform_addresses))
-    allowlist: tuple[IPNetwork, ...] = ()
+    at = now if now is not None else datetime.now(UTC)
+    entries: list[AllowedEntry] = []
     if policy.mode == "standard":
-        allowlist = _networks(
-            "allowed_outbound.address", (peer.address for peer in policy.allowed_outbound)
-        )
+        for peer in policy.allowed_outbound:
+            if peer.expires_at is not None and peer.expires_at <= at:
+                continue
+            (network,) = _networks("allowed_outbound.address", (peer.address,))
+            entries.append(
+                AllowedEntry(
+                    network=network,
+                    protocol=peer.protocol,
+                    ports=tuple(sorted(peer.ports)) if peer.protocol != "any" else (),
+                    expires_at=peer.expires_at,
+                )
+            )
     resolvers = usable_resolvers(facts.dns_resolvers)
-    return PermittedPeers(platform=platform, allowlist=allowlist, resolvers=resolvers)
+    return PermittedPeers(platform=platform, entries=tuple(entries), resolvers=resolvers)
 
 
 def split_families(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from agent.addresses import HostFacts, InvalidAddressError
-from agent.nft import is_permitted, render_release, render_ruleset, rules_sha256
+from agent.nft import is_permitted, render_release, render_ruleset, retime, rules_sha256
 from shared.messages import FrozenPolicy
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,11 @@ class NftablesFirewall:
         return True
 
     async def _rollback(self) -> str:
-        previous = self.current_ruleset or render_release(self.table)
+        # The stored text's element timeouts were computed when it was first applied: recompute
+        # them (and leave out what expired since), so a rollback never re-opens an entry.
+        previous = retime(self.current_ruleset) if self.current_ruleset else None
         try:
-            await self.load(previous)
+            await self.load(previous or render_release(self.table))
         except NftablesError as exc:
             return f"rollback failed too: {exc}"
         return "rolled back to the previous ruleset" if self.current_ruleset else "rolled back"
@@ -197,6 +199,7 @@ class NftablesFirewall:
 
 def _probe_permitted(policy: FrozenPolicy, facts: HostFacts, probe: Probe) -> bool:
     try:
-        return is_permitted(policy, facts, probe.host)
+        # The probe is a TCP connect: a peer open only to UDP, or to other ports, does not count.
+        return is_permitted(policy, facts, probe.host, protocol="tcp", port=probe.port)
     except ValueError:
         return True  # a hostname: cannot say it is non-permitted, so no negative claim

@@ -277,13 +277,25 @@ def _print_allowlist(body: dict[str, Any]) -> None:
     for entry in entries:
         table.add_row(
             plain(entry.get("name", "")),
-            plain(entry.get("address", "")),
+            plain(entry.get("address", "") + _entry_reach(entry)),
             plain(entry.get("created_by", "")),
             plain(_when(entry.get("created_at"))),
             plain(entry.get("id", "")),
         )
     out.print(table)
     out.print("Changes reach only endpoints isolated afterwards.")
+
+
+def _entry_reach(entry: dict[str, Any]) -> str:
+    """Allowlist v2: `` tcp/8041,443 until …`` after the address; nothing for a v1 entry."""
+    reach = ""
+    protocol = entry.get("protocol") or "any"
+    if protocol != "any":
+        ports = ",".join(str(p) for p in entry.get("ports") or [])
+        reach += f" {protocol}" + (f"/{ports}" if ports else "")
+    if entry.get("expires_at"):
+        reach += f" until {_when(entry.get('expires_at'))}"
+    return reach
 
 
 @allowlist_app.command("show")
@@ -344,15 +356,36 @@ def allowlist_disable(
 def allowlist_add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Display name, e.g. 'ConnectWise Automate'.")],
-    address: Annotated[str, typer.Argument(help="Static IPv4 address of a self-hosted RMM.")],
+    address: Annotated[
+        str,
+        typer.Argument(help="Static IPv4/IPv6 address or narrow prefix of a self-hosted RMM."),
+    ],
     account: AccountOption = None,
     if_match: IfMatchOption = None,
     as_json: JsonOption = False,
+    port: Annotated[
+        list[int] | None,
+        typer.Option("--port", help="Allow only this port (repeatable; needs --protocol)."),
+    ] = None,
+    protocol: Annotated[
+        str | None, typer.Option("--protocol", help="tcp, udp or any (default any).")
+    ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option("--expires", help="RFC 3339 time the entry stops (at most 90 days ahead)."),
+    ] = None,
 ) -> None:
-    """Add an entry (static IPv4 only: cloud RMMs are not supported)."""
+    """Add an entry (static addresses or narrow prefixes only: cloud RMMs are not supported)."""
     account_id = resolve_account(ctx, account)
+    options: dict[str, Any] = {}
+    if port:
+        options["ports"] = port
+    if protocol is not None:
+        options["protocol"] = protocol
+    if expires is not None:
+        options["expires_at"] = expires
     with platform(ctx) as api:
-        body = api.add_entry(account_id, name, address, if_match=if_match).body
+        body = api.add_entry(account_id, name, address, if_match=if_match, options=options).body
     if as_json:
         _print_json(body)
         return

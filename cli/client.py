@@ -161,12 +161,19 @@ class PlatformClient:
         )
 
     def add_entry(
-        self, account_id: str, name: str, address: str, *, if_match: str | None
+        self,
+        account_id: str,
+        name: str,
+        address: str,
+        *,
+        if_match: str | None,
+        options: dict[str, Any] | None = None,
     ) -> Answer:
+        """``options``: the allowlist v2 fields (ports, protocol, expires_at), only when given."""
         return self._call(
             "POST",
             f"{self._allowlist(account_id)}/entries",
-            json={"name": name, "address": address},
+            json={"name": name, "address": address, **(options or {})},
             if_match=if_match,
         )
 

@@ -258,6 +258,33 @@
       : "";
   }
 
+  // Allowlist v2: protocol, ports and expiry of an entry, after its address (nothing for v1).
+  function entryReach(entry) {
+    const parts = [];
+    if (entry.protocol && entry.protocol !== "any") {
+      const ports = (entry.ports || []).join(", ");
+      parts.push(`${entry.protocol.toUpperCase()} ${ports ? `port ${ports}` : "every port"}`);
+    }
+    if (entry.expires_at) parts.push(`until ${fmtTime(entry.expires_at)}`);
+    return parts.length ? [el("span", { class: "entry-reach muted", text: ` · ${parts.join(" · ")}` })] : [];
+  }
+
+  // The optional v2 fields of the add form; left out of the body when empty, so {name, address}
+  // stays what it always was. Ports that are not numbers go as typed: the API names the rule.
+  function entryOptions() {
+    const out = {};
+    const protocol = $("entry-protocol").value;
+    if (protocol && protocol !== "any") out.protocol = protocol;
+    const ports = $("entry-ports").value.split(/[\s,]+/).filter(Boolean);
+    if (ports.length) out.ports = ports.map((p) => (/^\d+$/.test(p) ? Number(p) : p));
+    const expires = $("entry-expires").value;
+    if (expires) {
+      const when = new Date(expires);
+      out.expires_at = Number.isNaN(when.getTime()) ? expires : when.toISOString();
+    }
+    return out;
+  }
+
   function entryRow(entry) {
     const renameBtn = el("button", { type: "button", class: "btn btn-sm", "aria-label": `Rename ${entry.name}`, text: "Rename" });
     const removeBtn = el("button", { type: "button", class: "btn btn-sm btn-link-danger", "aria-label": `Remove ${entry.name}`, text: "Remove" });
@@ -265,7 +292,7 @@
       "tr",
       { "data-entry-id": entry.id },
       el("td", { class: "entry-name", text: entry.name }),
-      el("td", { class: "mono entry-address", text: entry.address }),
+      el("td", { class: "mono entry-address" }, entry.address, ...entryReach(entry)),
       el("td", { text: entry.created_by || "—" }),
       el("td", { text: fmtTime(entry.created_at) }),
       el("td", { class: "actions" }, renameBtn, removeBtn),
@@ -359,15 +386,20 @@
     const address = $("entry-address").value;
     setFieldError("entry-name", "entry-name-error", "");
     setFieldError("entry-address", "entry-address-error", "");
+    for (const f of ["protocol", "ports", "expires"]) setFieldError(`entry-${f}`, `entry-${f}-error`, "");
     $("add-form-error").textContent = "";
+    const options = entryOptions();
     // One write at a time: the next one must carry the version this one produces.
     setAddFormBusy(true);
     let res;
     try {
-      res = await api("settings", "POST", `${allowlistPath()}/entries`, { body: { name, address }, ifMatch: state.etag });
+      res = await api("settings", "POST", `${allowlistPath()}/entries`, { body: { name, address, ...options }, ifMatch: state.etag });
       if (res.ok) {
         $("entry-name").value = "";
         $("entry-address").value = "";
+        $("entry-ports").value = "";
+        $("entry-expires").value = "";
+        $("entry-protocol").value = "any";
         announce(`Added ${name} (${address})`);
         await loadAllowlist();
       }
@@ -384,18 +416,34 @@
       await loadAllowlist();
       return;
     }
-    const errs = fieldErrors(res.data, ["name", "address"]);
+    const errs = fieldErrors(res.data, ["name", "address", "protocol", "ports", "expires_at"]);
     if (errs.name) setFieldError("entry-name", "entry-name-error", errs.name.join(" "));
     if (errs.address) setFieldError("entry-address", "entry-address-error", errs.address.join(" "));
-    if (errs.general.length || (!errs.name && !errs.address)) {
+    if (errs.protocol) setFieldError("entry-protocol", "entry-protocol-error", errs.protocol.join(" "));
+    if (errs.ports) setFieldError("entry-ports", "entry-ports-error", errs.ports.join(" "));
+    if (errs.expires_at) setFieldError("entry-expires", "entry-expires-error", errs.expires_at.join(" "));
+    const named = errs.name || errs.address || errs.protocol || errs.ports || errs.expires_at;
+    if (errs.general.length || !named) {
       $("add-form-error").textContent = errs.general.join(" ") || `Refused (${res.status}).`;
     }
-    const first = errs.address ? "entry-address" : errs.name ? "entry-name" : null;
+    const first = errs.address
+      ? "entry-address"
+      : errs.name
+        ? "entry-name"
+        : errs.protocol
+          ? "entry-protocol"
+          : errs.ports
+            ? "entry-ports"
+            : errs.expires_at
+              ? "entry-expires"
+              : null;
     if (first) $(first).focus();
   }
 
   function setAddFormBusy(busy) {
-    for (const id of ["entry-name", "entry-address", "entry-add"]) $(id).disabled = busy || !state.allowlist;
+    for (const id of ["entry-name", "entry-address", "entry-protocol", "entry-ports", "entry-expires", "entry-add"]) {
+      $(id).disabled = busy || !state.allowlist;
+    }
     $("add-form").setAttribute("aria-busy", String(busy));
   }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -141,9 +141,13 @@ def next_sequence(current: EndpointIsolation) -> int:
 
 
 def snapshot_allowlist(
-    account_id: str, settings: AllowlistChanged | None
+    account_id: str, settings: AllowlistChanged | None, *, now: datetime | None = None
 ) -> tuple[tuple[AllowedPeer, ...], int]:
-    """The account's allowlist as it is now (empty if off or unknown) and its settings version."""
+    """The account's allowlist as it is now (empty if off or unknown) and its settings version.
+
+    Entries past their ``expires_at`` at ``now`` (default: the current time) are left out
+    (DESIGN §5); the others keep their ports, protocol and expiry, which the agent enforces.
+    """
     if settings is None:
         return (), 0
     if settings.account_id != account_id:
@@ -153,7 +157,18 @@ def snapshot_allowlist(
         )
     if not settings.enabled:
         return (), settings.version
-    peers = tuple(AllowedPeer(name=e.name, address=e.address) for e in settings.entries)
+    at = now if now is not None else datetime.now(UTC)
+    peers = tuple(
+        AllowedPeer(
+            name=e.name,
+            address=e.address,
+            ports=e.ports,
+            protocol=e.protocol,
+            expires_at=e.expires_at,
+        )
+        for e in settings.entries
+        if e.expires_at is None or e.expires_at > at
+    )
     return peers, settings.version
 
 
@@ -175,10 +190,10 @@ def _issue(
     settings: AllowlistChanged | None,
 ) -> PolicyIssued:
     if mode == "standard":
-        peers, version = snapshot_allowlist(current.account_id, settings)
+        peers, version = snapshot_allowlist(current.account_id, settings, now=ctx.now)
     else:
         # Strict and release carry no allowlist; the version still records what was known.
-        _, version = snapshot_allowlist(current.account_id, settings)
+        _, version = snapshot_allowlist(current.account_id, settings, now=ctx.now)
         peers = ()
     policy = FrozenPolicy(
         policy_id=ctx.policy_id,

@@ -18,6 +18,7 @@ from services.settings.adapters.outbox_relay import (
 )
 from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
+from services.settings.domain import EntryLimits
 from services.settings.handlers import SettingsHandlers
 from services.settings.metrics import SettingsMetrics
 from shared import tracing
@@ -65,6 +66,10 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
         audit=KafkaAuditSink(runtime.producer, runtime.topics, metrics, settings.audit_timeout_s),
         max_entries=settings.allowlist_max_entries,
         publish_wait_s=settings.publish_wait_s,
+        entry_limits=EntryLimits(
+            max_prefix_v4=settings.allowlist_max_prefix_v4,
+            max_prefix_v6=settings.allowlist_max_prefix_v6,
+        ),
     )
 
     @contextlib.asynccontextmanager

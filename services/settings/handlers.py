@@ -91,12 +91,14 @@ class SettingsHandlers:
         audit: AuditSink,
         max_entries: int,
         publish_wait_s: float,
+        entry_limits: domain.EntryLimits | None = None,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self._store = store
         self._publication = publication
         self._audit = audit
         self._max_entries = max_entries
+        self._entry_limits = entry_limits or domain.EntryLimits()
         self._publish_wait_s = publish_wait_s
         self._new_id = new_id
 
@@ -158,7 +160,16 @@ class SettingsHandlers:
         return after
 
     async def add_entry(
-        self, principal: Actor, account_id: str, name: str, address: str, if_match: int | None
+        self,
+        principal: Actor,
+        account_id: str,
+        name: str,
+        address: str,
+        if_match: int | None,
+        *,
+        ports: list[int] | None = None,
+        protocol: str | None = None,
+        expires_at: str | None = None,
     ) -> tuple[Allowlist, Change | None]:
         entry_id = self._new_id()
         return await self._change(
@@ -174,6 +185,10 @@ class SettingsHandlers:
                 created_by=principal.sub,
                 now=now,
                 max_entries=self._max_entries,
+                ports=ports,
+                protocol=protocol,
+                expires_at=expires_at,
+                limits=self._entry_limits,
             ),
         )
 
@@ -185,6 +200,10 @@ class SettingsHandlers:
         name: str | None,
         address: str | None,
         if_match: int | None,
+        *,
+        ports: list[int] | None = None,
+        protocol: str | None = None,
+        expires_at: str | domain.Keep | None = domain.KEEP,
     ) -> tuple[Allowlist, Change | None]:
         return await self._change(
             principal,
@@ -192,7 +211,15 @@ class SettingsHandlers:
             if_match,
             "allowlist.entry.update",
             lambda current, now: domain.update_entry(
-                current, entry_id, name=name, address=address, now=now
+                current,
+                entry_id,
+                name=name,
+                address=address,
+                now=now,
+                ports=ports,
+                protocol=protocol,
+                expires_at=expires_at,
+                limits=self._entry_limits,
             ),
         )
 

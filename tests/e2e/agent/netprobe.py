@@ -16,7 +16,13 @@ import threading
 
 
 def _serve(port: int) -> None:
-    server = socket.create_server(("0.0.0.0", port), reuse_port=False)
+    # Dual stack where the namespace has IPv6 (allowlist v2 tests reach an IPv6 RMM).
+    if socket.has_dualstack_ipv6():
+        server = socket.create_server(
+            ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=False
+        )
+    else:
+        server = socket.create_server(("0.0.0.0", port), reuse_port=False)
     server.listen(64)
     print("ready", flush=True)
 
@@ -36,7 +42,9 @@ def _serve(port: int) -> None:
 def _connect(target: str, source: str | None, timeout: float) -> socket.socket:
     host, port = target.rsplit(":", 1)
     return socket.create_connection(
-        (host, int(port)), timeout=timeout, source_address=(source, 0) if source else None
+        (host.strip("[]"), int(port)),
+        timeout=timeout,
+        source_address=(source, 0) if source else None,
     )
 
 

@@ -22,6 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
 from portal import mount_portal
+from services.settings.domain import EntryRejectedError, validate_address
 from shared.auth import (
     AUDIENCE_ISOLATION,
     AUDIENCE_SETTINGS,
@@ -53,10 +54,13 @@ def address_problem(address: str) -> str | None:
     """The DESIGN §7 rule an address breaks, as the API words it (a subset is enough here)."""
     if re.search(r"[a-zA-Z]", address) and ":" not in address:
         return f"address: {CLOUD_RMM}"
-    if "/" in address:
-        return "address: ranges (CIDR) are not allowed; enter a single IPv4 address"
-    if ":" in address:
-        return "address: IPv6 is not supported; enter an IPv4 address"
+    if "/" in address or ":" in address:
+        # Allowlist v2 forms (CIDR, IPv6): the real service's rules.
+        try:
+            validate_address(address)
+        except EntryRejectedError as exc:
+            return f"address: {exc.message}"
+        return None
     if not _DOTTED_QUAD.match(address):
         return "address: must be a dotted-quad IPv4 address without leading zeros"
     ip = ipaddress.IPv4Address(address)
@@ -70,6 +74,9 @@ def address_problem(address: str) -> str | None:
 class EntryIn(BaseModel):
     name: str
     address: str
+    ports: list[int] = []
+    protocol: str = "any"
+    expires_at: str | None = None
 
 
 class EntryRename(BaseModel):
@@ -292,6 +299,9 @@ def build_settings_app(platform: FakePlatform, *, isolation_url: str) -> FastAPI
                 "id": str(uuid.uuid4()),
                 "name": name,
                 "address": body.address,
+                "ports": sorted(body.ports),
+                "protocol": body.protocol,
+                "expires_at": body.expires_at,
                 "created_at": _now(),
                 "created_by": who.sub,
             }

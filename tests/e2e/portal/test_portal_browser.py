@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,22 @@ def test_valid_entry_is_added_and_listed_with_who_and_when(
 
     _add_entry(page, "Kaseya VSA", "198.51.100.7")
     _add_entry(page, "NinjaOne relay", "10.20.30.40")
-    expect(page.locator("#entries-body tr")).to_have_count(3)
+    # Allowlist v2: an IPv6 vendor tool, TCP 8041 only, for a week.
+    page.get_by_label("Protocol").select_option("tcp")
+    page.get_by_label("Ports (optional, TCP/UDP)").fill("8041")
+    page.get_by_label("Expires (optional)").fill(
+        (datetime.now() + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M")
+    )
+    _add_entry(page, "Vendor tool", "2001:db8::10")
+    expect(page.locator("#entries-body tr")).to_have_count(4)
+    vendor = page.locator("#entries-body tr").filter(has_text="2001:db8::10")
+    expect(vendor).to_contain_text("TCP port 8041")
+    expect(vendor).to_contain_text("until")
+    added = platform.allowlist(account).entries[-1]
+    assert (added["ports"], added["protocol"]) == ([8041], "tcp")
+    assert added["expires_at"] is not None and added["expires_at"].endswith("Z")
+    assert platform.allowlist(account).entries[0]["protocol"] == "any"
+    expect(page.get_by_label("Protocol")).to_have_value("any")
     page.get_by_role("switch", name="Tooling Connections").click()
     expect(page.locator("#switch-state")).to_have_text("On")
     shot = _shot(page, screenshot_dir, "allowlist")

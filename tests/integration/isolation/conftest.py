@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,8 +80,9 @@ class Harness:
         )
 
     def allowlist_event(
-        self, account_id: str, addresses: list[str], *, enabled: bool = True
+        self, account_id: str, addresses: Sequence[str | dict[str, Any]], *, enabled: bool = True
     ) -> AllowlistChanged:
+        """Entries by address, or (allowlist v2) as ``{address, ports, protocol, expires_at}``."""
         version = self.versions.get(account_id, 0) + 1
         self.versions[account_id] = version
         now = datetime.now(UTC)
@@ -99,12 +100,22 @@ class Harness:
                     created_at=now,
                     created_by="x",
                 )
+                if isinstance(a, str)
+                else AllowlistEntry.model_validate(
+                    {
+                        "id": f"{account_id}-{a['address']}",
+                        "name": f"RMM {a['address']}",
+                        "created_at": now,
+                        "created_by": "x",
+                        **a,
+                    }
+                )
                 for a in addresses
             ),
         )
 
     async def set_allowlist(
-        self, account_id: str, addresses: list[str], *, enabled: bool = True
+        self, account_id: str, addresses: Sequence[str | dict[str, Any]], *, enabled: bool = True
     ) -> AllowlistChanged:
         """As the settings service does: the change is acknowledged once it is in Kafka."""
         event = self.allowlist_event(account_id, addresses, enabled=enabled)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 from shared.messages import (
     Actor,
     IsolateEndpoint,
@@ -13,11 +16,24 @@ from tests.integration.isolation.conftest import Harness
 PARTNER_1 = Actor(sub="alice", role="partner", account_id="acct-1")
 
 
+def _v2_entry(**extra: Any) -> dict[str, Any]:
+    """An allowlist v2 entry: IPv6 prefix, TCP ports, expiring in an hour."""
+    return {
+        "address": "2001:db8:1::/64",
+        "ports": (443, 8041),
+        "protocol": "tcp",
+        "expires_at": datetime.now(UTC) + timedelta(hours=1),
+        **extra,
+    }
+
+
 async def test_snapshot_is_allowlist_at_isolation_time_and_empty_when_off(h: Harness) -> None:
     await h.register("ep-on", "acct-1")
     await h.register("ep-off", "acct-2")
-    await h.set_allowlist("acct-1", ["203.0.113.10", "203.0.113.11"])
-    await h.set_allowlist("acct-2", ["203.0.113.20"], enabled=False)
+    v2 = _v2_entry()
+    expired = _v2_entry(address="198.51.100.0/24", expires_at=datetime.now(UTC))
+    await h.set_allowlist("acct-1", ["203.0.113.10", "203.0.113.11", v2, expired])
+    await h.set_allowlist("acct-2", ["203.0.113.20", _v2_entry()], enabled=False)
     for endpoint in ("ep-on", "ep-off"):
         response = await h.http.post(
             f"/v1/endpoints/{endpoint}/isolation",
@@ -27,10 +43,18 @@ async def test_snapshot_is_allowlist_at_isolation_time_and_empty_when_off(h: Har
         assert response.status_code == 202, response.text
         assert response.json()["request_id"]
     commands = {c.policy.endpoint_id: c.policy for c in await h.commands(expect=2)}
+    # v2: ports, protocol and expiry frozen with the entry; the expired entry left out.
     assert [p.address for p in commands["ep-on"].allowed_outbound] == [
         "203.0.113.10",
         "203.0.113.11",
+        "2001:db8:1::/64",
     ]
+    peer = commands["ep-on"].allowed_outbound[2]
+    assert (peer.ports, peer.protocol, peer.expires_at) == (
+        (443, 8041),
+        "tcp",
+        v2["expires_at"],
+    )
     assert commands["ep-on"].settings_version == 1
     assert commands["ep-on"].platform == ("198.51.100.1",)
     assert commands["ep-off"].allowed_outbound == ()
@@ -44,13 +68,15 @@ async def test_settings_change_does_not_touch_isolated_endpoint_until_release_an
     h: Harness,
 ) -> None:
     await h.register("ep-1", "acct-1")
-    await h.set_allowlist("acct-1", ["203.0.113.10"])
+    await h.set_allowlist("acct-1", ["203.0.113.10", _v2_entry()])
     isolate = {"mode": "standard"}
     assert (
         await h.http.post("/v1/endpoints/ep-1/isolation", json=isolate, headers=h.token())
     ).status_code == 202
     (first,) = await h.commands(expect=1)
-    await h.set_allowlist("acct-1", ["198.51.100.77"])
+    assert first.policy.allowed_outbound[1].ports == (443, 8041)
+    # Narrowing the v2 entry's ports and dropping the other does not touch the frozen policy.
+    await h.set_allowlist("acct-1", ["198.51.100.77", _v2_entry(ports=(443,))])
     # Repeating the isolate on the isolated endpoint changes nothing (guarantee 3).
     assert (
         await h.http.post("/v1/endpoints/ep-1/isolation", json=isolate, headers=h.token())
@@ -67,7 +93,11 @@ async def test_settings_change_does_not_touch_isolated_endpoint_until_release_an
     commands = await h.commands(expect=3)
     assert [c.policy.mode for c in commands] == ["standard", "none", "standard"]
     assert [c.policy.sequence for c in commands] == [1, 2, 3]
-    assert [p.address for p in commands[2].policy.allowed_outbound] == ["198.51.100.77"]
+    assert [p.address for p in commands[2].policy.allowed_outbound] == [
+        "198.51.100.77",
+        "2001:db8:1::/64",
+    ]
+    assert commands[2].policy.allowed_outbound[1].ports == (443,)
     assert commands[0].policy == first.policy
 
 
@@ -75,14 +105,15 @@ async def test_strict_precedence_partner_cannot_release_or_loosen_and_is_audited
     h: Harness,
 ) -> None:
     await h.register("ep-s", "acct-1")
-    await h.set_allowlist("acct-1", ["203.0.113.10"])
+    await h.set_allowlist("acct-1", ["203.0.113.10", _v2_entry()])
     partner = h.partner("acct-1")
     assert (
         await h.http.post(
             "/v1/endpoints/ep-s/isolation", json={"mode": "standard"}, headers=partner
         )
     ).status_code == 202
-    await h.commands(expect=1)
+    (standard,) = await h.commands(expect=1)
+    assert standard.policy.allowed_outbound[1].protocol == "tcp"
     # Anyone allowed may tighten to strict; it travels on the priority lane.
     assert (
         await h.http.post("/v1/endpoints/ep-s/isolation", json={"mode": "strict"}, headers=partner)

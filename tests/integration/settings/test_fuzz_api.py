@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -36,8 +37,21 @@ json_value = st.recursive(
     ),
     max_leaves=6,
 )
+# Allowlist v2 fields: ports, protocol, expiry, well-formed or not.
+v2_fields = {
+    "ports": st.lists(st.integers(-2, 70000), max_size=18) | json_value,
+    "protocol": st.sampled_from(["tcp", "udp", "any", "icmp", ""]) | json_value,
+    "expires_at": st.datetimes(
+        min_value=datetime(2020, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)
+    ).map(lambda d: d.isoformat())
+    | st.sampled_from(["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+    | json_value,
+}
 entry_body = st.one_of(
     st.fixed_dictionaries({"name": st.text(max_size=80), "address": address_like}),
+    st.fixed_dictionaries(
+        {"name": st.text(max_size=20), "address": address_like}, optional=v2_fields
+    ),
     st.fixed_dictionaries(
         {},
         optional={"name": st.text(max_size=80) | json_value, "address": address_like | json_value},
@@ -53,11 +67,15 @@ request = st.one_of(
 
 
 def _assert_stored_state_is_valid(state: dict[str, Any]) -> None:
-    addresses = [e["address"] for e in state["entries"]]
-    assert len(addresses) == len(set(addresses)) <= 100
+    keys = [(e["address"], tuple(e["ports"]), e["protocol"]) for e in state["entries"]]
+    assert len(keys) == len(set(keys)) <= 100
     for entry in state["entries"]:
         assert validate_address(entry["address"]) == entry["address"]
         assert validate_name(entry["name"]) == entry["name"]
+        assert entry["protocol"] in ("tcp", "udp", "any")
+        assert entry["ports"] == sorted(set(entry["ports"])) and len(entry["ports"]) <= 16
+        assert all(1 <= p <= 65535 for p in entry["ports"])
+        assert not (entry["ports"] and entry["protocol"] == "any")
 
 
 @settings(

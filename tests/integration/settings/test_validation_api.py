@@ -37,14 +37,14 @@ CASES: list[tuple[str, str, int, str | None, str]] = [
     ("RMM", "myrmm", 422, "address", CLOUD),
     ("RMM", "rmm.example.com.", 422, "address", CLOUD),
     ("RMM", "10.0.0.1.nip.io", 422, "address", CLOUD),
-    # ranges, IPv6, ports
-    ("RMM", "10.0.0.0/24", 422, "address", "CIDR ranges are not supported"),
-    ("RMM", "192.168.1.10/32", 422, "address", "CIDR ranges are not supported"),
+    # ranges, prefixes, IPv6, ports (allowlist v2: more in test_validation_v2_api.py)
+    ("RMM", "10.0.0.0/24", 201, None, ""),
+    ("RMM", "10.0.0.0/16", 422, "address", "no wider than /24"),
     ("RMM", "10.0.0.1-10.0.0.9", 422, "address", "address ranges and wildcards"),
     ("RMM", "10.0.0.*", 422, "address", "address ranges and wildcards"),
-    ("RMM", "::1", 422, "address", "IPv6 addresses are not supported"),
-    ("RMM", "2001:db8::1", 422, "address", "IPv6 addresses are not supported"),
-    ("RMM", "[2001:db8::1]", 422, "address", "IPv6 addresses are not supported"),
+    ("RMM", "::1", 422, "address", "loopback address (::1)"),
+    ("RMM", "2001:db8::1", 201, None, ""),
+    ("RMM", "[2001:db8::1]", 422, "address", "without brackets"),
     ("RMM", "10.0.0.1:8080", 422, "address", "without a port"),
     # special-purpose IPv4 ranges
     ("RMM", "0.0.0.0", 422, "address", "0.0.0.0/8"),
@@ -73,7 +73,7 @@ CASES: list[tuple[str, str, int, str | None, str]] = [
     ("RMM", "10..0.1", 422, "address", "four numbers"),
     ("RMM", "0x0a.0.0.1", 422, "address", "hexadecimal forms"),
     ("RMM", "256.1.1.1", 422, "address", "between 0 and 255"),
-    ("RMM", "\uff11\uff10.0.0.1", 422, "address", "ASCII digits and dots only"),
+    ("RMM", "\uff11\uff10.0.0.1", 422, "address", "must use ASCII digits"),
     ("RMM", "", 422, "address", "address is required"),
     # whitespace tricks
     ("RMM", " 10.0.0.1", 422, "address", "must not contain spaces"),

@@ -200,6 +200,22 @@ def test_add_posts_the_entry(fake: FakeApis) -> None:
     assert "Added 'Kaseya VSA' 198.51.100.7 (entry e-2)" in result.stdout
 
 
+def test_add_posts_the_v2_fields_only_when_given(fake: FakeApis) -> None:
+    result = run(
+        fake, "allowlist", "add", "Tool", "2001:db8::10", "-a", "acct-a",
+        "--port", "8041", "--port", "443", "--protocol", "tcp",
+        "--expires", "2026-12-31T18:00:00Z",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(fake.requests[0].content) == {
+        "name": "Tool",
+        "address": "2001:db8::10",
+        "ports": [8041, 443],
+        "protocol": "tcp",
+        "expires_at": "2026-12-31T18:00:00Z",
+    }
+
+
 def test_a_hostname_is_refused_with_the_field_and_the_rule(fake: FakeApis) -> None:
     msg = "cloud RMMs with dynamic addresses are not supported; use the static IPv4 address of a self-hosted server"
     fake.overrides[("POST", "/v1/accounts/acct-a/tooling-allowlist/entries")] = httpx.Response(

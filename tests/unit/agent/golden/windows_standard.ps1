@@ -8,6 +8,7 @@ if (-not (Test-Path $SavedProfiles)) {
     Get-NetFirewallProfile | Select-Object Name, DefaultInboundAction, DefaultOutboundAction, AllowInboundRules | Export-Clixml $SavedProfiles
 }
 Get-NetFirewallRule -Group $Group -ErrorAction SilentlyContinue | Remove-NetFirewallRule
+Get-ScheduledTask -TaskPath '\HostIso\' -ErrorAction SilentlyContinue | Unregister-ScheduledTask -Confirm:$false
 # Inbound: block all connections, inbound allow rules included; outbound: default block.
 Set-NetFirewallProfile -All -Enabled True -DefaultInboundAction Block -AllowInboundRules False -DefaultOutboundAction Block
 New-NetFirewallRule -Group $Group -Profile Any -Direction Outbound -Action Allow -DisplayName 'HostIso allow permitted peers' -RemoteAddress @('198.51.100.1', '198.51.100.2', '203.0.113.10', '203.0.113.11')
