@@ -22,7 +22,11 @@ def _error(response: httpx.Response) -> tuple[str, str, str]:
     body = response.json()
     if "errors" in body:
         error = body["errors"][0]
-        return str(error["field"]), str(error["rule"]), str(error["message"])
+        field = str(error["field"])
+        for location in ("body.", "query.", "path.", "header."):
+            field = field.removeprefix(location)
+        # The table names the body field; a problem may point inside it (``ports.0``).
+        return field.split(".")[0], str(error["rule"]), str(error["message"])
     error = body["detail"][0]
     field, _, rule = str(error["type"]).partition(".")
     if not rule:  # a pydantic type error: loc names the field, type the rule
