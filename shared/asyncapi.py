@@ -55,6 +55,12 @@ FLOWS: tuple[TopicFlow, ...] = (
                 "settings replica: reads every partition from the start without a group, so "
                 "the snapshot at isolation time sees every acknowledged change",
             ),
+            Subscription(
+                "isolation",
+                "hostiso.isolation-revocations",
+                "revocation fan-out: a version that revoked an entry becomes one priority "
+                "RevokeEndpointPeer per endpoint whose policy allows it",
+            ),
         ),
     ),
     TopicFlow(
@@ -67,15 +73,16 @@ FLOWS: tuple[TopicFlow, ...] = (
     ),
     TopicFlow(
         TopicName.ISOLATION_REQUESTS,
-        "Isolate (standard or strict) and release requests. The isolation REST API writes "
-        "them here; other platform services may write them directly.",
+        "Isolate (standard or strict), refresh and release requests. The isolation REST API "
+        "writes them here; other platform services may write them directly.",
         publishers=("isolation",),
         subscriptions=(Subscription("isolation", "hostiso.isolation", "normal request lane"),),
     ),
     TopicFlow(
         TopicName.ISOLATION_REQUESTS_PRIORITY,
-        "Strict isolation requests (endpoint or account-wide, RMM compromised): a lane of "
-        "its own so they overtake any backlog of normal requests.",
+        "Strict isolation requests (endpoint or account-wide, RMM compromised) and the "
+        "per-endpoint revocations of a compromised tool: a lane of its own so they overtake "
+        "any backlog of normal requests.",
         publishers=("isolation",),
         subscriptions=(
             Subscription("isolation", "hostiso.isolation-priority", "priority request lane"),

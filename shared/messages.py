@@ -111,6 +111,16 @@ class AllowedPeer(SignedContract):
 # --- settings.allowlist.v1 (compacted, key = account_id) -------------------------------
 
 
+class EntryRevoked(Contract):
+    """An entry revoked in this version ("this tool is compromised"): cut it everywhere."""
+
+    revocation_id: str = Field(
+        description="Idempotency key of the revocation; per-endpoint requests derive from it."
+    )
+    entry: AllowlistEntry = Field(description="The entry as it was when revoked.")
+    reason: str = Field("", max_length=1000, examples=["RMM server compromised"])
+
+
 class AllowlistChanged(Message):
     """Full state of an account's Tooling Allowlist after a change, at a strictly higher version."""
 
@@ -121,6 +131,11 @@ class AllowlistChanged(Message):
     version: int = Field(ge=1, description="Settings version, strictly increasing per account.")
     updated_at: datetime
     changed_by: Actor
+    revoked: tuple[EntryRevoked, ...] = Field(
+        (),
+        description="Entries this version revoked (removed, and to be cut from every isolated "
+        "endpoint of the account that allows them, on the priority lanes).",
+    )
 
 
 # --- endpoints.v1 (compacted, key = endpoint_id) ---------------------------------------
@@ -172,8 +187,41 @@ class StrictIsolateAccount(Message):
     requested_by: Actor
 
 
+class RevokeEndpointPeer(Message):
+    """Command: issue the endpoint its policy without the revoked entry (same mode, next sequence).
+
+    One per affected endpoint, fanned out from an ``AllowlistChanged`` that revoked the entry,
+    on the priority lane; ``request_id`` is ``<revocation_id>:<endpoint_id>``.
+    """
+
+    type: Literal["RevokeEndpointPeer"] = "RevokeEndpointPeer"
+    request_id: str
+    endpoint_id: str = Field(min_length=1, max_length=128)
+    account_id: str = Field(min_length=1, max_length=128, description="The entry's account.")
+    revocation_id: str
+    entry: AllowlistEntry = Field(description="The revoked entry.")
+    settings_version: int = Field(ge=1, description="The settings version that revoked it.")
+    reason: str = Field("", max_length=1000)
+    requested_by: Actor
+
+
+class RefreshIsolation(Message):
+    """Command: a standard isolation takes a new snapshot of the current allowlist, no release."""
+
+    type: Literal["RefreshIsolation"] = "RefreshIsolation"
+    request_id: str = Field(default_factory=new_id)
+    endpoint_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field("", max_length=1000)
+    requested_by: Actor
+
+
 IsolationRequest = Annotated[
-    IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount, Field(discriminator="type")
+    IsolateEndpoint
+    | ReleaseEndpoint
+    | StrictIsolateAccount
+    | RevokeEndpointPeer
+    | RefreshIsolation,
+    Field(discriminator="type"),
 ]
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, FastAPI, Path, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
@@ -18,6 +19,7 @@ from services.isolation.handlers import (
     AccountForbiddenError,
     EndpointNotFoundError,
     IsolationService,
+    RefreshNotAllowedError,
     StrictOverrideDeniedError,
 )
 from shared.auth import (
@@ -26,7 +28,13 @@ from shared.auth import (
     Principal,
     scoped_principal,
 )
-from shared.messages import FrozenPolicy, IsolationMode, IsolationState, PolicyMode
+from shared.messages import (
+    AllowedPeer,
+    FrozenPolicy,
+    IsolationMode,
+    IsolationState,
+    PolicyMode,
+)
 
 # One rule for every id in a path (the settings API's account id rule): printable ASCII, no
 # whitespace or control characters, at most 128. An id such as "acct-1\n" would otherwise be
@@ -101,12 +109,46 @@ class AccountIsolations(BaseModel):
     endpoints: list[IsolationView]
 
 
+class PolicyDiffView(BaseModel):
+    """Peers the previewed policy adds and removes, against the policy in force."""
+
+    added: list[AllowedPeer] = Field(description="In the preview, not in the policy in force.")
+    removed: list[AllowedPeer] = Field(description="In the policy in force, not in the preview.")
+
+
 class PolicyPreview(BaseModel):
-    """Dry run: the policy the endpoint would get if isolated now (``null``: none would change)."""
+    """Dry run: the policy the endpoint would get if isolated (or refreshed) now."""
 
     endpoint_id: str
     mode: IsolationMode
-    policy: FrozenPolicy | None
+    policy: FrozenPolicy | None = Field(
+        description="The policy an isolation now would issue; for an endpoint in standard "
+        "isolation the one a refresh would issue; the policy in force when nothing would change."
+    )
+    diff: PolicyDiffView = Field(
+        description="Against the policy in force (both lists empty when not isolated)."
+    )
+    current_settings_version: int | None = Field(
+        None, description="The account's allowlist version now (null: never changed)."
+    )
+
+
+class RefreshBody(BaseModel):
+    """Refresh a standard isolation: take the account's current allowlist, without a release."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=1000, examples=["new RMM relay added"])
+
+
+class RevocationProgressView(BaseModel):
+    """How far the revocation of one entry got across the account's isolated endpoints."""
+
+    account_id: str
+    revocation_id: str
+    endpoints: int = Field(description="Endpoints that allowed the entry (tightened or not yet).")
+    tightened: int = Field(description="Issued a policy without the entry.")
+    applied: int = Field(description="Of those, the agent reported the new policy applied.")
 
 
 def build_router(service: IsolationService) -> APIRouter:
@@ -163,8 +205,57 @@ def build_router(service: IsolationService) -> APIRouter:
         principal: Reader,
         mode: Annotated[IsolationMode, Query()] = "standard",
     ) -> PolicyPreview:
-        policy = await service.preview(endpoint_id, mode, principal)
-        return PolicyPreview(endpoint_id=endpoint_id, mode=mode, policy=policy)
+        result = await service.preview(endpoint_id, mode, principal)
+        return PolicyPreview(
+            endpoint_id=endpoint_id,
+            mode=mode,
+            policy=result.policy,
+            diff=PolicyDiffView(added=list(result.diff.added), removed=list(result.diff.removed)),
+            current_settings_version=result.current_settings_version,
+        )
+
+    @router.post(
+        "/endpoints/{endpoint_id}/isolation/refresh",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=Accepted,
+        responses={
+            403: {"description": "Another account's endpoint"},
+            404: {"description": "No enrolled endpoint with this id"},
+            409: {"description": "Not in standard isolation (strict, not isolated, releasing)"},
+        },
+    )
+    async def refresh(endpoint_id: EndpointId, body: RefreshBody, principal: Writer) -> Accepted:
+        """A standard isolation takes a new snapshot of the current allowlist (audited)."""
+        return Accepted(
+            request_id=await service.submit_refresh(endpoint_id, body.reason, principal)
+        )
+
+    @router.get(
+        "/accounts/{account_id}/revocations/{revocation_id}",
+        response_model=RevocationProgressView,
+        responses={403: {"description": "Another account"}},
+    )
+    async def revocation_progress(
+        account_id: AccountId,
+        revocation_id: Annotated[str, Path(pattern=ID_PATTERN, description="Revocation id.")],
+        principal: Reader,
+        address: Annotated[str, Query(max_length=64, description="The revoked entry's address.")],
+    ) -> RevocationProgressView:
+        """Endpoints the revocation concerns, how many are tightened, and how many applied."""
+        try:
+            target = AllowedPeer(name="", address=address)
+        except ValueError as exc:
+            raise RequestValidationError(
+                [{"loc": ["query", "address"], "msg": str(exc), "type": "address.invalid"}]
+            ) from exc
+        progress = await service.revocation_progress(account_id, revocation_id, target, principal)
+        return RevocationProgressView(
+            account_id=account_id,
+            revocation_id=revocation_id,
+            endpoints=progress.endpoints,
+            tightened=progress.tightened,
+            applied=progress.applied,
+        )
 
     return router
 
@@ -178,6 +269,9 @@ def add_error_handlers(app: FastAPI) -> None:
     async def forbidden(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_403_FORBIDDEN)
 
+    async def conflict(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
             {"detail": f"temporarily unavailable ({type(exc).__name__}); retry"},
@@ -187,5 +281,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EndpointNotFoundError, not_found)
     app.add_exception_handler(AccountForbiddenError, forbidden)
     app.add_exception_handler(StrictOverrideDeniedError, forbidden)
+    app.add_exception_handler(RefreshNotAllowedError, conflict)
     for error in (ReplicaLagError, SettingsUnavailableError, KafkaError, RedisError, TimeoutError):
         app.add_exception_handler(error, unavailable)
