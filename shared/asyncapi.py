@@ -206,10 +206,14 @@ def build_broker(topic_prefix: str = "hostiso.") -> DocumentedKafkaBroker:
         for sub in flow.subscriptions:
             group = sub.group.replace("hostiso.", topic_prefix, 1) if sub.group else None
             how = f"group {group}" if group else "no consumer group"
+            title = f"{sub.service}:consume:{flow.topic.value}"
+            if sub.group and sum(s.service == sub.service for s in flow.subscriptions) > 1:
+                # One service reading a topic twice (replica and group): one operation each.
+                title += f":{sub.group.removeprefix('hostiso.')}"
             subscriber = broker.subscriber(
                 full,
                 group_id=group,
-                title=f"{sub.service}:consume:{flow.topic.value}",
+                title=title,
                 description=_describe(
                     flow, f"The {sub.service} service consumes here ({sub.purpose}; {how})."
                 ),

@@ -211,6 +211,7 @@ _SCOPE_OF_ACTION = {
     "allowlist.entry.add": SCOPE_ALLOWLIST_WRITE,
     "allowlist.entry.update": SCOPE_ALLOWLIST_WRITE,
     "allowlist.entry.remove": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.revoke": SCOPE_ALLOWLIST_WRITE,
     "enrollment_key.read": SCOPE_ENROLLMENT_KEY_READ,
 }
 
@@ -387,6 +388,65 @@ async def read_enrollment_key(
     )
 
 
+class RevokeRequest(BaseModel):
+    """Why the entry is revoked ("this tool is compromised")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: StrictStr = Field(
+        description="1-1000 characters: audited with the revocation.",
+        examples=["RMM server compromised (incident 4711)"],
+    )
+
+
+class RevokeAccepted(BaseModel):
+    """The entry is removed and its revocation published; isolated endpoints lose it shortly."""
+
+    entry_id: str
+    revocation_id: str = Field(
+        description="Follow the tightening at the isolation service's "
+        "GET /v1/accounts/{account_id}/revocations/{revocation_id}?address=…"
+    )
+    entry: EntryView = Field(description="The revoked entry.")
+    version: int = Field(description="The allowlist version that revoked it.")
+    endpoints: int | None = Field(
+        description="Isolated or pending endpoints of the account whose policy allowed the entry "
+        "(each gets a new policy without it on the priority lanes); null when the isolation "
+        "service could not be asked in time (the revocation happens regardless)."
+    )
+
+
+@router.post(
+    "/tooling-allowlist/entries/{entry_id}/revoke",
+    response_model=RevokeAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=_WRITE_ERRORS,
+)
+async def revoke_entry(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.entry.revoke"))],
+    entry_id: EntryId,
+    body: RevokeRequest,
+    response: Response,
+) -> RevokeAccepted:
+    """This tool is compromised: remove the entry and cut it from every isolated endpoint.
+
+    202 once the change is saved and its event is in Kafka; the isolation service then issues,
+    on the priority lanes, every endpoint whose policy allows the entry a policy without it.
+    """
+    allowlist, change, endpoints = await access.handlers.revoke_entry(
+        access.principal, access.account_id, entry_id, body.reason
+    )
+    _with_etag(response, allowlist.version)
+    revoked = change.revoked[0]
+    return RevokeAccepted(
+        entry_id=entry_id,
+        revocation_id=revoked.revocation_id,
+        entry=EntryView.of(revoked.entry),
+        version=allowlist.version,
+        endpoints=endpoints,
+    )
+
+
 def _unchanged(allowlist: Allowlist, entry_id: str) -> Change:
     entry = find_entry(allowlist, entry_id)
     return Change(action="none", before=allowlist, after=allowlist, entry=entry)
@@ -408,7 +468,7 @@ def _entry_written(response: Response, allowlist: Allowlist, change: Change | No
 # --- errors and metrics ----------------------------------------------------------------
 
 _LOCATION = {"name": "body", "address": "body", "If-Match": "header", "entry_id": "path"}
-_LOCATION.update({"account_id": "path", "entries": "allowlist"})
+_LOCATION.update({"account_id": "path", "entries": "allowlist", "reason": "body"})
 
 
 def error_body(error: SettingsError) -> dict[str, Any]:
