@@ -14,10 +14,14 @@ import ipaddress
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# The widest prefix a policy may carry (DESIGN §7 defaults of HOSTISO_ALLOWLIST_MAX_PREFIX_V4/V6).
-# A configured settings limit wider than these would need this ceiling raised too.
+# DESIGN §7 defaults of HOSTISO_ALLOWLIST_MAX_PREFIX_V4/V6 (the settings service's guardrail).
 MAX_PREFIX_V4 = 24
 MAX_PREFIX_V6 = 64
+# The widest prefix any configuration of those settings may allow (their lower bounds): what
+# the policy model and the agent accept by default, so that whatever a configured settings
+# service issued, every agent can render.
+WIDEST_PREFIX_V4 = 16
+WIDEST_PREFIX_V6 = 32
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -80,8 +84,17 @@ def parse_host_address(value: object) -> IPAddress:
     return address
 
 
-def parse_address_or_prefix(value: object) -> IPNetwork:
-    """A unicast address (as a /32 or /128) or a narrow prefix (host bits zero); else an error."""
+def parse_address_or_prefix(
+    value: object,
+    *,
+    max_prefix_v4: int = WIDEST_PREFIX_V4,
+    max_prefix_v6: int = WIDEST_PREFIX_V6,
+) -> IPNetwork:
+    """A unicast address (as a /32 or /128) or a narrow prefix (host bits zero); else an error.
+
+    ``max_prefix_v4``/``max_prefix_v6`` are the widest prefix lengths accepted (the settings
+    service passes its configured limits; the defaults are the widest any configuration allows).
+    """
     text = _literal(value)
     if "/" not in text:
         return ipaddress.ip_network(parse_host_address(text))
@@ -90,7 +103,7 @@ def parse_address_or_prefix(value: object) -> IPNetwork:
         # ipaddress also takes netmask forms (/255.255.255.0); one spelling keeps hashes stable.
         raise AddressRuleError(text, "prefix_length", "must give the prefix as /LENGTH")
     address = parse_host_address(base)
-    limit = MAX_PREFIX_V4 if address.version == 4 else MAX_PREFIX_V6
+    limit = max_prefix_v4 if address.version == 4 else max_prefix_v6
     if not limit <= int(length) <= address.max_prefixlen:
         raise AddressRuleError(
             text,

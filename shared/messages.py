@@ -7,11 +7,20 @@ unknown ``type`` or a wrong field is a validation error that the consumer sends 
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from shared.addresses import AddressRuleError, parse_address_or_prefix
 from shared.topics import TopicName
@@ -77,12 +86,57 @@ class Actor(Contract):
     account_id: str | None = None
 
 
+PeerProtocol = Literal["tcp", "udp", "any"]
+"""Transport an allowlist entry / policy peer opens: ``any`` is every protocol (DESIGN §7)."""
+
+# Ports travel as a tuple; each is an inet service number (DESIGN §7: 0 to 16 distinct, 1 to 65535).
+Port = Annotated[int, Field(ge=1, le=65535)]
+MAX_PORTS_PER_ENTRY = 16
+
+_PORTS_DESCRIPTION = "Destination ports (0–16 distinct, 1–65535); empty means every port."
+_PROTOCOL_DESCRIPTION = 'Transport: "tcp", "udp" or "any" (ports need "tcp" or "udp").'
+_EXPIRES_DESCRIPTION = "When the entry stops allowing traffic (RFC 3339, UTC); null: never."
+
+
+def peer_key(
+    address: str, ports: tuple[int, ...] | list[int], protocol: str
+) -> tuple[str, tuple[int, ...], str]:
+    """The identity of an allowed peer: address (canonical form), sorted ports, protocol.
+
+    Matches an allowlist entry with a policy peer (revoke, refresh diffs, usage counters):
+    ``203.0.113.10/32`` and ``203.0.113.10`` name the same peer, as do two spellings of one
+    IPv6 address, and port order does not matter.
+    """
+    try:
+        network = ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        canonical = address
+    else:
+        if network.prefixlen == network.max_prefixlen:
+            canonical = str(network.network_address)
+        else:
+            canonical = str(network)
+    return canonical, tuple(sorted(ports)), protocol
+
+
 class AllowlistEntry(Contract):
-    """One Tooling Allowlist entry: a display name and a static IPv4 address."""
+    """One Tooling Allowlist entry: a display name, a static address or narrow prefix, optional
+    ports and protocol, and an optional expiry (DESIGN §4, §7)."""
 
     id: str = Field(description="Entry id (UUID).")
     name: str = Field(min_length=1, max_length=64, examples=["ConnectWise Automate"])
-    address: str = Field(description="Static unicast IPv4 address.", examples=["203.0.113.10"])
+    address: str = Field(
+        description=(
+            "Static unicast IPv4/IPv6 address or narrow prefix, canonical form "
+            "(RFC 5952 for IPv6; a /32 or /128 is the plain address)."
+        ),
+        examples=["203.0.113.10", "198.51.100.0/24", "2001:db8::10", "2001:db8:1::/64"],
+    )
+    ports: tuple[Port, ...] = Field((), description=_PORTS_DESCRIPTION, examples=[[8041, 443]])
+    protocol: PeerProtocol = Field("any", description=_PROTOCOL_DESCRIPTION, examples=["tcp"])
+    expires_at: AwareDatetime | None = Field(
+        None, description=_EXPIRES_DESCRIPTION, examples=["2026-12-31T00:00:00Z"]
+    )
     created_at: datetime
     created_by: str
 
@@ -100,12 +154,41 @@ def _renderable_peer(value: str) -> str:
 
 
 class AllowedPeer(SignedContract):
-    """A peer an isolated endpoint may open outbound connections to."""
+    """A peer an isolated endpoint may open outbound connections to.
+
+    ``ports``/``protocol``/``expires_at`` are policy v2: a peer that holds their defaults is
+    signed exactly as a v1 peer ``{name, address}`` (see ``canonical_policy_bytes``).
+    """
 
     name: str
     address: str
+    ports: tuple[Port, ...] = Field((), description=_PORTS_DESCRIPTION, examples=[[8041]])
+    protocol: PeerProtocol = Field("any", description=_PROTOCOL_DESCRIPTION, examples=["tcp"])
+    expires_at: AwareDatetime | None = Field(
+        None, description=_EXPIRES_DESCRIPTION, examples=["2026-12-31T00:00:00Z"]
+    )
 
     _address_renderable = field_validator("address")(_renderable_peer)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports_distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        # Checked, never rewritten (the signature covers the order as issued).
+        if len(set(value)) != len(value):
+            raise ValueError("ports must be distinct (rule: ports_distinct)")
+        if len(value) > MAX_PORTS_PER_ENTRY:
+            raise ValueError(f"at most {MAX_PORTS_PER_ENTRY} ports per peer (rule: ports_too_many)")
+        return value
+
+    @model_validator(mode="after")
+    def _ports_need_a_transport(self) -> AllowedPeer:
+        if self.ports and self.protocol == "any":
+            raise ValueError('ports need protocol "tcp" or "udp" (rule: ports_need_protocol)')
+        return self
+
+
+# Policy v2 fields of a peer and their defaults: left out of the signed bytes when default.
+_PEER_V2_DEFAULTS: dict[str, Any] = {"ports": [], "protocol": "any", "expires_at": None}
 
 
 # --- settings.allowlist.v1 (compacted, key = account_id) -------------------------------
@@ -260,10 +343,20 @@ class SignedPolicy(SignedContract):
 
 
 def canonical_policy_bytes(policy: FrozenPolicy) -> bytes:
-    """The bytes that are signed: JSON with sorted keys and no whitespace."""
+    """The bytes that are signed: JSON with sorted keys and no whitespace.
+
+    A peer's policy v2 fields (``ports``, ``protocol``, ``expires_at``) are left out while they
+    hold their defaults, so a v1 policy (peers ``{name, address}``) signed before they existed
+    still verifies when a newer agent decodes and re-dumps it; when set, they are signed.
+    """
     import orjson
 
-    return orjson.dumps(policy.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    document = policy.model_dump(mode="json")
+    document["allowed_outbound"] = [
+        {k: v for k, v in peer.items() if k not in _PEER_V2_DEFAULTS or v != _PEER_V2_DEFAULTS[k]}
+        for peer in document["allowed_outbound"]
+    ]
+    return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
 
 # --- enforcer.commands.v1 / enforcer.commands.priority.v1 (key = endpoint_id) ----------

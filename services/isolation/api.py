@@ -33,6 +33,7 @@ from shared.messages import (
     FrozenPolicy,
     IsolationMode,
     IsolationState,
+    PeerProtocol,
     PolicyMode,
 )
 
@@ -240,10 +241,18 @@ def build_router(service: IsolationService) -> APIRouter:
         revocation_id: Annotated[str, Path(pattern=ID_PATTERN, description="Revocation id.")],
         principal: Reader,
         address: Annotated[str, Query(max_length=64, description="The revoked entry's address.")],
+        ports: Annotated[
+            list[int] | None, Query(description="The revoked entry's ports (repeat the parameter).")
+        ] = None,
+        protocol: Annotated[
+            PeerProtocol, Query(description="The revoked entry's protocol.")
+        ] = "any",
     ) -> RevocationProgressView:
         """Endpoints the revocation concerns, how many are tightened, and how many applied."""
         try:
-            target = AllowedPeer(name="", address=address)
+            target = AllowedPeer(
+                name="", address=address, ports=tuple(ports or ()), protocol=protocol
+            )
         except ValueError as exc:
             raise RequestValidationError(
                 [{"loc": ["query", "address"], "msg": str(exc), "type": "address.invalid"}]

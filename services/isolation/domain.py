@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +20,7 @@ from shared.messages import (
     IsolationStateChanged,
     PolicyMode,
     PolicyStatusReported,
+    peer_key,
 )
 
 Lane = Literal["normal", "priority"]
@@ -145,9 +146,13 @@ def next_sequence(current: EndpointIsolation) -> int:
 
 
 def snapshot_allowlist(
-    account_id: str, settings: AllowlistChanged | None
+    account_id: str, settings: AllowlistChanged | None, *, now: datetime | None = None
 ) -> tuple[tuple[AllowedPeer, ...], int]:
-    """The account's allowlist as it is now (empty if off or unknown) and its settings version."""
+    """The account's allowlist as it is now (empty if off or unknown) and its settings version.
+
+    Entries past their ``expires_at`` at ``now`` (default: the current time) are left out
+    (DESIGN §5); the others keep their ports, protocol and expiry, which the agent enforces.
+    """
     if settings is None:
         return (), 0
     if settings.account_id != account_id:
@@ -157,7 +162,18 @@ def snapshot_allowlist(
         )
     if not settings.enabled:
         return (), settings.version
-    peers = tuple(AllowedPeer(name=e.name, address=e.address) for e in settings.entries)
+    at = now if now is not None else datetime.now(UTC)
+    peers = tuple(
+        AllowedPeer(
+            name=e.name,
+            address=e.address,
+            ports=e.ports,
+            protocol=e.protocol,
+            expires_at=e.expires_at,
+        )
+        for e in settings.entries
+        if e.expires_at is None or e.expires_at > at
+    )
     return peers, settings.version
 
 
@@ -179,10 +195,10 @@ def _issue(
     settings: AllowlistChanged | None,
 ) -> PolicyIssued:
     if mode == "standard":
-        peers, version = snapshot_allowlist(current.account_id, settings)
+        peers, version = snapshot_allowlist(current.account_id, settings, now=ctx.now)
     else:
         # Strict and release carry no allowlist; the version still records what was known.
-        _, version = snapshot_allowlist(current.account_id, settings)
+        _, version = snapshot_allowlist(current.account_id, settings, now=ctx.now)
         peers = ()
     policy = FrozenPolicy(
         policy_id=ctx.policy_id,
@@ -328,12 +344,25 @@ def pending_state_of(command: EnforcePolicy, request_key: str) -> IsolationState
 
 def peer_of_entry(entry: AllowlistEntry) -> AllowedPeer:
     """The peer a snapshot makes of ``entry``."""
-    return AllowedPeer(name=entry.name, address=entry.address)
+    return AllowedPeer(
+        name=entry.name,
+        address=entry.address,
+        ports=entry.ports,
+        protocol=entry.protocol,
+        expires_at=entry.expires_at,
+    )
+
+
+def _key_of(peer: AllowedPeer) -> tuple[str, tuple[int, ...], str]:
+    return peer_key(peer.address, peer.ports, peer.protocol)
 
 
 def same_peer(frozen: AllowedPeer, target: AllowedPeer) -> bool:
-    """``frozen`` opens what ``target`` opens (its name may have changed since)."""
-    return frozen.address == target.address
+    """``frozen`` opens what ``target`` opens: same address, ports and protocol (``peer_key``).
+
+    Its name (a later rename) and its expiry do not matter: a revoked tool is cut either way.
+    """
+    return _key_of(frozen) == _key_of(target)
 
 
 def allows_peer(isolation: EndpointIsolation, target: AllowedPeer) -> bool:
@@ -465,9 +494,9 @@ def policy_diff(in_force: FrozenPolicy | None, candidate: FrozenPolicy | None) -
     """What ``candidate`` changes in ``in_force`` (both empty when either is missing)."""
     if in_force is None or candidate is None:
         return PolicyDiff()
-    before = set(in_force.allowed_outbound)
-    after = set(candidate.allowed_outbound)
+    before = {_key_of(p) for p in in_force.allowed_outbound}
+    after = {_key_of(p) for p in candidate.allowed_outbound}
     return PolicyDiff(
-        added=tuple(p for p in candidate.allowed_outbound if p not in before),
-        removed=tuple(p for p in in_force.allowed_outbound if p not in after),
+        added=tuple(p for p in candidate.allowed_outbound if _key_of(p) not in before),
+        removed=tuple(p for p in in_force.allowed_outbound if _key_of(p) not in after),
     )

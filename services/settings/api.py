@@ -10,10 +10,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from redis.exceptions import RedisError
 
 from services.settings.domain import (
+    KEEP,
     Allowlist,
     Change,
     EntryRejectedError,
@@ -31,7 +32,7 @@ from shared.auth import (
     Principal,
     require_scope,
 )
-from shared.messages import AllowlistEntry
+from shared.messages import AllowlistEntry, PeerProtocol
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,15 @@ class EntryView(BaseModel):
 
     id: str
     name: str = Field(examples=["ConnectWise Automate"])
-    address: str = Field(examples=["203.0.113.10"])
+    address: str = Field(
+        description="Canonical address or prefix (RFC 5952 for IPv6; /32 and /128 are plain).",
+        examples=["203.0.113.10", "2001:db8::10", "198.51.100.0/24"],
+    )
+    ports: list[int] = Field(description="Destination ports; empty: every port.", examples=[[]])
+    protocol: PeerProtocol = Field(description='"tcp", "udp" or "any".', examples=["any"])
+    expires_at: datetime | None = Field(
+        description="When the entry stops allowing traffic; null: never.", examples=[None]
+    )
     created_at: datetime
     created_by: str
 
@@ -135,24 +144,53 @@ class SwitchRequest(BaseModel):
     enabled: StrictBool
 
 
+_ADDRESS_DESCRIPTION = (
+    "A static unicast IPv4 address (dotted quad) or IPv4 CIDR no wider than /24, or an IPv6 "
+    "address or prefix no wider than /64 (limits configurable); host bits zero."
+)
+_PORTS_DESCRIPTION = "0-16 distinct ports 1-65535 (default: empty, every port); need tcp or udp."
+_PROTOCOL_SCHEMA: dict[str, Any] = {"enum": ["tcp", "udp", "any"]}
+_EXPIRES_SCHEMA: dict[str, Any] = {"format": "date-time"}
+
+
 class NewEntryRequest(BaseModel):
-    """A new entry: a display name and a static IPv4 address."""
+    """A new entry: a display name, a static address or narrow prefix, and optionally ports,
+    protocol and an expiry. ``{name, address}`` alone allows every port and protocol, forever."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: StrictStr = Field(description="1–64 printable characters.", examples=["Kaseya VSA"])
     address: StrictStr = Field(
-        description="One static unicast IPv4 address, dotted quad.", examples=["192.168.10.5"]
+        description=_ADDRESS_DESCRIPTION,
+        examples=["192.168.10.5", "198.51.100.0/24", "2001:db8::10"],
+    )
+    ports: list[StrictInt] | None = Field(None, description=_PORTS_DESCRIPTION, examples=[[8041]])
+    protocol: StrictStr | None = Field(
+        None,
+        description='"tcp", "udp" or "any" (default "any").',
+        examples=["tcp"],
+        json_schema_extra=_PROTOCOL_SCHEMA,
+    )
+    expires_at: StrictStr | None = Field(
+        None,
+        description="RFC 3339 time with an offset, in the future and at most 90 days ahead; "
+        "null or absent: never expires.",
+        examples=["2026-12-31T18:00:00Z"],
+        json_schema_extra=_EXPIRES_SCHEMA,
     )
 
 
 class EntryChangeRequest(BaseModel):
-    """Rename and/or readdress an entry."""
+    """Change an entry's name, address, ports, protocol or expiry (the rules of a new entry);
+    ``expires_at: null`` removes the expiry, an absent field keeps its value."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: StrictStr | None = None
-    address: StrictStr | None = None
+    address: StrictStr | None = Field(None, description=_ADDRESS_DESCRIPTION)
+    ports: list[StrictInt] | None = Field(None, description=_PORTS_DESCRIPTION)
+    protocol: StrictStr | None = Field(None, json_schema_extra=_PROTOCOL_SCHEMA)
+    expires_at: StrictStr | None = Field(None, json_schema_extra=_EXPIRES_SCHEMA)
 
 
 class ErrorItem(BaseModel):
@@ -184,7 +222,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     404: {"model": ErrorBody, "description": "No such entry"},
-    409: {"model": ErrorBody, "description": "Duplicate address"},
+    409: {"model": ErrorBody, "description": "Another entry already covers this one (named)"},
     412: {"model": ErrorBody, "description": "If-Match names a stale version"},
     413: {"description": "Body over the limit (problem+json), refused before it is read"},
     503: {"model": UnpublishedBody, "description": "Saved, but not yet in Kafka"},
@@ -283,9 +321,17 @@ async def add_entry(
     response: Response,
     if_match: IfMatch = None,
 ) -> EntryWritten:
-    """Add an entry (static IPv4 address); 409 if the address is already listed."""
+    """Add an entry (address or prefix, optional ports/protocol/expiry); 409 naming the entry
+    that already covers it."""
     allowlist, change = await access.handlers.add_entry(
-        access.principal, access.account_id, body.name, body.address, _if_match(if_match)
+        access.principal,
+        access.account_id,
+        body.name,
+        body.address,
+        _if_match(if_match),
+        ports=body.ports,
+        protocol=body.protocol,
+        expires_at=body.expires_at,
     )
     return _entry_written(response, allowlist, change)
 
@@ -300,11 +346,23 @@ async def change_entry(
     response: Response,
     if_match: IfMatch = None,
 ) -> EntryWritten:
-    """Rename and/or readdress an entry."""
-    if body.name is None and body.address is None:
-        raise EntryRejectedError("body", "empty", "give a new name and/or address")
+    """Change an entry's name, address, ports, protocol or expiry."""
+    # ``expires_at: null`` is a change (remove the expiry); another field's null is "keep".
+    given = {f for f in body.model_fields_set if f == "expires_at" or getattr(body, f) is not None}
+    if not given:
+        raise EntryRejectedError(
+            "body", "empty", "give a new name, address, ports, protocol or expires_at"
+        )
     allowlist, change = await access.handlers.update_entry(
-        access.principal, access.account_id, entry_id, body.name, body.address, _if_match(if_match)
+        access.principal,
+        access.account_id,
+        entry_id,
+        body.name,
+        body.address,
+        _if_match(if_match),
+        ports=body.ports,
+        protocol=body.protocol,
+        expires_at=body.expires_at if "expires_at" in body.model_fields_set else KEEP,
     )
     if change is None:
         change = _unchanged(allowlist, entry_id)
@@ -468,6 +526,7 @@ def _entry_written(response: Response, allowlist: Allowlist, change: Change | No
 # --- errors and metrics ----------------------------------------------------------------
 
 _LOCATION = {"name": "body", "address": "body", "If-Match": "header", "entry_id": "path"}
+_LOCATION.update({"ports": "body", "protocol": "body", "expires_at": "body"})
 _LOCATION.update({"account_id": "path", "entries": "allowlist", "reason": "body"})
 
 

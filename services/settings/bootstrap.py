@@ -19,6 +19,7 @@ from services.settings.adapters.outbox_relay import (
 )
 from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
+from services.settings.domain import EntryLimits
 from services.settings.handlers import RevocationCounter, SettingsHandlers
 from services.settings.metrics import SettingsMetrics
 from shared.auth import AUDIENCE_SETTINGS
@@ -61,6 +62,10 @@ def build_app(
         audit=KafkaAuditSink(runtime.producer, runtime.topics, metrics, settings.audit_timeout_s),
         max_entries=settings.allowlist_max_entries,
         publish_wait_s=settings.publish_wait_s,
+        entry_limits=EntryLimits(
+            max_prefix_v4=settings.allowlist_max_prefix_v4,
+            max_prefix_v6=settings.allowlist_max_prefix_v6,
+        ),
         revocation_counter=revocation_counter
         or HttpRevocationCounter(
             settings.isolation_url,

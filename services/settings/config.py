@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from shared.addresses import WIDEST_PREFIX_V4, WIDEST_PREFIX_V6
 from shared.config import ServiceSettings
 
 
@@ -44,4 +45,18 @@ class SettingsServiceSettings(ServiceSettings):
     isolation_public_url: str = Field(
         "http://127.0.0.1:8002",
         description="The isolation API's URL as the browser reaches it (the portal page calls it).",
+    )
+    # DESIGN §7: the widest allowlist prefixes. Their lower bounds are the widest any agent
+    # renders (shared/addresses.py WIDEST_PREFIX_V4/V6); a policy never carries a wider one.
+    allowlist_max_prefix_v4: int = Field(
+        24,
+        ge=WIDEST_PREFIX_V4,
+        le=32,
+        description="Widest IPv4 CIDR an entry may give (HOSTISO_ALLOWLIST_MAX_PREFIX_V4).",
+    )
+    allowlist_max_prefix_v6: int = Field(
+        64,
+        ge=WIDEST_PREFIX_V6,
+        le=128,
+        description="Widest IPv6 prefix an entry may give (HOSTISO_ALLOWLIST_MAX_PREFIX_V6).",
     )

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, NoReturn
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, NoReturn
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.messages import AllowlistEntry, EntryRevoked
+from shared import addresses
+from shared.messages import MAX_PORTS_PER_ENTRY, AllowlistEntry, EntryRevoked, PeerProtocol
 
 NAME_MAX_LENGTH = 64
 ADDRESS_MAX_LENGTH = 256
 
 CLOUD_RMM_HINT = (
     "cloud RMMs with dynamic addresses are not supported; "
-    "use the static IPv4 address of a self-hosted server"
+    "use the static IP address of a self-hosted server"
 )
 
 
@@ -46,17 +48,18 @@ class EntryRejectedError(SettingsError):
 
 
 class DuplicateAddressError(EntryRejectedError):
-    """The account already has an entry with this address."""
+    """Another entry of the account already covers this one (DESIGN §7)."""
 
     status = 409
 
-    def __init__(self, address: str, existing_name: str) -> None:
+    def __init__(self, reach: str, covering: AllowlistEntry) -> None:
         super().__init__(
             "address",
             "duplicate",
-            f"address {address} is already in this account's allowlist (entry {existing_name!r}); "
-            "each address may appear once",
+            f"{reach} is already in this account's allowlist: entry {covering.name!r} "
+            f"(id {covering.id}, {describe(covering)}) covers it",
         )
+        self.covering = covering
 
 
 class EntryLimitError(EntryRejectedError):
@@ -114,20 +117,30 @@ def _reject(rule: str, message: str) -> EntryRejectedError:
 
 _WHITESPACE_OR_INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2028-\u202f\u205f-\u206f\ufeff]")
 _DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
-_RANGE = re.compile(r"^[0-9.]+\s*-\s*[0-9.]+$")
+_RANGE = re.compile(r"^[0-9A-Fa-f.:]+\s*-\s*[0-9A-Fa-f.:]+$")
 _WITH_PORT = re.compile(r"^[0-9.]+:[0-9]*$")
+_BRACKETED = re.compile(r"^\[([^\]]*)\](:[0-9]*)?$")
 _HOSTNAME_CHARS = re.compile(r"^[A-Za-z0-9.-]+$")
 _HEX_OR_OCTAL_PART = re.compile(r"^0[xX][0-9A-Fa-f]*$")
+_NOT_HEX_LETTER = re.compile(r"[g-zG-Z]")
 
 
-def validate_address(raw: str) -> str:
-    """The address if it is a single static unicast IPv4 in dotted-quad form; else EntryRejectedError.
+def validate_address(
+    raw: str,
+    *,
+    max_prefix_v4: int = addresses.MAX_PREFIX_V4,
+    max_prefix_v6: int = addresses.MAX_PREFIX_V6,
+) -> str:
+    """The canonical form of a static unicast address or narrow prefix; else EntryRejectedError.
 
-    Each refusal has its own rule and message (DESIGN.md §7). RFC 1918 addresses are allowed:
-    self-hosted RMMs often sit on the partner's LAN.
+    Accepted (DESIGN.md §7): a dotted-quad IPv4 address or IPv4 CIDR no wider than
+    ``max_prefix_v4``; an IPv6 address or prefix no wider than ``max_prefix_v6`` in any RFC 4291
+    form. Host bits must be zero. The result is RFC 5952 for IPv6, and a ``/32`` or ``/128`` is
+    the plain address. Each refusal has its own rule and message. RFC 1918 and ``fc00::/7``
+    are allowed: self-hosted RMMs often sit on the partner's LAN.
     """
     if raw == "":
-        _raise(_reject("required", "address is required: enter a static IPv4 address"))
+        _raise(_reject("required", "address is required: enter a static IP address"))
     if len(raw) > ADDRESS_MAX_LENGTH:
         _raise(_reject("too_long", f"address is longer than {ADDRESS_MAX_LENGTH} characters"))
     if _WHITESPACE_OR_INVISIBLE.search(raw) or not raw.isprintable():
@@ -135,46 +148,82 @@ def validate_address(raw: str) -> str:
             _reject(
                 "whitespace",
                 "address must not contain spaces, tabs, line breaks or invisible characters; "
-                "enter it as digits and dots only, e.g. 203.0.113.10",
+                "enter it as e.g. 203.0.113.10 or 2001:db8::10",
             )
         )
     if not raw.isascii():
         _raise(
             _reject(
                 "non_ascii",
-                "address must use ASCII digits and dots only (no look-alike characters)",
-            )
-        )
-    if "/" in raw:
-        _raise(
-            _reject(
-                "cidr",
-                "CIDR ranges are not supported; enter one static IPv4 address (e.g. 203.0.113.10)",
+                "address must use ASCII digits, letters a-f, dots and colons only "
+                "(no look-alike characters)",
             )
         )
     if _RANGE.match(raw) or "*" in raw:
         _raise(
             _reject(
                 "range",
-                "address ranges and wildcards are not supported; enter one static IPv4 address",
+                "address ranges and wildcards are not supported; enter one static address or "
+                "a CIDR prefix (e.g. 198.51.100.0/24)",
             )
         )
-    if _WITH_PORT.match(raw):
+    bracketed = _BRACKETED.match(raw)
+    if (bracketed and bracketed.group(2) is not None) or _WITH_PORT.match(raw):
         _raise(
             _reject(
                 "port",
-                "enter the address without a port; the allowlist allows every port of the address",
+                "enter the address without a port; give ports in the entry's ports field",
             )
         )
-    if ":" in raw:
-        try:
-            ipaddress.IPv6Address(raw.strip("[]"))
-        except ValueError:
-            pass
-        else:
-            _raise(_reject("ipv6", "IPv6 addresses are not supported; enter a static IPv4 address"))
-    if not _DIGITS_AND_DOTS.fullmatch(raw):
-        parts = raw.split(".")
+    if bracketed:
+        _raise(_reject("brackets", "write the IPv6 address without brackets, e.g. 2001:db8::10"))
+    base, slash, length = raw.partition("/")
+    if "%" in raw:
+        _raise(
+            _reject(
+                "zone_id",
+                "zone ids (%eth0) are not accepted: a firewall rule cannot name an interface "
+                "scope; enter a global or unique-local address",
+            )
+        )
+    if slash and not (
+        length.isdigit() and len(length) <= 3 and (length == "0" or not length.startswith("0"))
+    ):
+        _raise(
+            _reject(
+                "prefix_length",
+                "give the prefix length as /LENGTH, a decimal number without leading zeros "
+                "(e.g. /24 or /64); "
+                "netmask forms such as /255.255.255.0 are not accepted",
+            )
+        )
+    if ":" in base and _NOT_HEX_LETTER.search(base):
+        _raise(_reject("hostname", f"hostnames and FQDNs are not accepted: {CLOUD_RMM_HINT}"))
+    if ":" in base:
+        network: ipaddress.IPv4Network | ipaddress.IPv6Network = _ipv6_network(
+            raw, base, length if slash else None, max_prefix_v6
+        )
+    else:
+        network = _ipv4_network(raw, base, length if slash else None, max_prefix_v4)
+    _check_reserved(network)
+    if network.prefixlen == network.max_prefixlen:
+        canonical = str(network.network_address)
+    else:
+        canonical = str(network)
+    # The renderability rules every boundary shares (policy model, agent): fail closed if the
+    # guardrails above ever let through something an agent could not render.
+    try:
+        addresses.parse_address_or_prefix(
+            canonical, max_prefix_v4=max_prefix_v4, max_prefix_v6=max_prefix_v6
+        )
+    except addresses.AddressRuleError as exc:
+        _raise(_reject(exc.rule, f"address {exc.message}"))
+    return canonical
+
+
+def _ipv4_network(raw: str, base: str, length: str | None, limit: int) -> ipaddress.IPv4Network:
+    if not _DIGITS_AND_DOTS.fullmatch(base):
+        parts = base.split(".")
         if any(_HEX_OR_OCTAL_PART.match(p) for p in parts):
             _raise(
                 _reject(
@@ -192,11 +241,12 @@ def validate_address(raw: str) -> str:
             )
         _raise(
             _reject(
-                "not_ipv4",
-                "address must be a dotted-quad IPv4 address such as 203.0.113.10",
+                "not_ip",
+                "address must be a dotted-quad IPv4 address such as 203.0.113.10, an IPv6 "
+                "address such as 2001:db8::10, or a CIDR prefix of either",
             )
         )
-    parts = raw.split(".")
+    parts = base.split(".")
     if len(parts) != 4 or any(p == "" for p in parts):
         _raise(
             _reject(
@@ -215,78 +265,285 @@ def validate_address(raw: str) -> str:
         )
     if any(int(p) > 255 for p in parts):
         _raise(_reject("octet_range", "each of the four numbers must be between 0 and 255"))
-    address = ipaddress.IPv4Address(raw)
-    _check_unicast(address)
-    return str(address)
+    prefix = 32 if length is None else int(length)
+    _check_prefix(prefix, 32, limit, 4)
+    try:
+        return ipaddress.IPv4Network(f"{base}/{prefix}", strict=True)
+    except ValueError:
+        _raise(_host_bits(base, prefix, 4))
 
 
-def _check_unicast(address: ipaddress.IPv4Address) -> None:
-    if address in _THIS_NETWORK:
+def _ipv6_network(raw: str, base: str, length: str | None, limit: int) -> ipaddress.IPv6Network:
+    try:
+        address = ipaddress.IPv6Address(base)
+    except ValueError:
         _raise(
             _reject(
-                "this_network",
-                "0.0.0.0/8 addresses mean 'this host/network' and cannot be a destination",
+                "not_ipv6",
+                "address is not a valid IPv6 address (RFC 4291 text form, e.g. 2001:db8::10)",
             )
         )
-    if address == _BROADCAST:
-        _raise(_reject("broadcast", "255.255.255.255 is the broadcast address, not a server"))
-    if address.is_loopback:
+    del address
+    prefix = 128 if length is None else int(length)
+    _check_prefix(prefix, 128, limit, 6)
+    try:
+        return ipaddress.IPv6Network(f"{base}/{prefix}", strict=True)
+    except ValueError:
+        _raise(_host_bits(base, prefix, 6))
+
+
+def _check_prefix(prefix: int, max_length: int, limit: int, version: int) -> None:
+    if prefix > max_length:
         _raise(
             _reject(
-                "loopback",
-                "loopback addresses (127.0.0.0/8) point at the endpoint itself and are "
-                "always allowed; enter the RMM server's address",
+                "prefix_length",
+                f"an IPv{version} prefix length is at most /{max_length}",
             )
         )
-    if address.is_link_local:
+    if prefix < limit:
         _raise(
             _reject(
-                "link_local",
-                "link-local addresses (169.254.0.0/16) are not static server addresses",
-            )
-        )
-    if address.is_multicast:
-        _raise(_reject("multicast", "multicast addresses (224.0.0.0/4) are not a single server"))
-    if address in _RESERVED:
-        _raise(_reject("reserved", "reserved addresses (240.0.0.0/4) cannot be used"))
-    if address in _SHARED:
-        _raise(
-            _reject(
-                "shared_address_space",
-                "shared address space (100.64.0.0/10) is carrier-grade NAT inside a provider's "
-                "network, not a static server address",
-            )
-        )
-    if address in _IETF_PROTOCOL:
-        _raise(
-            _reject(
-                "ietf_protocol",
-                "IETF protocol assignments (192.0.0.0/24) are not server addresses",
-            )
-        )
-    if address in _BENCHMARKING:
-        _raise(
-            _reject(
-                "benchmarking",
-                "benchmarking addresses (198.18.0.0/15) are for lab networks, not a server",
-            )
-        )
-    if address in _RELAY_ANYCAST:
-        _raise(
-            _reject(
-                "anycast",
-                "the 6to4 relay anycast range (192.88.99.0/24) is not a single server",
+                "prefix_too_wide",
+                f"IPv{version} prefixes may be no wider than /{limit} (got /{prefix}); "
+                "list the RMM servers' own addresses or a narrower prefix",
             )
         )
 
 
-_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
-_RESERVED = ipaddress.IPv4Network("240.0.0.0/4")
-_SHARED = ipaddress.IPv4Network("100.64.0.0/10")
-_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
-_BENCHMARKING = ipaddress.IPv4Network("198.18.0.0/15")
-_RELAY_ANYCAST = ipaddress.IPv4Network("192.88.99.0/24")
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+def _host_bits(base: str, prefix: int, version: int) -> EntryRejectedError:
+    network = ipaddress.ip_network(f"{base}/{prefix}", strict=False)
+    return _reject(
+        "host_bits",
+        f"the prefix has host bits set; for /{prefix} enter its network address {network} "
+        f"(or the single IPv{version} address without /{prefix})",
+    )
+
+
+# (range, rule, message), checked in order; a prefix is refused when it overlaps one.
+_RESERVED_V4: tuple[tuple[ipaddress.IPv4Network, str, str], ...] = tuple(
+    (ipaddress.IPv4Network(net), rule, message)
+    for net, rule, message in (
+        (
+            "0.0.0.0/8",
+            "this_network",
+            "0.0.0.0/8 addresses mean 'this host/network' and cannot be a destination",
+        ),
+        (
+            "255.255.255.255/32",
+            "broadcast",
+            "255.255.255.255 is the broadcast address, not a server",
+        ),
+        (
+            "127.0.0.0/8",
+            "loopback",
+            "loopback addresses (127.0.0.0/8) point at the endpoint itself and are "
+            "always allowed; enter the RMM server's address",
+        ),
+        (
+            "169.254.0.0/16",
+            "link_local",
+            "link-local addresses (169.254.0.0/16) are not static server addresses",
+        ),
+        ("224.0.0.0/4", "multicast", "multicast addresses (224.0.0.0/4) are not a single server"),
+        ("240.0.0.0/4", "reserved", "reserved addresses (240.0.0.0/4) cannot be used"),
+        (
+            "100.64.0.0/10",
+            "shared_address_space",
+            "shared address space (100.64.0.0/10) is carrier-grade NAT inside a provider's "
+            "network, not a static server address",
+        ),
+        (
+            "192.0.0.0/24",
+            "ietf_protocol",
+            "IETF protocol assignments (192.0.0.0/24) are not server addresses",
+        ),
+        (
+            "198.18.0.0/15",
+            "benchmarking",
+            "benchmarking addresses (198.18.0.0/15) are for lab networks, not a server",
+        ),
+        (
+            "192.88.99.0/24",
+            "anycast",
+            "the 6to4 relay anycast range (192.88.99.0/24) is not a single server",
+        ),
+    )
+)
+_RESERVED_V6: tuple[tuple[ipaddress.IPv6Network, str, str], ...] = tuple(
+    (ipaddress.IPv6Network(net), rule, message)
+    for net, rule, message in (
+        ("::/128", "unspecified", "the unspecified address (::) is not a destination"),
+        (
+            "::1/128",
+            "loopback",
+            "the loopback address (::1) points at the endpoint itself and is always allowed; "
+            "enter the RMM server's address",
+        ),
+        (
+            "::ffff:0:0/96",
+            "ipv4_mapped",
+            "IPv4-mapped IPv6 addresses (::ffff:0:0/96) are IPv4 peers: give the IPv4 address",
+        ),
+        (
+            "::/96",
+            "ipv4_compatible",
+            "IPv4-compatible IPv6 addresses (::/96, deprecated) are IPv4 peers: give the IPv4 "
+            "address",
+        ),
+        (
+            "fe80::/10",
+            "link_local",
+            "link-local addresses (fe80::/10) are not static server addresses",
+        ),
+        ("ff00::/8", "multicast", "multicast addresses (ff00::/8) are not a single server"),
+        (
+            "64:ff9b::/96",
+            "nat64",
+            "NAT64 addresses (64:ff9b::/96) translate to IPv4: give the IPv4 address",
+        ),
+        (
+            "64:ff9b:1::/48",
+            "nat64",
+            "local-use NAT64 addresses (64:ff9b:1::/48) translate to IPv4: give the IPv4 address",
+        ),
+        (
+            "2001::/32",
+            "teredo",
+            "Teredo addresses (2001::/32) are tunnel endpoints, not a static server address",
+        ),
+        (
+            "2002::/16",
+            "6to4",
+            "6to4 addresses (2002::/16) are tunnel endpoints; give the server's IPv4 address",
+        ),
+    )
+)
+
+
+def _check_reserved(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    table: tuple[tuple[Any, str, str], ...] = (
+        _RESERVED_V4 if isinstance(network, ipaddress.IPv4Network) else _RESERVED_V6
+    )
+    for reserved, rule, message in table:
+        if network.overlaps(reserved):
+            if network.prefixlen < network.max_prefixlen:
+                message = f"the prefix {network} reaches into a refused range: {message}"
+            _raise(_reject(rule, message))
+
+
+MAX_PORTS = MAX_PORTS_PER_ENTRY
+PROTOCOLS: tuple[PeerProtocol, ...] = ("tcp", "udp", "any")
+MAX_EXPIRY = timedelta(days=90)
+
+
+def validate_ports(raw: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """0 to 16 distinct ports 1-65535, sorted (empty: every port); else EntryRejectedError."""
+    if len(raw) > MAX_PORTS:
+        raise EntryRejectedError(
+            "ports", "too_many", f"at most {MAX_PORTS} ports per entry (got {len(raw)})"
+        )
+    for index, port in enumerate(raw):
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise EntryRejectedError(
+                "ports",
+                "port_range",
+                f"ports[{index}] is {port!r}; each port must be an integer from 1 to 65535",
+            )
+    seen: set[int] = set()
+    for port in raw:
+        if port in seen:
+            raise EntryRejectedError(
+                "ports", "duplicate_port", f"port {port} is listed twice; list each port once"
+            )
+        seen.add(port)
+    return tuple(sorted(raw))
+
+
+def validate_protocol(raw: str, ports: tuple[int, ...]) -> PeerProtocol:
+    """``tcp``, ``udp`` or ``any``; ports need ``tcp`` or ``udp``; else EntryRejectedError."""
+    if raw not in PROTOCOLS:
+        raise EntryRejectedError(
+            "protocol",
+            "unknown",
+            f'protocol must be "tcp", "udp" or "any" (got {raw[:20]!r})',
+        )
+    protocol: PeerProtocol = "tcp" if raw == "tcp" else "udp" if raw == "udp" else "any"
+    if ports and protocol == "any":
+        raise EntryRejectedError(
+            "protocol",
+            "required_for_ports",
+            'ports need protocol "tcp" or "udp"; "any" (the default) allows every protocol '
+            "and port",
+        )
+    return protocol
+
+
+def validate_expires_at(raw: str | None, now: datetime) -> datetime | None:
+    """An RFC 3339 time with an offset, in the future and at most 90 days ahead (as UTC)."""
+    if raw is None:
+        return None
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        when = None
+    if when is None or len(raw) < 19 or "T" not in raw.upper():
+        raise EntryRejectedError(
+            "expires_at",
+            "format",
+            "expires_at must be an RFC 3339 date and time, e.g. 2026-12-31T18:00:00Z",
+        )
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise EntryRejectedError(
+            "expires_at",
+            "timezone",
+            "expires_at must carry a time zone offset (Z or +01:00), e.g. 2026-12-31T18:00:00Z",
+        )
+    when = when.astimezone(UTC)
+    if when <= now:
+        raise EntryRejectedError(
+            "expires_at", "past", f"expires_at {raw} is not in the future; give a later time"
+        )
+    if when > now + MAX_EXPIRY:
+        raise EntryRejectedError(
+            "expires_at",
+            "too_far",
+            f"expires_at may be at most {MAX_EXPIRY.days} days ahead; leave it empty for an "
+            "entry that does not expire",
+        )
+    return when
+
+
+def covers(outer: AllowlistEntry, inner: AllowlistEntry) -> bool:
+    """True when ``outer`` already allows everything ``inner`` would, for at least as long.
+
+    Addresses: inner's inside outer's. Protocol: the same, or outer ``any``. Ports: outer's
+    empty (every port) or a superset of inner's. Time: outer does not expire before inner.
+    """
+    outer_net = ipaddress.ip_network(outer.address)
+    inner_net = ipaddress.ip_network(inner.address)
+    if outer_net.version != inner_net.version:
+        return False
+    if not inner_net.subnet_of(outer_net):  # type: ignore[arg-type]
+        return False
+    if outer.protocol != "any" and outer.protocol != inner.protocol:
+        return False
+    if outer.ports and not (inner.ports and set(inner.ports) <= set(outer.ports)):
+        return False
+    if outer.expires_at is not None:
+        return inner.expires_at is not None and inner.expires_at <= outer.expires_at
+    return True
+
+
+def describe(entry: AllowlistEntry) -> str:
+    """``203.0.113.10 tcp/8041,8042 until …``: an entry's reach in one line."""
+    reach = entry.address
+    if entry.protocol != "any":
+        reach += f" {entry.protocol}" + (
+            "/" + ",".join(map(str, entry.ports)) if entry.ports else ""
+        )
+    if entry.expires_at is not None:
+        reach += f" until {entry.expires_at.isoformat().replace('+00:00', 'Z')}"
+    return reach
 
 
 def _raise(error: EntryRejectedError) -> NoReturn:
@@ -352,6 +609,18 @@ def parse_if_match(raw: str | None) -> int | None:
     return int(value)
 
 
+def entry_summary(entry: AllowlistEntry) -> dict[str, Any]:
+    """``{id, name, address}`` and, when not their defaults, ports, protocol and expiry."""
+    summary: dict[str, Any] = {"id": entry.id, "name": entry.name, "address": entry.address}
+    if entry.ports:
+        summary["ports"] = list(entry.ports)
+    if entry.protocol != "any":
+        summary["protocol"] = entry.protocol
+    if entry.expires_at is not None:
+        summary["expires_at"] = entry.expires_at.isoformat()
+    return summary
+
+
 class Allowlist(BaseModel):
     """An account's Tooling Allowlist at one version (version 0: never changed, switched off)."""
 
@@ -368,7 +637,7 @@ class Allowlist(BaseModel):
         return {
             "enabled": self.enabled,
             "version": self.version,
-            "entries": [{"id": e.id, "name": e.name, "address": e.address} for e in self.entries],
+            "entries": [entry_summary(e) for e in self.entries],
         }
 
 
@@ -405,10 +674,61 @@ def set_enabled(current: Allowlist, enabled: bool, now: datetime) -> Change | No
     )
 
 
-def _check_unique(current: Allowlist, address: str, except_id: str | None = None) -> None:
-    for entry in current.entries:
-        if entry.address == address and entry.id != except_id:
-            raise DuplicateAddressError(address, entry.name)
+def _check_unique(current: Allowlist, entry: AllowlistEntry) -> None:
+    for other in current.entries:
+        if other.id != entry.id and covers(other, entry):
+            raise DuplicateAddressError(describe(entry), other)
+
+
+@dataclass(frozen=True)
+class EntryLimits:
+    """The configurable address guardrails (HOSTISO_ALLOWLIST_MAX_PREFIX_V4/V6)."""
+
+    max_prefix_v4: int = addresses.MAX_PREFIX_V4
+    max_prefix_v6: int = addresses.MAX_PREFIX_V6
+
+
+class Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP
+"""``update_entry``: leave ``expires_at`` as it is (``None`` removes the expiry)."""
+
+
+def _build_entry(
+    base: AllowlistEntry,
+    *,
+    name: str | None,
+    address: str | None,
+    ports: list[int] | tuple[int, ...] | None,
+    protocol: str | None,
+    expires_at: str | Keep | None,
+    now: datetime,
+    limits: EntryLimits,
+) -> AllowlistEntry:
+    clean_address = (
+        validate_address(
+            address, max_prefix_v4=limits.max_prefix_v4, max_prefix_v6=limits.max_prefix_v6
+        )
+        if address is not None
+        else base.address
+    )
+    clean_name = validate_name(name) if name is not None else base.name
+    clean_ports = validate_ports(ports) if ports is not None else base.ports
+    clean_protocol = validate_protocol(
+        protocol if protocol is not None else base.protocol, clean_ports
+    )
+    clean_expiry = base.expires_at if expires_at is KEEP else validate_expires_at(expires_at, now)
+    return base.model_copy(
+        update={
+            "name": clean_name,
+            "address": clean_address,
+            "ports": clean_ports,
+            "protocol": clean_protocol,
+            "expires_at": clean_expiry,
+        }
+    )
 
 
 def add_entry(
@@ -420,22 +740,38 @@ def add_entry(
     created_by: str,
     now: datetime,
     max_entries: int,
+    ports: list[int] | tuple[int, ...] | None = None,
+    protocol: str | None = None,
+    expires_at: str | None = None,
+    limits: EntryLimits | None = None,
 ) -> Change:
-    """Append a validated entry; duplicates (409) and the entry limit (422) are refused."""
-    clean_address = validate_address(address)
-    clean_name = validate_name(name)
-    _check_unique(current, clean_address)
+    """Append a validated entry; a covered entry (409) and the entry limit (422) are refused.
+
+    ``{name, address}`` alone is what it always was: every port and protocol, no expiry.
+    """
+    limits = limits or EntryLimits()
+    blank = AllowlistEntry(
+        id=entry_id, name="-", address="0.0.0.0", created_at=now, created_by=created_by
+    )
+    entry = _build_entry(
+        blank,
+        name=name,
+        address=address,
+        ports=ports if ports is not None else (),
+        protocol=protocol if protocol is not None else "any",
+        expires_at=expires_at,
+        now=now,
+        limits=limits,
+    )
+    _check_unique(current, entry)
     if len(current.entries) >= max_entries:
         raise EntryLimitError(max_entries)
-    entry = AllowlistEntry(
-        id=entry_id, name=clean_name, address=clean_address, created_at=now, created_by=created_by
-    )
     return Change(
         action="allowlist.entry.add",
         before=current,
         after=_next(current, now, entries=(*current.entries, entry)),
         entry=entry,
-        detail=f"added {clean_name!r} {clean_address}",
+        detail=f"added {entry.name!r} {describe(entry)}",
     )
 
 
@@ -453,22 +789,34 @@ def update_entry(
     name: str | None,
     address: str | None,
     now: datetime,
+    ports: list[int] | tuple[int, ...] | None = None,
+    protocol: str | None = None,
+    expires_at: str | Keep | None = KEEP,
+    limits: EntryLimits | None = None,
 ) -> Change | None:
-    """Rename and/or readdress an entry; None when nothing changes."""
+    """Change an entry's name, address, ports, protocol or expiry (the rules of a new entry);
+    None when nothing changes."""
     entry = find_entry(current, entry_id)
-    clean_address = validate_address(address) if address is not None else entry.address
-    clean_name = validate_name(name) if name is not None else entry.name
-    _check_unique(current, clean_address, except_id=entry_id)
-    if clean_address == entry.address and clean_name == entry.name:
+    updated = _build_entry(
+        entry,
+        name=name,
+        address=address,
+        ports=ports,
+        protocol=protocol,
+        expires_at=expires_at,
+        now=now,
+        limits=limits or EntryLimits(),
+    )
+    _check_unique(current, updated)
+    if updated == entry:
         return None
-    updated = entry.model_copy(update={"name": clean_name, "address": clean_address})
     entries = tuple(updated if e.id == entry_id else e for e in current.entries)
     return Change(
         action="allowlist.entry.update",
         before=current,
         after=_next(current, now, entries=entries),
         entry=updated,
-        detail=f"{entry.name!r} {entry.address} -> {clean_name!r} {clean_address}",
+        detail=f"{entry.name!r} {describe(entry)} -> {updated.name!r} {describe(updated)}",
     )
 
 
@@ -479,7 +827,7 @@ def remove_entry(current: Allowlist, entry_id: str, now: datetime) -> Change:
         before=current,
         after=_next(current, now, entries=tuple(e for e in current.entries if e.id != entry_id)),
         entry=entry,
-        detail=f"removed {entry.name!r} {entry.address}",
+        detail=f"removed {entry.name!r} {describe(entry)}",
     )
 
 
@@ -496,7 +844,7 @@ def history_delta(change: Change) -> tuple[dict[str, Any] | None, dict[str, Any]
     def compact(allowlist: Allowlist) -> dict[str, Any] | None:
         for entry in allowlist.entries:
             if entry.id == entry_id:
-                return {"id": entry.id, "name": entry.name, "address": entry.address}
+                return entry_summary(entry)
         return None
 
     return compact(change.before), compact(change.after)

@@ -105,6 +105,7 @@ class SettingsHandlers:
         audit: AuditSink,
         max_entries: int,
         publish_wait_s: float,
+        entry_limits: domain.EntryLimits | None = None,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         revocation_counter: RevocationCounter | None = None,
     ) -> None:
@@ -113,6 +114,7 @@ class SettingsHandlers:
         self._publication = publication
         self._audit = audit
         self._max_entries = max_entries
+        self._entry_limits = entry_limits or domain.EntryLimits()
         self._publish_wait_s = publish_wait_s
         self._new_id = new_id
 
@@ -174,7 +176,16 @@ class SettingsHandlers:
         return after
 
     async def add_entry(
-        self, principal: Actor, account_id: str, name: str, address: str, if_match: int | None
+        self,
+        principal: Actor,
+        account_id: str,
+        name: str,
+        address: str,
+        if_match: int | None,
+        *,
+        ports: list[int] | None = None,
+        protocol: str | None = None,
+        expires_at: str | None = None,
     ) -> tuple[Allowlist, Change | None]:
         entry_id = self._new_id()
         return await self._change(
@@ -190,6 +201,10 @@ class SettingsHandlers:
                 created_by=principal.sub,
                 now=now,
                 max_entries=self._max_entries,
+                ports=ports,
+                protocol=protocol,
+                expires_at=expires_at,
+                limits=self._entry_limits,
             ),
         )
 
@@ -201,6 +216,10 @@ class SettingsHandlers:
         name: str | None,
         address: str | None,
         if_match: int | None,
+        *,
+        ports: list[int] | None = None,
+        protocol: str | None = None,
+        expires_at: str | domain.Keep | None = domain.KEEP,
     ) -> tuple[Allowlist, Change | None]:
         return await self._change(
             principal,
@@ -208,7 +227,15 @@ class SettingsHandlers:
             if_match,
             "allowlist.entry.update",
             lambda current, now: domain.update_entry(
-                current, entry_id, name=name, address=address, now=now
+                current,
+                entry_id,
+                name=name,
+                address=address,
+                now=now,
+                ports=ports,
+                protocol=protocol,
+                expires_at=expires_at,
+                limits=self._entry_limits,
             ),
         )
 

@@ -50,7 +50,11 @@ class HttpRevocationCounter:
             ) as client:
                 response = await client.get(
                     url,
-                    params={"address": entry.address},
+                    params={
+                        "address": entry.address,
+                        "ports": list(entry.ports),
+                        "protocol": entry.protocol,
+                    },
                     headers={"Authorization": f"Bearer {token}"},
                 )
         except httpx.HTTPError as exc:

@@ -83,8 +83,8 @@ def test_host_address_rules(value: str, rule: str) -> None:
 @pytest.mark.parametrize(
     ("value", "rule"),
     [
-        ("192.0.2.0/23", "prefix_too_wide"),
-        ("2001:db8::/48", "prefix_too_wide"),
+        ("192.0.2.0/15", "prefix_too_wide"),
+        ("2001:db8::/31", "prefix_too_wide"),
         ("192.0.2.0/33", "prefix_too_wide"),
         ("192.0.2.1/24", "host_bits"),
         ("192.0.2.0/255.255.255.0", "prefix_length"),

@@ -105,6 +105,68 @@ def test_snapshot_is_empty_when_the_switch_is_off_or_unknown() -> None:
     assert snapshot_allowlist("acct-1", None) == ((), 0)
 
 
+def _v2_allowlist() -> AllowlistChanged:
+    from datetime import timedelta
+
+    entries = (
+        AllowlistEntry(
+            id="v2",
+            name="RMM v6",
+            address="2001:db8::/64",
+            ports=(443, 8041),
+            protocol="tcp",
+            expires_at=NOW + timedelta(hours=2),
+            created_at=NOW,
+            created_by="a",
+        ),
+        AllowlistEntry(
+            id="gone",
+            name="expired",
+            address="198.51.100.0/24",
+            expires_at=NOW,
+            created_at=NOW,
+            created_by="a",
+        ),
+        AllowlistEntry(
+            id="v1", name="plain", address="203.0.113.10", created_at=NOW, created_by="a"
+        ),
+    )
+    return allowlist(version=5).model_copy(update={"entries": entries})
+
+
+def test_snapshot_copies_ports_protocol_expiry_and_leaves_out_expired_entries() -> None:
+    from datetime import timedelta
+
+    peers, version = snapshot_allowlist("acct-1", _v2_allowlist(), now=NOW)
+    assert version == 5
+    assert peers == (
+        AllowedPeer(
+            name="RMM v6",
+            address="2001:db8::/64",
+            ports=(443, 8041),
+            protocol="tcp",
+            expires_at=NOW + timedelta(hours=2),
+        ),
+        AllowedPeer(name="plain", address="203.0.113.10"),
+    )
+    later, _ = snapshot_allowlist("acct-1", _v2_allowlist(), now=NOW + timedelta(hours=2))
+    assert [p.name for p in later] == ["plain"]
+    earlier, _ = snapshot_allowlist("acct-1", _v2_allowlist(), now=NOW - timedelta(seconds=1))
+    assert [p.name for p in earlier] == ["RMM v6", "expired", "plain"]
+
+
+def test_a_v2_snapshot_is_frozen_and_strict_carries_none_of_it() -> None:
+    first = issued(isolate(fresh_isolation(ENDPOINT), settings=_v2_allowlist()))
+    assert [p.name for p in first.policy.allowed_outbound] == ["RMM v6", "plain"]
+    assert first.policy.allowed_outbound[0].ports == (443, 8041)
+    changed = _v2_allowlist().model_copy(update={"entries": (), "version": 6})
+    assert isinstance(isolate(first.isolation, settings=changed), NothingToDo)
+    strict = issued(isolate(first.isolation, mode="strict", settings=_v2_allowlist()))
+    assert strict.policy.allowed_outbound == ()
+    # A later standard request never downgrades strict, v2 entries or not.
+    assert not isinstance(isolate(strict.isolation, settings=_v2_allowlist()), PolicyIssued)
+
+
 def test_snapshot_refuses_another_accounts_settings() -> None:
     with pytest.raises(TenancyViolationError):
         snapshot_allowlist("acct-1", allowlist("203.0.113.10", account="acct-2"))

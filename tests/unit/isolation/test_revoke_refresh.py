@@ -298,3 +298,19 @@ async def test_revocation_progress_counts_tightened_and_applied(world: World) ->
     await world.applied("ep-0")
     after = await world.service.revocation_progress("acct-1", "rev-1", target, SOC)
     assert (after.endpoints, after.tightened, after.applied) == (3, 3, 1)
+
+
+async def test_revoke_matches_address_ports_and_protocol_not_the_address_alone(
+    world: World,
+) -> None:
+    agent = RMM.model_copy(update={"id": "e-agent", "ports": (8041,), "protocol": "tcp"})
+    dns = RMM.model_copy(update={"id": "e-dns", "name": "DNS", "ports": (53,), "protocol": "udp"})
+    world.settings.by_account["acct-1"] = allowlist("acct-1", 5, agent, dns)
+    await world.isolate("ep-0")
+    # The same peer spelled as a /32 prefix is the same peer.
+    revoked = agent.model_copy(update={"address": "203.0.113.10/32"})
+    await world.service.revoke_entries(revoking(world.settings.by_account["acct-1"], revoked))
+    await world.run_fan_out()
+    state, _ = await world.store.load("ep-0")
+    assert state is not None and state.policy is not None
+    assert [(p.ports, p.protocol) for p in state.policy.allowed_outbound] == [((53,), "udp")]
