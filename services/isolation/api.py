@@ -150,6 +150,7 @@ class RevocationProgressView(BaseModel):
     endpoints: int = Field(description="Endpoints that allowed the entry (tightened or not yet).")
     tightened: int = Field(description="Issued a policy without the entry.")
     applied: int = Field(description="Of those, the agent reported the new policy applied.")
+    failed: int = Field(description="Of those, the agent reported it could not apply it.")
 
 
 def build_router(service: IsolationService) -> APIRouter:
@@ -264,6 +265,7 @@ def build_router(service: IsolationService) -> APIRouter:
             endpoints=progress.endpoints,
             tightened=progress.tightened,
             applied=progress.applied,
+            failed=progress.failed,
         )
 
     return router

@@ -178,6 +178,7 @@ class RevocationProgress:
     endpoints: int
     tightened: int
     applied: int
+    failed: int
 
 
 @dataclass(frozen=True)
@@ -701,6 +702,7 @@ class IsolationService:
             endpoints=len(tightened) + len(remaining),
             tightened=len(tightened),
             applied=len(applied),
+            failed=sum(1 for s in tightened if s.state == "failed"),
         )
 
     async def isolation_of(self, endpoint_id: str, actor: Actor) -> EndpointIsolation:

@@ -168,6 +168,7 @@ async def test_revoke_cuts_the_entry_from_every_isolated_endpoint_of_the_account
                 "endpoints": 2,
                 "tightened": 2,
                 "applied": 2,
+                "failed": 0,
             }
 
         await wait_for(all_applied, timeout=30, message="revocation applied by both agents")

@@ -297,7 +297,7 @@ async def test_revocation_progress_counts_tightened_and_applied(world: World) ->
     await world.run_fan_out()
     await world.applied("ep-0")
     after = await world.service.revocation_progress("acct-1", "rev-1", target, SOC)
-    assert (after.endpoints, after.tightened, after.applied) == (3, 3, 1)
+    assert (after.endpoints, after.tightened, after.applied, after.failed) == (3, 3, 1, 0)
 
 
 async def test_revoke_matches_address_ports_and_protocol_not_the_address_alone(
