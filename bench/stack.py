@@ -315,6 +315,7 @@ class Stack:
         ports = {name: free_port() for name in SERVICES}
         env = self.base_env()
         env["HOSTISO_SETTINGS_URL"] = f"http://127.0.0.1:{ports['settings']}"
+        env["HOSTISO_ISOLATION_URL"] = f"http://127.0.0.1:{ports['isolation']}"
         for name in names:
             service = ServiceProc(
                 name=name,

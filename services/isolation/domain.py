@@ -445,7 +445,8 @@ def decide_revoke(
         isolation=isolation,
         policy=tightened,
         priority=True,
-        detail=f"revoked {revocation.entry.name!r} {target.address}",
+        # The audit record of each endpoint says who (its actor) and why (the revocation's reason).
+        detail=ctx.reason or f"revoked {revocation.entry.name!r} {target.address}",
     )
 
 
@@ -478,7 +479,8 @@ def decide_refresh(
     return PolicyIssued(
         isolation=issued.isolation,
         policy=issued.policy,
-        detail=f"refreshed to settings version {version}",
+        detail=f"refreshed to settings version {version}"
+        + (f": {ctx.reason}" if ctx.reason else ""),
     )
 
 
