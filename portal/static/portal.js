@@ -668,9 +668,10 @@
       if (!res.ok || !res.data) continue;
       const tr = document.querySelector(`tr[data-endpoint-id="${CSS.escape(row.endpoint_id)}"]`);
       if (!tr) continue;
-      const cell = tr.querySelector(".ep-settings-version") || tr.firstElementChild;
+      // With the row's actions: the Refresh button belongs there, and the columns keep their values.
+      const cell = tr.querySelector(".actions") || tr.lastElementChild;
       cell.querySelectorAll(".freshness").forEach((n) => n.remove());
-      cell.append(freshnessNote(row, res.data));
+      cell.prepend(freshnessNote(row, res.data));
     }
   }
 

@@ -172,6 +172,18 @@ async def test_revoke_cuts_the_entry_from_every_isolated_endpoint_of_the_account
             }
 
         await wait_for(all_applied, timeout=30, message="revocation applied by both agents")
+        bad = await h.http.get(
+            f"/v1/accounts/acct-rv/revocations/{revocation_id}",
+            params={"address": "rmm.example.com"},
+            headers=h.token(),
+        )
+        assert bad.status_code == 422, bad.text
+        foreign = await h.http.get(
+            f"/v1/accounts/acct-rv/revocations/{revocation_id}",
+            params={"address": "203.0.113.10"},
+            headers=h.partner("acct-ot"),
+        )
+        assert foreign.status_code == 403
 
         # Redelivery of the revoking event and of the per-endpoint requests: no second policy.
         events = await read_topic(kafka_bootstrap, topics, topics.settings_allowlist, timeout=30)
@@ -214,8 +226,9 @@ async def test_revoke_cuts_the_entry_from_every_isolated_endpoint_of_the_account
         trail = await wait_for(audits, timeout=30, message="revoke audits")
         settings_audit = [a for a in trail if a.action == "allowlist.entry.revoke"]
         assert len(settings_audit) == 1 and "RMM server compromised" in settings_audit[0].detail
-        per_endpoint = {a.endpoint_id for a in trail if a.action == "isolation.revoke"}
-        assert per_endpoint == {"ep-rv-1", "ep-rv-2"}
+        per_endpoint = [a for a in trail if a.action == "isolation.revoke"]
+        assert {a.endpoint_id for a in per_endpoint} == {"ep-rv-1", "ep-rv-2"}
+        assert all("RMM server compromised" in a.detail for a in per_endpoint)
         fan_out = [a for a in trail if a.action == "isolation.revoke_account"]
         assert fan_out and fan_out[0].after is not None
         assert fan_out[0].after["endpoints"] == ["ep-rv-1", "ep-rv-2"]
