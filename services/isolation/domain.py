@@ -420,6 +420,13 @@ def decide_revoke(
     policy = current.policy
     if policy is None or not allows_peer(current, target):
         return NothingToDo(f"the policy in force does not allow {target.address}")
+    if policy.settings_version >= revocation.settings_version:
+        # Snapshotted at or after the revocation: a peer it holds was added back since (a
+        # redelivered or replayed revocation must not cut the entry that replaced it).
+        return NothingToDo(
+            f"the policy's snapshot (settings v{policy.settings_version}) is newer than the "
+            f"revocation (v{revocation.settings_version})"
+        )
     kept = tuple(p for p in policy.allowed_outbound if not same_peer(p, target))
     tightened = policy.model_copy(
         update={

@@ -326,7 +326,7 @@ class IsolationService:
             affected = sorted(
                 s.endpoint_id
                 for s in states
-                if s.account_id == event.account_id and allows_peer(s, revocation.peer)
+                if s.policy is not None and s.isolated_or_pending and revocation.outdates(s.policy)
             )
             await self._publisher.send_requests(
                 "priority", [_revoke_request(revocation, e) for e in affected]

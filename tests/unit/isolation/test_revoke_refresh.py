@@ -314,3 +314,16 @@ async def test_revoke_matches_address_ports_and_protocol_not_the_address_alone(
     state, _ = await world.store.load("ep-0")
     assert state is not None and state.policy is not None
     assert [(p.ports, p.protocol) for p in state.policy.allowed_outbound] == [((53,), "udp")]
+
+
+async def test_a_replayed_revocation_does_not_cut_the_entry_added_back_since(world: World) -> None:
+    revoked_at_4 = revoking(world.settings.by_account["acct-1"], RMM)
+    await world.service.revoke_entries(revoked_at_4)
+    # The partner adds the address back (a new server); an isolation snapshots version 5.
+    world.settings.by_account["acct-1"] = allowlist("acct-1", 5, RELAY, RMM)
+    await world.isolate("ep-0")
+    assert await world.addresses("ep-0") == ["203.0.113.20", "203.0.113.10"]
+    # The version-4 event redelivered: nothing for the newer snapshot.
+    assert await world.service.revoke_entries(revoked_at_4) == 0
+    state, _ = await world.store.load("ep-0")
+    assert state is not None and state.desired_sequence == 1
