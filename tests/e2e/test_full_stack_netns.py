@@ -322,6 +322,13 @@ async def test_refresh_opens_a_new_entry_and_revoke_cuts_the_rmm_without_a_relea
             return view if done else None
 
         assert reach(lab, RMM, RELAY) == {RMM: True, RELAY: True}, "the lab's paths work"
+
+        async def snapshot_would_hold_the_rmm() -> bool:
+            # A read_committed end offset can trail the relay's just-committed transaction.
+            preview = (await http.get(f"{view_url}/preview", headers=SOC)).json()
+            return [p["address"] for p in preview["policy"]["allowed_outbound"]] == [RMM]
+
+        await wait_for(snapshot_would_hold_the_rmm, timeout=30, message="replica has the RMM")
         isolate = await http.post(view_url, json={"mode": "standard", "reason": "e2e"}, headers=SOC)
         assert isolate.status_code == 202, isolate.text
         await wait_for(lambda: applied(1), timeout=60, message="standard applied")

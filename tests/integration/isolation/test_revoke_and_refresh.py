@@ -97,6 +97,27 @@ async def applied_state(h: Harness, endpoint_id: str, sequence: int) -> dict[str
     return await wait_for(reached, timeout=30, message=f"{endpoint_id} applied {sequence}")
 
 
+async def replica_sees(h: Harness, endpoint_id: str, addresses: list[str]) -> None:
+    """Wait until a snapshot for ``endpoint_id`` would hold ``addresses``.
+
+    A read_committed end offset can trail a just-committed relay transaction until the broker
+    writes its commit markers, so the setup waits instead of racing it (see the branch's note).
+    """
+
+    async def seen() -> bool:
+        response = await h.http.get(
+            f"/v1/endpoints/{endpoint_id}/isolation/preview", headers=h.token()
+        )
+        policy = response.json().get("policy") if response.status_code == 200 else None
+        return policy is not None and addresses_of(policy) == addresses
+
+    await wait_for(seen, timeout=30, message=f"replica holds {addresses}")
+
+
+def addresses_of(policy: dict[str, Any]) -> list[str]:
+    return [p["address"] for p in policy["allowed_outbound"]]
+
+
 async def report_all(h: Harness, commands: list[EnforcePolicy]) -> None:
     for command in commands:
         await h.report(command.policy)
@@ -123,6 +144,8 @@ async def test_revoke_cuts_the_entry_from_every_isolated_endpoint_of_the_account
             ("ep-ot-1", "acct-ot"),
         ):
             await h.register(endpoint, account)
+        await replica_sees(h, "ep-rv-1", ["203.0.113.10", "203.0.113.20"])
+        await replica_sees(h, "ep-ot-1", ["203.0.113.10"])
         await isolate(h, "ep-rv-1", "acct-rv")
         await isolate(h, "ep-rv-2", "acct-rv")
         await isolate(h, "ep-rv-3", "acct-rv", "strict")
@@ -243,6 +266,7 @@ async def test_refresh_opens_a_newly_added_entry_without_a_release(
         await enable(settings, h, "acct-rf")
         for endpoint in ("ep-rf-1", "ep-rf-2", "ep-rf-3"):
             await h.register(endpoint, "acct-rf")
+        await replica_sees(h, "ep-rf-1", ["203.0.113.10"])
         await isolate(h, "ep-rf-1", "acct-rf")
         await isolate(h, "ep-rf-2", "acct-rf", "strict")
         await report_all(h, await h.commands(expect=1))
