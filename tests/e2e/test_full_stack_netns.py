@@ -337,8 +337,12 @@ async def test_refresh_opens_a_new_entry_and_revoke_cuts_the_rmm_without_a_relea
         # A new entry: frozen out of the isolation in force until it is refreshed.
         await add_published(http, allowlist, "RMM relay", RELAY)
         assert reach(lab, RELAY)[RELAY] is False
-        preview = (await http.get(f"{view_url}/preview", headers=SOC)).json()
-        assert [p["address"] for p in preview["diff"]["added"]] == [RELAY]
+
+        async def diff_adds_the_relay() -> bool:
+            preview = (await http.get(f"{view_url}/preview", headers=SOC)).json()
+            return [p["address"] for p in preview["diff"]["added"]] == [RELAY]
+
+        await wait_for(diff_adds_the_relay, timeout=30, message="preview offers the relay")
         seen_states.clear()
         refresh = await http.post(f"{view_url}/refresh", json={"reason": "relay"}, headers=SOC)
         assert refresh.status_code == 202, refresh.text
