@@ -472,6 +472,9 @@ class RevokeAccepted(BaseModel):
         "(each gets a new policy without it on the priority lanes); null when the isolation "
         "service could not be asked in time (the revocation happens regardless)."
     )
+    note: str | None = Field(
+        None, description="Why ``endpoints`` is null, when it is; null otherwise."
+    )
 
 
 @router.post(
@@ -502,6 +505,10 @@ async def revoke_entry(
         entry=EntryView.of(revoked.entry),
         version=allowlist.version,
         endpoints=endpoints,
+        note=None
+        if endpoints is not None
+        else "not counted: the isolation service did not answer in time; the revocation is "
+        "committed and published, and isolated endpoints lose the entry regardless",
     )
 
 
