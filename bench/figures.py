@@ -50,6 +50,8 @@ class BenchSizes:
     fanout_small: int = 10
     fanout_samples: int = 20
     allowlist_entries: int = 5
+    # Isolated endpoints a revoked entry is cut from (of the account-wide strict group).
+    revoke_endpoints: int = 100
     # Simulated agents per agent process (the agents of one account are split over processes).
     agents_per_process: int = 100
 
@@ -65,6 +67,7 @@ class BenchSizes:
             strict_samples=30,
             account_endpoints=10_000,
             fanout_samples=40,
+            revoke_endpoints=1000,
             agents_per_process=250,
         )
 
@@ -81,6 +84,7 @@ class BenchSizes:
             fanout_small=5,
             fanout_samples=8,
             allowlist_entries=2,
+            revoke_endpoints=20,
             agents_per_process=20,
         )
 
@@ -347,6 +351,47 @@ async def account_strict(
     }
 
 
+async def revoke(driver: Driver, endpoints: list[str], account: str) -> dict[str, Any]:
+    """Standard-isolate ``endpoints``, then revoke an entry: request → last affected agent applied.
+
+    The revoke goes through the settings REST API (commit, outbox, Kafka), the isolation
+    service's revocation fan-out and the priority lanes to every agent.
+    """
+    stack = driver.stack
+    gate = asyncio.Semaphore(200)
+
+    async def isolate(endpoint: str) -> None:
+        async with gate:
+            if not driver.isolated.get(endpoint):
+                await driver.toggle(endpoint)
+
+    await asyncio.gather(*(isolate(e) for e in endpoints))
+    url = f"{stack.services['settings'].url}/v1/accounts/{account}/tooling-allowlist"
+    async with httpx.AsyncClient(timeout=60) as http:
+        listed = await http.get(url, headers=stack.auth())
+        listed.raise_for_status()
+        entry = listed.json()["entries"][0]
+        futures = [driver.watcher.expect(e) for e in endpoints]
+        sent = time.time()
+        response = await http.post(
+            f"{url}/entries/{entry['id']}/revoke",
+            json={"reason": "bench: tool compromised"},
+            headers=stack.auth(),
+        )
+        accepted_s = time.time() - sent
+        response.raise_for_status()
+    applied = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S * 5)
+    last = max(at for _, at in applied)
+    elapsed = max(0.0, last - sent)
+    return {
+        "endpoints": len(endpoints),
+        "endpoints_counted_by_202": response.json().get("endpoints"),
+        "accepted_202_s": round(accepted_s, 3),
+        "revoke_to_last_agent_applied_s": round(elapsed, 2),
+        "endpoints_per_s": round(len(endpoints) / elapsed, 1) if elapsed else None,
+    }
+
+
 async def _read_all(stack: Stack, topic: str) -> list[tuple[int, bytes]]:
     """(broker timestamp ms, value) of every record on ``topic`` up to its end now."""
     from aiokafka import AIOKafkaConsumer
@@ -585,6 +630,11 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
         rate = sizes.latency_load_fraction * report["throughput"]["requests_per_s"]
         report["latency"] = await latency(driver, pipeline.endpoints, rate, sizes.latency_seconds)
 
+        # Before the account-wide strict: a share of its endpoints, standard-isolated, loses an
+        # entry (the strict below then isolates only the rest in standard mode first).
+        report["revoke"] = await revoke(
+            driver, strict_group.endpoints[: sizes.revoke_endpoints], "acct-strict"
+        )
         report["account_strict"] = await account_strict(
             driver, strict_group.endpoints, "acct-strict", report["throughput"]["requests_per_s"]
         )

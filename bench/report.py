@@ -78,6 +78,19 @@ def bench_table(report: dict[str, Any]) -> str:
             f"{acct['endpoints_per_s']} endpoints/s",
         ),
         ("4 ratio endpoints/s vs figure 1", acct["ratio_vs_pipeline_throughput"], ""),
+        *(
+            [
+                (
+                    f"4 revoke an entry from {report['revoke']['endpoints']:,} isolated endpoints"
+                    " (s, request → last agent applied)",
+                    report["revoke"]["revoke_to_last_agent_applied_s"],
+                    f"202 in {report['revoke']['accepted_202_s']} s, "
+                    f"counted {report['revoke']['endpoints_counted_by_202']}",
+                )
+            ]
+            if "revoke" in report
+            else []
+        ),
         (
             f"5 delivery p99 ms, {fan['agents_small']} agents waiting",
             fan["delivery_small"]["p99_ms"],

@@ -400,6 +400,11 @@ class Stack:
             return self.balancers["settings"].url
         return f"http://127.0.0.1:{self._ports['settings']}"
 
+    def _isolation_url(self) -> str:
+        if "isolation" in self.balancers:
+            return self.balancers["isolation"].url
+        return f"http://127.0.0.1:{self._ports['isolation']}"
+
     def _new_instance(self, service: str, port: int | None = None) -> ServiceProc:
         self._next_index[service] += 1
         name = f"{service}-{self._next_index[service]}" if self.balanced else service
@@ -407,6 +412,7 @@ class Stack:
         env = dict(
             self.base_env(),
             HOSTISO_SETTINGS_URL=self._settings_url(),
+            HOSTISO_ISOLATION_URL=self._isolation_url(),
             HOSTISO_REDIS_URL=self.redis_url_for(service),
             HOSTISO_HTTP_PORT=str(port),
             HOSTISO_INSTANCE_ID=name,

@@ -458,14 +458,27 @@ def isolate(
     wait_timeout: TimeoutOption = 120.0,
     interval: IntervalOption = 1.0,
     as_json: JsonOption = False,
+    refresh: Annotated[
+        bool,
+        typer.Option(
+            "--refresh",
+            help="Standard isolations take the current allowlist, without a release (audited).",
+        ),
+    ] = False,
 ) -> None:
     """Isolate endpoints (standard: frozen allowlist; --strict: platform only)."""
+    if refresh and strict:
+        fail(ExitCode.USAGE, "--refresh is for standard isolations; it cannot be --strict")
     mode = "strict" if strict else "standard"
     targets: dict[str, Target] = {}
     accepted: list[dict[str, Any]] = []
     with platform(ctx) as api:
         for endpoint_id in target_endpoints(ctx, api, endpoints, host, account):
             before = _sequence(api, endpoint_id) if watch_ else 0
+            if refresh:
+                _refresh(api, endpoint_id, reason)
+                targets[endpoint_id] = isolate_target("standard", before)
+                continue
             answer = api.isolate(endpoint_id, mode=mode, reason=reason)
             targets[endpoint_id] = isolate_target(mode, before)
             accepted.append({"endpoint_id": endpoint_id, **_dict(answer.body)})
@@ -580,6 +593,124 @@ def account_strict(
                 interval,
                 accepted=[_dict(answer.body)] if as_json else None,
             )
+
+
+def _refresh(api: PlatformClient, endpoint_id: str, reason: str) -> Any:
+    answer = api.refresh(endpoint_id, reason=reason)
+    _out().print(
+        plain(
+            f"refresh of {endpoint_id} accepted (request {answer.body.get('request_id')}): "
+            "it takes the account's current allowlist without a release"
+        )
+    )
+    return answer
+
+
+@allowlist_app.command("revoke")
+def allowlist_revoke(
+    ctx: typer.Context,
+    entry_id: Annotated[str, typer.Argument(help="Entry id (see `allowlist show`).")],
+    reason: Annotated[str, typer.Option(help="Why the tool is compromised (required; audited).")],
+    account: AccountOption = None,
+    watch_: Annotated[
+        bool, typer.Option("--watch", help="Show tightened/applied until every agent applied.")
+    ] = False,
+    wait_timeout: TimeoutOption = 120.0,
+    interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """This tool is compromised: remove the entry and cut it from every isolated endpoint now."""
+    account_id = resolve_account(ctx, account)
+    with platform(ctx) as api:
+        answer = api.revoke_entry(account_id, entry_id, reason=reason)
+        body: dict[str, Any] = answer.body if isinstance(answer.body, dict) else {}
+        if as_json:
+            _print_json(body)
+        entry = body.get("entry") if isinstance(body.get("entry"), dict) else {}
+        count = body.get("endpoints")
+        what = f"{(entry or {}).get('name')!r} {(entry or {}).get('address')}"
+        tightening = (
+            f"tightening {count} isolated endpoint(s) on the priority lanes"
+            if isinstance(count, int)
+            else "endpoint count unknown (isolation service not reachable in time); "
+            "the revocation happens regardless"
+        )
+        if not as_json:
+            _out().print(
+                plain(
+                    f"revoked {what} from {account_id} (settings v{body.get('version')}): "
+                    f"{tightening} (revocation {body.get('revocation_id')})"
+                )
+            )
+        if watch_:
+            _watch_revocation(
+                api,
+                account_id,
+                str(body.get("revocation_id")),
+                entry or {},
+                wait_timeout,
+                interval,
+            )
+
+
+def _watch_revocation(
+    api: PlatformClient,
+    account_id: str,
+    revocation_id: str,
+    entry: dict[str, Any],
+    wait_timeout: float,
+    interval: float,
+) -> None:
+    """Two bars, tightened and applied, until every affected endpoint applied its new policy."""
+    deadline = time.monotonic() + wait_timeout
+    console = _err()
+    progress_view: dict[str, Any] = {}
+    with Progress(
+        TextColumn("[bold]{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as progress:
+        tightened = progress.add_task("tightened", total=None, detail="")
+        applied = progress.add_task("applied", total=None, detail="")
+        while True:
+            progress_view = api.revocation_progress(account_id, revocation_id, entry)
+            total = _int(progress_view.get("endpoints"))
+            failed = _int(progress_view.get("failed"))
+            progress.update(tightened, total=total, completed=_int(progress_view.get("tightened")))
+            progress.update(
+                applied,
+                total=total,
+                completed=_int(progress_view.get("applied")) + failed,
+                detail=f"{failed} failed" if failed else "",
+            )
+            if _revocation_settled(progress_view) or time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
+    total = _int(progress_view.get("endpoints"))
+    done = _int(progress_view.get("applied"))
+    failed = _int(progress_view.get("failed"))
+    summary = (
+        f"{_int(progress_view.get('tightened'))}/{total} tightened, {done}/{total} applied"
+        + (f", {failed} failed" if failed else "")
+    )
+    _out().print(plain(summary))
+    if failed:
+        fail(ExitCode.REFUSED, f"{failed} endpoint(s) failed to apply the tightened policy")
+    if not _revocation_settled(progress_view):
+        fail(ExitCode.NOT_SETTLED, f"timed out after {wait_timeout:g}s: {summary}")
+
+
+def _revocation_settled(view: dict[str, Any]) -> bool:
+    total = _int(view.get("endpoints"))
+    return (
+        _int(view.get("tightened")) == total
+        and _int(view.get("applied")) + _int(view.get("failed")) == total
+    )
 
 
 def _int(value: Any) -> int:

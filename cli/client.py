@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -192,7 +192,34 @@ class PlatformClient:
             "DELETE", f"{self._allowlist(account_id)}/entries/{_q(entry_id)}", if_match=if_match
         )
 
+    def revoke_entry(self, account_id: str, entry_id: str, *, reason: str) -> Answer:
+        return self._call(
+            "POST",
+            f"{self._allowlist(account_id)}/entries/{_q(entry_id)}/revoke",
+            json={"reason": reason},
+        )
+
     # --- isolation ----------------------------------------------------------------------
+
+    def refresh(self, endpoint_id: str, *, reason: str) -> Answer:
+        return self._call(
+            "POST", f"{self._isolation(endpoint_id)}/refresh", json={"reason": reason}
+        )
+
+    def revocation_progress(
+        self, account_id: str, revocation_id: str, entry: dict[str, Any]
+    ) -> dict[str, Any]:
+        query = urlencode(
+            [("address", str(entry.get("address", "")))]
+            + [("ports", str(p)) for p in entry.get("ports") or []]
+            + [("protocol", str(entry.get("protocol") or "any"))]
+        )
+        body = self._call(
+            "GET",
+            f"{self.isolation_url}/v1/accounts/{_q(account_id)}/revocations/"
+            f"{_q(revocation_id)}?{query}",
+        ).body
+        return body if isinstance(body, dict) else {}
 
     def _isolation(self, endpoint_id: str) -> str:
         return f"{self.isolation_url}/v1/endpoints/{_q(endpoint_id)}/isolation"

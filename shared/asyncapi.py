@@ -58,6 +58,12 @@ FLOWS: tuple[TopicFlow, ...] = (
                 "settings replica: reads every partition from the start without a group, so "
                 "the snapshot at isolation time sees every acknowledged change",
             ),
+            Subscription(
+                "isolation",
+                "hostiso.isolation-revocations",
+                "revocation fan-out: a version that revoked an entry becomes one priority "
+                "RevokeEndpointPeer per endpoint whose policy allows it",
+            ),
         ),
     ),
     TopicFlow(
@@ -70,15 +76,16 @@ FLOWS: tuple[TopicFlow, ...] = (
     ),
     TopicFlow(
         TopicName.ISOLATION_REQUESTS,
-        "Isolate (standard or strict) and release requests. The isolation REST API writes "
-        "them here; other platform services may write them directly.",
+        "Isolate (standard or strict), refresh and release requests. The isolation REST API "
+        "writes them here; other platform services may write them directly.",
         publishers=("isolation",),
         subscriptions=(Subscription("isolation", "hostiso.isolation", "normal request lane"),),
     ),
     TopicFlow(
         TopicName.ISOLATION_REQUESTS_PRIORITY,
-        "Strict isolation requests (endpoint or account-wide, RMM compromised): a lane of "
-        "its own so they overtake any backlog of normal requests.",
+        "Strict isolation requests (endpoint or account-wide, RMM compromised) and the "
+        "per-endpoint revocations of a compromised tool: a lane of its own so they overtake "
+        "any backlog of normal requests.",
         publishers=("isolation",),
         subscriptions=(
             Subscription("isolation", "hostiso.isolation-priority", "priority request lane"),
@@ -202,10 +209,14 @@ def build_broker(topic_prefix: str = "hostiso.") -> DocumentedKafkaBroker:
         for sub in flow.subscriptions:
             group = sub.group.replace("hostiso.", topic_prefix, 1) if sub.group else None
             how = f"group {group}" if group else "no consumer group"
+            title = f"{sub.service}:consume:{flow.topic.value}"
+            if sub.group and sum(s.service == sub.service for s in flow.subscriptions) > 1:
+                # One service reading a topic twice (replica and group): one operation each.
+                title += f":{sub.group.removeprefix('hostiso.')}"
             subscriber = broker.subscriber(
                 full,
                 group_id=group,
-                title=f"{sub.service}:consume:{flow.topic.value}",
+                title=title,
                 description=_describe(
                     flow, f"The {sub.service} service consumes here ({sub.purpose}; {how})."
                 ),

@@ -232,6 +232,10 @@ def make_producer(
     )
 
 
+# How long settings.allowlist.v1 keeps every version before compaction may drop superseded ones.
+REVOCATION_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
 async def ensure_topics(
     bootstrap: str,
     topics: Topics,
@@ -270,6 +274,12 @@ async def ensure_topics(
                 # Compact promptly so a rebuilding consumer reads little more than the state.
                 configs["min.cleanable.dirty.ratio"] = "0.1"
                 configs["segment.ms"] = "600000"
+            if spec.name == TopicName.SETTINGS_ALLOWLIST:
+                # A version that revokes an entry must reach the isolation service's revocation
+                # group even if a newer version follows at once: compaction keeps every record
+                # for this long (the group may lag that much, e.g. isolation down, and still fan
+                # the revocation out).
+                configs["min.compaction.lag.ms"] = str(REVOCATION_RETENTION_MS)
             count = (partitions or {}).get(spec.name, spec.partitions)
             new_topics.append(NewTopic(full, count, replication_factor, topic_configs=configs))
             created.append(full)

@@ -63,6 +63,7 @@ GROUPS: Mapping[str, tuple[GroupName, ...]] = {
         GroupName.ISOLATION_REQUESTS,
         GroupName.ISOLATION_REQUESTS_PRIORITY,
         GroupName.ISOLATION_STATUS,
+        GroupName.ISOLATION_REVOCATIONS,
     ),
     "enforcer": (GroupName.ENFORCER_COMMANDS, GroupName.ENFORCER_COMMANDS_PRIORITY),
 }

@@ -239,6 +239,33 @@ _PEER_V2_DEFAULTS: dict[str, Any] = {"ports": [], "protocol": "any", "expires_at
 # --- settings.allowlist.v1 (compacted, key = account_id) -------------------------------
 
 
+class EntryRevoked(Contract):
+    """An entry revoked in this version ("this tool is compromised"): cut it everywhere."""
+
+    revocation_id: str = Field(
+        description="Idempotency key of the revocation; per-endpoint requests derive from it.",
+        examples=["rev-3c1e"],
+    )
+    entry: AllowlistEntry = Field(
+        description="The entry as it was when revoked.",
+        examples=[
+            {
+                "id": "5d0c2a8e-8a3b-4f5e-9d1c-7b2a6e4f0c91",
+                "name": "Self-hosted RMM",
+                "address": "203.0.113.10",
+                "created_at": "2026-11-29T12:00:00Z",
+                "created_by": "alice",
+            }
+        ],
+    )
+    reason: str = Field(
+        "",
+        max_length=1000,
+        description="Why, for the audit.",
+        examples=["RMM server compromised"],
+    )
+
+
 class AllowlistChanged(Message):
     """Full state of an account's Tooling Allowlist after a change, at a strictly higher version."""
 
@@ -263,6 +290,12 @@ class AllowlistChanged(Message):
     changed_by: Actor = Field(
         description="Who made the change.",
         examples=[{"sub": "alice", "role": "partner", "account_id": "acct-1"}],
+    )
+    revoked: tuple[EntryRevoked, ...] = Field(
+        (),
+        description="Entries this version revoked (removed, and to be cut from every isolated "
+        "endpoint of the account that allows them, on the priority lanes).",
+        examples=[[]],
     )
 
 
@@ -378,8 +411,81 @@ class StrictIsolateAccount(Message):
     )
 
 
+class RevokeEndpointPeer(Message):
+    """Command: issue the endpoint its policy without the revoked entry (same mode, next sequence).
+
+    One per affected endpoint, fanned out from an ``AllowlistChanged`` that revoked the entry,
+    on the priority lane; ``request_id`` is ``<revocation_id>:<endpoint_id>``.
+    """
+
+    type: Literal["RevokeEndpointPeer"] = Field(
+        "RevokeEndpointPeer", description="Message type.", examples=["RevokeEndpointPeer"]
+    )
+    request_id: str = Field(
+        description="``<revocation_id>:<endpoint_id>``: a redelivery issues no second policy.",
+        examples=["rev-3c1e:ep-1"],
+    )
+    endpoint_id: str = Field(
+        min_length=1, max_length=128, description="The endpoint (also the key).", examples=["ep-1"]
+    )
+    account_id: str = Field(
+        min_length=1, max_length=128, description="The entry's account.", examples=["acct-1"]
+    )
+    revocation_id: str = Field(description="The revocation it derives from.", examples=["rev-3c1e"])
+    entry: AllowlistEntry = Field(
+        description="The revoked entry.",
+        examples=[
+            {
+                "id": "5d0c2a8e-8a3b-4f5e-9d1c-7b2a6e4f0c91",
+                "name": "Self-hosted RMM",
+                "address": "203.0.113.10",
+                "created_at": "2026-11-29T12:00:00Z",
+                "created_by": "alice",
+            }
+        ],
+    )
+    settings_version: int = Field(
+        ge=1, description="The settings version that revoked it.", examples=[8]
+    )
+    reason: str = Field(
+        "", max_length=1000, description="Why, for the audit.", examples=["RMM server compromised"]
+    )
+    requested_by: Actor = Field(
+        description="Who revoked the entry.",
+        examples=[{"sub": "soc-analyst", "role": "soc"}],
+    )
+
+
+class RefreshIsolation(Message):
+    """Command: a standard isolation takes a new snapshot of the current allowlist, no release."""
+
+    type: Literal["RefreshIsolation"] = Field(
+        "RefreshIsolation", description="Message type.", examples=["RefreshIsolation"]
+    )
+    request_id: str = Field(
+        default_factory=new_id,
+        description="Idempotency key: a redelivered request issues no second policy.",
+        examples=["req-9b2d"],
+    )
+    endpoint_id: str = Field(
+        min_length=1, max_length=128, description="The endpoint (also the key).", examples=["ep-1"]
+    )
+    reason: str = Field(
+        "", max_length=1000, description="Why, for the audit.", examples=["new RMM relay added"]
+    )
+    requested_by: Actor = Field(
+        description="Who asked.",
+        examples=[{"sub": "alice", "role": "partner", "account_id": "acct-1"}],
+    )
+
+
 IsolationRequest = Annotated[
-    IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount, Field(discriminator="type")
+    IsolateEndpoint
+    | ReleaseEndpoint
+    | StrictIsolateAccount
+    | RevokeEndpointPeer
+    | RefreshIsolation,
+    Field(discriminator="type"),
 ]
 
 

@@ -31,6 +31,9 @@ class GroupName(StrEnum):
     ISOLATION_REQUESTS = "isolation"
     ISOLATION_REQUESTS_PRIORITY = "isolation-priority"
     ISOLATION_STATUS = "isolation-status"
+    # The isolation service's revocation fan-out reads settings.allowlist.v1 in a group of its
+    # own (the replicas read it without one): each revocation is fanned out by one instance.
+    ISOLATION_REVOCATIONS = "isolation-revocations"
     ENFORCER_COMMANDS = "enforcer-normal"
     ENFORCER_COMMANDS_PRIORITY = "enforcer-priority"
     # Not consumer groups (the replicas read every partition without one): the name their

@@ -18,7 +18,9 @@ from shared.messages import (
     IsolationStateChanged,
     Message,
     PolicyStatusReported,
+    RefreshIsolation,
     ReleaseEndpoint,
+    RevokeEndpointPeer,
     StrictIsolateAccount,
 )
 from shared.topics import TopicName
@@ -78,6 +80,27 @@ SAMPLES: list[tuple[TopicName, str, Message]] = [
         IsolateEndpoint(endpoint_id="ep-1", mode="standard", reason="x", requested_by=PARTNER),
     ),
     (TopicName.ISOLATION_REQUESTS, "ep-1", ReleaseEndpoint(endpoint_id="ep-1", requested_by=SOC)),
+    (
+        TopicName.ISOLATION_REQUESTS,
+        "ep-1",
+        RefreshIsolation(endpoint_id="ep-1", reason="new relay", requested_by=PARTNER),
+    ),
+    (
+        TopicName.ISOLATION_REQUESTS_PRIORITY,
+        "ep-1",
+        RevokeEndpointPeer(
+            request_id="rev-1:ep-1",
+            endpoint_id="ep-1",
+            account_id="acct-1",
+            revocation_id="rev-1",
+            entry=AllowlistEntry(
+                id="e1", name="RMM", address="203.0.113.10", created_at=NOW, created_by="alice"
+            ),
+            settings_version=4,
+            reason="RMM compromised",
+            requested_by=PARTNER,
+        ),
+    ),
     (
         TopicName.ISOLATION_REQUESTS_PRIORITY,
         "ep-1",

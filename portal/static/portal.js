@@ -299,6 +299,7 @@
     );
     renameBtn.addEventListener("click", () => startRename(row, entry));
     removeBtn.addEventListener("click", () => guarded(() => removeEntry(entry)));
+    row.querySelector(".actions").append(compromisedButton(entry));
     return row;
   }
 
@@ -484,6 +485,7 @@
     const rows = await Promise.all(items.map(withPolicy));
     state.endpoints = rows;
     renderEndpoints();
+    await annotateFreshness(rows);
     if (inventory.timelineFor) await loadTimeline(inventory.timelineFor);
   }
 
@@ -732,6 +734,146 @@
     } else if (res.status !== 401) {
       showBanner(`RMM compromised response refused (${res.status}): ${detailText(res.data)}`);
     }
+    await loadEndpoints();
+  }
+
+  // ---- revoke a compromised entry ---------------------------------------------------
+
+  const REVOKE_POLL_MS = 1000;
+  const REVOKE_WATCH_MS = 120000;
+
+  function compromisedButton(entry) {
+    return el("button", {
+      type: "button",
+      class: "btn btn-sm btn-danger",
+      "data-action": "compromised",
+      "aria-label": `${entry.name} is compromised: revoke it everywhere`,
+      text: "Compromised",
+      onclick: () => guarded(() => revokeEntry(entry)),
+    });
+  }
+
+  async function revokeEntry(entry) {
+    const answer = await confirmDialog({
+      title: `${entry.name} is compromised?`,
+      body: `${entry.address} is removed from the allowlist and cut at once, on the priority lanes, from every isolated endpoint of account ${state.account} that allows it (unlike Remove, which leaves isolated endpoints alone). Strict isolations stay strict. Say why: the reason is audited.`,
+      ok: "Revoke everywhere",
+      danger: true,
+      reason: true,
+    });
+    if (!answer) return;
+    if (!answer.reason) {
+      showBanner("A reason is required to revoke a compromised entry.");
+      return;
+    }
+    const res = await api("settings", "POST", `${allowlistPath()}/entries/${encodeURIComponent(entry.id)}/revoke`, {
+      body: { reason: answer.reason },
+    });
+    if (!res.ok) {
+      if (res.status !== 401) showBanner(`Could not revoke ${entry.name} (${res.status}): ${detailText(res.data)}`);
+      return;
+    }
+    announce(`Revoked ${entry.name}`);
+    await loadAllowlist();
+    await watchRevocation(res.data, entry);
+  }
+
+  function revokeProgressText(entry, view) {
+    if (!view || typeof view.endpoints !== "number") {
+      return `${entry.name} revoked; the isolation service could not say yet how many endpoints it tightens.`;
+    }
+    const n = view.endpoints;
+    const failed = view.failed ? ` · ${view.failed} failed` : "";
+    return `${entry.name} revoked: ${view.tightened} of ${n} endpoint${n === 1 ? "" : "s"} tightened · ${view.applied} of ${n} applied${failed}`;
+  }
+
+  // Polls the isolation service's count of the revocation until every affected agent applied.
+  async function watchRevocation(accepted, entry) {
+    const node = $("revoke-progress");
+    const show = (text, kind) => {
+      node.textContent = text;
+      node.dataset.kind = kind;
+      node.hidden = false;
+    };
+    const initial = typeof accepted.endpoints === "number" ? { endpoints: accepted.endpoints, tightened: 0, applied: 0, failed: 0 } : null;
+    show(revokeProgressText(entry, initial), "pending");
+    const query = new URLSearchParams({ address: entry.address, protocol: entry.protocol || "any" });
+    for (const port of entry.ports || []) query.append("ports", String(port));
+    const path = `/v1/accounts/${encodeURIComponent(state.account)}/revocations/${encodeURIComponent(accepted.revocation_id)}?${query}`;
+    const deadline = Date.now() + REVOKE_WATCH_MS;
+    while (Date.now() < deadline) {
+      const res = await api("isolation", "GET", path);
+      if (res.ok && res.data) {
+        const v = res.data;
+        const settled = v.tightened === v.endpoints && v.applied + v.failed === v.endpoints;
+        show(revokeProgressText(entry, v), settled ? (v.failed ? "error" : "ok") : "pending");
+        if (settled) return;
+      } else if (res.status === 401 || res.status === 403) {
+        return;
+      }
+      await new Promise((resolve) => setTimeout(resolve, REVOKE_POLL_MS));
+    }
+  }
+
+  // ---- frozen vs current allowlist, and refresh -------------------------------------
+
+  function standardIsolation(row) {
+    const mode = row.mode || (row.policy && row.policy.mode) || null;
+    return mode === "standard" && ["isolated", "isolation_pending", "failed"].includes(row.state);
+  }
+
+  // "frozen at settings vN; current is vM: +a / −r" with a Refresh action, from the dry run.
+  async function annotateFreshness(rows) {
+    for (const row of rows.filter(standardIsolation)) {
+      const res = await api("isolation", "GET", `/v1/endpoints/${encodeURIComponent(row.endpoint_id)}/isolation/preview`);
+      if (!res.ok || !res.data) continue;
+      const tr = document.querySelector(`tr[data-endpoint-id="${CSS.escape(row.endpoint_id)}"]`);
+      if (!tr) continue;
+      // With the row's actions: the Refresh button belongs there, and the columns keep their values.
+      const cell = tr.querySelector(".actions") || tr.lastElementChild;
+      cell.querySelectorAll(".freshness").forEach((n) => n.remove());
+      cell.prepend(freshnessNote(row, res.data));
+    }
+  }
+
+  function freshnessNote(row, preview) {
+    const frozen = row.policy ? row.policy.settings_version : "?";
+    const current = preview.current_settings_version ?? 0;
+    const added = (preview.diff && preview.diff.added) || [];
+    const removed = (preview.diff && preview.diff.removed) || [];
+    const stale = added.length > 0 || removed.length > 0;
+    const text = `frozen at settings v${frozen}; current is v${current}` + (stale ? `: +${added.length} / −${removed.length}` : " (up to date)");
+    const note = el("div", { class: "freshness muted", "data-stale": String(stale) }, text);
+    if (stale) {
+      const detail = [...added.map((p) => `+ ${p.name} ${p.address}`), ...removed.map((p) => `− ${p.name} ${p.address}`)].join("\n");
+      note.title = detail;
+      note.append(
+        " ",
+        el("button", {
+          type: "button",
+          class: "btn btn-sm",
+          "data-action": "refresh",
+          "aria-label": `Refresh the allowlist of ${row.endpoint_id}`,
+          text: "Refresh",
+          onclick: () => guarded(() => refreshIsolation(row, added, removed)),
+        }),
+      );
+    }
+    return note;
+  }
+
+  async function refreshIsolation(row, added, removed) {
+    const id = row.endpoint_id;
+    const answer = await confirmDialog({
+      title: `Refresh the allowlist of ${id}?`,
+      body: `The endpoint stays isolated and takes the account's current Tooling Allowlist (+${added.length} / −${removed.length}) without a release. Audited.`,
+      ok: "Refresh",
+      reason: true,
+    });
+    if (!answer) return;
+    const res = await api("isolation", "POST", `/v1/endpoints/${encodeURIComponent(id)}/isolation/refresh`, { body: { reason: answer.reason } });
+    if (res.ok) showBanner(`Refresh accepted for ${id}${res.data && res.data.request_id ? ` (request ${res.data.request_id})` : ""}.`, "ok");
+    else if (res.status !== 401) showBanner(`Refresh of ${id} refused (${res.status}): ${detailText(res.data)}`);
     await loadEndpoints();
   }
 

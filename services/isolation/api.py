@@ -17,6 +17,7 @@ from services.isolation.handlers import (
     AccountForbiddenError,
     EndpointNotFoundError,
     IsolationService,
+    RefreshNotAllowedError,
     StrictOverrideDeniedError,
 )
 from services.isolation.inventory import (
@@ -33,7 +34,14 @@ from shared.auth import (
     Principal,
     scoped_principal,
 )
-from shared.messages import FrozenPolicy, IsolationMode, IsolationState, PolicyMode
+from shared.messages import (
+    AllowedPeer,
+    FrozenPolicy,
+    IsolationMode,
+    IsolationState,
+    PeerProtocol,
+    PolicyMode,
+)
 from shared.problems import ErrorMapping, InputRejectedError, ProblemKind
 
 # One rule for every id in a path (the settings API's account id rule): printable ASCII, no
@@ -111,12 +119,48 @@ class AccountIsolations(BaseModel):
     endpoints: list[IsolationView]
 
 
+class PolicyDiffView(BaseModel):
+    """Peers the previewed policy adds and removes, against the policy in force."""
+
+    added: list[AllowedPeer] = Field(description="In the preview, not in the policy in force.")
+    removed: list[AllowedPeer] = Field(description="In the policy in force, not in the preview.")
+
+
 class PolicyPreview(BaseModel):
-    """Dry run: the policy the endpoint would get if isolated now (``null``: none would change)."""
+    """Dry run: the policy the endpoint would get if isolated (or refreshed) now."""
 
     endpoint_id: str
     mode: IsolationMode
-    policy: FrozenPolicy | None
+    policy: FrozenPolicy | None = Field(
+        description="The policy an isolation now would issue; for an endpoint in standard "
+        "isolation the one a refresh would issue; the policy in force when nothing would change."
+    )
+    diff: PolicyDiffView = Field(
+        description="Against the policy in force (both lists empty when not isolated)."
+    )
+    current_settings_version: int | None = Field(
+        None, description="The account's allowlist version now (null: never changed)."
+    )
+
+
+class RefreshBody(BaseModel):
+    """Refresh a standard isolation: take the account's current allowlist, without a release."""
+
+    # Strict: the schema's types, nothing coerced (schemathesis checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str = Field("", max_length=1000, examples=["new RMM relay added"])
+
+
+class RevocationProgressView(BaseModel):
+    """How far the revocation of one entry got across the account's isolated endpoints."""
+
+    account_id: str
+    revocation_id: str
+    endpoints: int = Field(description="Endpoints that allowed the entry (tightened or not yet).")
+    tightened: int = Field(description="Issued a policy without the entry.")
+    applied: int = Field(description="Of those, the agent reported the new policy applied.")
+    failed: int = Field(description="Of those, the agent reported it could not apply it.")
 
 
 _UNAVAILABLE = ProblemKind(
@@ -141,6 +185,13 @@ ERRORS = ErrorMapping(
             "Only the SOC may release or relax a strict isolation",
             "mode",
             "strict_override",
+        ),
+        RefreshNotAllowedError: ProblemKind(
+            409,
+            "Conflict",
+            "Not in standard isolation (strict, not isolated, or releasing)",
+            "state",
+            "standard_isolation",
         ),
         ReplicaLagError: _UNAVAILABLE,
         SettingsUnavailableError: _UNAVAILABLE,
@@ -227,8 +278,62 @@ def build_router(service: IsolationService) -> APIRouter:
         principal: Reader,
         mode: Annotated[IsolationMode, Query()] = "standard",
     ) -> PolicyPreview:
-        policy = await service.preview(endpoint_id, mode, principal)
-        return PolicyPreview(endpoint_id=endpoint_id, mode=mode, policy=policy)
+        result = await service.preview(endpoint_id, mode, principal)
+        return PolicyPreview(
+            endpoint_id=endpoint_id,
+            mode=mode,
+            policy=result.policy,
+            diff=PolicyDiffView(added=list(result.diff.added), removed=list(result.diff.removed)),
+            current_settings_version=result.current_settings_version,
+        )
+
+    @router.post(
+        "/endpoints/{endpoint_id}/isolation/refresh",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=Accepted,
+        responses=ERRORS.responses(
+            EndpointNotFoundError, AccountForbiddenError, RefreshNotAllowedError
+        ),
+    )
+    async def refresh(endpoint_id: EndpointId, body: RefreshBody, principal: Writer) -> Accepted:
+        """A standard isolation takes a new snapshot of the current allowlist (audited)."""
+        return Accepted(
+            request_id=await service.submit_refresh(endpoint_id, body.reason, principal)
+        )
+
+    @router.get(
+        "/accounts/{account_id}/revocations/{revocation_id}",
+        response_model=RevocationProgressView,
+        responses=_ACCOUNT_ERRORS,
+    )
+    async def revocation_progress(
+        account_id: AccountId,
+        revocation_id: Annotated[str, Path(pattern=ID_PATTERN, description="Revocation id.")],
+        principal: Reader,
+        address: Annotated[str, Query(max_length=64, description="The revoked entry's address.")],
+        ports: Annotated[
+            list[int] | None, Query(description="The revoked entry's ports (repeat the parameter).")
+        ] = None,
+        protocol: Annotated[
+            PeerProtocol, Query(description="The revoked entry's protocol.")
+        ] = "any",
+    ) -> RevocationProgressView:
+        """Endpoints the revocation concerns, how many are tightened, and how many applied."""
+        try:
+            target = AllowedPeer(
+                name="", address=address, ports=tuple(ports or ()), protocol=protocol
+            )
+        except ValueError as exc:
+            raise InputRejectedError("query.address", "address", str(exc)) from exc
+        progress = await service.revocation_progress(account_id, revocation_id, target, principal)
+        return RevocationProgressView(
+            account_id=account_id,
+            revocation_id=revocation_id,
+            endpoints=progress.endpoints,
+            tightened=progress.tightened,
+            applied=progress.applied,
+            failed=progress.failed,
+        )
 
     return router
 

@@ -12,7 +12,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.isolation.adapters.kafka_publisher import KafkaPublisher
 from services.isolation.adapters.lanes import add_lane
 from services.isolation.adapters.redis_batch import RedisBatcher
-from services.isolation.adapters.redis_store import RedisIsolationStore, RedisReplicaStore
+from services.isolation.adapters.redis_store import (
+    RedisIsolationStore,
+    RedisReplicaStore,
+    RedisRevocationLog,
+)
 from services.isolation.adapters.replicas import (
     CompactedTopicReplica,
     EndpointRegistry,
@@ -89,6 +93,7 @@ def build_app(
         publisher=publisher,
         settings_client=settings_client or HttpSettingsClient(settings.settings_url, jwt_secret),
         platform=tuple(settings.platform_addresses),
+        revocations=RedisRevocationLog(runtime.redis, runtime.keys, batcher),
     )
     inventory = InventoryService(replica_store, isolation_store, registry, publisher)
     consumers = IsolationConsumers(service, runtime.registry)
@@ -119,6 +124,17 @@ def build_app(
         group_id=topics.group(GroupName.ISOLATION_STATUS),
         handler=consumers.on_status,
         name="status",
+        transient=transient,
+    )
+    # Revocations fan out from the allowlist events in a group of their own, keyed by account:
+    # one instance fans each one out, and its offset is committed only after every per-endpoint
+    # request is in Kafka (a crash re-fans it; the derived request ids absorb the repeat).
+    add_lane(
+        runtime,
+        topics.settings_allowlist,
+        group_id=topics.group(GroupName.ISOLATION_REVOCATIONS),
+        handler=consumers.on_allowlist_changed,
+        name="revocations",
         transient=transient,
     )
     replicas = (allowlists.replica, registry.replica)

@@ -13,10 +13,17 @@ from services.isolation.handlers import (
 )
 from shared.kafka import MessageRejected
 from shared.messages import (
+    AllowlistChanged,
     IsolateEndpoint,
     PolicyStatusReported,
+    RefreshIsolation,
     ReleaseEndpoint,
+    RevokeEndpointPeer,
     StrictIsolateAccount,
+)
+
+IsolationRequestMessage = (
+    IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount | RevokeEndpointPeer | RefreshIsolation
 )
 
 
@@ -35,6 +42,11 @@ class IsolationConsumers:
             ["lane", "outcome"],
             registry=registry,
         )
+        self._revocations = Counter(
+            "hostiso_isolation_revoke_requests_total",
+            "Per-endpoint revoke requests fanned out from revoked allowlist entries",
+            registry=registry,
+        )
         self._statuses = Counter(
             "hostiso_isolation_status_reports_total",
             "Agent status reports consumed, by effect",
@@ -44,26 +56,28 @@ class IsolationConsumers:
 
     async def on_normal_request(
         self,
-        message: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount,
+        message: IsolationRequestMessage,
         record: ConsumerRecord[bytes, bytes],
     ) -> None:
         await self._on_request("normal", message)
 
     async def on_priority_request(
         self,
-        message: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount,
+        message: IsolationRequestMessage,
         record: ConsumerRecord[bytes, bytes],
     ) -> None:
         await self._on_request("priority", message)
 
-    async def _on_request(
-        self, lane: str, message: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
-    ) -> None:
+    async def _on_request(self, lane: str, message: IsolationRequestMessage) -> None:
         try:
             if isinstance(message, IsolateEndpoint):
                 outcome = (await self._service.isolate(message)).kind
             elif isinstance(message, ReleaseEndpoint):
                 outcome = (await self._service.release(message)).kind
+            elif isinstance(message, RevokeEndpointPeer):
+                outcome = (await self._service.revoke_peer(message)).kind
+            elif isinstance(message, RefreshIsolation):
+                outcome = (await self._service.refresh(message)).kind
             else:
                 await self._service.strict_isolate_account(message)
                 outcome = "policy"
@@ -71,6 +85,17 @@ class IsolationConsumers:
             self._requests.labels(lane, "rejected").inc()
             raise MessageRejected(f"{type(exc).__name__}: {exc}") from exc
         self._requests.labels(lane, outcome).inc()
+
+    async def on_allowlist_changed(
+        self, event: AllowlistChanged, record: ConsumerRecord[bytes, bytes]
+    ) -> None:
+        """Revocations fan out; every other allowlist change leaves isolated endpoints alone.
+
+        Guarantee 3: only a revocation touches a policy already issued, and only to remove.
+        """
+        if event.revoked:
+            fanned = await self._service.revoke_entries(event)
+            self._revocations.inc(fanned)
 
     async def on_status(
         self, report: PolicyStatusReported, record: ConsumerRecord[bytes, bytes]

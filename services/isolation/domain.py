@@ -12,6 +12,7 @@ from shared.messages import (
     Actor,
     AllowedPeer,
     AllowlistChanged,
+    AllowlistEntry,
     EnforcePolicy,
     FrozenPolicy,
     IsolationMode,
@@ -19,6 +20,7 @@ from shared.messages import (
     IsolationStateChanged,
     PolicyMode,
     PolicyStatusReported,
+    peer_key,
 )
 
 Lane = Literal["normal", "priority"]
@@ -94,10 +96,13 @@ class PolicyIssued:
 
     isolation: EndpointIsolation
     policy: FrozenPolicy
+    # A revoke tightens a standard policy: it overtakes any backlog like a strict one does.
+    priority: bool = False
+    detail: str = ""
 
     @property
     def lane(self) -> Lane:
-        return lane_for(self.policy)
+        return "priority" if self.priority else lane_for(self.policy)
 
 
 @dataclass(frozen=True)
@@ -331,4 +336,176 @@ def pending_state_of(command: EnforcePolicy, request_key: str) -> IsolationState
         policy_id=policy.policy_id,
         request_ids=(request_key,),
         settings_version=policy.settings_version if policy.mode == "standard" else None,
+    )
+
+
+# --- revoke, refresh and preview (DESIGN §4, guarantee 14) ------------------------------
+
+
+def peer_of_entry(entry: AllowlistEntry) -> AllowedPeer:
+    """The peer a snapshot makes of ``entry``."""
+    return AllowedPeer(
+        name=entry.name,
+        address=entry.address,
+        ports=entry.ports,
+        protocol=entry.protocol,
+        expires_at=entry.expires_at,
+    )
+
+
+def _key_of(peer: AllowedPeer) -> tuple[str, tuple[int, ...], str]:
+    return peer_key(peer.address, peer.ports, peer.protocol)
+
+
+def same_peer(frozen: AllowedPeer, target: AllowedPeer) -> bool:
+    """``frozen`` opens what ``target`` opens: same address, ports and protocol (``peer_key``).
+
+    Its name (a later rename) and its expiry do not matter: a revoked tool is cut either way.
+    """
+    return _key_of(frozen) == _key_of(target)
+
+
+def allows_peer(isolation: EndpointIsolation, target: AllowedPeer) -> bool:
+    """The policy in force or pending lets the endpoint reach ``target``."""
+    policy = isolation.policy
+    if policy is None or not isolation.isolated_or_pending or policy.mode != "standard":
+        return False
+    return any(same_peer(p, target) for p in policy.allowed_outbound)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """An entry revoked at a settings version: what every isolated endpoint must lose."""
+
+    revocation_id: str
+    account_id: str
+    entry: AllowlistEntry
+    settings_version: int
+    reason: str
+    requested_by: Actor
+
+    @property
+    def peer(self) -> AllowedPeer:
+        return peer_of_entry(self.entry)
+
+    def request_key(self, endpoint_id: str) -> str:
+        """The derived request id: a redelivered fan-out re-sends ids the endpoint already ran."""
+        return f"{self.revocation_id}:{endpoint_id}"
+
+    def outdates(self, policy: FrozenPolicy) -> bool:
+        """``policy`` was snapshotted before this revocation and still allows its peer."""
+        return (
+            policy.account_id == self.account_id
+            and policy.mode == "standard"
+            and policy.settings_version < self.settings_version
+            and any(same_peer(p, self.peer) for p in policy.allowed_outbound)
+        )
+
+
+def decide_revoke(
+    current: EndpointIsolation, revocation: Revocation, ctx: PolicyContext
+) -> Decision:
+    """Cut the revoked peer from the policy in force or pending: same mode, next sequence.
+
+    Guarantee 14: only ever removes access. A policy without the peer (strict, released, or
+    already tightened) is untouched, and an endpoint of another account is never touched.
+    """
+    if current.account_id != revocation.account_id or not may_touch_account(
+        ctx.actor, current.account_id
+    ):
+        return RequestDenied(
+            f"endpoint {current.endpoint_id} belongs to another account", kind="tenancy"
+        )
+    target = revocation.peer
+    policy = current.policy
+    if policy is None or not allows_peer(current, target):
+        return NothingToDo(f"the policy in force does not allow {target.address}")
+    if policy.settings_version >= revocation.settings_version:
+        # Snapshotted at or after the revocation: a peer it holds was added back since (a
+        # redelivered or replayed revocation must not cut the entry that replaced it).
+        return NothingToDo(
+            f"the policy's snapshot (settings v{policy.settings_version}) is newer than the "
+            f"revocation (v{revocation.settings_version})"
+        )
+    kept = tuple(p for p in policy.allowed_outbound if not same_peer(p, target))
+    tightened = policy.model_copy(
+        update={
+            "policy_id": ctx.policy_id,
+            "sequence": next_sequence(current),
+            "allowed_outbound": kept,
+            "issued_at": ctx.now,
+            "issued_by": ctx.actor.sub,
+            "reason": ctx.reason,
+        }
+    )
+    isolation = current.model_copy(
+        update={
+            "state": "isolation_pending",
+            "policy": tightened,
+            "desired_sequence": tightened.sequence,
+            "rules_sha256": None,
+            "detail": "",
+            "updated_at": ctx.now,
+        }
+    )
+    return PolicyIssued(
+        isolation=isolation,
+        policy=tightened,
+        priority=True,
+        # The audit record of each endpoint says who (its actor) and why (the revocation's reason).
+        detail=ctx.reason or f"revoked {revocation.entry.name!r} {target.address}",
+    )
+
+
+def refresh_refusal(current: EndpointIsolation) -> str | None:
+    """Why ``current`` cannot be refreshed (only a standard isolation can), or None."""
+    if current.strict:
+        return "a strict isolation stays strict until the SOC releases it; refresh is for standard"
+    if not current.isolated_or_pending or current.mode != "standard":
+        return f"endpoint is {current.state}; only a standard isolation can be refreshed"
+    return None
+
+
+def decide_refresh(
+    current: EndpointIsolation, ctx: PolicyContext, settings: AllowlistChanged | None
+) -> Decision:
+    """A standard isolation takes the account's current allowlist, without a release."""
+    if not may_touch_account(ctx.actor, current.account_id):
+        return RequestDenied(
+            f"endpoint {current.endpoint_id} belongs to another account", kind="tenancy"
+        )
+    refusal = refresh_refusal(current)
+    if refusal is not None:
+        # Guarantee 14: never loosens strict; a release pending stays a release.
+        return NothingToDo(refusal)
+    peers, version = snapshot_allowlist(current.account_id, settings)
+    policy = current.policy
+    if policy is not None and policy.allowed_outbound == peers:
+        return NothingToDo(f"the policy in force already holds the allowlist of version {version}")
+    issued = _issue(current, "standard", ctx, settings)
+    return PolicyIssued(
+        isolation=issued.isolation,
+        policy=issued.policy,
+        detail=f"refreshed to settings version {version}"
+        + (f": {ctx.reason}" if ctx.reason else ""),
+    )
+
+
+@dataclass(frozen=True)
+class PolicyDiff:
+    """Peers a new policy would add and remove, against the policy in force."""
+
+    added: tuple[AllowedPeer, ...] = ()
+    removed: tuple[AllowedPeer, ...] = ()
+
+
+def policy_diff(in_force: FrozenPolicy | None, candidate: FrozenPolicy | None) -> PolicyDiff:
+    """What ``candidate`` changes in ``in_force`` (both empty when either is missing)."""
+    if in_force is None or candidate is None:
+        return PolicyDiff()
+    before = {_key_of(p) for p in in_force.allowed_outbound}
+    after = {_key_of(p) for p in candidate.allowed_outbound}
+    return PolicyDiff(
+        added=tuple(p for p in candidate.allowed_outbound if _key_of(p) not in before),
+        removed=tuple(p for p in in_force.allowed_outbound if _key_of(p) not in after),
     )

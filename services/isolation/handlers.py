@@ -15,19 +15,27 @@ from services.isolation.domain import (
     Lane,
     NothingToDo,
     PolicyContext,
+    PolicyDiff,
     PolicyIssued,
     RequestDenied,
     RequestOutcome,
+    Revocation,
     StatusIgnored,
+    allows_peer,
     apply_status,
     decide_isolation,
+    decide_refresh,
     decide_release,
+    decide_revoke,
     fresh_isolation,
     pending_state_of,
+    policy_diff,
+    refresh_refusal,
     state_changed,
 )
 from shared.messages import (
     Actor,
+    AllowedPeer,
     AllowlistChanged,
     AuditRecorded,
     EnforcePolicy,
@@ -36,15 +44,25 @@ from shared.messages import (
     IsolationMode,
     IsolationStateChanged,
     PolicyStatusReported,
+    RefreshIsolation,
     ReleaseEndpoint,
+    RevokeEndpointPeer,
     StrictIsolateAccount,
     new_id,
     utcnow,
 )
 
+AnyRequest = (
+    IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount | RevokeEndpointPeer | RefreshIsolation
+)
+EndpointRequest = IsolateEndpoint | RevokeEndpointPeer
+
 log = logging.getLogger(__name__)
 
 _MAX_CONFLICT_RETRIES = 100
+# An account-wide audit record names at most this many endpoints (each endpoint's own policy
+# record names it too); the count is always complete.
+_AUDIT_ENDPOINTS_MAX = 1000
 # --- ports ----------------------------------------------------------------------------
 
 
@@ -87,10 +105,15 @@ class Publisher(Protocol):
     ) -> None: ...
     async def send_event(self, event: IsolationStateChanged) -> None: ...
     async def send_audit(self, audit: AuditRecorded) -> None: ...
-    async def send_request(
-        self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
-    ) -> None: ...
-    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None: ...
+    async def send_request(self, lane: Lane, request: AnyRequest) -> None: ...
+    async def send_requests(self, lane: Lane, requests: list[EndpointRequest]) -> None: ...
+
+
+class RevocationLog(Protocol):
+    """The account's recent revocations, kept so an isolation racing a fan-out still loses it."""
+
+    async def record(self, revocation: Revocation) -> None: ...
+    async def since(self, account_id: str, settings_version: int) -> list[Revocation]: ...
 
 
 class SettingsClient(Protocol):
@@ -134,6 +157,10 @@ class ConcurrentUpdateError(RuntimeError):
     """The endpoint's state kept changing under us; the consumer retries the record."""
 
 
+class RefreshNotAllowedError(Exception):
+    """The endpoint is not in standard isolation: strict, not isolated, or release pending."""
+
+
 # --- use cases ------------------------------------------------------------------------
 
 
@@ -142,6 +169,25 @@ class AccountStrictResult:
     """What an account-wide strict isolation did."""
 
     covered: int
+
+
+@dataclass(frozen=True)
+class RevocationProgress:
+    """How far a revocation got: endpoints it concerns, tightened, and applied by their agents."""
+
+    endpoints: int
+    tightened: int
+    applied: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class PolicyPreviewResult:
+    """A dry run: the policy an isolation (or a refresh) now would issue, and what it changes."""
+
+    policy: FrozenPolicy | None
+    diff: PolicyDiff
+    current_settings_version: int | None
 
 
 class IsolationService:
@@ -156,7 +202,12 @@ class IsolationService:
         settings_client: SettingsClient,
         platform: tuple[str, ...],
         clock: Callable[[], datetime] = utcnow,
+        *,
+        revocations: RevocationLog | None = None,
     ) -> None:
+        # The composition root always passes the Redis log; None (some unit tests) only skips
+        # recording revocations and the snapshot-raced-a-revocation check.
+        self._revocations = revocations
         self._store = store
         self._settings = settings
         self._registry = registry
@@ -180,7 +231,7 @@ class IsolationService:
         else:
             settings = await self._settings.known(endpoint.account_id)
         ctx = self._context(request.requested_by, request.reason)
-        return await self._apply(
+        outcome = await self._apply(
             endpoint.endpoint_id,
             endpoint.account_id,
             request.request_id,
@@ -188,6 +239,144 @@ class IsolationService:
             "isolation.isolate",
             lambda current: decide_isolation(current, request.mode, ctx, settings),
         )
+        await self._enforce_recent_revocations(outcome)
+        return outcome
+
+    async def refresh(self, request: RefreshIsolation) -> RequestOutcome:
+        """A standard isolation takes the current allowlist (read-your-writes), no release."""
+        endpoint = await self._known_endpoint(request.endpoint_id)
+        await self._authorize(
+            request.requested_by, endpoint.account_id, "isolation.refresh", endpoint.endpoint_id
+        )
+        settings = await self._settings.current(endpoint.account_id)
+        ctx = self._context(request.requested_by, request.reason)
+        outcome = await self._apply(
+            endpoint.endpoint_id,
+            endpoint.account_id,
+            request.request_id,
+            request.requested_by,
+            "isolation.refresh",
+            lambda current: decide_refresh(current, ctx, settings),
+        )
+        await self._enforce_recent_revocations(outcome)
+        return outcome
+
+    async def revoke_peer(self, request: RevokeEndpointPeer) -> RequestOutcome:
+        """Issue one endpoint its policy without the revoked entry (priority lane)."""
+        endpoint = await self._known_endpoint(request.endpoint_id)
+        if endpoint.account_id != request.account_id:
+            # Guarantee 8: a revocation of one account never touches another's endpoint.
+            await self._deny(
+                request.requested_by,
+                request.account_id,
+                request.endpoint_id,
+                "isolation.revoke",
+                RequestDenied(
+                    f"endpoint {request.endpoint_id} does not belong to account "
+                    f"{request.account_id}",
+                    kind="tenancy",
+                ),
+            )
+        await self._authorize(
+            request.requested_by, endpoint.account_id, "isolation.revoke", endpoint.endpoint_id
+        )
+        revocation = Revocation(
+            revocation_id=request.revocation_id,
+            account_id=request.account_id,
+            entry=request.entry,
+            settings_version=request.settings_version,
+            reason=request.reason,
+            requested_by=request.requested_by,
+        )
+        return await self._revoke(endpoint.endpoint_id, revocation)
+
+    async def _revoke(self, endpoint_id: str, revocation: Revocation) -> RequestOutcome:
+        ctx = self._context(revocation.requested_by, _revoke_reason(revocation))
+        return await self._apply(
+            endpoint_id,
+            revocation.account_id,
+            revocation.request_key(endpoint_id),
+            revocation.requested_by,
+            "isolation.revoke",
+            lambda current: decide_revoke(current, revocation, ctx),
+        )
+
+    async def revoke_entries(self, event: AllowlistChanged) -> int:
+        """Fan a settings version's revocations out: one priority request per affected endpoint.
+
+        The revocation is recorded before the account's endpoints are listed, and every new
+        snapshot checks the record after it is stored, so an isolation whose snapshot raced the
+        revocation is caught by one side or the other (both: the derived id dedupes it).
+        """
+        fanned = 0
+        for revoked in event.revoked:
+            revocation = Revocation(
+                revocation_id=revoked.revocation_id,
+                account_id=event.account_id,
+                entry=revoked.entry,
+                settings_version=event.version,
+                reason=revoked.reason,
+                requested_by=event.changed_by,
+            )
+            if self._revocations is not None:
+                await self._revocations.record(revocation)
+            states = await self._store.load_many(
+                await self._store.active_endpoints(event.account_id)
+            )
+            affected = sorted(
+                s.endpoint_id
+                for s in states
+                if s.policy is not None and s.isolated_or_pending and revocation.outdates(s.policy)
+            )
+            await self._publisher.send_requests(
+                "priority", [_revoke_request(revocation, e) for e in affected]
+            )
+            fanned += len(affected)
+            entry = revoked.entry
+            await self._publisher.send_audit(
+                AuditRecorded(
+                    service="isolation",
+                    action="isolation.revoke_account",
+                    outcome="ok",
+                    actor=event.changed_by,
+                    account_id=event.account_id,
+                    detail=f"revoked {entry.name!r} {entry.address} ({revoked.reason}); "
+                    f"tightening {len(affected)} endpoints on the priority lane",
+                    after={
+                        "revocation_id": revoked.revocation_id,
+                        "entry_id": entry.id,
+                        "settings_version": event.version,
+                        "count": len(affected),
+                        "endpoints": affected[:_AUDIT_ENDPOINTS_MAX],
+                    },
+                )
+            )
+            log.info(
+                "revocation fanned out",
+                extra={
+                    "account_id": event.account_id,
+                    "revocation_id": revoked.revocation_id,
+                    "endpoints": len(affected),
+                },
+            )
+        return fanned
+
+    async def _enforce_recent_revocations(self, outcome: RequestOutcome) -> None:
+        """A snapshot taken before a revocation reached this instance loses the revoked peer."""
+        command = outcome.command
+        if command is None or not command.policy.allowed_outbound or self._revocations is None:
+            return
+        policy = command.policy
+        for revocation in await self._revocations.since(policy.account_id, policy.settings_version):
+            if revocation.outdates(policy):
+                log.warning(
+                    "snapshot raced a revocation; tightening at once",
+                    extra={
+                        "endpoint_id": policy.endpoint_id,
+                        "revocation_id": revocation.revocation_id,
+                    },
+                )
+                await self._revoke(policy.endpoint_id, revocation)
 
     async def release(self, request: ReleaseEndpoint) -> RequestOutcome:
         endpoint = await self._known_endpoint(request.endpoint_id)
@@ -485,6 +674,37 @@ class IsolationService:
         await self._publisher.send_request("priority", request)
         return request.request_id, covered
 
+    async def submit_refresh(self, endpoint_id: str, reason: str, actor: Actor) -> str:
+        """Accept a refresh of a standard isolation; RefreshNotAllowedError (409) otherwise."""
+        current = await self._visible_isolation(endpoint_id, actor, "isolation.refresh")
+        refusal = refresh_refusal(current)
+        if refusal is not None:
+            raise RefreshNotAllowedError(refusal)
+        request = RefreshIsolation(endpoint_id=endpoint_id, reason=reason, requested_by=actor)
+        # The normal lane, keyed by endpoint: behind the isolation it refreshes, in order.
+        await self._publisher.send_request("normal", request)
+        return request.request_id
+
+    async def revocation_progress(
+        self, account_id: str, revocation_id: str, target: AllowedPeer, actor: Actor
+    ) -> RevocationProgress:
+        """Endpoints that still allow ``target`` or were tightened by this revocation."""
+        await self._authorize(actor, account_id, "isolation.read", None)
+        states = await self._store.load_many(await self._store.active_endpoints(account_id))
+        tightened = [s for s in states if f"{revocation_id}:{s.endpoint_id}" in s.request_ids]
+        remaining = [s for s in states if s.account_id == account_id and allows_peer(s, target)]
+        applied = [
+            s
+            for s in tightened
+            if s.state == "isolated" and s.applied_sequence == s.desired_sequence
+        ]
+        return RevocationProgress(
+            endpoints=len(tightened) + len(remaining),
+            tightened=len(tightened),
+            applied=len(applied),
+            failed=sum(1 for s in tightened if s.state == "failed"),
+        )
+
     async def isolation_of(self, endpoint_id: str, actor: Actor) -> EndpointIsolation:
         return await self._visible_isolation(endpoint_id, actor, "isolation.read")
 
@@ -495,16 +715,31 @@ class IsolationService:
 
     async def preview(
         self, endpoint_id: str, mode: IsolationMode, actor: Actor
-    ) -> FrozenPolicy | None:
-        """The policy an isolation now would issue (dry run: nothing is stored or sent)."""
+    ) -> PolicyPreviewResult:
+        """The policy an isolation now would issue (dry run: nothing is stored or sent).
+
+        For an endpoint in standard isolation that is the policy a refresh would issue; the
+        diff is against the policy in force (empty when the endpoint is not isolated).
+        """
         current = await self._visible_isolation(endpoint_id, actor, "isolation.preview")
         settings = await self._settings.current(current.account_id)
-        decision = decide_isolation(current, mode, self._context(actor, "preview"), settings)
+        ctx = self._context(actor, "preview")
+        decision: Decision
+        if mode == "standard" and refresh_refusal(current) is None:
+            decision = decide_refresh(current, ctx, settings)
+        else:
+            decision = decide_isolation(current, mode, ctx, settings)
+        policy: FrozenPolicy | None = None
         if isinstance(decision, PolicyIssued):
-            return decision.policy
-        if isinstance(decision, NothingToDo):
-            return current.policy
-        return None
+            policy = decision.policy
+        elif isinstance(decision, NothingToDo):
+            policy = current.policy
+        in_force = current.policy if current.isolated_or_pending else None
+        return PolicyPreviewResult(
+            policy=policy,
+            diff=policy_diff(in_force, policy),
+            current_settings_version=settings.version if settings is not None else None,
+        )
 
     async def _visible_isolation(
         self, endpoint_id: str, actor: Actor, action: str
@@ -521,11 +756,37 @@ def _outcome_of(decision: Decision, current: EndpointIsolation, request_key: str
             kind="policy",
             endpoint_id=current.endpoint_id,
             account_id=current.account_id,
-            detail=f"{decision.policy.mode} policy, sequence {decision.policy.sequence}",
+            detail=", ".join(
+                part
+                for part in (
+                    decision.detail,
+                    f"{decision.policy.mode} policy, sequence {decision.policy.sequence}",
+                )
+                if part
+            ),
             lane=decision.lane,
             command=EnforcePolicy(request_id=request_key, policy=decision.policy),
         )
     reason = decision.reason if isinstance(decision, NothingToDo) else "denied"
     return RequestOutcome(
         kind="noop", endpoint_id=current.endpoint_id, account_id=current.account_id, detail=reason
+    )
+
+
+def _revoke_reason(revocation: Revocation) -> str:
+    entry = revocation.entry
+    why = f": {revocation.reason}" if revocation.reason else ""
+    return f"entry {entry.name!r} {entry.address} revoked{why}"[:1000]
+
+
+def _revoke_request(revocation: Revocation, endpoint_id: str) -> RevokeEndpointPeer:
+    return RevokeEndpointPeer(
+        request_id=revocation.request_key(endpoint_id),
+        endpoint_id=endpoint_id,
+        account_id=revocation.account_id,
+        revocation_id=revocation.revocation_id,
+        entry=revocation.entry,
+        settings_version=revocation.settings_version,
+        reason=revocation.reason,
+        requested_by=revocation.requested_by,
     )

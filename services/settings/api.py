@@ -254,6 +254,7 @@ ERRORS = ErrorMapping(
         "ports": "body.ports",
         "protocol": "body.protocol",
         "expires_at": "body.expires_at",
+        "reason": "body.reason",
         "If-Match": "header.If-Match",
         "entry_id": "path.entry_id",
         "account_id": "path.account_id",
@@ -303,6 +304,7 @@ _SCOPE_OF_ACTION = {
     "allowlist.entry.add": SCOPE_ALLOWLIST_WRITE,
     "allowlist.entry.update": SCOPE_ALLOWLIST_WRITE,
     "allowlist.entry.remove": SCOPE_ALLOWLIST_WRITE,
+    "allowlist.entry.revoke": SCOPE_ALLOWLIST_WRITE,
     "enrollment_key.read": SCOPE_ENROLLMENT_KEY_READ,
 }
 
@@ -490,6 +492,72 @@ async def read_enrollment_key(
         title="Gone",
         errors=[{"field": "enrollment_key", "rule": "moved", "message": detail}],
         extensions={"location": moved},
+    )
+
+
+class RevokeRequest(BaseModel):
+    """Why the entry is revoked ("this tool is compromised")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: StrictStr = Field(
+        description="1-1000 characters: audited with the revocation.",
+        examples=["RMM server compromised (incident 4711)"],
+    )
+
+
+class RevokeAccepted(BaseModel):
+    """The entry is removed and its revocation published; isolated endpoints lose it shortly."""
+
+    entry_id: str
+    revocation_id: str = Field(
+        description="Follow the tightening at the isolation service's "
+        "GET /v1/accounts/{account_id}/revocations/{revocation_id}?address=…"
+    )
+    entry: EntryView = Field(description="The revoked entry.")
+    version: int = Field(description="The allowlist version that revoked it.")
+    endpoints: int | None = Field(
+        description="Isolated or pending endpoints of the account whose policy allowed the entry "
+        "(each gets a new policy without it on the priority lanes); null when the isolation "
+        "service could not be asked in time (the revocation happens regardless)."
+    )
+    note: str | None = Field(
+        None, description="Why ``endpoints`` is null, when it is; null otherwise."
+    )
+
+
+@router.post(
+    "/tooling-allowlist/entries/{entry_id}/revoke",
+    response_model=RevokeAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=_ENTRY_ERRORS,
+)
+async def revoke_entry(
+    access: Annotated[AccountAccess, Depends(_access("allowlist.entry.revoke"))],
+    entry_id: EntryId,
+    body: RevokeRequest,
+    response: Response,
+) -> RevokeAccepted:
+    """This tool is compromised: remove the entry and cut it from every isolated endpoint.
+
+    202 once the change is saved and its event is in Kafka; the isolation service then issues,
+    on the priority lanes, every endpoint whose policy allows the entry a policy without it.
+    """
+    allowlist, change, endpoints = await access.handlers.revoke_entry(
+        access.principal, access.account_id, entry_id, body.reason
+    )
+    _with_etag(response, allowlist.version)
+    revoked = change.revoked[0]
+    return RevokeAccepted(
+        entry_id=entry_id,
+        revocation_id=revoked.revocation_id,
+        entry=EntryView.of(revoked.entry),
+        version=allowlist.version,
+        endpoints=endpoints,
+        note=None
+        if endpoints is not None
+        else "not counted: the isolation service did not answer in time; the revocation is "
+        "committed and published, and isolated endpoints lose the entry regardless",
     )
 
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from portal import PORTAL_PATH, mount_portal
 from services.settings import api
 from services.settings.adapters.audit import KafkaAuditSink
+from services.settings.adapters.isolation_client import HttpRevocationCounter
 from services.settings.adapters.outbox_relay import (
     OutboxRelay,
     make_relay_producer,
@@ -19,7 +20,7 @@ from services.settings.adapters.outbox_relay import (
 from services.settings.adapters.redis_store import RedisAllowlistStore
 from services.settings.config import SettingsServiceSettings
 from services.settings.domain import EntryLimits
-from services.settings.handlers import SettingsHandlers
+from services.settings.handlers import RevocationCounter, SettingsHandlers
 from services.settings.metrics import SettingsMetrics
 from shared import tracing
 from shared.auth import AUDIENCE_SETTINGS
@@ -36,7 +37,9 @@ from shared.runtime import Runtime, single_node_redis
 SERVICE = "settings"
 
 
-def build_app(settings: SettingsServiceSettings) -> FastAPI:
+def build_app(
+    settings: SettingsServiceSettings, *, revocation_counter: RevocationCounter | None = None
+) -> FastAPI:
     """The settings service app; connections open in its lifespan, not here."""
     runtime = Runtime(settings, SERVICE)
     metrics = SettingsMetrics(runtime.registry)
@@ -69,6 +72,12 @@ def build_app(settings: SettingsServiceSettings) -> FastAPI:
         entry_limits=EntryLimits(
             max_prefix_v4=settings.allowlist_max_prefix_v4,
             max_prefix_v6=settings.allowlist_max_prefix_v6,
+        ),
+        revocation_counter=revocation_counter
+        or HttpRevocationCounter(
+            settings.isolation_url,
+            settings.require_secret("jwt_secret"),
+            timeout=settings.revoke_count_timeout_s,
         ),
     )
 

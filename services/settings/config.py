@@ -34,6 +34,14 @@ class SettingsServiceSettings(ServiceSettings):
         description="History records kept per account (HOSTISO_HISTORY_MAX_RECORDS); older ones "
         "are trimmed on write. The full trail is on the audit topic.",
     )
+    isolation_url: str = Field(
+        "http://127.0.0.1:8002",
+        description="The isolation API's URL as this service reaches it (HOSTISO_ISOLATION_URL): "
+        "a revoke asks it how many endpoints the revocation tightens.",
+    )
+    revoke_count_timeout_s: float = Field(
+        3.0, gt=0, description="How long a revoke waits for that count before answering null."
+    )
     isolation_public_url: str = Field(
         "http://127.0.0.1:8002",
         description="The isolation API's URL as the browser reaches it (the portal page calls it).",

@@ -13,7 +13,7 @@ from typing import Any, Final, NoReturn
 from pydantic import BaseModel, ConfigDict
 
 from shared import addresses
-from shared.messages import MAX_PORTS_PER_ENTRY, AllowlistEntry, PeerProtocol
+from shared.messages import MAX_PORTS_PER_ENTRY, AllowlistEntry, EntryRevoked, PeerProtocol
 
 NAME_MAX_LENGTH = 64
 ADDRESS_MAX_LENGTH = 256
@@ -653,6 +653,8 @@ class Change:
     after: Allowlist
     entry: AllowlistEntry | None = None
     detail: str = ""
+    # Entries this change revokes ("compromised"): the event tells isolation to cut them.
+    revoked: tuple[EntryRevoked, ...] = ()
 
 
 def check_version(current: Allowlist, expected: int | None) -> None:
@@ -849,3 +851,34 @@ def history_delta(change: Change) -> tuple[dict[str, Any] | None, dict[str, Any]
         return None
 
     return compact(change.before), compact(change.after)
+
+
+REVOKE_REASON_MAX_LENGTH = 1000
+
+
+def revoke_entry(
+    current: Allowlist, entry_id: str, *, revocation_id: str, reason: str, now: datetime
+) -> Change:
+    """Remove a compromised entry and record why: isolation cuts it from every isolated endpoint.
+
+    Unlike a removal (which leaves frozen policies alone, guarantee 3), the event of this
+    version names the entry as revoked (guarantee 14: only ever removes access).
+    """
+    entry = find_entry(current, entry_id)
+    clean_reason = reason.strip()
+    if not clean_reason:
+        raise EntryRejectedError(
+            "reason", "required", "say why the entry is revoked (e.g. 'RMM server compromised')"
+        )
+    if len(clean_reason) > REVOKE_REASON_MAX_LENGTH:
+        raise EntryRejectedError(
+            "reason", "too_long", f"reason must be at most {REVOKE_REASON_MAX_LENGTH} characters"
+        )
+    return Change(
+        action="allowlist.entry.revoke",
+        before=current,
+        after=_next(current, now, entries=tuple(e for e in current.entries if e.id != entry_id)),
+        entry=entry,
+        detail=f"revoked {entry.name!r} {entry.address}: {clean_reason}",
+        revoked=(EntryRevoked(revocation_id=revocation_id, entry=entry, reason=clean_reason),),
+    )

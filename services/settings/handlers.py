@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from services.settings import domain
 from services.settings.domain import Allowlist, Change, SettingsError
-from shared.messages import Actor, AllowlistChanged, AuditRecorded, utcnow
+from shared.messages import Actor, AllowlistChanged, AllowlistEntry, AuditRecorded, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ class AuditSink(Protocol):
     """Records refused attempts (best-effort)."""
 
     async def record(self, audit: AuditRecorded) -> None: ...
+
+
+class RevocationCounter(Protocol):
+    """Asks the isolation service how many endpoints a revocation concerns."""
+
+    async def affected(
+        self, account_id: str, revocation_id: str, entry: AllowlistEntry
+    ) -> int | None:
+        """The count, or None if it cannot be had now (the revocation happens regardless)."""
+        ...
 
 
 class AccountAccessDeniedError(SettingsError):
@@ -93,7 +103,9 @@ class SettingsHandlers:
         publish_wait_s: float,
         entry_limits: domain.EntryLimits | None = None,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        revocation_counter: RevocationCounter | None = None,
     ) -> None:
+        self._revocation_counter = revocation_counter
         self._store = store
         self._publication = publication
         self._audit = audit
@@ -235,6 +247,35 @@ class SettingsHandlers:
         )
         return after
 
+    async def revoke_entry(
+        self, principal: Actor, account_id: str, entry_id: str, reason: str
+    ) -> tuple[Allowlist, Change, int | None]:
+        """Remove a compromised entry; its event makes isolation cut it everywhere (202).
+
+        Durable first: the entry is gone, the revocation is in the history and its event in
+        Kafka before anything is counted. The count asks the isolation service afterwards; it
+        counts endpoints still allowing the entry plus those this revocation already tightened,
+        so the fan-out racing the question does not change the answer. None: not counted.
+        """
+        revocation_id = self._new_id()
+        after, change = await self._change(
+            principal,
+            account_id,
+            None,
+            "allowlist.entry.revoke",
+            lambda current, now: domain.revoke_entry(
+                current, entry_id, revocation_id=revocation_id, reason=reason, now=now
+            ),
+        )
+        if change is None or change.entry is None:
+            raise RuntimeError("a revocation always changes the allowlist")
+        endpoints: int | None = None
+        if self._revocation_counter is not None:
+            endpoints = await self._revocation_counter.affected(
+                account_id, revocation_id, change.entry
+            )
+        return after, change, endpoints
+
     async def _change(
         self,
         principal: Actor,
@@ -270,6 +311,7 @@ class SettingsHandlers:
                 version=change.after.version,
                 updated_at=change.after.updated_at or utcnow(),
                 changed_by=actor,
+                revoked=change.revoked,
             )
             audit = AuditRecorded(
                 service="settings",

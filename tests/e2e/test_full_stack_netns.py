@@ -96,6 +96,7 @@ async def stack(
         service_env,
         HOSTISO_PLATFORM_ADDRESSES=PLATFORM_ROOT,
         HOSTISO_SETTINGS_URL=f"http://127.0.0.1:{ports['settings']}",
+        HOSTISO_ISOLATION_URL=f"http://127.0.0.1:{ports['isolation']}",
         HOSTISO_LOG_JSON="1",
     )
     services = {
@@ -233,3 +234,133 @@ async def test_isolation_enforced_by_nftables_end_to_end(
         assert not lab.table_exists()
         assert lab.reachability(enforcer.port) == {"platform": True, "rmm": True, "unlisted": True}
         assert lab.inbound_from(RMM)
+
+
+RELAY = "203.0.113.21"
+
+
+def add_peer_address(lab: Lab, address: str) -> None:
+    """One more server address in ``peer`` (its listener on :8080 answers on every address)."""
+    for command in (
+        ["ip", "-n", lab.peer, "addr", "add", f"{address}/24", "dev", f"hi{lab.tag}p{lab.suffix}"],
+        ["ip", "-n", lab.host, "route", "add", f"{address}/32", "dev", f"hi{lab.tag}h{lab.suffix}"],
+    ):
+        subprocess.run(command, check=True, capture_output=True)
+
+
+def reach(lab: Lab, *addresses: str) -> dict[str, bool]:
+    targets = {a: f"{a}:{PEER_PORT}" for a in addresses}
+    got = probe(lab.host, *targets.values())
+    return {a: got[t] for a, t in targets.items()}
+
+
+async def add_published(http: httpx.AsyncClient, allowlist: str, name: str, address: str) -> str:
+    """Add an entry (and switch the allowlist on) once its event is in Kafka.
+
+    On a loaded machine the relay's first transaction may outlast the write's deadline (503:
+    saved, not yet published); a repeated switch-on answers 200 once the latest version is out.
+    """
+    added = await http.post(
+        f"{allowlist}/entries", json={"name": name, "address": address}, headers=SOC
+    )
+    assert added.status_code in (201, 503), added.text
+
+    async def switched_on_and_published() -> bool:
+        response = await http.patch(allowlist, json={"enabled": True}, headers=SOC)
+        assert response.status_code in (200, 503), response.text
+        return response.status_code == 200
+
+    await wait_for(switched_on_and_published, timeout=90, message="allowlist published")
+    entries = (await http.get(allowlist, headers=SOC)).json()["entries"]
+    return str(next(e["id"] for e in entries if e["address"] == address))
+
+
+async def test_refresh_opens_a_new_entry_and_revoke_cuts_the_rmm_without_a_release(
+    stack: dict[str, ServiceProcess], lab: Lab, tmp_path: Path
+) -> None:
+    settings, isolation, enforcer = stack["settings"], stack["isolation"], stack["enforcer"]
+    add_peer_address(lab, RELAY)
+    async with httpx.AsyncClient(timeout=15) as http:
+        allowlist = f"{settings.url}/v1/accounts/{ACCOUNT}/tooling-allowlist"
+        rmm_id = await add_published(http, allowlist, "Self-hosted RMM", RMM)
+
+        state_dir = tmp_path / "agent-state"
+        agent = lab.spawn(
+            lab.ns_python(
+                lab.host, "-m", "agent",
+                "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
+                "--dev", "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
+                "--hostname", "netns-fleet", "--state-dir", str(state_dir),
+                "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
+                "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
+            ),
+            stdout=open(tmp_path / "agent.log", "w"),  # noqa: ASYNC230, SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def enrolled_id() -> str | None:
+            path = state_dir / "agent-state.json"
+            if agent.poll() is not None:
+                raise AssertionError((tmp_path / "agent.log").read_text()[-3000:])
+            return json.loads(path.read_text()).get("agent_id") if path.exists() else None
+
+        endpoint_id = await wait_for(enrolled_id, timeout=30, message="agent enrolled")
+        view_url = f"{isolation.url}/v1/endpoints/{endpoint_id}/isolation"
+
+        async def known_to_isolation() -> bool:
+            return (await http.get(view_url, headers=SOC)).status_code == 200
+
+        await wait_for(known_to_isolation, timeout=30, message="endpoint registered with isolation")
+        seen_states: list[str] = []
+
+        async def applied(sequence: int) -> dict[str, Any] | None:
+            view: dict[str, Any] = (await http.get(view_url, headers=SOC)).json()
+            seen_states.append(view["state"])
+            if view["state"] == "failed":
+                raise AssertionError(f"agent reported failure: {view}")
+            done = view["state"] == "isolated" and view["applied_sequence"] == sequence
+            return view if done else None
+
+        assert reach(lab, RMM, RELAY) == {RMM: True, RELAY: True}, "the lab's paths work"
+
+        async def snapshot_would_hold_the_rmm() -> bool:
+            # A read_committed end offset can trail the relay's just-committed transaction.
+            preview = (await http.get(f"{view_url}/preview", headers=SOC)).json()
+            return [p["address"] for p in preview["policy"]["allowed_outbound"]] == [RMM]
+
+        await wait_for(snapshot_would_hold_the_rmm, timeout=30, message="replica has the RMM")
+        isolate = await http.post(view_url, json={"mode": "standard", "reason": "e2e"}, headers=SOC)
+        assert isolate.status_code == 202, isolate.text
+        await wait_for(lambda: applied(1), timeout=60, message="standard applied")
+        assert reach(lab, RMM, RELAY, UNLISTED) == {RMM: True, RELAY: False, UNLISTED: False}
+
+        # A new entry: frozen out of the isolation in force until it is refreshed.
+        await add_published(http, allowlist, "RMM relay", RELAY)
+        assert reach(lab, RELAY)[RELAY] is False
+
+        async def diff_adds_the_relay() -> bool:
+            preview = (await http.get(f"{view_url}/preview", headers=SOC)).json()
+            return [p["address"] for p in preview["diff"]["added"]] == [RELAY]
+
+        await wait_for(diff_adds_the_relay, timeout=30, message="preview offers the relay")
+        seen_states.clear()
+        refresh = await http.post(f"{view_url}/refresh", json={"reason": "relay"}, headers=SOC)
+        assert refresh.status_code == 202, refresh.text
+        view = await wait_for(lambda: applied(2), timeout=60, message="refresh applied")
+        assert [p["address"] for p in view["policy"]["allowed_outbound"]] == [RMM, RELAY]
+        # Never released in between: no state outside isolation was ever observed.
+        assert set(seen_states) <= {"isolated", "isolation_pending"}, seen_states
+        assert reach(lab, RMM, RELAY, UNLISTED) == {RMM: True, RELAY: True, UNLISTED: False}
+
+        # The RMM is compromised: revoke cuts it from the isolated host, the relay stays open.
+        seen_states.clear()
+        revoke = await http.post(
+            f"{allowlist}/entries/{rmm_id}/revoke", json={"reason": "RMM compromised"}, headers=SOC
+        )
+        assert revoke.status_code == 202, revoke.text
+        assert revoke.json()["endpoints"] == 1
+        view = await wait_for(lambda: applied(3), timeout=60, message="revoke applied")
+        assert [p["address"] for p in view["policy"]["allowed_outbound"]] == [RELAY]
+        assert view["mode"] == "standard"
+        assert set(seen_states) <= {"isolated", "isolation_pending"}, seen_states
+        assert reach(lab, RMM, RELAY, UNLISTED) == {RMM: False, RELAY: True, UNLISTED: False}

@@ -14,7 +14,9 @@ from shared.messages import (
     IsolateEndpoint,
     IsolationStateChanged,
     Message,
+    RefreshIsolation,
     ReleaseEndpoint,
+    RevokeEndpointPeer,
     StrictIsolateAccount,
 )
 from shared.topics import Topics
@@ -75,7 +77,13 @@ class KafkaPublisher:
         return self._topics.isolation_requests
 
     async def send_request(
-        self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
+        self,
+        lane: Lane,
+        request: IsolateEndpoint
+        | ReleaseEndpoint
+        | StrictIsolateAccount
+        | RevokeEndpointPeer
+        | RefreshIsolation,
     ) -> None:
         topic = self._request_topic(lane)
         key = (
@@ -83,7 +91,9 @@ class KafkaPublisher:
         )
         await publish(self._producer, topic, key, request)
 
-    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None:
+    async def send_requests(
+        self, lane: Lane, requests: list[IsolateEndpoint | RevokeEndpointPeer]
+    ) -> None:
         """Every request handed to the producer, then all acknowledged (a fan-out)."""
         topic = self._request_topic(lane)
         # Chunks bound the futures in flight; within a chunk the sends ride shared batches.

@@ -7,14 +7,23 @@ from typing import Any
 import orjson
 
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
-from services.isolation.domain import EndpointIsolation, EndpointRecord, RequestOutcome
+from services.isolation.domain import (
+    EndpointIsolation,
+    EndpointRecord,
+    RequestOutcome,
+    Revocation,
+)
 from services.isolation.handlers import CommitConflictError, DuplicateRequest
 from services.isolation.inventory import InventoryRow
 from services.isolation.timeline import TIMELINE_MAX_EVENTS, TimelineEvent, timeline_event
-from shared.messages import AllowlistChanged
+from shared.messages import Actor, AllowlistChanged, AllowlistEntry
 from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 
 REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
+# A revocation is remembered this long (and at most this many per account): far longer than a
+# snapshot in flight takes, which is all the record is for (handlers.revoke_entries).
+REVOCATION_TTL_S = 7 * 24 * 3600
+REVOCATIONS_PER_ACCOUNT = 200
 
 
 # State and request outcome are written in one script: a crash can never store one without the
@@ -245,6 +254,70 @@ class RedisIsolationStore:
         for bucket in await pipe.execute():
             members.update(m.decode() if isinstance(m, bytes) else str(m) for m in bucket)
         return sorted(members)
+
+
+# One key per account (its own slot): add the revocation scored by its settings version, keep the
+# newest ones, and renew the expiry.
+_RECORD_REVOCATION = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+class RedisRevocationLog:
+    """The account's recent revocations, a sorted set scored by the revoking settings version."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, batcher: RedisBatcher | None = None) -> None:
+        self._keys = keys
+        self._batch = batcher or RedisBatcher(redis)
+        self._record = BatchScript(_RECORD_REVOCATION)
+
+    def _key(self, account_id: str) -> str:
+        return self._keys("isolation", "revocations", account_id)
+
+    async def record(self, revocation: Revocation) -> None:
+        member = orjson.dumps(
+            {
+                "revocation_id": revocation.revocation_id,
+                "entry": revocation.entry.model_dump(mode="json"),
+                "settings_version": revocation.settings_version,
+                "reason": revocation.reason,
+                "requested_by": revocation.requested_by.model_dump(mode="json"),
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+        await self._batch.script(
+            self._record,
+            [self._key(revocation.account_id)],
+            [
+                str(revocation.settings_version),
+                member,
+                str(REVOCATIONS_PER_ACCOUNT),
+                str(REVOCATION_TTL_S),
+            ],
+        )
+
+    async def since(self, account_id: str, settings_version: int) -> list[Revocation]:
+        """Revocations made at a settings version above ``settings_version``."""
+        raw = await self._batch.command(
+            "ZRANGEBYSCORE", self._key(account_id), f"({settings_version}", "+inf"
+        )
+        found: list[Revocation] = []
+        for item in raw or []:
+            doc = orjson.loads(item)
+            found.append(
+                Revocation(
+                    revocation_id=doc["revocation_id"],
+                    account_id=account_id,
+                    entry=AllowlistEntry.model_validate(doc["entry"]),
+                    settings_version=int(doc["settings_version"]),
+                    reason=doc["reason"],
+                    requested_by=Actor.model_validate(doc["requested_by"]),
+                )
+            )
+        return found
 
 
 class RedisReplicaStore:

@@ -35,6 +35,9 @@ async def test_reduced_bench_reports_every_figure() -> None:
     for case in ("idle", "priority_lane_under_backlog", "single_fifo_lane_under_backlog"):
         assert report["priority"][case]["samples"] == BenchSizes.tiny().strict_samples
     assert report["account_strict"]["endpoints_per_s"] > 0
+    assert report["revoke"]["endpoints"] == BenchSizes.tiny().revoke_endpoints
+    assert report["revoke"]["endpoints_counted_by_202"] == BenchSizes.tiny().revoke_endpoints
+    assert report["revoke"]["revoke_to_last_agent_applied_s"] > 0
     assert report["fanout"]["delivery_large"]["samples"] > 0
     assert report["fanout"]["enforcer_rss_mib_large"] > 0
     assert report["footprint"]["bytes_per_isolated_endpoint"] > 0

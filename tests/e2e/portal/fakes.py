@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from portal import mount_portal
@@ -144,6 +145,8 @@ class FakePlatform:
         self.isolations: dict[str, Isolation] = {}
         self.apply_delay_s = apply_delay_s
         self.if_match_seen: list[str | None] = []
+        # revocation id → endpoints the fake fan-out tightened
+        self.revoked: dict[str, list[str]] = {}
 
     def register(
         self,
@@ -540,10 +543,118 @@ def start_fake_stack(platform: FakePlatform) -> tuple[ServerThread, ServerThread
     settings_port, isolation_port = free_port(), free_port()
     settings_url = f"http://127.0.0.1:{settings_port}"
     isolation_url = f"http://127.0.0.1:{isolation_port}"
-    isolation = ServerThread(
-        build_isolation_app(platform, portal_origin=settings_url), isolation_port
-    ).start()
-    settings = ServerThread(
-        build_settings_app(platform, isolation_url=isolation_url), settings_port
-    ).start()
+    isolation_app = build_isolation_app(platform, portal_origin=settings_url)
+    settings_app = build_settings_app(platform, isolation_url=isolation_url)
+    add_fleet_routes(settings_app, isolation_app, platform)
+    isolation = ServerThread(isolation_app, isolation_port).start()
+    settings = ServerThread(settings_app, settings_port).start()
     return settings, isolation
+
+
+class ReasonIn(BaseModel):
+    reason: str = ""
+
+
+def add_fleet_routes(settings: FastAPI, isolation: FastAPI, platform: FakePlatform) -> None:
+    """Revoke (settings), its progress, preview with diff and refresh (isolation)."""
+
+    def peers(iso: Isolation) -> list[dict[str, Any]]:
+        return list((iso.policy or {}).get("allowed_outbound") or [])
+
+    def standard(iso: Isolation) -> bool:
+        return iso.mode == "standard" and iso.state in ("isolated", "isolation_pending", "failed")
+
+    @settings.post("/v1/accounts/{account_id}/tooling-allowlist/entries/{entry_id}/revoke")
+    def revoke(account_id: str, entry_id: str, body: ReasonIn, who: CurrentPrincipal) -> Any:
+        _tenant(who, account_id)
+        if not body.reason.strip():
+            raise _invalid("reason", "reason: say why the entry is revoked")
+        with platform.lock:
+            allowlist = platform.allowlist(account_id)
+            entry = next((e for e in allowlist.entries if e["id"] == entry_id), None)
+            if entry is None:
+                raise HTTPException(404, detail=f"entry_id: no entry {entry_id}")
+            allowlist.entries = [e for e in allowlist.entries if e["id"] != entry_id]
+            platform.bump(allowlist)
+            revocation_id = str(uuid.uuid4())
+            affected = 0
+            # What the isolation service's fan-out does: same mode, next sequence, without it.
+            for iso in platform.isolations.values():
+                iso = platform.progress(iso)
+                kept = [p for p in peers(iso) if p["address"] != entry["address"]]
+                if iso.account_id != account_id or not standard(iso) or kept == peers(iso):
+                    continue
+                affected += 1
+                version = (iso.policy or {}).get("settings_version", 0)
+                platform.issue(iso, "standard", body.reason, who)
+                assert iso.policy is not None
+                iso.policy.update(allowed_outbound=kept, settings_version=version)
+                platform.revoked.setdefault(revocation_id, []).append(iso.endpoint_id)
+        return JSONResponse(
+            {
+                "entry_id": entry_id,
+                "revocation_id": revocation_id,
+                "entry": entry,
+                "version": allowlist.version,
+                "endpoints": affected,
+            },
+            status_code=202,
+        )
+
+    @isolation.get("/v1/accounts/{account_id}/revocations/{revocation_id}")
+    def revocation(account_id: str, revocation_id: str, who: CurrentPrincipal) -> Any:
+        _tenant(who, account_id)
+        with platform.lock:
+            tightened = [
+                platform.progress(platform.isolations[e])
+                for e in platform.revoked.get(revocation_id, [])
+            ]
+            applied = sum(1 for iso in tightened if iso.state == "isolated")
+        return {
+            "account_id": account_id,
+            "revocation_id": revocation_id,
+            "endpoints": len(tightened),
+            "tightened": len(tightened),
+            "applied": applied,
+            "failed": 0,
+        }
+
+    @isolation.get("/v1/endpoints/{endpoint_id}/isolation/preview")
+    def preview(endpoint_id: str, who: CurrentPrincipal) -> Any:
+        with platform.lock:
+            iso = platform.isolations.get(endpoint_id)
+            if iso is None:
+                raise HTTPException(404, detail=f"endpoint_id: unknown endpoint {endpoint_id}")
+            _tenant(who, iso.account_id)
+            allowlist = platform.allowlist(iso.account_id)
+            now = [
+                {"name": e["name"], "address": e["address"]}
+                for e in (allowlist.entries if allowlist.enabled else [])
+            ]
+            before = peers(iso) if standard(iso) else []
+            frozen = {p["address"] for p in before}
+            current = {p["address"] for p in now}
+            return {
+                "endpoint_id": endpoint_id,
+                "mode": "standard",
+                "policy": iso.policy,
+                "diff": {
+                    "added": [p for p in now if p["address"] not in frozen]
+                    if standard(iso)
+                    else [],
+                    "removed": [p for p in before if p["address"] not in current],
+                },
+                "current_settings_version": allowlist.version,
+            }
+
+    @isolation.post("/v1/endpoints/{endpoint_id}/isolation/refresh", status_code=202)
+    def refresh(endpoint_id: str, body: ReasonIn, who: CurrentPrincipal) -> Any:
+        with platform.lock:
+            iso = platform.isolations.get(endpoint_id)
+            if iso is None:
+                raise HTTPException(404, detail=f"endpoint_id: unknown endpoint {endpoint_id}")
+            _tenant(who, iso.account_id)
+            if not standard(platform.progress(iso)):
+                raise HTTPException(409, detail="only a standard isolation can be refreshed")
+            platform.issue(iso, "standard", body.reason, who)
+        return {"request_id": str(uuid.uuid4())}

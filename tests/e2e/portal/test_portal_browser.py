@@ -342,3 +342,74 @@ def test_a_malformed_token_is_refused_before_any_call(
         _shot(page, screenshot_dir, "token")
     finally:
         context.close()
+
+
+def test_a_compromised_entry_is_revoked_from_every_isolated_endpoint_after_confirmation(
+    open_portal: OpenPortal, platform: FakePlatform, account: str, screenshot_dir: Path
+) -> None:
+    for endpoint_id in ("ep-rv-1", "ep-rv-2"):
+        platform.register(endpoint_id, account)
+    page = open_portal("partner", account)
+    page.get_by_role("switch", name="Tooling Connections").click()
+    expect(page.locator("#switch-state")).to_have_text("On")
+    _add_entry(page, "RMM A", "203.0.113.40")
+    _add_entry(page, "RMM B", "203.0.113.41")
+    expect(page.locator("#entries-body tr")).to_have_count(2)
+    page.get_by_role("link", name="Endpoints & Isolation").click()
+    for endpoint_id in ("ep-rv-1", "ep-rv-2"):
+        _look_up(page, endpoint_id)
+        _isolate(page, endpoint_id, "Isolate")
+        expect(_endpoint_row(page, endpoint_id).locator(".ep-state")).to_have_text("Isolated")
+
+    page.get_by_role("link", name="Tooling Allowlist").click()
+    page.get_by_role("button", name="RMM A is compromised: revoke it everywhere").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_contain_text("cut at once")
+    _confirm(page, reason="RMM A breached")
+
+    progress = page.locator("#revoke-progress")
+    expect(progress).to_contain_text("2 of 2 endpoints tightened · 2 of 2 applied")
+    expect(progress).to_have_attribute("data-kind", "ok")
+    expect(page.locator("#entries-body tr")).to_have_count(1)
+    for endpoint_id in ("ep-rv-1", "ep-rv-2"):
+        peers = platform.isolations[endpoint_id].policy["allowed_outbound"]  # type: ignore[index]
+        assert [p["address"] for p in peers] == ["203.0.113.41"]
+    _shot(page, screenshot_dir, "allowlist-revoked")
+    page.get_by_role("link", name="Endpoints & Isolation").click()
+    expect(_endpoint_row(page, "ep-rv-1").locator(".ep-allowlist")).to_have_text(
+        "RMM B 203.0.113.41"
+    )
+    assert page.js_errors == []
+
+
+def test_endpoint_view_shows_frozen_vs_current_and_refresh_takes_the_new_entry(
+    open_portal: OpenPortal, platform: FakePlatform, account: str, screenshot_dir: Path
+) -> None:
+    platform.register("ep-fr-1", account)
+    page = open_portal("partner", account)
+    page.get_by_role("switch", name="Tooling Connections").click()
+    expect(page.locator("#switch-state")).to_have_text("On")
+    _add_entry(page, "RMM A", "203.0.113.50")
+    expect(page.locator("#entries-body tr")).to_have_count(1)
+    page.get_by_role("link", name="Endpoints & Isolation").click()
+    _look_up(page, "ep-fr-1")
+    _isolate(page, "ep-fr-1", "Isolate")
+    row = _endpoint_row(page, "ep-fr-1")
+    expect(row.locator(".ep-state")).to_have_text("Isolated")
+    expect(row.locator(".freshness")).to_contain_text("frozen at settings v2; current is v2")
+
+    page.get_by_role("link", name="Tooling Allowlist").click()
+    _add_entry(page, "RMM C", "203.0.113.51")
+    expect(page.locator("#entries-body tr")).to_have_count(2)
+    page.get_by_role("link", name="Endpoints & Isolation").click()
+    expect(row.locator(".freshness")).to_contain_text(
+        "frozen at settings v2; current is v3: +1 / −0"
+    )
+    _shot(page, screenshot_dir, "endpoints-refresh-offered")
+    row.get_by_role("button", name="Refresh the allowlist of ep-fr-1").click()
+    _confirm(page, reason="new relay")
+    expect(row.locator(".ep-allowlist")).to_contain_text("RMM C")
+    expect(row.locator(".ep-state")).to_have_text("Isolated")
+    expect(row.locator(".freshness")).to_contain_text("(up to date)")
+    assert platform.isolations["ep-fr-1"].mode == "standard"
+    assert page.js_errors == []

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from services.isolation.domain import EndpointIsolation, EndpointRecord, Lane, RequestOutcome
+from services.isolation.domain import (
+    EndpointIsolation,
+    EndpointRecord,
+    Lane,
+    RequestOutcome,
+    Revocation,
+)
 from services.isolation.handlers import CommitConflictError, DuplicateRequest
 from shared.messages import (
     Actor,
@@ -11,8 +17,14 @@ from shared.messages import (
     EnforcePolicy,
     IsolateEndpoint,
     IsolationStateChanged,
+    RefreshIsolation,
     ReleaseEndpoint,
+    RevokeEndpointPeer,
     StrictIsolateAccount,
+)
+
+AnyRequest = (
+    IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount | RevokeEndpointPeer | RefreshIsolation
 )
 
 
@@ -98,9 +110,7 @@ class MemoryPublisher:
     def __init__(self) -> None:
         self.commands: list[tuple[Lane, EnforcePolicy]] = []
         self.audits: list[AuditRecorded] = []
-        self.requests: list[
-            tuple[Lane, IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount]
-        ] = []
+        self.requests: list[tuple[Lane, AnyRequest]] = []
         self.events: list[IsolationStateChanged] = []
         self.fail_next_command = False
 
@@ -125,12 +135,12 @@ class MemoryPublisher:
     async def send_audit(self, audit: AuditRecorded) -> None:
         self.audits.append(audit)
 
-    async def send_request(
-        self, lane: Lane, request: IsolateEndpoint | ReleaseEndpoint | StrictIsolateAccount
-    ) -> None:
+    async def send_request(self, lane: Lane, request: AnyRequest) -> None:
         self.requests.append((lane, request))
 
-    async def send_requests(self, lane: Lane, requests: list[IsolateEndpoint]) -> None:
+    async def send_requests(
+        self, lane: Lane, requests: list[IsolateEndpoint | RevokeEndpointPeer]
+    ) -> None:
         self.requests.extend((lane, request) for request in requests)
 
 
@@ -143,3 +153,20 @@ class MemorySettingsClient:
         if self.fail:
             raise ConnectionError("settings service down")
         self.disabled.append(account_id)
+
+
+class MemoryRevocationLog:
+    """The account's revocations by settings version (the Redis log keeps the newest 200)."""
+
+    def __init__(self) -> None:
+        self.by_account: dict[str, dict[str, Revocation]] = {}
+
+    async def record(self, revocation: Revocation) -> None:
+        self.by_account.setdefault(revocation.account_id, {})[revocation.revocation_id] = revocation
+
+    async def since(self, account_id: str, settings_version: int) -> list[Revocation]:
+        found = self.by_account.get(account_id, {}).values()
+        return sorted(
+            (r for r in found if r.settings_version > settings_version),
+            key=lambda r: r.settings_version,
+        )

@@ -214,7 +214,7 @@ async def test_rest_routes_strict_to_priority_lane_and_release_of_strict_too(wor
 
 
 async def test_preview_changes_nothing(world: World) -> None:
-    policy = await world.service.preview("ep-0", "standard", PARTNER)
+    policy = (await world.service.preview("ep-0", "standard", PARTNER)).policy
     assert policy is not None and policy.sequence == 1
     assert [p.address for p in policy.allowed_outbound] == ["203.0.113.10"]
     assert world.publisher.commands == []
