@@ -335,6 +335,7 @@ class OutboxRelay:
         self._store = store
         self._metrics = metrics
         self._lease_ms = lease_ms
+        self._idle_s = idle_s
         self.token = f"{instance_id}:{uuid.uuid4().hex}"
         self.max_shards = store.shards if max_shards is None else min(max_shards, store.shards)
         self.shards = [
@@ -347,7 +348,9 @@ class OutboxRelay:
                 token=self.token,
                 lease_ms=lease_ms,
                 batch=batch,
-                idle_s=idle_s,
+                # The shard loops sleep until woken: by a local commit, by a lease taken, or by
+                # the poll below (one pipelined round trip for every shard held).
+                idle_s=max(idle_s * 20, 2.0),
                 on_progress=self._signal_progress,
             )
             for shard in range(store.shards)
@@ -381,6 +384,7 @@ class OutboxRelay:
         self._tasks = [
             asyncio.create_task(self._keep_leases(), name="settings-relay-leases"),
             asyncio.create_task(self._report_depth(), name="settings-relay-depth"),
+            asyncio.create_task(self._poll_outboxes(), name="settings-relay-poll"),
         ]
         self._tasks += [
             asyncio.create_task(relay.run(), name=f"settings-relay-{relay.shard:02d}")
@@ -405,7 +409,7 @@ class OutboxRelay:
 
     @property
     def running(self) -> bool:
-        """True while the lease and depth tasks and every shard loop run (readiness)."""
+        """True while the lease, poll and depth tasks and every shard loop run (readiness)."""
         return bool(self._tasks) and all(not t.done() for t in self._tasks)
 
     async def wait_published(self, account_id: str, version: int, timeout: float) -> bool:
@@ -474,6 +478,22 @@ class OutboxRelay:
                 log.info("outbox relay leads shard %d", shard, extra={"token": self.token})
                 self.shards[shard].leader = True
                 self.shards[shard].wake()
+
+    async def _poll_outboxes(self) -> None:
+        # Changes committed by other instances wake nobody here: every ``idle_s`` the outboxes
+        # of the shards held are read in one pipeline and the loops of non-empty ones woken.
+        while True:
+            held = self.held
+            try:
+                depths = await self._store.shard_depths(held)
+            except Exception as exc:
+                log.info("could not poll the outboxes: %r", exc)
+                raise_if_cancelling()
+                depths = [1] * len(held)  # let each loop look (and report) for itself
+            for shard, depth in zip(held, depths, strict=True):
+                if depth:
+                    self.shards[shard].wake()
+            await asyncio.sleep(self._idle_s)
 
     async def _report_depth(self) -> None:
         # Its own task, so reading every shard never delays a lease renewal.

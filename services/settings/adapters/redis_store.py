@@ -231,12 +231,18 @@ class RedisAllowlistStore:
     async def shard_depth(self, shard: int) -> int:
         return int(await self._redis.xlen(self.outbox_key(shard)))
 
-    async def outbox_depth(self) -> int:
-        """Unpublished entries of every shard (one single-key command per shard, pipelined)."""
+    async def shard_depths(self, shards: list[int]) -> list[int]:
+        """Unpublished entries of each of ``shards`` (one single-key command each, pipelined)."""
+        if not shards:
+            return []
         pipe = self._redis.pipeline(transaction=False)
-        for shard in range(self.shards):
+        for shard in shards:
             pipe.xlen(self.outbox_key(shard))
-        return sum(int(depth) for depth in await pipe.execute())
+        return [int(depth) for depth in await pipe.execute()]
+
+    async def outbox_depth(self) -> int:
+        """Unpublished entries of every shard."""
+        return sum(await self.shard_depths(list(range(self.shards))))
 
     async def lease_holders(self) -> list[str | None]:
         """Per shard, the token of the relay holding its lease (``None``: nobody relays it)."""
@@ -300,7 +306,11 @@ class RedisAllowlistStore:
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             for shard in shards:
-                pipe.evalsha(script.sha, 1, self.lease_key(shard), token, lease_ms)
+                # execute_command: redis-py's cluster pipeline blocks its evalsha() helper, not
+                # the command (each one names its single key, so it goes to that key's node).
+                pipe.execute_command(
+                    "EVALSHA", script.sha, 1, self.lease_key(shard), token, lease_ms
+                )
             results: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 await self._redis.script_load(script.script)
