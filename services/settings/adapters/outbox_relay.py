@@ -394,18 +394,16 @@ class OutboxRelay:
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        held = self.held
+        await asyncio.gather(*(relay.stop() for relay in self.shards))
         for relay in self.shards:
-            await relay.stop()
-            if relay.leader:
-                relay.leader = False
-                try:
-                    await self._store.release_lease(relay.shard, self.token)
-                except Exception as exc:
-                    # The lease then simply expires; a successor waits at most one lease.
-                    log.warning(
-                        "could not release the relay lease: %r", exc, extra={"shard": relay.shard}
-                    )
+            relay.leader = False
         self._metrics.relay_leader.set(0)
+        try:
+            await self._store.release_leases(held, self.token)
+        except Exception as exc:
+            # The leases then simply expire; a successor waits at most one lease.
+            log.warning("could not release the relay leases of shards %s: %r", held, exc)
 
     @property
     def running(self) -> bool:

@@ -324,3 +324,7 @@ class RedisAllowlistStore:
     async def release_lease(self, shard: int, token: str) -> None:
         # Expire at once so a successor need not wait out the lease after a clean stop.
         await self._renew(keys=[self.lease_key(shard)], args=[token, 1])
+
+    async def release_leases(self, shards: list[int], token: str) -> None:
+        """``release_lease`` of several shards in one pipeline (a lease not held is untouched)."""
+        await self._lease_each(self._renew, shards, token, 1)
