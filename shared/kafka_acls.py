@@ -68,8 +68,8 @@ GROUPS: Mapping[str, tuple[GroupName, ...]] = {
     "enforcer": (GroupName.ENFORCER_COMMANDS, GroupName.ENFORCER_COMMANDS_PRIORITY),
 }
 
-# Transactional ids behind the topic prefix (services/settings/adapters/outbox_relay.py
-# relay_transactional_id: the relay's fenced transactions).
+# Transactional id prefixes behind the topic prefix (services/settings/adapters/outbox_relay.py
+# relay_transactional_id: each outbox shard's fenced transactions, ``settings-relay-<shard>``).
 TRANSACTIONAL_IDS: Mapping[str, tuple[str, ...]] = {"settings": ("settings-relay",)}
 
 
@@ -143,7 +143,7 @@ def acl_bindings(topics: Topics, principals: Iterable[str] = PRINCIPALS) -> list
                 AclBinding(
                     _Resource.TRANSACTIONAL_ID,
                     topics.prefix + transactional_id,
-                    _Pattern.LITERAL,
+                    _Pattern.PREFIXED,
                     principal,
                     _Operation.WRITE,
                 )

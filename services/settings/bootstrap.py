@@ -14,6 +14,7 @@ from services.settings.adapters.audit import KafkaAuditSink
 from services.settings.adapters.isolation_client import HttpRevocationCounter
 from services.settings.adapters.outbox_relay import (
     OutboxRelay,
+    ProducerFactory,
     make_relay_producer,
     relay_transactional_id,
 )
@@ -32,7 +33,7 @@ from shared.http import (
     token_policy,
 )
 from shared.logs import configure_logging
-from shared.runtime import Runtime, single_node_redis
+from shared.runtime import Runtime
 
 SERVICE = "settings"
 
@@ -43,25 +44,32 @@ def build_app(
     """The settings service app; connections open in its lifespan, not here."""
     runtime = Runtime(settings, SERVICE)
     metrics = SettingsMetrics(runtime.registry)
+    # One layout for a single Redis and Redis Cluster: every script stays in one shard's slot.
     store = RedisAllowlistStore(
-        single_node_redis(runtime),
+        runtime.redis,
         lambda *parts: runtime.keys(SERVICE, *parts),
         history_max_records=settings.history_max_records,
+        shards=settings.settings_shards,
     )
+
+    def shard_producer(shard: int) -> ProducerFactory:
+        return make_relay_producer(
+            settings.kafka_bootstrap,
+            relay_transactional_id(runtime.topics, shard),
+            client_id=f"hostiso-{SERVICE}-relay-{settings.instance_id}-{shard:02d}",
+            options=runtime.kafka_options,
+        )
+
     relay = OutboxRelay(
         store,
-        make_relay_producer(
-            settings.kafka_bootstrap,
-            relay_transactional_id(runtime.topics),
-            client_id=f"hostiso-{SERVICE}-relay-{settings.instance_id}",
-            options=runtime.kafka_options,
-        ),
+        shard_producer,
         runtime.topics,
         metrics,
         lease_ms=settings.relay_lease_ms,
         batch=settings.relay_batch,
         idle_s=settings.relay_idle_s,
         instance_id=settings.instance_id,
+        max_shards=settings.relay_max_shards,
     )
     handlers = SettingsHandlers(
         store=store,
@@ -116,7 +124,8 @@ def build_app(
 
     async def readiness() -> dict[str, bool]:
         checks = await runtime.readiness()
-        # The relay's loops catch their own errors; a relay whose tasks ended is not ready.
+        # The relay's loops catch their own errors; a relay any of whose tasks (the lease task,
+        # a shard loop) ended is not ready.
         checks["task:relay"] = relay.running
         return checks
 

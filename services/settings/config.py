@@ -18,7 +18,23 @@ class SettingsServiceSettings(ServiceSettings):
         description="How long a write waits for its event to be in Kafka before answering 503.",
     )
     relay_lease_ms: int = Field(
-        5000, ge=200, description="Lease of the outbox relay leader lock (one relay publishes)."
+        5000,
+        ge=200,
+        description="Lease of each outbox shard's relay lock (one relay publishes a shard).",
+    )
+    settings_shards: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Outbox shards (HOSTISO_SETTINGS_SHARDS): an account belongs to shard "
+        "crc32(account_id) % shards, whose keys share one Redis Cluster hash slot and whose "
+        "outbox one relay publishes. Fixed for a deployment: changing it moves every account.",
+    )
+    relay_max_shards: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many shard leases held by one instance (HOSTISO_RELAY_MAX_SHARDS"
+        "; unset: all), so several instances share the relaying.",
     )
     relay_batch: int = Field(500, ge=1, le=10_000, description="Outbox entries per relay pass.")
     relay_idle_s: float = Field(

@@ -32,7 +32,7 @@ class AllowlistStore(Protocol):
 class Publication(Protocol):
     """Tells when a committed version's event is in Kafka."""
 
-    def wake(self) -> None: ...
+    def wake(self, account_id: str) -> None: ...
 
     async def wait_published(self, account_id: str, version: int, timeout: float) -> bool: ...
 
@@ -333,7 +333,7 @@ class SettingsHandlers:
                         "sub": principal.sub,
                     },
                 )
-                self._publication.wake()
+                self._publication.wake(account_id)
                 await self._await_published(account_id, change.after.version)
                 return change.after, change
             if if_match is not None:

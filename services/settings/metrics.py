@@ -13,7 +13,8 @@ class SettingsMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.outbox_depth = Gauge(
             "hostiso_settings_outbox_depth",
-            "Committed allowlist changes not yet published to Kafka",
+            "Committed allowlist changes not yet published to Kafka, summed over every outbox "
+            "shard (the same deployment-wide figure on every instance)",
             registry=registry,
         )
         self.publish_latency = Histogram(
@@ -39,7 +40,13 @@ class SettingsMetrics:
         )
         self.relay_leader = Gauge(
             "hostiso_settings_relay_leader",
-            "1 while this instance holds the outbox relay lease",
+            "Outbox shards whose relay lease this instance holds (0: a standby instance)",
+            registry=registry,
+        )
+        self.unrelayed_shards = Gauge(
+            "hostiso_settings_relay_unowned_shards",
+            "Outbox shards no instance holds the relay lease of (their writes wait; raise "
+            "HOSTISO_RELAY_MAX_SHARDS or add instances if this stays above 0)",
             registry=registry,
         )
         self.unpublished_writes = Counter(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from services.settings.bootstrap import build_app
 from services.settings.config import SettingsServiceSettings
 from shared.auth import mint_token
 from shared.config import DEV_JWT_SECRET
+from shared.infra.redis_cluster import LocalRedisCluster
 from shared.kafka import ensure_topics
 from shared.kafka_acls import provision_acls
 from shared.messages import Role
@@ -70,6 +71,22 @@ class SettingsApp:
 
 
 SettingsFactory = Callable[..., SettingsServiceSettings]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A 3-master Redis Cluster (no replicas, no ACL users) shared by the settings tests."""
+    with LocalRedisCluster(masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def any_redis_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The session's single Redis, then a real Redis Cluster: the same test runs on both."""
+    if request.param == "redis":
+        return redis_url
+    cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+    return cluster.url
 
 
 @pytest.fixture

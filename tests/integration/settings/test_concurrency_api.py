@@ -45,7 +45,7 @@ async def test_concurrent_writers_without_if_match_all_apply_in_sequence(
     assert sorted(r.json()["version"] for r in responses) == list(range(1, 9))
 
 
-async def test_two_instances_share_one_relay_and_keep_each_accounts_order(
+async def test_two_instances_never_relay_the_same_shard_and_keep_each_accounts_order(
     make_settings: SettingsFactory, topics: Topics, kafka_bootstrap: str
 ) -> None:
     settings = make_settings()
@@ -60,8 +60,11 @@ async def test_two_instances_share_one_relay_and_keep_each_accounts_order(
                     )
         responses = await asyncio.gather(*writes)
         assert all(r.status_code == 201 for r in responses), [r.text for r in responses]
-        leaders = [one.app.state.relay.leader, two.app.state.relay.leader]
-        assert leaders.count(True) == 1
+        held = [set(one.app.state.relay.held), set(two.app.state.relay.held)]
+        # One relay per shard: no shard is held by both; the accounts' shards are held.
+        assert not held[0] & held[1]
+        store = one.app.state.store
+        assert {store.shard_of(a) for a in accounts} <= held[0] | held[1]
     events: list[AllowlistChanged] = await read_topic(
         kafka_bootstrap, topics, topics.settings_allowlist, expect=24
     )

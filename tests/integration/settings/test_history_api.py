@@ -102,24 +102,3 @@ async def test_a_record_stays_small_however_long_the_list(module_app: SettingsAp
         ({"enabled": False}, {"enabled": True}),
     ]
     assert max(len(orjson.dumps(r)) for r in records) < 600
-
-
-async def test_records_of_the_old_unbounded_list_move_into_the_bounded_history(
-    make_settings: SettingsFactory,
-) -> None:
-    async with running_app(make_settings(history_max_records=3)) as app:
-        account = f"acct-{uuid.uuid4().hex[:8]}"
-        await _toggle(app, account, 4)
-        store: RedisAllowlistStore = app.app.state.store
-        redis = app.app.state.runtime.redis
-        new_key = store._account_key(account, "history-by-version")
-        old_key = store._account_key(account, "history")
-        # Rebuild the pre-bounded layout: a plain list of full records, oldest first.
-        raw = list(reversed(await redis.zrevrangebyscore(new_key, "+inf", "-inf")))
-        await redis.delete(new_key)
-        await redis.rpush(old_key, *raw)
-        await _toggle(app, account, 1)
-        assert not await redis.exists(old_key)
-        assert await store.history_size(account) == 3
-        page = (await app.client.get(app.url(account, "/history"), headers=SOC)).json()
-        assert [r["version"] for r in page["records"]] == [5, 4, 3]

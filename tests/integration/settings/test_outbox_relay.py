@@ -105,7 +105,8 @@ async def test_relay_killed_after_publishing_but_before_marking_republishes_in_o
             crash_relay(relay)
             raise asyncio.CancelledError
 
-        relay.mark_published = crash_before_marking  # type: ignore[method-assign]
+        for shard in relay.shards:
+            shard.mark_published = crash_before_marking  # type: ignore[method-assign]
         writes = asyncio.create_task(_writes(first, 3))
         await asyncio.wait_for(crashed.wait(), 10)
         async with running_app(settings) as restarted:

@@ -90,9 +90,12 @@ def test_acls_follow_the_design_table() -> None:
         assert TopicName.AUDIT in PRODUCES[service] and TopicName.DLQ in PRODUCES[service]
     assert CONSUMES["platform"] == () and CONSUMES["settings"] == ()
     transactional = {
-        (b.principal, b.name) for b in bindings if b.resource.name == "TRANSACTIONAL_ID"
+        (b.principal, b.name, b.pattern.name)
+        for b in bindings
+        if b.resource.name == "TRANSACTIONAL_ID"
     }
-    assert transactional == {("settings", "p.settings-relay")}
+    # Prefixed: one rule covers every outbox shard's id (p.settings-relay-00, -01, ...).
+    assert transactional == {("settings", "p.settings-relay", "PREFIXED")}
     groups = {(b.principal, b.name) for b in bindings if b.resource.name == "GROUP"}
     assert ("enforcer", "p.enforcer-priority") in groups
     assert not any(p == "isolation" and g.startswith("p.enforcer") for p, g in groups)

@@ -48,10 +48,10 @@ class MemoryStore:
 class InstantPublication:
     def __init__(self, reachable: bool = True) -> None:
         self.reachable = reachable
-        self.woken = 0
+        self.woken: list[str] = []
 
-    def wake(self) -> None:
-        self.woken += 1
+    def wake(self, account_id: str) -> None:
+        self.woken.append(account_id)
 
     async def wait_published(self, account_id: str, version: int, timeout: float) -> bool:
         return self.reachable
