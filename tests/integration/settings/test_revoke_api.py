@@ -50,7 +50,8 @@ async def test_revoke_refusals_name_the_field_and_change_nothing(settings_app: S
     url = app.url("acct-rf", f"/entries/{entry_id}/revoke")
     blank = await app.client.post(url, json={"reason": "  "}, headers=SOC)
     assert blank.status_code == 422
-    assert blank.json()["detail"][0]["type"] == "reason.required"
+    [error] = blank.json()["errors"]
+    assert (error["field"], error["rule"]) == ("body.reason", "required")
     missing = await app.client.post(url, json={}, headers=SOC)
     assert missing.status_code == 422
     unknown = await app.client.post(
