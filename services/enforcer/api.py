@@ -32,7 +32,6 @@ from services.enforcer.config import EnforcerSettings
 from services.enforcer.domain import (
     AccountAccessDeniedError,
     AgentIdentity,
-    AgentScopeError,
     EndpointLimitReachedError,
     EndpointOfAnotherAccountError,
     EnrollmentConflictError,
@@ -179,7 +178,7 @@ async def current_agent(
     deps: Deps,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> AgentIdentity:
-    """401 without a valid agent token; 403 when the token is another agent's."""
+    """401 without the agent's own valid token (another agent's token is not valid here)."""
     checked = request.scope.get(AGENT_SCOPE_KEY)
     if isinstance(checked, AgentIdentity) and checked.agent_id == agent_id:
         # The auth gate already checked this token before the body was read (one Redis call).
@@ -196,8 +195,6 @@ async def current_agent(
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
         ) from exc
-    except AgentScopeError as exc:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from exc
 
 
 CurrentAgent = Annotated[AgentIdentity, Depends(current_agent)]
@@ -317,8 +314,9 @@ async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollRes
 )
 async def get_policy(
     request: Request,
-    agent: CurrentAgent,
+    agent_id: AgentIdPath,
     deps: Deps,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     after: Annotated[int, Query(ge=0, description="Highest sequence the agent holds.")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to long-poll for a newer one.")] = 0,
 ) -> Response:
@@ -328,7 +326,22 @@ async def get_policy(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail=f"wait: must be at most {settings.long_poll_max_s:g} seconds",
         )
-    held = await handlers.wait_for_policy(deps, agent.agent_id, after=after, wait=wait)
+    # The gate left the token to this route: one Redis round trip checks it with the cursor.
+    token = request.scope.get(AGENT_TOKEN_KEY)
+    if not isinstance(token, str):
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail="missing agent token (Authorization: Bearer <agent_token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        token = credentials.credentials
+    try:
+        held = await handlers.poll_policy(deps, token, agent_id, after=after, wait=wait)
+    except UnknownAgentTokenError as exc:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
+        ) from exc
     if held is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return Response(
@@ -493,7 +506,9 @@ def install(app: FastAPI) -> None:
 
 
 AGENT_SCOPE_KEY = "hostiso.agent"
+AGENT_TOKEN_KEY = "hostiso.agent-token"
 _AGENT_ROUTE = re.compile(r"^/v1/agents/(?P<agent_id>[^/]+)/")
+_POLL_ROUTE = re.compile(r"^/v1/agents/[^/]+/policy$")
 
 
 async def _gate_agent(scope: Scope, token: str) -> None:
@@ -501,13 +516,15 @@ async def _gate_agent(scope: Scope, token: str) -> None:
     match = _AGENT_ROUTE.match(scope["path"])
     if match is None:
         raise AuthRefusedError(401, "invalid agent token")
+    if scope["method"] == "GET" and _POLL_ROUTE.match(scope["path"]):
+        # The poll has no body; its route checks the token in the same round trip as the cursor.
+        scope[AGENT_TOKEN_KEY] = token
+        return
     deps: handlers.EnforcerDeps = scope["app"].state.deps
     try:
         scope[AGENT_SCOPE_KEY] = await handlers.authenticate_agent(deps, token, match["agent_id"])
     except UnknownAgentTokenError as exc:
         raise AuthRefusedError(401, str(exc)) from exc
-    except AgentScopeError as exc:
-        raise AuthRefusedError(403, str(exc)) from exc
     except RedisError as exc:
         log.warning("answered 503: redis error %r while checking an agent token", exc)
         raise AuthRefusedError(503, "the enforcer's store is unavailable; retry shortly") from exc

@@ -57,10 +57,6 @@ class UnknownAgentTokenError(EnforcerError):
     """The bearer token is not the token of any enrolled agent."""
 
 
-class AgentScopeError(EnforcerError):
-    """An agent token was used on another agent's route."""
-
-
 class PolicyNotHeldError(EnforcerError):
     """A status report names a sequence the enforcer does not hold as the endpoint's desired policy."""
 
@@ -219,14 +215,6 @@ def newest_per_endpoint(
         else:
             superseded.append(command)
     return list(newest.values()), superseded
-
-
-def check_agent_scope(identity: AgentIdentity, agent_id: str) -> None:
-    """An agent token opens only its own agent's routes."""
-    if identity.agent_id != agent_id:
-        raise AgentScopeError(
-            f"this agent token belongs to agent {identity.agent_id}, not to agent {agent_id}"
-        )
 
 
 def check_status_report(

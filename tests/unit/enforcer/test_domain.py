@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.enforcer.domain import (
-    AgentIdentity,
-    AgentScopeError,
     HeldPolicy,
     PolicyNotHeldError,
     StatusReportInvalidError,
-    check_agent_scope,
     check_status_consistency,
     check_status_report,
     is_newer,
@@ -61,13 +58,6 @@ def test_token_is_random_and_stored_only_as_its_sha256() -> None:
     assert first != second and len(first) >= 40
     assert len(token_digest(first)) == 64 and token_digest(first) != first
     assert token_digest(first) == token_digest(first)
-
-
-def test_agent_token_opens_only_its_own_agent() -> None:
-    identity = AgentIdentity("agent-a", "acct-1")
-    check_agent_scope(identity, "agent-a")
-    with pytest.raises(AgentScopeError, match="agent-a, not to agent agent-b"):
-        check_agent_scope(identity, "agent-b")
 
 
 def test_report_must_name_the_desired_sequence_and_policy() -> None:
