@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 DELIVERY_STATES = ("pending", "applied", "failed")
 
-# Every key of an endpoint (agent record with its token digest, desired policy, signed policy,
+# Every key of an endpoint (agent record with its token digest, desired signed policy,
 # the delivery sets of its bucket, its wake channel) carries the endpoint's hash tag
 # ``{enf<bucket>}``: each script below touches one Redis Cluster slot. Per-account keys carry
 # ``{<account_id>}``. No key holds every endpoint: the delivery sets and wake channels are per
@@ -48,9 +48,6 @@ class EnforcerKeys:
 
     def policy(self, endpoint_id: str) -> str:
         return self._keys("enforcer", "policy", slot_tag(TAG, endpoint_id), endpoint_id)
-
-    def signed(self, endpoint_id: str) -> str:
-        return self._keys("enforcer", "signed", slot_tag(TAG, endpoint_id), endpoint_id)
 
     def delivery(self, tag: str, state: str) -> str:
         return self._keys("enforcer", "delivery", tag, state)
@@ -76,62 +73,54 @@ class EnforcerKeys:
         return self._keys("enforcer", "enroll-rate", _account_slot(account_id))
 
 
+# The desired policy of an endpoint is one string, the signed policy stored once behind a short
+# fixed-width header: the sequence (20 digits), the byte lengths of the policy id and of the
+# account id (3 digits each), those two ids, then the signed policy JSON as it is served. A
+# script compares the sequence with GETRANGE 0 19 and never reads the signed bytes to do so.
+_SEQ_WIDTH = 20
+
 # Compare-and-set of the desired policy (guarantee 6). Atomic in Redis, so two enforcer instances
 # (or the two lanes) racing on one endpoint can never store an older sequence over a newer one.
 # The wake-up is published (SPUBLISH, on the bucket's shard) in the same script: a policy is
-# announced only once it is stored. The small fields live in a hash the poll compares against;
-# the signed policy is stored once, as its own string, read only when it is delivered.
+# announced only once it is stored.
 _STORE_IF_NEWER = """
-local enrolled_account = redis.call('HGET', KEYS[3], 'account_id')
-if enrolled_account and enrolled_account ~= ARGV[4] then
+local enrolled_account = redis.call('HGET', KEYS[2], 'acct')
+if enrolled_account and enrolled_account ~= ARGV[3] then
   return 2
 end
-local held = redis.call('HGET', KEYS[1], 'seq')
-if held and tonumber(held) >= tonumber(ARGV[1]) then
+local held = redis.call('GETRANGE', KEYS[1], 0, 19)
+if held ~= '' and tonumber(held) >= tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'pid', ARGV[3], 'acct', ARGV[4], 'lane', ARGV[5],
-  'at', ARGV[6], 'dlv', 'pending')
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[7])
-redis.call('SREM', KEYS[5], ARGV[7])
-redis.call('SREM', KEYS[6], ARGV[7])
-redis.call('SPUBLISH', ARGV[8], ARGV[7] .. ' ' .. ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SREM', KEYS[4], ARGV[4])
+redis.call('SREM', KEYS[5], ARGV[4])
+redis.call('SPUBLISH', ARGV[5], ARGV[4] .. ' ' .. ARGV[1])
 return 1
 """
 
 # The whole agent request in one round trip: the token (its digest, kept in the agent record of
-# the endpoint the route names), the cursor, and the signed policy only if it is newer. An idle
-# poll reads two short fields and one sequence. Missing values come back as '' (a Lua nil
-# would cut the reply short).
+# the endpoint the route names), the cursor, and the policy only if it is newer. An idle poll
+# reads two short fields and 20 bytes of sequence.
 _POLL = """
-local agent = redis.call('HMGET', KEYS[1], 'token_sha256', 'account_id')
+local agent = redis.call('HMGET', KEYS[1], 'tok', 'acct')
 if agent[1] ~= ARGV[1] then
   return {0}
 end
-local seq = redis.call('HGET', KEYS[2], 'seq')
-if (not seq) or tonumber(seq) <= tonumber(ARGV[2]) then
+local seq = redis.call('GETRANGE', KEYS[2], 0, 19)
+if seq == '' or tonumber(seq) <= tonumber(ARGV[2]) then
   return {1, agent[2]}
 end
-local policy = redis.call('HMGET', KEYS[2], 'pid', 'acct')
-return {2, agent[2], seq, policy[1] or '', policy[2] or '', redis.call('GET', KEYS[3]) or ''}
-"""
-
-_HELD = """
-local policy = redis.call('HMGET', KEYS[1], 'seq', 'pid', 'acct')
-if not policy[1] then
-  return {}
-end
-return {policy[1], policy[2] or '', policy[3] or '', redis.call('GET', KEYS[2]) or ''}
+return {2, agent[2], redis.call('GET', KEYS[2]) or ''}
 """
 
 # Delivery bookkeeping only moves if the report is still about the desired sequence.
 _MARK_DELIVERY = """
-local held = redis.call('HGET', KEYS[1], 'seq')
-if (not held) or tonumber(held) ~= tonumber(ARGV[1]) then
+local held = redis.call('GETRANGE', KEYS[1], 0, 19)
+if held == '' or tonumber(held) ~= tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'dlv', ARGV[2])
 redis.call('SREM', KEYS[2], ARGV[3])
 if ARGV[2] == 'applied' then
   redis.call('SADD', KEYS[3], ARGV[3])
@@ -158,13 +147,14 @@ return 3
 """
 
 # A new agent id is written only if no agent holds it, so a re-created id can never overwrite
-# (and orphan the token of) an agent another request just enrolled.
+# (and orphan the token of) an agent another request just enrolled. The record is what a request
+# needs, kept small: the account, the token's SHA-256 and when it was (re-)issued; hostname and
+# platform travel on endpoints.v1 and live in the isolation service's registry.
 _CREATE_AGENT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'account_id', ARGV[1], 'hostname', ARGV[2], 'platform', ARGV[3],
-  'token_sha256', ARGV[4], 'enrolled_at', ARGV[5])
+redis.call('HSET', KEYS[1], 'acct', ARGV[1], 'tok', ARGV[2], 'at', ARGV[3])
 return 1
 """
 
@@ -173,9 +163,15 @@ return 1
 # another account's desired policy is another account's endpoint whose agent record was lost:
 # never re-created here.
 _REISSUE_TOKEN = """
-local account = redis.call('HGET', KEYS[1], 'account_id')
+local account = redis.call('HGET', KEYS[1], 'acct')
 if not account then
-  local policy_account = redis.call('HGET', KEYS[2], 'acct')
+  local header = redis.call('GETRANGE', KEYS[2], 0, 25)
+  local policy_account = false
+  if header ~= '' then
+    local id_len = tonumber(string.sub(header, 21, 23))
+    local account_len = tonumber(string.sub(header, 24, 26))
+    policy_account = redis.call('GETRANGE', KEYS[2], 26 + id_len, 25 + id_len + account_len)
+  end
   if policy_account and policy_account ~= ARGV[1] then
     return 2
   end
@@ -184,7 +180,7 @@ end
 if account ~= ARGV[1] then
   return 2
 end
-redis.call('HSET', KEYS[1], 'token_sha256', ARGV[2], 'reenrolled_at', ARGV[3])
+redis.call('HSET', KEYS[1], 'tok', ARGV[2], 'at', ARGV[3])
 return 1
 """
 
@@ -253,6 +249,28 @@ def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
+def policy_record(sequence: int, policy_id: str, account_id: str, signed_json: bytes) -> bytes:
+    """The stored form of a desired policy (see ``_SEQ_WIDTH``)."""
+    pid, account = policy_id.encode(), account_id.encode()
+    if len(pid) > 999 or len(account) > 999 or not 0 <= sequence < 10**_SEQ_WIDTH:
+        raise ValueError("policy id, account id or sequence too long for the policy record")
+    header = f"{sequence:0{_SEQ_WIDTH}d}{len(pid):03d}{len(account):03d}".encode()
+    return header + pid + account + signed_json
+
+
+def parse_policy_record(endpoint_id: str, raw: bytes) -> HeldPolicy:
+    at = _SEQ_WIDTH
+    id_len, account_len = int(raw[at : at + 3]), int(raw[at + 3 : at + 6])
+    at += 6
+    return HeldPolicy(
+        endpoint_id=endpoint_id,
+        sequence=int(raw[:_SEQ_WIDTH]),
+        policy_id=raw[at : at + id_len].decode(),
+        account_id=raw[at + id_len : at + id_len + account_len].decode(),
+        signed_json=raw[at + id_len + account_len :],
+    )
+
+
 _OUTCOMES = {0: StoreOutcome.STALE, 1: StoreOutcome.STORED, 2: StoreOutcome.WRONG_ACCOUNT}
 
 
@@ -290,15 +308,14 @@ class _Script:
 
 
 class RedisPolicyStore:
-    """Desired policy per endpoint: a small hash (sequence, ids, lane, delivery) and the signed
-    policy JSON as its own string, both in the endpoint's slot."""
+    """Desired policy per endpoint: one string (sequence, ids, the signed policy JSON) in the
+    endpoint's slot; its delivery state is its membership of the bucket's delivery sets."""
 
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self.keys = EnforcerKeys(keys)
         self._store = _Script(redis, _STORE_IF_NEWER)
         self._poll = _Script(redis, _POLL)
-        self._held = _Script(redis, _HELD)
         self._mark = _Script(redis, _MARK_DELIVERY)
 
     async def store_if_newer(
@@ -306,24 +323,22 @@ class RedisPolicyStore:
     ) -> list[StoreOutcome]:
         if not items:
             return []
-        now_ms = str(int(time.time() * 1000))
         calls = []
         for item in items:
             policy = item.policy
             endpoint_id = policy.endpoint_id
             keys = [
                 self.keys.policy(endpoint_id),
-                self.keys.signed(endpoint_id),
                 self.keys.agent(endpoint_id),
                 *self.keys.deliveries(endpoint_id),
             ]
+            record = policy_record(
+                policy.sequence, policy.policy_id, policy.account_id, item.signed_json
+            )
             args = [
                 policy.sequence,
-                item.signed_json,
-                policy.policy_id,
+                record,
                 policy.account_id,
-                lane,
-                now_ms,
                 endpoint_id,
                 self.keys.wake(endpoint_id),
             ]
@@ -337,7 +352,6 @@ class RedisPolicyStore:
             [
                 self.keys.agent(endpoint_id),
                 self.keys.policy(endpoint_id),
-                self.keys.signed(endpoint_id),
             ],
             [token_sha256, after],
         )
@@ -345,30 +359,13 @@ class RedisPolicyStore:
         if code == 0:
             return PollResult(None, None)
         identity = AgentIdentity(agent_id=endpoint_id, account_id=_text(reply[1]))
-        if code == 1:
+        if code == 1 or not reply[2]:
             return PollResult(identity, None)
-        _, _, sequence, policy_id, account_id, signed = reply
-        held = HeldPolicy(
-            endpoint_id=endpoint_id,
-            account_id=_text(account_id),
-            policy_id=_text(policy_id),
-            sequence=int(sequence),
-            signed_json=_bytes(signed),
-        )
-        return PollResult(identity, held)
+        return PollResult(identity, parse_policy_record(endpoint_id, _bytes(reply[2])))
 
     async def held(self, endpoint_id: str) -> HeldPolicy | None:
-        reply = await self._held([self.keys.policy(endpoint_id), self.keys.signed(endpoint_id)], [])
-        if not reply:
-            return None
-        sequence, policy_id, account_id, signed = reply
-        return HeldPolicy(
-            endpoint_id=endpoint_id,
-            account_id=_text(account_id),
-            policy_id=_text(policy_id),
-            sequence=int(sequence),
-            signed_json=_bytes(signed),
-        )
+        raw = await self._redis.get(self.keys.policy(endpoint_id))
+        return None if not raw else parse_policy_record(endpoint_id, _bytes(raw))
 
     async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None:
         await self._mark(
@@ -413,8 +410,6 @@ class RedisAgentStore:
             [self.keys.agent(record.agent_id)],
             [
                 record.account_id,
-                record.hostname,
-                record.platform,
                 record.token_sha256,
                 record.enrolled_at,
             ],
@@ -440,7 +435,7 @@ class RedisAgentStore:
 
     async def identity(self, agent_id: str, token_sha256: str) -> AgentIdentity | None:
         stored, account_id = await self._redis.hmget(
-            self.keys.agent(agent_id), ["token_sha256", "account_id"]
+            self.keys.agent(agent_id), ["tok", "acct"]
         )
         if stored is None or not hmac.compare_digest(_bytes(stored), token_sha256.encode()):
             return None
