@@ -434,9 +434,7 @@ class RedisAgentStore:
         await self._redis.srem(self.keys.account_agents(record.account_id), record.agent_id)
 
     async def identity(self, agent_id: str, token_sha256: str) -> AgentIdentity | None:
-        stored, account_id = await self._redis.hmget(
-            self.keys.agent(agent_id), ["tok", "acct"]
-        )
+        stored, account_id = await self._redis.hmget(self.keys.agent(agent_id), ["tok", "acct"])
         if stored is None or not hmac.compare_digest(_bytes(stored), token_sha256.encode()):
             return None
         return AgentIdentity(agent_id=agent_id, account_id=_text(account_id))
