@@ -344,11 +344,11 @@ async def get_policy(
         ) from exc
     if held is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    return Response(
-        content=held.signed_json,
-        media_type="application/json",
-        headers={"X-Policy-Sequence": str(held.sequence)},
-    )
+    body, coding = held.encoded_for(request.headers.get("accept-encoding", ""))
+    headers = {"X-Policy-Sequence": str(held.sequence), "Vary": "Accept-Encoding"}
+    if coding is not None:
+        headers["Content-Encoding"] = coding
+    return Response(content=body, media_type="application/json", headers=headers)
 
 
 @router.post("/v1/agents/{agent_id}/policy-status", status_code=status.HTTP_202_ACCEPTED)
