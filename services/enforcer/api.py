@@ -24,7 +24,7 @@ from fastapi import (
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from services.enforcer import handlers
 from services.enforcer.adapters.metrics import EnforcerMetrics
@@ -491,7 +491,8 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RedisError)
-    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+    @app.exception_handler(RedisClusterException)  # e.g. no reachable node: not a RedisError
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("answered 503: redis error %r", exc, extra={"path": request.url.path})
         return _unavailable("the enforcer's store is unavailable; retry shortly")
 
@@ -525,7 +526,7 @@ async def _gate_agent(scope: Scope, token: str) -> None:
         scope[AGENT_SCOPE_KEY] = await handlers.authenticate_agent(deps, token, match["agent_id"])
     except UnknownAgentTokenError as exc:
         raise AuthRefusedError(401, str(exc)) from exc
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         log.warning("answered 503: redis error %r while checking an agent token", exc)
         raise AuthRefusedError(503, "the enforcer's store is unavailable; retry shortly") from exc
 

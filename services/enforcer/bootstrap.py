@@ -14,6 +14,7 @@ from services.enforcer import api
 from services.enforcer.adapters.kafka_publisher import KafkaEventPublisher
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.adapters.redis_store import (
+    CLUSTER_TRANSIENT_ERRORS,
     EnforcerKeys,
     RedisAgentStore,
     RedisEnrollmentKeyStore,
@@ -84,6 +85,9 @@ def _add_lane(
         strategy=lane_strategy(commands, gate),
         max_records=max_records,
         client_id=f"hostiso-enforcer-{lane}-{settings.instance_id}",
+        # A failover of a Redis Cluster master is retried like a lost connection, never
+        # counted against the commands of the batch.
+        transient=CLUSTER_TRANSIENT_ERRORS,
     )
 
 

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 
 from services.enforcer.domain import (
     AgentIdentity,
@@ -29,6 +36,15 @@ from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 log = logging.getLogger(__name__)
 
 DELIVERY_STATES = ("pending", "applied", "failed")
+
+# What a Redis Cluster raises while a master fails over or slots move: "away for now", never
+# "this record is bad". RedisClusterException (e.g. no reachable node) is not a RedisError.
+CLUSTER_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    RedisClusterException,
+    ClusterDownError,
+    MasterDownError,
+    TryAgainError,
+)
 
 # Every key of an endpoint (agent record with its token digest, desired signed policy,
 # the delivery sets of its bucket, its wake channel) carries the endpoint's hash tag
@@ -540,7 +556,7 @@ async def load_or_create_dev_signing_key(
             if stored is None:
                 raise RuntimeError(f"dev signing key {key} vanished right after it was set")
             return _text(stored), created
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("waiting for redis to load the dev signing key: %r", exc)

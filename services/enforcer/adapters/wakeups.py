@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared.redis import is_cluster_url, make_redis_cluster, redis_tls_options
 
@@ -77,6 +77,7 @@ class RedisPolicyWakeups:
         self.subscribed = asyncio.Event()
         self.wakeups_received = 0
         self.shards = 0
+        self.subscriptions = 0  # times every shard link was (re)built
 
     @property
     def waiting_count(self) -> int:
@@ -158,13 +159,14 @@ class RedisPolicyWakeups:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 if all_ready in done:
                     self.shards = len(shards)
+                    self.subscriptions += 1
                     self.subscribed.set()
                     self.wake_all()
                     delay = 0.2
                     done, _ = await asyncio.wait(tasks[:-1], return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()
-            except (RedisError, OSError, _Resubscribe) as exc:
+            except (RedisError, RedisClusterException, OSError, _Resubscribe) as exc:
                 self.subscribed.clear()
                 log.warning("policy wake-up subscription lost; resubscribing: %r", exc)
             finally:
@@ -190,8 +192,13 @@ class RedisPolicyWakeups:
                 # One channel per SSUBSCRIBE: a node refuses channels of several slots at once.
                 await pubsub.ssubscribe(channel)
             ready.set()
+            task = asyncio.current_task()
             while True:
                 message = await pubsub.get_message(timeout=5.0)
+                if task is not None and task.cancelling():
+                    # On Python 3.11 redis-py's timeout can swallow a cancel that lands inside
+                    # get_message: honour it, or a resync waits on this link for ever.
+                    raise asyncio.CancelledError
                 if message is None:
                     continue
                 kind = message.get("type")
