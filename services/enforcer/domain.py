@@ -249,12 +249,20 @@ def newest_per_endpoint(
     return list(newest.values()), superseded
 
 
+@dataclass(frozen=True)
+class DesiredPolicyRef:
+    """The desired sequence and policy id of an endpoint (what a status report must name)."""
+
+    sequence: int
+    policy_id: str
+
+
 def check_status_report(
-    held: HeldPolicy | None,
+    held: HeldPolicy | DesiredPolicyRef | None,
     endpoint_id: str,
     sequence: int,
     policy_id: str,
-) -> HeldPolicy:
+) -> HeldPolicy | DesiredPolicyRef:
     """A report must name the policy the enforcer currently holds as desired for the endpoint.
 
     A report about a superseded sequence is refused (409) rather than forwarded: the agent will

@@ -14,6 +14,7 @@ from services.enforcer.domain import (
     AccountAccessDeniedError,
     AgentIdentity,
     CreateOutcome,
+    DesiredPolicyRef,
     EndpointLimitReachedError,
     EndpointOfAnotherAccountError,
     EnrollmentConflictError,
@@ -144,7 +145,12 @@ class PolicyStore(Protocol):
         """Check the agent's token and its cursor, and read the policy only if it is newer."""
         ...
 
-    async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None: ...
+    async def record_delivery(
+        self, endpoint_id: str, sequence: int, policy_id: str, status: str
+    ) -> DesiredPolicyRef | None:
+        """Mark the delivery state if ``sequence`` and ``policy_id`` are the desired policy's;
+        either way answer the desired sequence and policy id (None: the endpoint has none)."""
+        ...
 
 
 class EnrollmentKeyStore(Protocol):
@@ -547,8 +553,10 @@ async def report_policy_status(
 ) -> PolicyStatusReported:
     """Record the agent's outcome for the desired sequence and publish it on isolation.status.v1."""
     check_status_consistency(status, rules_sha256, detail)
-    held = await deps.policies.held(identity.agent_id)
-    check_status_report(held, identity.agent_id, sequence, policy_id)
+    # One round trip: the store marks the state only if the report names the desired policy,
+    # and answers what that policy is, so a refusal names it (and nothing was marked).
+    desired = await deps.policies.record_delivery(identity.agent_id, sequence, policy_id, status)
+    check_status_report(desired, identity.agent_id, sequence, policy_id)
     report = PolicyStatusReported(
         endpoint_id=identity.agent_id,
         account_id=identity.account_id,
@@ -558,7 +566,6 @@ async def report_policy_status(
         rules_sha256=rules_sha256,
         detail=detail,
     )
-    await deps.policies.mark_delivery(identity.agent_id, sequence, status)
     # Published (acks=all) before the agent hears 202: an acknowledged report is never lost.
     await deps.events.policy_status_reported(report)
     log.info(

@@ -24,6 +24,7 @@ from redis.exceptions import (
 from services.enforcer.domain import (
     AgentIdentity,
     CreateOutcome,
+    DesiredPolicyRef,
     EnrollmentKeyRecord,
     HeldPolicy,
     Lane,
@@ -132,21 +133,27 @@ end
 return {2, agent[2], redis.call('GET', KEYS[2]) or ''}
 """
 
-# Delivery bookkeeping only moves if the report is still about the desired sequence.
-_MARK_DELIVERY = """
-local held = redis.call('GETRANGE', KEYS[1], 0, 19)
-if held == '' or tonumber(held) ~= tonumber(ARGV[1]) then
-  return 0
+# A status report moves the delivery bookkeeping only if it names the desired sequence and
+# policy id; the script answers both either way ({} when the endpoint has no policy).
+_RECORD_DELIVERY = """
+local header = redis.call('GETRANGE', KEYS[1], 0, 25)
+if header == '' then
+  return {}
 end
-redis.call('SREM', KEYS[2], ARGV[3])
-if ARGV[2] == 'applied' then
-  redis.call('SADD', KEYS[3], ARGV[3])
-  redis.call('SREM', KEYS[4], ARGV[3])
-else
-  redis.call('SADD', KEYS[4], ARGV[3])
-  redis.call('SREM', KEYS[3], ARGV[3])
+local seq = string.sub(header, 1, 20)
+local id_len = tonumber(string.sub(header, 21, 23))
+local policy_id = redis.call('GETRANGE', KEYS[1], 26, 25 + id_len)
+if tonumber(seq) == tonumber(ARGV[1]) and policy_id == ARGV[2] then
+  redis.call('SREM', KEYS[2], ARGV[4])
+  if ARGV[3] == 'applied' then
+    redis.call('SADD', KEYS[3], ARGV[4])
+    redis.call('SREM', KEYS[4], ARGV[4])
+  else
+    redis.call('SADD', KEYS[4], ARGV[4])
+    redis.call('SREM', KEYS[3], ARGV[4])
+  end
 end
-return 1
+return {seq, policy_id}
 """
 
 # The per-account endpoint cap, in the account's slot, before the agent is written in the
@@ -336,7 +343,7 @@ class RedisPolicyStore:
         self.keys = EnforcerKeys(keys)
         self._store = _Script(redis, _STORE_IF_NEWER)
         self._poll = _Script(redis, _POLL)
-        self._mark = _Script(redis, _MARK_DELIVERY)
+        self._record_delivery = _Script(redis, _RECORD_DELIVERY)
 
     async def store_if_newer(
         self, items: Sequence[PolicyToStore], lane: Lane
@@ -387,11 +394,17 @@ class RedisPolicyStore:
         raw = await self._redis.get(self.keys.policy(endpoint_id))
         return None if not raw else parse_policy_record(endpoint_id, _bytes(raw))
 
-    async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None:
-        await self._mark(
+    async def record_delivery(
+        self, endpoint_id: str, sequence: int, policy_id: str, status: str
+    ) -> DesiredPolicyRef | None:
+        reply = await self._record_delivery(
             [self.keys.policy(endpoint_id), *self.keys.deliveries(endpoint_id)],
-            [sequence, status, endpoint_id],
+            [sequence, policy_id, status, endpoint_id],
         )
+        if not reply:
+            return None
+        held_sequence, held_policy_id = reply
+        return DesiredPolicyRef(sequence=int(held_sequence), policy_id=_text(held_policy_id))
 
     async def delivery_counts(self) -> dict[str, int]:
         """Endpoints per delivery state, gathered from every bucket's sets."""

@@ -93,10 +93,13 @@ async def test_delivery_counts_gather_every_bucket(
     assert len({bucket_of(e) for e in endpoints}) > 10
     await policies.store_if_newer([item(e, 1) for e in endpoints], NORMAL_LANE)
     for endpoint in endpoints[:7]:
-        await policies.mark_delivery(endpoint, 1, "applied")
+        await policies.record_delivery(endpoint, 1, f"pol-{endpoint[:8]}-1", "applied")
     for endpoint in endpoints[7:10]:
-        await policies.mark_delivery(endpoint, 1, "failed")
-    await policies.mark_delivery(endpoints[10], 9, "applied")  # not the desired sequence
+        await policies.record_delivery(endpoint, 1, f"pol-{endpoint[:8]}-1", "failed")
+    desired = await policies.record_delivery(endpoints[10], 9, "pol-x", "applied")
+    assert desired is not None and (desired.sequence, desired.policy_id) == (1, "pol-ep-d-10-1")
+    await policies.record_delivery(endpoints[11], 1, "pol-other", "failed")  # not its policy
+    assert await policies.record_delivery("ep-never-stored", 1, "pol-x", "failed") is None
     assert await policies.delivery_counts() == {"pending": 20, "applied": 7, "failed": 3}
     # A newer policy makes an applied endpoint pending again.
     await policies.store_if_newer([item(endpoints[0], 2)], PRIORITY_LANE)

@@ -27,7 +27,9 @@ from services.enforcer.domain import NORMAL_LANE, token_digest
 from services.enforcer.handlers import (
     AgentRecord,
     EnforcerDeps,
+    authenticate_agent,
     poll_policy,
+    report_policy_status,
     store_policy_commands,
 )
 from services.enforcer.signing import PolicySigner, generate_private_key_b64, parse_private_key
@@ -196,7 +198,9 @@ async def test_isolating_an_endpoint_adds_at_most_one_kib_of_enforcer_keys(lab: 
         await enrolled(lab, endpoint_id, f"token-{endpoint_id}")
     await store_policy_commands(lab.deps, [command(e, 1) for e in endpoints], NORMAL_LANE)
     for endpoint_id in endpoints[::2]:
-        await lab.policies.mark_delivery(endpoint_id, 1, "applied")
+        held = await lab.policies.held(endpoint_id)
+        assert held is not None
+        await lab.policies.record_delivery(endpoint_id, 1, held.policy_id, "applied")
     keys = lab.policies.keys
 
     async def usage(names: list[str]) -> int:
@@ -232,3 +236,25 @@ async def test_isolating_an_endpoint_adds_at_most_one_kib_of_enforcer_keys(lab: 
     # endpoint, isolated or not, and is reported per agent).
     assert isolated <= 1024, per_kind
     assert per_kind["agent"] + per_kind["account-agents"] <= 400, per_kind
+
+
+async def test_a_status_report_is_one_round_trip_after_the_token_check(lab: Lab) -> None:
+    await enrolled(lab, "ep-rep", "token-rep")
+    await store_policy_commands(lab.deps, [command("ep-rep", 1)], NORMAL_LANE)
+    held = await lab.policies.held("ep-rep")
+    assert held is not None
+    identity = await authenticate_agent(lab.deps, "token-rep", "ep-rep")
+    await lab.policies.record_delivery("ep-rep", 0, "warm-up", "failed")  # scripts loaded
+    async with monitored(lab.client) as ran:
+        await report_policy_status(
+            lab.deps,
+            identity,
+            sequence=1,
+            policy_id=held.policy_id,
+            status="applied",
+            rules_sha256="a" * 64,
+            detail="",
+        )
+    assert client_commands(ran) == ["EVALSHA"]
+    assert "GET" not in script_commands(ran), "the signed policy is not read"
+    assert await lab.policies.delivery_counts() == {"pending": 0, "applied": 1, "failed": 0}

@@ -11,6 +11,7 @@ from services.enforcer.adapters.wakeups import PolicyWaiter
 from services.enforcer.domain import (
     AgentIdentity,
     CreateOutcome,
+    DesiredPolicyRef,
     EnrollmentKeyRecord,
     HeldPolicy,
     Lane,
@@ -175,10 +176,15 @@ class InMemoryPolicies:
             return PollResult(identity, None)
         return PollResult(identity, held)
 
-    async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None:
+    async def record_delivery(
+        self, endpoint_id: str, sequence: int, policy_id: str, status: str
+    ) -> DesiredPolicyRef | None:
         held = self.held_by_endpoint.get(endpoint_id)
-        if held is not None and held.sequence == sequence:
+        if held is None:
+            return None
+        if (held.sequence, held.policy_id) == (sequence, policy_id):
             self.delivery[endpoint_id] = (sequence, status)
+        return DesiredPolicyRef(held.sequence, held.policy_id)
 
 
 class RecordingEvents:
