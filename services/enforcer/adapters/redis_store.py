@@ -102,7 +102,7 @@ _SEQ_WIDTH = 20
 # The wake-up is published (SPUBLISH, on the bucket's shard) in the same script: a policy is
 # announced only once it is stored.
 _STORE_IF_NEWER = """
-local enrolled_account = redis.call('HGET', KEYS[2], 'acct')
+local enrolled_account = redis.call('HGET', KEYS[2], 'account_id')
 if enrolled_account and enrolled_account ~= ARGV[3] then
   return 2
 end
@@ -122,7 +122,7 @@ return 1
 # the endpoint the route names), the cursor, and the policy only if it is newer. An idle poll
 # reads two short fields and 20 bytes of sequence.
 _POLL = """
-local agent = redis.call('HMGET', KEYS[1], 'tok', 'acct')
+local agent = redis.call('HMGET', KEYS[1], 'token_sha256', 'account_id')
 if agent[1] ~= ARGV[1] then
   return {0}
 end
@@ -171,14 +171,15 @@ return 3
 """
 
 # A new agent id is written only if no agent holds it, so a re-created id can never overwrite
-# (and orphan the token of) an agent another request just enrolled. The record is what a request
-# needs, kept small: the account, the token's SHA-256 and when it was (re-)issued; hostname and
-# platform travel on endpoints.v1 and live in the isolation service's registry.
+# (and orphan the token of) an agent another request just enrolled. The record holds the
+# registration (account, hostname, platform, enrolled_at: what endpoints.v1 carries) and the
+# token's SHA-256.
 _CREATE_AGENT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'acct', ARGV[1], 'tok', ARGV[2], 'at', ARGV[3])
+redis.call('HSET', KEYS[1], 'account_id', ARGV[1], 'hostname', ARGV[2], 'platform', ARGV[3],
+  'token_sha256', ARGV[4], 'enrolled_at', ARGV[5])
 return 1
 """
 
@@ -187,7 +188,7 @@ return 1
 # another account's desired policy is another account's endpoint whose agent record was lost:
 # never re-created here.
 _REISSUE_TOKEN = """
-local account = redis.call('HGET', KEYS[1], 'acct')
+local account = redis.call('HGET', KEYS[1], 'account_id')
 if not account then
   local header = redis.call('GETRANGE', KEYS[2], 0, 25)
   local policy_account = false
@@ -204,7 +205,7 @@ end
 if account ~= ARGV[1] then
   return 2
 end
-redis.call('HSET', KEYS[1], 'tok', ARGV[2], 'at', ARGV[3])
+redis.call('HSET', KEYS[1], 'token_sha256', ARGV[2], 'reenrolled_at', ARGV[3])
 return 1
 """
 
@@ -443,6 +444,8 @@ class RedisAgentStore:
             [self.keys.agent(record.agent_id)],
             [
                 record.account_id,
+                record.hostname,
+                record.platform,
                 record.token_sha256,
                 record.enrolled_at,
             ],
@@ -467,7 +470,9 @@ class RedisAgentStore:
         await self._redis.srem(self.keys.account_agents(record.account_id), record.agent_id)
 
     async def identity(self, agent_id: str, token_sha256: str) -> AgentIdentity | None:
-        stored, account_id = await self._redis.hmget(self.keys.agent(agent_id), ["tok", "acct"])
+        stored, account_id = await self._redis.hmget(
+            self.keys.agent(agent_id), ["token_sha256", "account_id"]
+        )
         if stored is None or not hmac.compare_digest(_bytes(stored), token_sha256.encode()):
             return None
         return AgentIdentity(agent_id=agent_id, account_id=_text(account_id))
