@@ -83,6 +83,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
+    # Redis Cluster failover: no reachable node or slot owner, cluster down, slot migrating.
+    redis.exceptions.RedisClusterException,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
     # HTTP: could not connect, connection dropped, timed out (not InvalidURL, not a 4xx).
     httpx.TimeoutException,
     httpx.NetworkError,

@@ -22,7 +22,7 @@ from fastapi import (
 )
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from services.enforcer import handlers, presence
 from services.enforcer.adapters.metrics import EnforcerMetrics
@@ -30,7 +30,6 @@ from services.enforcer.config import EnforcerSettings
 from services.enforcer.domain import (
     AccountAccessDeniedError,
     AgentIdentity,
-    AgentScopeError,
     EndpointLimitReachedError,
     EndpointOfAnotherAccountError,
     EnrollmentConflictError,
@@ -187,7 +186,7 @@ async def current_agent(
     deps: Deps,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> AgentIdentity:
-    """401 without a valid agent token; 403 when the token is another agent's."""
+    """401 without the agent's own valid token (another agent's token is not valid here)."""
     checked = request.scope.get(AGENT_SCOPE_KEY)
     if isinstance(checked, AgentIdentity) and checked.agent_id == agent_id:
         # The auth gate already checked this token before the body was read (one Redis call).
@@ -260,9 +259,6 @@ ERRORS = ErrorMapping(
         EnrollmentKeyNotFoundError: ProblemKind(
             404, "Not found", "No such key in the account", "path.key_id", "exists"
         ),
-        AgentScopeError: ProblemKind(
-            403, "Forbidden", "The token of another agent", "path.agent_id", "own_agent"
-        ),
         PolicyNotHeldError: ProblemKind(
             409,
             "Policy not held",
@@ -276,6 +272,8 @@ ERRORS = ErrorMapping(
             503, "Starting", "the enforcer is starting; retry shortly", retry_after=1
         ),
         RedisError: _UNAVAILABLE,
+        # e.g. no reachable cluster node, or a slot moving during a failover: not a RedisError.
+        RedisClusterException: _UNAVAILABLE,
         KafkaError: _UNAVAILABLE,
     },
     fields={
@@ -284,7 +282,7 @@ ERRORS = ErrorMapping(
         "rules_sha256": "body.rules_sha256",
         "detail": "body.detail",
     },
-    everywhere=(RedisError,),
+    everywhere=(RedisError, RedisClusterException),
 )
 
 # Each refusal of enrollment and the outcome it counts.
@@ -333,13 +331,14 @@ async def enroll(body: EnrollRequest, deps: Deps, metrics: Metrics) -> EnrollRes
             },
         },
         204: {"description": "No newer policy within `wait` seconds."},
-        **ERRORS.responses(AgentScopeError),
+        **ERRORS.responses(),
     },
 )
 async def get_policy(
     request: Request,
-    agent: CurrentAgent,
+    agent_id: AgentIdPath,
     deps: Deps,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     after: Annotated[int, Query(ge=0, description="Highest sequence the agent holds.")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to long-poll for a newer one.")] = 0,
 ) -> Response:
@@ -348,21 +347,37 @@ async def get_policy(
         raise InputRejectedError(
             "query.wait", "le", f"must be at most {settings.long_poll_max_s:g} seconds"
         )
-    presence.note_poll(request, agent.agent_id)
-    held = await handlers.wait_for_policy(deps, agent.agent_id, after=after, wait=wait)
+    # The gate left the token to this route: one Redis round trip checks it with the cursor.
+    token = request.scope.get(AGENT_TOKEN_KEY)
+    if not isinstance(token, str):
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail="missing agent token (Authorization: Bearer <agent_token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        token = credentials.credentials
+    try:
+        held = await handlers.poll_policy(deps, token, agent_id, after=after, wait=wait)
+    except UnknownAgentTokenError as exc:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
+        ) from exc
+    # After the token checked out: a wrong token on a known id must not publish last_seen.
+    presence.note_poll(request, agent_id)
     if held is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    return Response(
-        content=held.signed_json,
-        media_type="application/json",
-        headers={"X-Policy-Sequence": str(held.sequence)},
-    )
+    body, coding = held.encoded_for(request.headers.get("accept-encoding", ""))
+    headers = {"X-Policy-Sequence": str(held.sequence), "Vary": "Accept-Encoding"}
+    if coding is not None:
+        headers["Content-Encoding"] = coding
+    return Response(content=body, media_type="application/json", headers=headers)
 
 
 @router.post(
     "/v1/agents/{agent_id}/policy-status",
     status_code=status.HTTP_202_ACCEPTED,
-    responses=ERRORS.responses(AgentScopeError, PolicyNotHeldError, StatusReportInvalidError),
+    responses=ERRORS.responses(PolicyNotHeldError, StatusReportInvalidError),
 )
 async def post_policy_status(
     body: StatusReportRequest, agent: CurrentAgent, deps: Deps, metrics: Metrics
@@ -465,7 +480,9 @@ def install(app: FastAPI) -> None:
 
 
 AGENT_SCOPE_KEY = "hostiso.agent"
+AGENT_TOKEN_KEY = "hostiso.agent-token"
 _AGENT_ROUTE = re.compile(r"^/v1/agents/(?P<agent_id>[^/]+)/")
+_POLL_ROUTE = re.compile(r"^/v1/agents/[^/]+/policy$")
 
 
 async def _gate_agent(scope: Scope, token: str) -> None:
@@ -473,14 +490,16 @@ async def _gate_agent(scope: Scope, token: str) -> None:
     match = _AGENT_ROUTE.match(scope["path"])
     if match is None:
         raise AuthRefusedError(401, "invalid agent token")
+    if scope["method"] == "GET" and _POLL_ROUTE.match(scope["path"]):
+        # The poll has no body; its route checks the token in the same round trip as the cursor.
+        scope[AGENT_TOKEN_KEY] = token
+        return
     deps: handlers.EnforcerDeps = scope["app"].state.deps
     try:
         scope[AGENT_SCOPE_KEY] = await handlers.authenticate_agent(deps, token, match["agent_id"])
     except UnknownAgentTokenError as exc:
         raise AuthRefusedError(401, str(exc)) from exc
-    except AgentScopeError as exc:
-        raise AuthRefusedError(403, str(exc)) from exc
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         log.warning("answered 503: redis error %r while checking an agent token", exc)
         raise AuthRefusedError(503, "the enforcer's store is unavailable; retry shortly") from exc
 

@@ -8,11 +8,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from services.enforcer import api, presence
 from services.enforcer.adapters.kafka_publisher import KafkaEventPublisher
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.adapters.redis_store import (
+    CLUSTER_TRANSIENT_ERRORS,
+    EnforcerKeys,
     RedisAgentStore,
     RedisEnrollmentKeyStore,
     RedisEnrollmentRateLimiter,
@@ -35,8 +38,8 @@ from shared.config import ConfigError
 from shared.consume import ConsumeLoop
 from shared.http import add_operational_routes, serve, service_app
 from shared.logs import configure_logging
-from shared.redis import make_redis
-from shared.runtime import Runtime, single_node_redis
+from shared.redis import RedisClient, is_cluster_url, make_redis, make_redis_cluster
+from shared.runtime import Runtime
 from shared.topics import GroupName
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,18 @@ def _add_lane(
         strategy=lane_strategy(commands, gate),
         max_records=max_records,
         client_id=f"hostiso-enforcer-{lane}-{settings.instance_id}",
+        # A failover of a Redis Cluster master is retried like a lost connection, never
+        # counted against the commands of the batch.
+        transient=CLUSTER_TRANSIENT_ERRORS,
     )
+
+
+def _cluster_url(url: str) -> str:
+    """``url`` as a ``redis+cluster://`` URL (HOSTISO_REDIS_CLUSTER=1 with a plain URL)."""
+    if is_cluster_url(url):
+        return url
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}+cluster{sep}{rest}"
 
 
 def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
@@ -95,17 +109,29 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
     dev_enrollment_secret = settings.require_secret("enrollment_secret") if settings.dev else None
     signer = configured_signer(settings)
     runtime = Runtime(settings, "enforcer")
-    runtime_redis = single_node_redis(runtime)
-    wakeups = RedisPolicyWakeups(
-        settings.redis_url, runtime.keys("enforcer", "wake"), ca_file=settings.redis_ca_file
+    # A single Redis or a Redis Cluster (HOSTISO_REDIS_CLUSTER=1 or a redis+cluster:// URL):
+    # every script touches one slot, and wake-ups are per bucket on the bucket's shard.
+    cluster = settings.redis_cluster or is_cluster_url(settings.redis_url)
+    store_redis: RedisClient = (
+        make_redis_cluster(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            ca_file=settings.redis_ca_file,
+        )
+        if cluster
+        else make_redis(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=20,
+            ca_file=settings.redis_ca_file,
+        )
     )
-    store_redis = make_redis(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        pool_timeout_s=20,
+    wakeups = RedisPolicyWakeups(
+        _cluster_url(settings.redis_url) if cluster else settings.redis_url,
+        EnforcerKeys(runtime.keys).wake_channels(),
         ca_file=settings.redis_ca_file,
     )
-    policies = RedisPolicyStore(store_redis, runtime.keys, runtime.keys("enforcer", "wake"))
+    policies = RedisPolicyStore(store_redis, runtime.keys)
     deps = EnforcerDeps(
         agents=RedisAgentStore(
             store_redis, runtime.keys, settings.enrollment_max_endpoints_per_account
@@ -155,7 +181,7 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
         if deps.signer_or_none is None:
             # Before the lanes start: nothing is signed until every instance agrees on the key.
             encoded, created = await load_or_create_dev_signing_key(
-                runtime_redis,
+                runtime.redis,
                 runtime.keys("enforcer", "dev-signing-key"),
                 generate_private_key_b64(),
             )
@@ -179,7 +205,9 @@ def build_app(settings: EnforcerSettings | None = None) -> FastAPI:
             await runtime.stop()
             await wakeups.stop()
             await store_redis.aclose()
-            await store_redis.connection_pool.disconnect()
+            if isinstance(store_redis, Redis):
+                # Its pool was handed in, so aclose() leaves the pool's connections open.
+                await store_redis.connection_pool.disconnect()
 
     app = service_app(
         title="hostiso enforcer",

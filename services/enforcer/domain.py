@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import re
@@ -57,10 +58,6 @@ class UnknownAgentTokenError(EnforcerError):
     """The bearer token is not the token of any enrolled agent."""
 
 
-class AgentScopeError(EnforcerError):
-    """An agent token was used on another agent's route."""
-
-
 class PolicyNotHeldError(EnforcerError):
     """A status report names a sequence the enforcer does not hold as the endpoint's desired policy."""
 
@@ -110,13 +107,44 @@ class AgentIdentity:
 
 @dataclass(frozen=True)
 class HeldPolicy:
-    """The desired policy the enforcer holds for an endpoint, as stored (signed JSON)."""
+    """The desired policy the enforcer holds for an endpoint, as stored.
+
+    ``body`` is the signed policy JSON, gzip-compressed when ``gzipped`` (how the Redis store
+    keeps it: served as it is to agents that accept gzip, decompressed for the others).
+    """
 
     endpoint_id: str
     account_id: str
     policy_id: str
     sequence: int
-    signed_json: bytes
+    body: bytes
+    gzipped: bool = False
+
+    @property
+    def signed_json(self) -> bytes:
+        return gzip.decompress(self.body) if self.gzipped else self.body
+
+    def encoded_for(self, accept_encoding: str) -> tuple[bytes, str | None]:
+        """The body to send to a client that sent ``accept_encoding``, and its content coding."""
+        if self.gzipped and accepts_gzip(accept_encoding):
+            return self.body, "gzip"
+        return self.signed_json, None
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` header value allows gzip (``gzip`` or ``*``, q above 0)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        quality = params.strip().lower()
+        if quality.startswith("q="):
+            try:
+                return float(quality[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
 
 
 def new_agent_token() -> str:
@@ -221,20 +249,20 @@ def newest_per_endpoint(
     return list(newest.values()), superseded
 
 
-def check_agent_scope(identity: AgentIdentity, agent_id: str) -> None:
-    """An agent token opens only its own agent's routes."""
-    if identity.agent_id != agent_id:
-        raise AgentScopeError(
-            f"this agent token belongs to agent {identity.agent_id}, not to agent {agent_id}"
-        )
+@dataclass(frozen=True)
+class DesiredPolicyRef:
+    """The desired sequence and policy id of an endpoint (what a status report must name)."""
+
+    sequence: int
+    policy_id: str
 
 
 def check_status_report(
-    held: HeldPolicy | None,
+    held: HeldPolicy | DesiredPolicyRef | None,
     endpoint_id: str,
     sequence: int,
     policy_id: str,
-) -> HeldPolicy:
+) -> HeldPolicy | DesiredPolicyRef:
     """A report must name the policy the enforcer currently holds as desired for the endpoint.
 
     A report about a superseded sequence is refused (409) rather than forwarded: the agent will

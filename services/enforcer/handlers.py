@@ -14,6 +14,7 @@ from services.enforcer.domain import (
     AccountAccessDeniedError,
     AgentIdentity,
     CreateOutcome,
+    DesiredPolicyRef,
     EndpointLimitReachedError,
     EndpointOfAnotherAccountError,
     EnrollmentConflictError,
@@ -26,7 +27,6 @@ from services.enforcer.domain import (
     ReissueOutcome,
     StoreOutcome,
     UnknownAgentTokenError,
-    check_agent_scope,
     check_enrollment_key,
     check_status_consistency,
     check_status_report,
@@ -121,7 +121,17 @@ class AgentStore(Protocol):
 
     async def delete(self, record: AgentRecord) -> None: ...
 
-    async def identity_for_token(self, token_sha256: str) -> AgentIdentity | None: ...
+    async def identity(self, agent_id: str, token_sha256: str) -> AgentIdentity | None:
+        """The agent ``agent_id`` if ``token_sha256`` is its token's digest, else None."""
+        ...
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """What one poll found: the agent its token opens (None: it opens none), a newer policy."""
+
+    identity: AgentIdentity | None
+    newer: HeldPolicy | None
 
 
 class PolicyStore(Protocol):
@@ -131,7 +141,16 @@ class PolicyStore(Protocol):
 
     async def held(self, endpoint_id: str) -> HeldPolicy | None: ...
 
-    async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None: ...
+    async def poll(self, endpoint_id: str, token_sha256: str, after: int) -> PollResult:
+        """Check the agent's token and its cursor, and read the policy only if it is newer."""
+        ...
+
+    async def record_delivery(
+        self, endpoint_id: str, sequence: int, policy_id: str, status: str
+    ) -> DesiredPolicyRef | None:
+        """Mark the delivery state if ``sequence`` and ``policy_id`` are the desired policy's;
+        either way answer the desired sequence and policy id (None: the endpoint has none)."""
+        ...
 
 
 class EnrollmentKeyStore(Protocol):
@@ -449,11 +468,10 @@ async def revoke_enrollment_key(
 
 
 async def authenticate_agent(deps: EnforcerDeps, token: str, agent_id: str) -> AgentIdentity:
-    """The agent behind ``token``, if it is the agent of the route."""
-    identity = await deps.agents.identity_for_token(token_digest(token))
+    """The agent of the route, if ``token`` is its token (checked in the endpoint's own slot)."""
+    identity = await deps.agents.identity(agent_id, token_digest(token))
     if identity is None:
-        raise UnknownAgentTokenError("invalid agent token")
-    check_agent_scope(identity, agent_id)
+        raise UnknownAgentTokenError(f"invalid agent token for agent {agent_id}")
     return identity
 
 
@@ -497,18 +515,26 @@ async def store_policy_commands(
     return result
 
 
-async def wait_for_policy(
-    deps: EnforcerDeps, endpoint_id: str, *, after: int, wait: float
+async def poll_policy(
+    deps: EnforcerDeps, token: str, endpoint_id: str, *, after: int, wait: float
 ) -> HeldPolicy | None:
-    """The desired policy if its sequence is above ``after``, waiting up to ``wait`` seconds for one."""
+    """The desired policy if its sequence is above ``after``, waiting up to ``wait`` seconds.
+
+    Each check is one Redis round trip that also authenticates the token (a token revoked by a
+    re-enrollment during the wait stops it): an idle check compares the stored sequence and
+    never reads the signed policy. Between checks the poll waits for a wake-up of its endpoint.
+    """
+    digest = token_digest(token)
     deadline = time.monotonic() + wait
     with deps.wakeups.waiter(endpoint_id) as waiter:
         while True:
             # Armed before reading: a policy stored after the read wakes the waiter, none is missed.
             waiter.arm()
-            held = await deps.policies.held(endpoint_id)
-            if held is not None and held.sequence > after:
-                return held
+            found = await deps.policies.poll(endpoint_id, digest, after)
+            if found.identity is None:
+                raise UnknownAgentTokenError(f"invalid agent token for agent {endpoint_id}")
+            if found.newer is not None:
+                return found.newer
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -527,8 +553,10 @@ async def report_policy_status(
 ) -> PolicyStatusReported:
     """Record the agent's outcome for the desired sequence and publish it on isolation.status.v1."""
     check_status_consistency(status, rules_sha256, detail)
-    held = await deps.policies.held(identity.agent_id)
-    check_status_report(held, identity.agent_id, sequence, policy_id)
+    # One round trip: the store marks the state only if the report names the desired policy,
+    # and answers what that policy is, so a refusal names it (and nothing was marked).
+    desired = await deps.policies.record_delivery(identity.agent_id, sequence, policy_id, status)
+    check_status_report(desired, identity.agent_id, sequence, policy_id)
     report = PolicyStatusReported(
         endpoint_id=identity.agent_id,
         account_id=identity.account_id,
@@ -538,7 +566,6 @@ async def report_policy_status(
         rules_sha256=rules_sha256,
         detail=detail,
     )
-    await deps.policies.mark_delivery(identity.agent_id, sequence, status)
     # Published (acks=all) before the agent hears 202: an acknowledged report is never lost.
     await deps.events.policy_status_reported(report)
     log.info(

@@ -18,11 +18,11 @@ from typing import Protocol
 from aiokafka.errors import KafkaError
 from fastapi import Request
 from pydantic import ValidationError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.enforcer.adapters.redis_store import EnforcerKeys
 from shared.messages import EndpointRegistered, utcnow
-from shared.redis import Keys, slot_tag
+from shared.redis import Keys, RedisClient, slot_tag
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ Publish = Callable[[EndpointRegistered], Awaitable[None]]
 class RedisSeenGate:
     """``SET NX EX`` on ``enforcer:{enfNN}:last-seen:<endpoint>`` (the endpoint's slot)."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
 
@@ -67,14 +67,14 @@ class RedisSeenGate:
 
 
 class RedisAgentRegistrations:
-    """Reads the agent hash the enrollment wrote (``enforcer:agent:<endpoint>``)."""
+    """Reads the agent hash the enrollment wrote (``enforcer:agent:{enfNN}:<endpoint>``)."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
 
     async def registration(self, endpoint_id: str) -> EndpointRegistered | None:
-        values = await self._redis.hmget(self._keys("enforcer", "agent", endpoint_id), _FIELDS)
+        values = await self._redis.hmget(EnforcerKeys(self._keys).agent(endpoint_id), _FIELDS)
         if any(v is None for v in values):
             return None
         account_id, hostname, platform, enrolled_at = (

@@ -3,102 +3,200 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 
 from services.enforcer.domain import (
     AgentIdentity,
     CreateOutcome,
+    DesiredPolicyRef,
     EnrollmentKeyRecord,
     HeldPolicy,
     Lane,
     ReissueOutcome,
     StoreOutcome,
 )
-from services.enforcer.handlers import AgentRecord, PolicyToStore, RateDecision
-from shared.redis import Keys
+from services.enforcer.handlers import AgentRecord, PolicyToStore, PollResult, RateDecision
+from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 
 log = logging.getLogger(__name__)
 
 DELIVERY_STATES = ("pending", "applied", "failed")
 
+# What a Redis Cluster raises while a master fails over or slots move: "away for now", never
+# "this record is bad". RedisClusterException (e.g. no reachable node) is not a RedisError.
+CLUSTER_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    RedisClusterException,
+    ClusterDownError,
+    MasterDownError,
+    TryAgainError,
+)
+
+# Every key of an endpoint (agent record with its token digest, desired signed policy,
+# the delivery sets of its bucket, its wake channel) carries the endpoint's hash tag
+# ``{enf<bucket>}``: each script below touches one Redis Cluster slot. Per-account keys carry
+# ``{<account_id>}``. No key holds every endpoint: the delivery sets and wake channels are per
+# bucket (``SLOT_BUCKETS`` of them).
+TAG = "enf"
+
+
+class EnforcerKeys:
+    """The enforcer's key and channel names (``<prefix>enforcer:<kind>:<hash tag>[:<id>]``)."""
+
+    def __init__(self, keys: Keys) -> None:
+        self._keys = keys
+
+    def agent(self, endpoint_id: str) -> str:
+        return self._keys("enforcer", "agent", slot_tag(TAG, endpoint_id), endpoint_id)
+
+    def policy(self, endpoint_id: str) -> str:
+        return self._keys("enforcer", "policy", slot_tag(TAG, endpoint_id), endpoint_id)
+
+    def delivery(self, tag: str, state: str) -> str:
+        return self._keys("enforcer", "delivery", tag, state)
+
+    def deliveries(self, endpoint_id: str) -> list[str]:
+        tag = slot_tag(TAG, endpoint_id)
+        return [self.delivery(tag, state) for state in DELIVERY_STATES]
+
+    def wake(self, endpoint_id: str) -> str:
+        return self._keys("enforcer", "wake", slot_tag(TAG, endpoint_id))
+
+    def wake_channels(self) -> list[str]:
+        """Every bucket's wake channel (sharded pub/sub: each lives on its bucket's shard)."""
+        return [self._keys("enforcer", "wake", tag) for tag in bucket_tags(TAG)]
+
+    def account_agents(self, account_id: str) -> str:
+        return self._keys("enforcer", "account-agents", _account_slot(account_id))
+
+    def enrollment_keys(self, account_id: str) -> str:
+        return self._keys("enforcer", "ek", _account_slot(account_id))
+
+    def enroll_rate(self, account_id: str) -> str:
+        return self._keys("enforcer", "enroll-rate", _account_slot(account_id))
+
+
+# The desired policy of an endpoint is one string, the signed policy stored once behind a short
+# fixed-width header: the sequence (20 digits), the byte lengths of the policy id and of the
+# account id (3 digits each), those two ids, then the signed policy JSON, gzipped. A
+# script compares the sequence with GETRANGE 0 19 and never reads the signed bytes to do so.
+_SEQ_WIDTH = 20
+
 # Compare-and-set of the desired policy (guarantee 6). Atomic in Redis, so two enforcer instances
 # (or the two lanes) racing on one endpoint can never store an older sequence over a newer one.
-# The wake-up is published in the same script: a policy is announced only once it is stored.
+# The wake-up is published (SPUBLISH, on the bucket's shard) in the same script: a policy is
+# announced only once it is stored.
 _STORE_IF_NEWER = """
 local enrolled_account = redis.call('HGET', KEYS[2], 'account_id')
-if enrolled_account and enrolled_account ~= ARGV[4] then
+if enrolled_account and enrolled_account ~= ARGV[3] then
   return 2
 end
-local held = redis.call('HGET', KEYS[1], 'sequence')
-if held and tonumber(held) >= tonumber(ARGV[1]) then
+local held = redis.call('GETRANGE', KEYS[1], 0, 19)
+if held ~= '' and tonumber(held) >= tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'sequence', ARGV[1], 'signed', ARGV[2], 'policy_id', ARGV[3],
-  'account_id', ARGV[4], 'lane', ARGV[5], 'stored_at_ms', ARGV[6], 'delivery', 'pending')
-redis.call('SADD', KEYS[3], ARGV[7])
-redis.call('SREM', KEYS[4], ARGV[7])
-redis.call('SREM', KEYS[5], ARGV[7])
-redis.call('PUBLISH', ARGV[8], ARGV[7] .. ' ' .. ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SREM', KEYS[4], ARGV[4])
+redis.call('SREM', KEYS[5], ARGV[4])
+redis.call('SPUBLISH', ARGV[5], ARGV[4] .. ' ' .. ARGV[1])
 return 1
 """
 
-# Delivery bookkeeping only moves if the report is still about the desired sequence.
-_MARK_DELIVERY = """
-local held = redis.call('HGET', KEYS[1], 'sequence')
-if (not held) or tonumber(held) ~= tonumber(ARGV[1]) then
-  return 0
+# The whole agent request in one round trip: the token (its digest, kept in the agent record of
+# the endpoint the route names), the cursor, and the policy only if it is newer. An idle poll
+# reads two short fields and 20 bytes of sequence.
+_POLL = """
+local agent = redis.call('HMGET', KEYS[1], 'token_sha256', 'account_id')
+if agent[1] ~= ARGV[1] then
+  return {0}
 end
-redis.call('HSET', KEYS[1], 'delivery', ARGV[2])
-redis.call('SREM', KEYS[2], ARGV[3])
-if ARGV[2] == 'applied' then
-  redis.call('SADD', KEYS[3], ARGV[3])
-  redis.call('SREM', KEYS[4], ARGV[3])
-else
-  redis.call('SADD', KEYS[4], ARGV[3])
-  redis.call('SREM', KEYS[3], ARGV[3])
+local seq = redis.call('GETRANGE', KEYS[2], 0, 19)
+if seq == '' or tonumber(seq) <= tonumber(ARGV[2]) then
+  return {1, agent[2]}
 end
-return 1
+return {2, agent[2], redis.call('GET', KEYS[2]) or ''}
 """
 
+# A status report moves the delivery bookkeeping only if it names the desired sequence and
+# policy id; the script answers both either way ({} when the endpoint has no policy).
+_RECORD_DELIVERY = """
+local header = redis.call('GETRANGE', KEYS[1], 0, 25)
+if header == '' then
+  return {}
+end
+local seq = string.sub(header, 1, 20)
+local id_len = tonumber(string.sub(header, 21, 23))
+local policy_id = redis.call('GETRANGE', KEYS[1], 26, 25 + id_len)
+if tonumber(seq) == tonumber(ARGV[1]) and policy_id == ARGV[2] then
+  redis.call('SREM', KEYS[2], ARGV[4])
+  if ARGV[3] == 'applied' then
+    redis.call('SADD', KEYS[3], ARGV[4])
+    redis.call('SREM', KEYS[4], ARGV[4])
+  else
+    redis.call('SADD', KEYS[4], ARGV[4])
+    redis.call('SREM', KEYS[3], ARGV[4])
+  end
+end
+return {seq, policy_id}
+"""
+
+# The per-account endpoint cap, in the account's slot, before the agent is written in the
+# endpoint's slot: 1 = already counted, 2 = the account is full, 3 = counted now (the caller
+# uncounts it if the agent id turns out to be taken).
+_COUNT_AGENT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
+  return 1
+end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 2
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 3
+"""
 
 # A new agent id is written only if no agent holds it, so a re-created id can never overwrite
-# (and orphan the token of) an agent another request just enrolled; and only while the account
-# is under its endpoint cap, so a leaked key cannot pile up endpoints without bound.
+# (and orphan the token of) an agent another request just enrolled. The record holds the
+# registration (account, hostname, platform, enrolled_at: what endpoints.v1 carries) and the
+# token's SHA-256.
 _CREATE_AGENT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[7]) then
-  return 2
-end
 redis.call('HSET', KEYS[1], 'account_id', ARGV[1], 'hostname', ARGV[2], 'platform', ARGV[3],
   'token_sha256', ARGV[4], 'enrolled_at', ARGV[5])
-redis.call('SET', KEYS[2], ARGV[6])
-redis.call('SADD', KEYS[3], ARGV[8])
 return 1
 """
 
-_CREATE_OUTCOMES = {
-    0: CreateOutcome.ID_TAKEN,
-    1: CreateOutcome.CREATED,
-    2: CreateOutcome.ACCOUNT_FULL,
-}
-
-# Re-enrollment: swap the agent's token in one step, so the old token stops working exactly
-# when the new one starts. An id unknown as an agent but holding another account's desired
-# policy is another account's endpoint whose agent record was lost: never re-created here.
-# The old token's key is derived in the script (ARGV[4] is its prefix); like the other agent
-# keys it is not hash-tagged, so this script assumes one Redis (not a Cluster) as they do.
+# Re-enrollment: swap the agent's token digest in one step (one field of one key), so the old
+# token stops working exactly when the new one starts. An id unknown as an agent but holding
+# another account's desired policy is another account's endpoint whose agent record was lost:
+# never re-created here.
 _REISSUE_TOKEN = """
 local account = redis.call('HGET', KEYS[1], 'account_id')
 if not account then
-  local policy_account = redis.call('HGET', KEYS[3], 'account_id')
+  local header = redis.call('GETRANGE', KEYS[2], 0, 25)
+  local policy_account = false
+  if header ~= '' then
+    local id_len = tonumber(string.sub(header, 21, 23))
+    local account_len = tonumber(string.sub(header, 24, 26))
+    policy_account = redis.call('GETRANGE', KEYS[2], 26 + id_len, 25 + id_len + account_len)
+  end
   if policy_account and policy_account ~= ARGV[1] then
     return 2
   end
@@ -107,12 +205,7 @@ end
 if account ~= ARGV[1] then
   return 2
 end
-local old = redis.call('HGET', KEYS[1], 'token_sha256')
-if old then
-  redis.call('DEL', ARGV[4] .. old)
-end
 redis.call('HSET', KEYS[1], 'token_sha256', ARGV[2], 'reenrolled_at', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[5])
 return 1
 """
 
@@ -177,158 +270,212 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def policy_record(sequence: int, policy_id: str, account_id: str, signed_json: bytes) -> bytes:
+    """The stored form of a desired policy (see ``_SEQ_WIDTH``); the signed JSON gzipped."""
+    pid, account = policy_id.encode(), account_id.encode()
+    if len(pid) > 999 or len(account) > 999 or not 0 <= sequence < 10**_SEQ_WIDTH:
+        raise ValueError("policy id, account id or sequence too long for the policy record")
+    header = f"{sequence:0{_SEQ_WIDTH}d}{len(pid):03d}{len(account):03d}".encode()
+    # Compressed once, when stored: about a third smaller with a short allowlist and half with a
+    # long one, and served as it is (Content-Encoding: gzip) to agents that accept it.
+    return header + pid + account + gzip.compress(signed_json, compresslevel=6, mtime=0)
+
+
+def parse_policy_record(endpoint_id: str, raw: bytes) -> HeldPolicy:
+    at = _SEQ_WIDTH
+    id_len, account_len = int(raw[at : at + 3]), int(raw[at + 3 : at + 6])
+    at += 6
+    return HeldPolicy(
+        endpoint_id=endpoint_id,
+        sequence=int(raw[:_SEQ_WIDTH]),
+        policy_id=raw[at : at + id_len].decode(),
+        account_id=raw[at + id_len : at + id_len + account_len].decode(),
+        body=raw[at + id_len + account_len :],
+        gzipped=True,
+    )
+
+
 _OUTCOMES = {0: StoreOutcome.STALE, 1: StoreOutcome.STORED, 2: StoreOutcome.WRONG_ACCOUNT}
 
 
-class RedisPolicyStore:
-    """Desired policy per endpoint: a hash with the sequence and the signed policy JSON."""
+class _Script:
+    """A Lua script run by EVALSHA, alone or many in one pipeline (reloaded on NOSCRIPT)."""
 
-    def __init__(self, redis: Redis, keys: Keys, wake_channel: str) -> None:
+    def __init__(self, redis: RedisClient, source: str) -> None:
         self._redis = redis
-        self._keys = keys
-        self._wake_channel = wake_channel
-        self._store = redis.register_script(_STORE_IF_NEWER)
-        self._mark = redis.register_script(_MARK_DELIVERY)
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # how Redis names scripts
 
-    def _policy_key(self, endpoint_id: str) -> str:
-        return self._keys("enforcer", "policy", endpoint_id)
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return (await self.many([(keys, args)]))[0]
 
-    def _delivery_key(self, state: str) -> str:
-        return self._keys("enforcer", "delivery", state)
+    async def many(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """One pipeline (on a cluster: one per node, sent together) for every call."""
+        replies = await self._pipeline(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # A restarted or promoted node forgot the script: it ran nowhere, so run it again.
+            await self._redis.script_load(self.source)
+            again = await self._pipeline([calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _pipeline(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+
+class RedisPolicyStore:
+    """Desired policy per endpoint: one string (sequence, ids, the signed policy JSON) in the
+    endpoint's slot; its delivery state is its membership of the bucket's delivery sets."""
+
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        self._redis = redis
+        self.keys = EnforcerKeys(keys)
+        self._store = _Script(redis, _STORE_IF_NEWER)
+        self._poll = _Script(redis, _POLL)
+        self._record_delivery = _Script(redis, _RECORD_DELIVERY)
 
     async def store_if_newer(
         self, items: Sequence[PolicyToStore], lane: Lane
     ) -> list[StoreOutcome]:
         if not items:
             return []
-        now_ms = str(int(time.time() * 1000))
-        pending, applied, failed = (self._delivery_key(s) for s in DELIVERY_STATES)
-        # One pipeline per batch: a round trip per batch rather than per command.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for item in items:
-                policy = item.policy
-                await self._store(
-                    keys=[
-                        self._policy_key(policy.endpoint_id),
-                        self._keys("enforcer", "agent", policy.endpoint_id),
-                        pending,
-                        applied,
-                        failed,
-                    ],
-                    args=[
-                        policy.sequence,
-                        item.signed_json,
-                        policy.policy_id,
-                        policy.account_id,
-                        lane,
-                        now_ms,
-                        policy.endpoint_id,
-                        self._wake_channel,
-                    ],
-                    client=pipe,
-                )
-            results = await pipe.execute()
+        calls = []
+        for item in items:
+            policy = item.policy
+            endpoint_id = policy.endpoint_id
+            keys = [
+                self.keys.policy(endpoint_id),
+                self.keys.agent(endpoint_id),
+                *self.keys.deliveries(endpoint_id),
+            ]
+            record = policy_record(
+                policy.sequence, policy.policy_id, policy.account_id, item.signed_json
+            )
+            args = [
+                policy.sequence,
+                record,
+                policy.account_id,
+                endpoint_id,
+                self.keys.wake(endpoint_id),
+            ]
+            calls.append((keys, args))
+        # One pipeline per batch (per node on a cluster): a round trip per batch, not per command.
+        results = await self._store.many(calls)
         return [_OUTCOMES[int(code)] for code in results]
 
-    async def held(self, endpoint_id: str) -> HeldPolicy | None:
-        sequence, signed, policy_id, account_id = await self._redis.hmget(
-            self._policy_key(endpoint_id), ["sequence", "signed", "policy_id", "account_id"]
+    async def poll(self, endpoint_id: str, token_sha256: str, after: int) -> PollResult:
+        reply = await self._poll(
+            [
+                self.keys.agent(endpoint_id),
+                self.keys.policy(endpoint_id),
+            ],
+            [token_sha256, after],
         )
-        if sequence is None or signed is None:
-            return None
-        return HeldPolicy(
-            endpoint_id=endpoint_id,
-            account_id=_text(account_id),
-            policy_id=_text(policy_id),
-            sequence=int(sequence),
-            signed_json=signed if isinstance(signed, bytes) else signed.encode(),
-        )
+        code = int(reply[0])
+        if code == 0:
+            return PollResult(None, None)
+        identity = AgentIdentity(agent_id=endpoint_id, account_id=_text(reply[1]))
+        if code == 1 or not reply[2]:
+            return PollResult(identity, None)
+        return PollResult(identity, parse_policy_record(endpoint_id, _bytes(reply[2])))
 
-    async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None:
-        await self._mark(
-            keys=[self._policy_key(endpoint_id), *map(self._delivery_key, DELIVERY_STATES)],
-            args=[sequence, status, endpoint_id],
+    async def held(self, endpoint_id: str) -> HeldPolicy | None:
+        raw = await self._redis.get(self.keys.policy(endpoint_id))
+        return None if not raw else parse_policy_record(endpoint_id, _bytes(raw))
+
+    async def record_delivery(
+        self, endpoint_id: str, sequence: int, policy_id: str, status: str
+    ) -> DesiredPolicyRef | None:
+        reply = await self._record_delivery(
+            [self.keys.policy(endpoint_id), *self.keys.deliveries(endpoint_id)],
+            [sequence, policy_id, status, endpoint_id],
         )
+        if not reply:
+            return None
+        held_sequence, held_policy_id = reply
+        return DesiredPolicyRef(sequence=int(held_sequence), policy_id=_text(held_policy_id))
 
     async def delivery_counts(self) -> dict[str, int]:
-        async with self._redis.pipeline(transaction=False) as pipe:
+        """Endpoints per delivery state, gathered from every bucket's sets."""
+        pipe = self._redis.pipeline(transaction=False)
+        for tag in bucket_tags(TAG):
             for state in DELIVERY_STATES:
-                pipe.scard(self._delivery_key(state))
-            counts = await pipe.execute()
-        return {state: int(n) for state, n in zip(DELIVERY_STATES, counts, strict=True)}
+                pipe.scard(self.keys.delivery(tag, state))
+        counts = await pipe.execute()
+        totals = dict.fromkeys(DELIVERY_STATES, 0)
+        for index, count in enumerate(counts):
+            totals[DELIVERY_STATES[index % len(DELIVERY_STATES)]] += int(count)
+        return totals
 
 
 class RedisAgentStore:
-    """Enrolled agents by id, a token-digest index that says which agent a token opens, and the
-    set of each account's endpoints (for the per-account cap)."""
+    """Enrolled agents by id (each record holds its token's digest, so a token is checked in the
+    endpoint's slot), and the set of each account's endpoints (for the per-account cap)."""
 
-    def __init__(self, redis: Redis, keys: Keys, max_per_account: int = 10_000) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, max_per_account: int = 10_000) -> None:
         self._redis = redis
-        self._keys = keys
+        self.keys = EnforcerKeys(keys)
         self._max_per_account = max_per_account
-        self._create = redis.register_script(_CREATE_AGENT)
-        self._reissue = redis.register_script(_REISSUE_TOKEN)
-
-    def _agent_key(self, agent_id: str) -> str:
-        return self._keys("enforcer", "agent", agent_id)
-
-    def _token_key(self, token_sha256: str) -> str:
-        return self._keys("enforcer", "token", token_sha256)
-
-    def _account_agents_key(self, account_id: str) -> str:
-        return self._keys("enforcer", "account-agents", _account_slot(account_id))
+        self._count = _Script(redis, _COUNT_AGENT)
+        self._create = _Script(redis, _CREATE_AGENT)
+        self._reissue = _Script(redis, _REISSUE_TOKEN)
 
     async def create(self, record: AgentRecord) -> CreateOutcome:
-        code = await self._create(
-            keys=[
-                self._agent_key(record.agent_id),
-                self._token_key(record.token_sha256),
-                self._account_agents_key(record.account_id),
-            ],
-            args=[
+        # Two slots, two steps: count the endpoint in its account (the cap), then write the
+        # agent if its id is free. A crash between them leaves the id counted without an agent:
+        # the cap errs on the safe side, and a re-enrollment of that id is not counted again.
+        account_key = self.keys.account_agents(record.account_id)
+        counted = int(await self._count([account_key], [record.agent_id, self._max_per_account]))
+        if counted == 2:
+            return CreateOutcome.ACCOUNT_FULL
+        created = await self._create(
+            [self.keys.agent(record.agent_id)],
+            [
                 record.account_id,
                 record.hostname,
                 record.platform,
                 record.token_sha256,
                 record.enrolled_at,
-                orjson.dumps({"agent_id": record.agent_id, "account_id": record.account_id}),
-                self._max_per_account,
-                record.agent_id,
             ],
         )
-        return _CREATE_OUTCOMES[int(code)]
+        if int(created) == 1:
+            return CreateOutcome.CREATED
+        if counted == 3:
+            await self._redis.srem(account_key, record.agent_id)
+        return CreateOutcome.ID_TAKEN
 
     async def reissue_token(
         self, agent_id: str, account_id: str, token_sha256: str, reenrolled_at: str
     ) -> ReissueOutcome:
         code = await self._reissue(
-            keys=[
-                self._agent_key(agent_id),
-                self._token_key(token_sha256),
-                self._keys("enforcer", "policy", agent_id),
-            ],
-            args=[
-                account_id,
-                token_sha256,
-                reenrolled_at,
-                self._token_key(""),
-                orjson.dumps({"agent_id": agent_id, "account_id": account_id}),
-            ],
+            [self.keys.agent(agent_id), self.keys.policy(agent_id)],
+            [account_id, token_sha256, reenrolled_at],
         )
         return _REISSUE_OUTCOMES[int(code)]
 
     async def delete(self, record: AgentRecord) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._agent_key(record.agent_id), self._token_key(record.token_sha256))
-            pipe.srem(self._account_agents_key(record.account_id), record.agent_id)
-            await pipe.execute()
+        await self._redis.delete(self.keys.agent(record.agent_id))
+        await self._redis.srem(self.keys.account_agents(record.account_id), record.agent_id)
 
-    async def identity_for_token(self, token_sha256: str) -> AgentIdentity | None:
-        raw = await self._redis.get(self._token_key(token_sha256))
-        if raw is None:
+    async def identity(self, agent_id: str, token_sha256: str) -> AgentIdentity | None:
+        stored, account_id = await self._redis.hmget(
+            self.keys.agent(agent_id), ["token_sha256", "account_id"]
+        )
+        if stored is None or not hmac.compare_digest(_bytes(stored), token_sha256.encode()):
             return None
-        data = orjson.loads(raw)
-        return AgentIdentity(agent_id=str(data["agent_id"]), account_id=str(data["account_id"]))
+        return AgentIdentity(agent_id=agent_id, account_id=_text(account_id))
 
 
 def _key_record(raw: bytes | str) -> EnrollmentKeyRecord:
@@ -351,14 +498,11 @@ class RedisEnrollmentKeyStore:
     the account's key history, and they keep the dev-derived key retired after a rotation.
     """
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
-        self._keys = keys
-        self._rotate = redis.register_script(_ROTATE_KEYS)
-        self._revoke = redis.register_script(_REVOKE_KEY)
-
-    def _hash(self, account_id: str) -> str:
-        return self._keys("enforcer", "ek", _account_slot(account_id))
+        self._hash = EnforcerKeys(keys).enrollment_keys
+        self._rotate = _Script(redis, _ROTATE_KEYS)
+        self._revoke = _Script(redis, _REVOKE_KEY)
 
     async def get(self, account_id: str, key_id: str) -> EnrollmentKeyRecord | None:
         raw = await self._redis.hget(self._hash(account_id), key_id)
@@ -383,14 +527,14 @@ class RedisEnrollmentKeyStore:
             }
         )
         revoked = await self._rotate(
-            keys=[self._hash(record.account_id)], args=[record.key_id, body, record.created_at]
+            [self._hash(record.account_id)], [record.key_id, body, record.created_at]
         )
         return sorted(_text(key_id) for key_id in revoked)
 
     async def revoke(
         self, account_id: str, key_id: str, revoked_at: str
     ) -> EnrollmentKeyRecord | None:
-        raw = await self._revoke(keys=[self._hash(account_id)], args=[key_id, revoked_at])
+        raw = await self._revoke([self._hash(account_id)], [key_id, revoked_at])
         return None if raw is None else _key_record(raw)
 
 
@@ -399,17 +543,13 @@ class RedisEnrollmentRateLimiter:
 
     WINDOW_MS = 60_000
 
-    def __init__(self, redis: Redis, keys: Keys, per_minute: int) -> None:
-        self._redis = redis
-        self._keys = keys
+    def __init__(self, redis: RedisClient, keys: Keys, per_minute: int) -> None:
+        self._key = EnforcerKeys(keys).enroll_rate
         self._per_minute = per_minute
-        self._hit = redis.register_script(_RATE_HIT)
+        self._hit = _Script(redis, _RATE_HIT)
 
     async def hit(self, account_id: str) -> RateDecision:
-        count, ttl_ms = await self._hit(
-            keys=[self._keys("enforcer", "enroll-rate", _account_slot(account_id))],
-            args=[self.WINDOW_MS],
-        )
+        count, ttl_ms = await self._hit([self._key(account_id)], [self.WINDOW_MS])
         return RateDecision(
             allowed=int(count) <= self._per_minute,
             limit=self._per_minute,
@@ -418,7 +558,7 @@ class RedisEnrollmentRateLimiter:
 
 
 async def load_or_create_dev_signing_key(
-    redis: Redis, key: str, generate: str, *, timeout: float = 60.0
+    redis: RedisClient, key: str, generate: str, *, timeout: float = 60.0
 ) -> tuple[str, bool]:
     """The deployment's dev signing key (base64): the first instance's ``generate`` wins (SET NX).
 
@@ -434,7 +574,7 @@ async def load_or_create_dev_signing_key(
             if stored is None:
                 raise RuntimeError(f"dev signing key {key} vanished right after it was set")
             return _text(stored), created
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("waiting for redis to load the dev signing key: %r", exc)

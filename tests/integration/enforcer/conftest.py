@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,13 +11,16 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from services.enforcer.bootstrap import build_app
 from services.enforcer.config import EnforcerSettings
 from shared.config import DEV_ENROLLMENT_SECRET
 from shared.enrollment import enrollment_key
+from shared.infra.redis_cluster import LocalRedisCluster
 from shared.kafka import make_producer, publish, wait_topics_ready
 from shared.messages import EnforcePolicy, FrozenPolicy, utcnow
+from shared.redis import RedisClient, make_redis, make_redis_cluster
 from shared.topics import TOPIC_SPECS, Topics
 from tests.helpers import SECURITY, kafka_admin_options
 
@@ -142,3 +145,44 @@ async def producer(kafka_bootstrap: str) -> AsyncIterator[Any]:
 
 async def send_command(producer: Any, topic: str, command: EnforcePolicy) -> None:
     await publish(producer, topic, command.policy.endpoint_id, command)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A 3-master Redis Cluster of the enforcer tests (plain, no ACL), shared by the session."""
+    with LocalRedisCluster(masters=3) as cluster:
+        yield cluster
+
+
+@dataclass
+class Backend:
+    """A Redis the stores run on: the session's single server or the 3-master cluster."""
+
+    name: str
+    client: RedisClient
+    url: str
+    ca_file: str | None
+
+
+@contextlib.asynccontextmanager
+async def open_backend(request: pytest.FixtureRequest, name: str) -> AsyncIterator[Backend]:
+    """A client on the session's Redis (``redis``) or on the session's cluster (``cluster``)."""
+    if name == "redis":
+        url, ca_file = request.getfixturevalue("redis_url"), SECURITY.redis_ca_file
+        client: RedisClient = make_redis(url, ca_file=ca_file)
+    else:
+        cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        url, ca_file = cluster.url, None
+        client = make_redis_cluster(url)
+    try:
+        yield Backend(name, client, url, ca_file)
+    finally:
+        await client.aclose()
+        if isinstance(client, Redis):
+            await client.connection_pool.disconnect()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    async with open_backend(request, request.param) as opened:
+        yield opened

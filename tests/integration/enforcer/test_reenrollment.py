@@ -6,10 +6,11 @@ import httpx
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from services.enforcer.adapters.redis_store import EnforcerKeys
 from shared.config import DEV_ENROLLMENT_SECRET
 from shared.enrollment import enrollment_key
 from shared.messages import AuditRecorded, EndpointRegistered
-from shared.redis import redis_tls_options
+from shared.redis import Keys, redis_tls_options
 from shared.topics import Topics
 from tests.helpers import SECURITY, read_topic, wait_for
 from tests.integration.enforcer.conftest import AgentClient, enroll, policy_command, send_command
@@ -129,7 +130,8 @@ async def test_a_lost_agent_whose_policy_names_another_account_is_not_recreated(
         redis_url, **redis_tls_options(redis_url, SECURITY.redis_ca_file)
     )
     try:
-        assert await client.delete(f"{redis_prefix}enforcer:agent:{victim.agent_id}") == 1
+        agent_key = EnforcerKeys(Keys(redis_prefix)).agent(victim.agent_id)
+        assert await client.delete(agent_key) == 1
     finally:
         await client.aclose()
     refused = await reenroll(http, "acct-1", victim.agent_id)

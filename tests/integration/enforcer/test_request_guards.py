@@ -57,7 +57,7 @@ async def test_an_agent_route_checks_the_token_before_the_body(enforcer: Running
     assert body.pulled == 0
     other = await enroll(http, "acct-guard")
     response, body = await post_bad_json_unauthenticated(http, path, other.auth)
-    assert_problem(response, 403)
+    assert_problem(response, 401, "invalid agent token")
     assert body.pulled == 0
 
 

@@ -1,37 +1,31 @@
-"""One contract for the enrollment-key and agent stores, run on the in-memory fake and on Redis."""
+"""One contract for the enrollment-key and agent stores: the in-memory fake, Redis, Redis Cluster."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from services.enforcer.adapters.redis_store import RedisAgentStore, RedisEnrollmentKeyStore
 from services.enforcer.domain import CreateOutcome, EnrollmentKeyRecord, ReissueOutcome
 from services.enforcer.handlers import AgentRecord, AgentStore, EnrollmentKeyStore
-from shared.redis import Keys, redis_tls_options
-from tests.helpers import SECURITY
+from shared.redis import Keys
+from tests.integration.enforcer.conftest import open_backend
 from tests.unit.enforcer.fakes import InMemoryAgents, InMemoryEnrollmentKeys
 
 Stores = tuple[EnrollmentKeyStore, AgentStore]
 
 
-@pytest.fixture(params=["fake", "redis"])
-async def stores(
-    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
-) -> AsyncIterator[Stores]:
+@pytest.fixture(params=["fake", "redis", "cluster"])
+async def stores(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Stores]:
     if request.param == "fake":
         yield InMemoryEnrollmentKeys(), InMemoryAgents(max_per_account=2)
         return
-    client = aioredis.Redis.from_url(
-        redis_url, **redis_tls_options(redis_url, SECURITY.redis_ca_file)
-    )
-    keys = Keys(redis_prefix)
-    try:
+    # On the cluster every script must stay in one slot: a CROSSSLOT one would fail here.
+    async with open_backend(request, request.param) as backend:
+        keys = Keys(redis_prefix)
+        client = backend.client
         yield RedisEnrollmentKeyStore(client, keys), RedisAgentStore(client, keys, 2)
-    finally:
-        await client.aclose()
 
 
 def key(key_id: str, at: str, account_id: str = "acct-1") -> EnrollmentKeyRecord:
@@ -78,9 +72,24 @@ async def test_agents_are_created_once_capped_per_account_and_reissued_in_their_
     assert await agents.create(agent("e4", "t4", "acct-2")) is CreateOutcome.CREATED
 
     assert await agents.reissue_token("e1", "acct-1", "t1b", "now") is ReissueOutcome.REISSUED
-    assert await agents.identity_for_token("t1") is None
-    identity = await agents.identity_for_token("t1b")
+    assert await agents.identity("e1", "t1") is None
+    identity = await agents.identity("e1", "t1b")
     assert identity is not None and (identity.agent_id, identity.account_id) == ("e1", "acct-1")
+    assert await agents.identity("e2", "t1b") is None, "a token opens only its own agent"
     assert await agents.reissue_token("e4", "acct-1", "x", "now") is ReissueOutcome.OTHER_ACCOUNT
-    assert await agents.identity_for_token("x") is None
+    assert await agents.identity("e4", "x") is None
     assert await agents.reissue_token("e9", "acct-1", "y", "now") is ReissueOutcome.UNKNOWN
+
+
+async def test_a_deleted_agent_frees_its_place_under_the_cap(stores: Stores) -> None:
+    _, agents = stores
+    first, second = agent("e1", "t1"), agent("e2", "t2")
+    assert await agents.create(first) is CreateOutcome.CREATED
+    assert await agents.create(second) is CreateOutcome.CREATED
+    await agents.delete(second)
+    assert await agents.identity("e2", "t2") is None
+    assert await agents.create(agent("e3", "t3")) is CreateOutcome.CREATED
+    assert await agents.create(agent("e1", "t9", "acct-2")) is CreateOutcome.ID_TAKEN
+    # The refused id was not counted in acct-2: it can still enroll two endpoints.
+    assert await agents.create(agent("e5", "t5", "acct-2")) is CreateOutcome.CREATED
+    assert await agents.create(agent("e6", "t6", "acct-2")) is CreateOutcome.CREATED

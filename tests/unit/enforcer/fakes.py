@@ -11,13 +11,20 @@ from services.enforcer.adapters.wakeups import PolicyWaiter
 from services.enforcer.domain import (
     AgentIdentity,
     CreateOutcome,
+    DesiredPolicyRef,
     EnrollmentKeyRecord,
     HeldPolicy,
     Lane,
     ReissueOutcome,
     StoreOutcome,
 )
-from services.enforcer.handlers import AgentRecord, EnforcerDeps, PolicyToStore, RateDecision
+from services.enforcer.handlers import (
+    AgentRecord,
+    EnforcerDeps,
+    PolicyToStore,
+    PollResult,
+    RateDecision,
+)
 from services.enforcer.signing import PolicySigner, generate_private_key_b64, parse_private_key
 from shared.messages import AuditRecorded, EndpointRegistered, PolicyStatusReported
 
@@ -57,9 +64,11 @@ class InMemoryAgents:
         self.by_id.pop(record.agent_id, None)
         self.by_token.pop(record.token_sha256, None)
 
-    async def identity_for_token(self, token_sha256: str) -> AgentIdentity | None:
-        record = self.by_token.get(token_sha256)
-        return None if record is None else AgentIdentity(record.agent_id, record.account_id)
+    async def identity(self, agent_id: str, token_sha256: str) -> AgentIdentity | None:
+        record = self.by_id.get(agent_id)
+        if record is None or record.token_sha256 != token_sha256:
+            return None
+        return AgentIdentity(record.agent_id, record.account_id)
 
 
 class InMemoryEnrollmentKeys:
@@ -126,6 +135,7 @@ class InMemoryPolicies:
         self.held_by_endpoint: dict[str, HeldPolicy] = {}
         self.delivery: dict[str, tuple[int, str]] = {}
         self.lanes: dict[str, Lane] = {}
+        self.polls = 0
         self._agents = agents
         self._wakeups = wakeups
 
@@ -158,10 +168,23 @@ class InMemoryPolicies:
     async def held(self, endpoint_id: str) -> HeldPolicy | None:
         return self.held_by_endpoint.get(endpoint_id)
 
-    async def mark_delivery(self, endpoint_id: str, sequence: int, status: str) -> None:
+    async def poll(self, endpoint_id: str, token_sha256: str, after: int) -> PollResult:
+        self.polls += 1
+        identity = await self._agents.identity(endpoint_id, token_sha256)
         held = self.held_by_endpoint.get(endpoint_id)
-        if held is not None and held.sequence == sequence:
+        if identity is None or held is None or held.sequence <= after:
+            return PollResult(identity, None)
+        return PollResult(identity, held)
+
+    async def record_delivery(
+        self, endpoint_id: str, sequence: int, policy_id: str, status: str
+    ) -> DesiredPolicyRef | None:
+        held = self.held_by_endpoint.get(endpoint_id)
+        if held is None:
+            return None
+        if (held.sequence, held.policy_id) == (sequence, policy_id):
             self.delivery[endpoint_id] = (sequence, status)
+        return DesiredPolicyRef(held.sequence, held.policy_id)
 
 
 class RecordingEvents:

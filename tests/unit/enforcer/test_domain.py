@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 from services.enforcer.domain import (
-    AgentIdentity,
-    AgentScopeError,
     HeldPolicy,
     PolicyNotHeldError,
     StatusReportInvalidError,
-    check_agent_scope,
+    accepts_gzip,
     check_status_consistency,
     check_status_report,
     is_newer,
@@ -63,13 +63,6 @@ def test_token_is_random_and_stored_only_as_its_sha256() -> None:
     assert token_digest(first) == token_digest(first)
 
 
-def test_agent_token_opens_only_its_own_agent() -> None:
-    identity = AgentIdentity("agent-a", "acct-1")
-    check_agent_scope(identity, "agent-a")
-    with pytest.raises(AgentScopeError, match="agent-a, not to agent agent-b"):
-        check_agent_scope(identity, "agent-b")
-
-
 def test_report_must_name_the_desired_sequence_and_policy() -> None:
     assert check_status_report(held(3), "ep-1", 3, "pol-1").sequence == 3
     with pytest.raises(PolicyNotHeldError, match="superseded by the desired sequence 3"):
@@ -89,3 +82,16 @@ def test_applied_needs_the_hash_and_failed_needs_a_reason() -> None:
         check_status_consistency("applied", None, "")
     with pytest.raises(StatusReportInvalidError, match="detail"):
         check_status_consistency("failed", None, "  ")
+
+
+def test_gzip_is_sent_only_to_clients_that_accept_it() -> None:
+    assert accepts_gzip("gzip, deflate") and accepts_gzip("br;q=1.0, *;q=0.5")
+    assert accepts_gzip("GZIP;q=0.3")
+    assert not accepts_gzip("") and not accepts_gzip("identity")
+    assert not accepts_gzip("gzip;q=0") and not accepts_gzip("gzip;q=zero")
+    stored = HeldPolicy("ep-1", "acct-1", "pol-1", 1, gzip.compress(b'{"a":1}'), gzipped=True)
+    assert stored.signed_json == b'{"a":1}'
+    assert stored.encoded_for("gzip") == (stored.body, "gzip")
+    assert stored.encoded_for("identity") == (b'{"a":1}', None)
+    plain = HeldPolicy("ep-1", "acct-1", "pol-1", 1, b'{"a":1}')
+    assert plain.encoded_for("gzip") == (b'{"a":1}', None)

@@ -9,17 +9,18 @@ import pytest
 from services.enforcer.domain import (
     NORMAL_LANE,
     PRIORITY_LANE,
-    AgentScopeError,
     EnrollmentKeyRejectedError,
     PolicyNotHeldError,
     UnknownAgentTokenError,
 )
 from services.enforcer.handlers import (
+    EnforcerDeps,
+    Enrollment,
     authenticate_agent,
     enroll_agent,
+    poll_policy,
     report_policy_status,
     store_policy_commands,
-    wait_for_policy,
 )
 from services.enforcer.signing import verify_signed_policy
 from shared.enrollment import enrollment_key
@@ -88,8 +89,10 @@ async def test_token_opens_only_its_own_agent() -> None:
     b = await enroll_agent(
         deps, account_id="acct-1", enrollment_key=key, hostname="b", platform="linux"
     )
-    with pytest.raises(AgentScopeError):
+    with pytest.raises(UnknownAgentTokenError, match=f"for agent {b.agent_id}"):
         await authenticate_agent(deps, a.agent_token, b.agent_id)
+    with pytest.raises(UnknownAgentTokenError):
+        await poll_policy(deps, a.agent_token, b.agent_id, after=0, wait=0)
     with pytest.raises(UnknownAgentTokenError):
         await authenticate_agent(deps, "not-a-token", a.agent_id)
 
@@ -148,29 +151,64 @@ async def test_stored_policy_is_signed_once_and_verifies() -> None:
     assert verify_signed_policy(signed, deps.signer.public_raw)
 
 
+async def enrolled(deps: EnforcerDeps) -> Enrollment:
+    return await enroll_agent(
+        deps,
+        account_id="acct-1",
+        enrollment_key=enrollment_key(SECRET, "acct-1"),
+        hostname="x",
+        platform="linux",
+    )
+
+
 async def test_offline_agent_gets_only_the_newest_of_three_policies_at_once() -> None:
     deps, *_ = make_deps()
+    agent = await enrolled(deps)
     for sequence in (1, 2, 3):
-        await store_policy_commands(deps, [command(sequence)], NORMAL_LANE)
-    held = await wait_for_policy(deps, "ep-1", after=0, wait=0)
+        await store_policy_commands(
+            deps, [command(sequence, endpoint_id=agent.agent_id)], NORMAL_LANE
+        )
+    held = await poll_policy(deps, agent.agent_token, agent.agent_id, after=0, wait=0)
     assert held is not None and held.sequence == 3
 
 
 async def test_waiting_agent_is_answered_when_a_newer_policy_is_stored() -> None:
-    deps, *_ = make_deps()
-    await store_policy_commands(deps, [command(1)], NORMAL_LANE)
-    waiting = asyncio.create_task(wait_for_policy(deps, "ep-1", after=1, wait=10))
+    deps, _, policies, _ = make_deps()
+    agent = await enrolled(deps)
+    await store_policy_commands(deps, [command(1, endpoint_id=agent.agent_id)], NORMAL_LANE)
+    waiting = asyncio.create_task(
+        poll_policy(deps, agent.agent_token, agent.agent_id, after=1, wait=10)
+    )
     await asyncio.sleep(0)
-    assert not waiting.done()
-    await store_policy_commands(deps, [command(2, "strict")], PRIORITY_LANE)
+    assert not waiting.done() and policies.polls == 1
+    await store_policy_commands(
+        deps, [command(2, "strict", endpoint_id=agent.agent_id)], PRIORITY_LANE
+    )
     held = await asyncio.wait_for(waiting, 2)
     assert held is not None and held.sequence == 2
+    assert policies.polls == 2, "one check, then one re-check after the wake-up"
 
 
 async def test_wait_ends_empty_when_nothing_newer_arrives() -> None:
     deps, *_ = make_deps()
-    await store_policy_commands(deps, [command(1)], NORMAL_LANE)
-    assert await wait_for_policy(deps, "ep-1", after=1, wait=0.05) is None
+    agent = await enrolled(deps)
+    await store_policy_commands(deps, [command(1, endpoint_id=agent.agent_id)], NORMAL_LANE)
+    assert await poll_policy(deps, agent.agent_token, agent.agent_id, after=1, wait=0.05) is None
+
+
+async def test_a_poll_with_a_token_revoked_by_reenrollment_is_refused() -> None:
+    deps, *_ = make_deps()
+    agent = await enrolled(deps)
+    await enroll_agent(
+        deps,
+        account_id="acct-1",
+        enrollment_key=enrollment_key(SECRET, "acct-1"),
+        hostname="x",
+        platform="linux",
+        endpoint_id=agent.agent_id,
+    )
+    with pytest.raises(UnknownAgentTokenError):
+        await poll_policy(deps, agent.agent_token, agent.agent_id, after=0, wait=0)
 
 
 async def test_report_for_the_desired_sequence_is_published() -> None:
