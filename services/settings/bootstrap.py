@@ -13,6 +13,7 @@ from services.settings import api
 from services.settings.adapters.audit import KafkaAuditSink
 from services.settings.adapters.isolation_client import HttpRevocationCounter
 from services.settings.adapters.outbox_relay import (
+    CommittedVisibility,
     OutboxRelay,
     ProducerFactory,
     make_relay_producer,
@@ -32,6 +33,7 @@ from shared.http import (
     service_app,
     token_policy,
 )
+from shared.kafka import make_consumer
 from shared.logs import configure_logging
 from shared.runtime import Runtime
 
@@ -70,6 +72,16 @@ def build_app(
         idle_s=settings.relay_idle_s,
         instance_id=settings.instance_id,
         max_shards=settings.relay_max_shards,
+        # A write answers 2xx only once read_committed readers (the isolation service's
+        # read-your-writes catch-up) can see its event.
+        visibility=CommittedVisibility(
+            make_consumer(
+                settings.kafka_bootstrap,
+                group_id=None,
+                client_id=f"hostiso-{SERVICE}-relay-lso-{settings.instance_id}",
+                options=runtime.kafka_options,
+            )
+        ),
     )
     handlers = SettingsHandlers(
         store=store,

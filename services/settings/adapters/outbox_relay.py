@@ -8,10 +8,10 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
@@ -43,6 +43,49 @@ ShardProducers = Callable[[int], ProducerFactory]
 
 class LeaseLostError(Exception):
     """The relay's lease expired during a pass: the pass is aborted, its successor publishes."""
+
+
+class NotVisibleError(Exception):
+    """A committed pass did not become visible to read_committed readers in time; it is retried."""
+
+
+# Waits until read_committed readers see what a committed pass wrote (None: no wait).
+Visibility = Callable[[dict[TopicPartition, int]], Awaitable[None]]
+
+
+class CommittedVisibility:
+    """Waits until the last stable offset of each written partition is past the pass's records.
+
+    ``commit_transaction()`` returns once the coordinator has logged the commit; the commit
+    markers reach the partitions a moment later, and until then a read_committed reader's end
+    offset (the LSO) stops before the pass. The isolation service's read-your-writes catch-up
+    reads up to that end offset, so a write must not answer 2xx (be marked published) before its
+    event is visible there.
+    """
+
+    def __init__(self, consumer: Any, timeout_s: float = 10.0) -> None:
+        self._consumer = consumer  # a group-less read_committed consumer (LazyClient)
+        self._timeout_s = timeout_s
+
+    async def __call__(self, written: dict[TopicPartition, int]) -> None:
+        if not written:
+            return
+        if not self._consumer.started:
+            await self._consumer.start()
+        deadline = time.monotonic() + self._timeout_s
+        delay = 0.002
+        while True:
+            ends = await self._consumer.end_offsets(list(written))
+            if all(ends.get(tp, -1) > offset for tp, offset in written.items()):
+                return
+            if time.monotonic() >= deadline:
+                raise NotVisibleError(f"committed records not visible after {self._timeout_s} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def stop(self) -> None:
+        if self._consumer.started:
+            await self._consumer.stop()
 
 
 def relay_transactional_id(topics: Topics, shard: int) -> str:
@@ -118,8 +161,10 @@ class ShardRelay:
         batch: int,
         idle_s: float,
         on_progress: Callable[[], None] = lambda: None,
+        visibility: Visibility | None = None,
     ) -> None:
         self.shard = shard
+        self._visibility = visibility
         self._store = store
         self._producer_factory = producer
         self._producer: Any = None
@@ -265,7 +310,7 @@ class ShardRelay:
                     await producer.send(self._topics.settings_allowlist, record.event, key=key)
                 )
                 acks.append(await producer.send(self._topics.audit, record.audit, key=key))
-            await asyncio.gather(*acks)
+            sent = await asyncio.gather(*acks)
             # The commit is where a stale leader must stop: a successor acquires the lease
             # before it initialises the transactional id, so either the lease check fails here
             # or the successor's initialisation aborts this transaction before it commits.
@@ -282,6 +327,12 @@ class ShardRelay:
                 log.info("relay could not abort its transaction: %r", exc)
             raise
         await producer.commit_transaction()
+        if self._visibility is not None:
+            written: dict[TopicPartition, int] = {}
+            for meta in sent[::2]:  # the allowlist events (every other send is the audit)
+                tp = TopicPartition(meta.topic, meta.partition)
+                written[tp] = max(written.get(tp, -1), meta.offset)
+            await self._visibility(written)
         now_ms = time.time() * 1000
         for record in records:
             self._metrics.publish_latency.observe(max(0.0, now_ms - record.committed_at_ms) / 1000)
@@ -331,8 +382,10 @@ class OutboxRelay:
         idle_s: float,
         instance_id: str,
         max_shards: int | None = None,
+        visibility: CommittedVisibility | None = None,
     ) -> None:
         self._store = store
+        self._visibility = visibility
         self._metrics = metrics
         self._lease_ms = lease_ms
         self._idle_s = idle_s
@@ -352,6 +405,7 @@ class OutboxRelay:
                 # the poll below (one pipelined round trip for every shard held).
                 idle_s=max(idle_s * 20, 2.0),
                 on_progress=self._signal_progress,
+                visibility=visibility,
             )
             for shard in range(store.shards)
         ]
@@ -396,6 +450,9 @@ class OutboxRelay:
         self._tasks = []
         held = self.held
         await asyncio.gather(*(relay.stop() for relay in self.shards))
+        if self._visibility is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await self._visibility.stop()
         for relay in self.shards:
             relay.leader = False
         self._metrics.relay_leader.set(0)
