@@ -1253,8 +1253,14 @@ def infra_up(
     ready_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for readiness (--detach).")
     ] = 180.0,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="With --detach: print {pid, log, env} as JSON once ready."),
+    ] = False,
 ) -> None:
     """Start a local Kafka broker and redis-server (delegates to `python -m shared.infra up`)."""
+    if as_json and not detach:
+        fail(ExitCode.USAGE, "--json needs --detach (in the foreground the log is the output)")
     args = ["up", "--nodes", str(nodes), "--topic-prefix", topic_prefix]
     run_dir = _run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1280,9 +1286,12 @@ def infra_up(
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")[offset:] if log_path.exists() else ""
         if "Ctrl-C stops everything" in text:
-            for line in text.splitlines():
-                if "HOSTISO_" in line:
-                    _out().print(line)
+            env_lines = [line for line in text.splitlines() if "HOSTISO_" in line]
+            if as_json:
+                _print_json({"pid": proc.pid, "log": str(log_path), "env": _env_of(env_lines)})
+                return
+            for line in env_lines:
+                _out().print(line)
             _out().print(
                 f"running in the background (pid {proc.pid}, log {log_path}); stop: hostiso infra down"
             )
@@ -1297,21 +1306,40 @@ def infra_up(
     )
 
 
+def _env_of(lines: list[str]) -> dict[str, str]:
+    """``HOSTISO_X=value`` pairs of the infrastructure's announcement (``export`` allowed)."""
+    env: dict[str, str] = {}
+    for line in lines:
+        for word in line.split():
+            name, sep, value = word.partition("=")
+            if sep and name.startswith("HOSTISO_"):
+                env[name] = value
+    return env
+
+
 @infra_app.command("down")
 def infra_down(
     stop_timeout: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {stopped, pid} as JSON.")] = False,
 ) -> None:
     """Stop the infrastructure started with `infra up --detach`."""
+
+    def said(stopped: bool, pid: int | None, text: str) -> None:
+        if as_json:
+            _print_json({"stopped": stopped, "pid": pid})
+        else:
+            _out().print(text)
+
     pid_path = _run_dir() / "infra.pid"
     if not pid_path.exists():
-        _out().print("nothing to stop (no detached infrastructure)")
+        said(False, None, "nothing to stop (no detached infrastructure)")
         return
     pid = int(pid_path.read_text().strip())
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pid_path.unlink(missing_ok=True)
-        _out().print(f"already stopped (pid {pid})")
+        said(False, pid, f"already stopped (pid {pid})")
         return
     deadline = time.monotonic() + stop_timeout
     while time.monotonic() < deadline:
@@ -1323,7 +1351,7 @@ def infra_down(
     else:
         os.killpg(pid, signal.SIGKILL)
     pid_path.unlink(missing_ok=True)
-    _out().print(f"stopped (pid {pid})")
+    said(True, pid, f"stopped (pid {pid})")
 
 
 def main() -> None:

@@ -425,6 +425,20 @@ def test_infra_down_without_a_detached_run_is_a_no_op(tmp_path: Path) -> None:
     assert "nothing to stop" in result.stdout
 
 
+def test_infra_down_json_says_nothing_was_stopped(tmp_path: Path) -> None:
+    result = run(
+        None, "infra", "down", "--json", token=None, env={"HOSTISO_RUN_DIR": str(tmp_path)}
+    )
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"stopped": False, "pid": None}
+
+
+def test_infra_up_json_in_the_foreground_is_a_usage_error(tmp_path: Path) -> None:
+    result = run(None, "infra", "up", "--json", token=None, env={"HOSTISO_RUN_DIR": str(tmp_path)})
+    assert result.exit_code == 2
+    assert "--detach" in result.output
+
+
 def test_client_reads_both_list_shapes() -> None:
     from cli.client import isolation_rows
 
