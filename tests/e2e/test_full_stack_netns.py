@@ -126,6 +126,47 @@ async def stack(
             proc.stop()
 
 
+async def start_agent(
+    lab: Lab,
+    http: httpx.AsyncClient,
+    enforcer: ServiceProcess,
+    isolation: ServiceProcess,
+    tmp_path: Path,
+    *,
+    hostname: str,
+) -> str:
+    """A real agent in the lab's host namespace (state in ``tmp_path/agent-state``), enrolled
+    and known to the isolation service; the lab stops it. Returns its endpoint id."""
+    state_dir = tmp_path / "agent-state"
+    agent = lab.spawn(
+        lab.ns_python(
+            lab.host, "-m", "agent",
+            "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
+            "--dev", "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
+            "--hostname", hostname, "--state-dir", str(state_dir),
+            "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
+            "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
+        ),
+        stdout=open(tmp_path / "agent.log", "w"),  # noqa: ASYNC230, SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def enrolled_id() -> str | None:
+        path = state_dir / "agent-state.json"
+        if agent.poll() is not None:
+            raise AssertionError((tmp_path / "agent.log").read_text()[-3000:])
+        return json.loads(path.read_text()).get("agent_id") if path.exists() else None
+
+    endpoint_id: str = await wait_for(enrolled_id, timeout=30, message="agent enrolled")
+    view_url = f"{isolation.url}/v1/endpoints/{endpoint_id}/isolation"
+
+    async def known_to_isolation() -> bool:
+        return (await http.get(view_url, headers=SOC)).status_code == 200
+
+    await wait_for(known_to_isolation, timeout=30, message="endpoint registered with isolation")
+    return endpoint_id
+
+
 async def test_isolation_enforced_by_nftables_end_to_end(
     stack: dict[str, ServiceProcess], lab: Lab, tmp_path: Path
 ) -> None:
@@ -139,33 +180,10 @@ async def test_isolation_enforced_by_nftables_end_to_end(
         enabled = await http.patch(allowlist, json={"enabled": True}, headers=SOC)
         assert enabled.status_code == 200, enabled.text
 
-        state_dir = tmp_path / "agent-state"
-        agent = lab.spawn(
-            lab.ns_python(
-                lab.host, "-m", "agent",
-                "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
-                "--dev", "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
-                "--hostname", "netns-host", "--state-dir", str(state_dir),
-                "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
-                "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
-            ),
-            stdout=open(tmp_path / "agent.log", "w"),  # noqa: ASYNC230, SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-        def enrolled_id() -> str | None:
-            path = state_dir / "agent-state.json"
-            if agent.poll() is not None:
-                raise AssertionError((tmp_path / "agent.log").read_text()[-3000:])
-            return json.loads(path.read_text()).get("agent_id") if path.exists() else None
-
-        endpoint_id = await wait_for(enrolled_id, timeout=30, message="agent enrolled")
+        endpoint_id = await start_agent(
+            lab, http, enforcer, isolation, tmp_path, hostname="netns-host"
+        )
         view_url = f"{isolation.url}/v1/endpoints/{endpoint_id}/isolation"
-
-        async def known_to_isolation() -> bool:
-            return (await http.get(view_url, headers=SOC)).status_code == 200
-
-        await wait_for(known_to_isolation, timeout=30, message="endpoint registered with isolation")
         before = lab.reachability(enforcer.port)
         assert before == {"platform": True, "rmm": True, "unlisted": True}
         session = lab.open_inbound_session(RMM)
@@ -192,7 +210,7 @@ async def test_isolation_enforced_by_nftables_end_to_end(
         # The agent's negative probe alone takes about a second, so polling sees the pending state.
         assert seen_states[-2:] == ["isolation_pending", "isolated"], seen_states
         assert [p["address"] for p in view["policy"]["allowed_outbound"]] == [RMM]
-        state = json.loads((state_dir / "agent-state.json").read_text())
+        state = json.loads((tmp_path / "agent-state" / "agent-state.json").read_text())
         assert (
             view["rules_sha256"] == state["last_rules_sha256"] and len(view["rules_sha256"]) == 64
         )
@@ -284,33 +302,10 @@ async def test_refresh_opens_a_new_entry_and_revoke_cuts_the_rmm_without_a_relea
         allowlist = f"{settings.url}/v1/accounts/{ACCOUNT}/tooling-allowlist"
         rmm_id = await add_published(http, allowlist, "Self-hosted RMM", RMM)
 
-        state_dir = tmp_path / "agent-state"
-        agent = lab.spawn(
-            lab.ns_python(
-                lab.host, "-m", "agent",
-                "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
-                "--dev", "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
-                "--hostname", "netns-fleet", "--state-dir", str(state_dir),
-                "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
-                "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
-            ),
-            stdout=open(tmp_path / "agent.log", "w"),  # noqa: ASYNC230, SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-        def enrolled_id() -> str | None:
-            path = state_dir / "agent-state.json"
-            if agent.poll() is not None:
-                raise AssertionError((tmp_path / "agent.log").read_text()[-3000:])
-            return json.loads(path.read_text()).get("agent_id") if path.exists() else None
-
-        endpoint_id = await wait_for(enrolled_id, timeout=30, message="agent enrolled")
+        endpoint_id = await start_agent(
+            lab, http, enforcer, isolation, tmp_path, hostname="netns-fleet"
+        )
         view_url = f"{isolation.url}/v1/endpoints/{endpoint_id}/isolation"
-
-        async def known_to_isolation() -> bool:
-            return (await http.get(view_url, headers=SOC)).status_code == 200
-
-        await wait_for(known_to_isolation, timeout=30, message="endpoint registered with isolation")
         seen_states: list[str] = []
 
         async def applied(sequence: int) -> dict[str, Any] | None:

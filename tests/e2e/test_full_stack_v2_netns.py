@@ -11,7 +11,6 @@ The lab and the stack are the ones of test_full_stack_netns.py, plus IPv6 on the
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,13 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.config import DEV_ENROLLMENT_SECRET
-from shared.enrollment import enrollment_key
 from shared.topics import Topics
-from tests.e2e.test_full_stack_netns import ACCOUNT, RESOLVER, RMM, SOC, Lab
+from tests.e2e.test_full_stack_netns import ACCOUNT, RMM, SOC, Lab, start_agent
 from tests.e2e.test_full_stack_netns import stack as _stack_fixture
 from tests.helpers import ServiceProcess, wait_for
-from tests.netns import PEER_PORT, PLATFORM_ROOT, UNLISTED, platform_lab, probe, requires_netns
+from tests.netns import PEER_PORT, platform_lab, probe, requires_netns
 
 pytestmark = requires_netns
 
@@ -89,33 +86,10 @@ async def test_v2_entries_enforced_end_to_end(
         enabled = await http.patch(allowlist, json={"enabled": True}, headers=SOC)
         assert enabled.status_code == 200, enabled.text
 
-        state_dir = tmp_path / "agent-state"
-        agent = lab.spawn(
-            lab.ns_python(
-                lab.host, "-m", "agent",
-                "--enforcer-url", enforcer.url, "--account-id", ACCOUNT,
-                "--dev", "--enrollment-key", enrollment_key(DEV_ENROLLMENT_SECRET, ACCOUNT),
-                "--hostname", "netns-v2", "--state-dir", str(state_dir),
-                "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
-                "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
-            ),
-            stdout=open(tmp_path / "agent.log", "w"),  # noqa: ASYNC230, SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-        def enrolled_id() -> str | None:
-            path = state_dir / "agent-state.json"
-            if agent.poll() is not None:
-                raise AssertionError((tmp_path / "agent.log").read_text()[-3000:])
-            return json.loads(path.read_text()).get("agent_id") if path.exists() else None
-
-        endpoint_id = await wait_for(enrolled_id, timeout=30, message="agent enrolled")
+        endpoint_id = await start_agent(
+            lab, http, enforcer, isolation, tmp_path, hostname="netns-v2"
+        )
         view_url = f"{isolation.url}/v1/endpoints/{endpoint_id}/isolation"
-
-        async def known() -> bool:
-            return (await http.get(view_url, headers=SOC)).status_code == 200
-
-        await wait_for(known, timeout=30, message="endpoint registered with isolation")
 
         async def settled(mode: str) -> dict[str, Any] | None:
             view: dict[str, Any] = (await http.get(view_url, headers=SOC)).json()

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -49,10 +49,6 @@ class NotVisibleError(Exception):
     """A committed pass did not become visible to read_committed readers in time; it is retried."""
 
 
-# Waits until read_committed readers see what a committed pass wrote (None: no wait).
-Visibility = Callable[[dict[TopicPartition, int]], Awaitable[None]]
-
-
 class CommittedVisibility:
     """Waits until the last stable offset of each written partition is past the pass's records.
 
@@ -67,11 +63,15 @@ class CommittedVisibility:
         self._consumer = consumer  # a group-less read_committed consumer (LazyClient)
         self._timeout_s = timeout_s
 
+    async def warm(self) -> None:
+        """Connect now (idempotent), so the first pass does not pay for it."""
+        if not self._consumer.started:
+            await self._consumer.start()
+
     async def __call__(self, written: dict[TopicPartition, int]) -> None:
         if not written:
             return
-        if not self._consumer.started:
-            await self._consumer.start()
+        await self.warm()
         deadline = time.monotonic() + self._timeout_s
         delay = 0.002
         while True:
@@ -161,7 +161,7 @@ class ShardRelay:
         batch: int,
         idle_s: float,
         on_progress: Callable[[], None] = lambda: None,
-        visibility: Visibility | None = None,
+        visibility: CommittedVisibility | None = None,
     ) -> None:
         self.shard = shard
         self._visibility = visibility
@@ -260,6 +260,11 @@ class ShardRelay:
         """One relay pass: publish the shard's oldest pending entries in order; returns how many."""
         records = await self._store.pending(self.shard, self._batch)
         if not records:
+            # Warm while idle: a held shard's first write then pays no InitProducerId (start()
+            # waits for it) and no connection set-up, only its publish.
+            await self._transactional_producer()
+            if self._visibility is not None:
+                await self._visibility.warm()
             return 0
         await self._publish(records)
         await self.mark_published(records)
