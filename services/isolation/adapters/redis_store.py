@@ -363,7 +363,7 @@ class RedisUsageStore:
             counters.append(
                 AllowlistUsage(
                     address=address,
-                    protocol=protocol,  # type: ignore[arg-type]
+                    protocol=protocol,
                     ports=tuple(int(p) for p in ports.split(",") if p),
                     packets=int(doc["p"]),
                     bytes=int(doc["b"]),
