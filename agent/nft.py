@@ -429,8 +429,10 @@ def render_usage(policy: FrozenPolicy, table: str, *, now: datetime | None = Non
             f"\t\tct direction original meta l4proto {c.protocol} {ip} daddr {address}"
             f'{out_ports} counter name "{c.name}"'
         )
+        # As the enforcing table's reply rules: proto-dst needs the protocol from meta l4proto.
+        match = f"meta l4proto {c.protocol}" if c.ports else f"ct original protocol {c.protocol}"
         into.append(
-            f"\t\tct direction reply ct original protocol {c.protocol}"
+            f"\t\tct direction reply {match}"
             f' ct original {ip} daddr {address}{in_ports} counter name "{c.name}"'
         )
     lines += [
