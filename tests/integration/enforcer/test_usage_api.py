@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
+from agent.client import AgentRejectedError, EnforcerClient, Enrollment, UsageRefusedError
 from services.enforcer.domain import NORMAL_LANE
 from shared.messages import AllowlistUsageReported
 from shared.topics import Topics
@@ -103,3 +105,23 @@ async def test_bad_usage_bodies_get_422_naming_the_field_and_rule(enforcer: Runn
     assert {field for field, _ in naive_time} == {"body.counters.0.last_seen"}
     for _, rule in too_many | negative | bad_port | bad_protocol | no_sequence | extra:
         assert rule
+
+
+async def test_the_agents_client_reports_usage_and_hears_409_for_a_stale_sequence(
+    enforcer: Running, producer: Any, topics: Topics
+) -> None:
+    app, http = enforcer
+    agent = await enroll(http)
+    await send_command(producer, topics.enforcer_commands, policy_command(agent.agent_id, 1))
+    lane = app.state.lanes[NORMAL_LANE]
+    await wait_for(lambda: lane.processed >= 1, message="policy stored")
+    client = EnforcerClient(str(http.base_url), http, allow_plain_http=True)
+    enrollment = Enrollment(agent.agent_id, agent.token)
+    await client.report_usage(enrollment, {"sequence": 1, "counters": [COUNTER]})
+    with pytest.raises(UsageRefusedError) as refused:
+        await client.report_usage(enrollment, {"sequence": 2, "counters": []})
+    assert refused.value.status == 409
+    with pytest.raises(AgentRejectedError):
+        await client.report_usage(
+            Enrollment(agent.agent_id, "forged"), {"sequence": 1, "counters": []}
+        )
