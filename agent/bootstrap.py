@@ -80,6 +80,8 @@ class AgentConfig:
     platform_probe: Probe | None = None
     negative_probe: Probe | None = None
     table_check_interval: float = 30.0
+    # Seconds between usage-counter reports while isolated (0: never).
+    usage_interval: float = 60.0
 
 
 def read_resolvers(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
@@ -274,6 +276,7 @@ def build_loops(
                 dev_mode=config.dev,
                 poll_wait=config.poll_wait,
                 table_check_interval=None if config.simulated else config.table_check_interval,
+                usage_interval=None if config.simulated else config.usage_interval,
                 reenroll_after=config.reenroll_after,
                 backoff_cap=config.backoff_cap,
             )

@@ -111,6 +111,12 @@ def main(
     table_check_interval: Annotated[
         float, typer.Option(help="Seconds between table checks.")
     ] = 30.0,
+    usage_interval: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Seconds between allowlist usage reports while isolated (0: never)."
+        ),
+    ] = 60.0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     log_json: Annotated[bool, typer.Option(help="JSON log lines.")] = True,
 ) -> None:
@@ -155,6 +161,7 @@ def main(
             platform_probe=Probe.parse(platform_probe) if platform_probe else None,
             negative_probe=Probe.parse(negative_probe) if negative_probe else None,
             table_check_interval=table_check_interval,
+            usage_interval=usage_interval,
         )
         validate_config(config)
     except (

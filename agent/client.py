@@ -43,6 +43,14 @@ class UnreadablePolicyError(Exception):
     """A 200 answer to a poll whose body is not a SignedPolicy: nothing in it can be trusted."""
 
 
+class UsageRefusedError(Exception):
+    """The enforcer answered 4xx to a usage report (409: not the held sequence)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Enrollment:
     agent_id: str
@@ -204,3 +212,18 @@ class EnforcerClient:
             raise AgentRejectedError(f"report: HTTP {response.status_code}", response.status_code)
         if response.status_code >= 400:
             raise ReportRefusedError(f"HTTP {response.status_code}: {response.text[:300]}")
+
+    async def report_usage(self, enrollment: Enrollment, body: dict[str, Any]) -> None:
+        """``POST /v1/agents/{id}/usage``: the allowlist's usage deltas of the held sequence."""
+        response = await self._request(
+            "POST",
+            f"/v1/agents/{enrollment.agent_id}/usage",
+            token=enrollment.agent_token,
+            json=body,
+        )
+        if response.status_code in (401, 403, 404):
+            raise AgentRejectedError(f"usage: HTTP {response.status_code}", response.status_code)
+        if response.status_code >= 400:
+            raise UsageRefusedError(
+                f"usage: HTTP {response.status_code}: {response.text[:300]}", response.status_code
+            )

@@ -6,10 +6,21 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from agent.addresses import HostFacts, InvalidAddressError
-from agent.nft import is_permitted, render_release, render_ruleset, retime, rules_sha256
+from agent.nft import (
+    CounterEntry,
+    is_permitted,
+    parse_counters,
+    render_release,
+    render_ruleset,
+    render_usage,
+    retime,
+    rules_sha256,
+    usage_counters,
+    usage_table,
+)
 from shared.messages import FrozenPolicy
 
 log = logging.getLogger(__name__)
@@ -93,6 +104,25 @@ class SimulatedFirewall:
         return None
 
 
+@dataclass(frozen=True)
+class UsageReading:
+    """The counters of the policy in force: which sequence, which counting table generation
+    (a new one each time the table is loaded, which resets the kernel's counts), and the
+    kernel's totals per counter name."""
+
+    sequence: int
+    generation: int
+    entries: tuple[CounterEntry, ...]
+    totals: dict[str, tuple[int, int]]
+
+
+@runtime_checkable
+class UsageSource(Protocol):
+    """A firewall that counts the allowlist's traffic (the nftables one)."""
+
+    async def read_usage(self) -> UsageReading | None: ...
+
+
 class NftablesError(Exception):
     """``nft`` refused a ruleset or could not run."""
 
@@ -120,6 +150,9 @@ class NftablesFirewall:
         self.negative_timeout = negative_timeout
         # The ruleset we last put in force; rollback goes back to it (or releases if none).
         self.current_ruleset: str | None = None
+        # The counting table beside it (render_usage): what it counts, and its generation.
+        self._usage: tuple[int, tuple[CounterEntry, ...]] | None = None
+        self._usage_generation = 0
 
     def restore_known(self, ruleset: str | None) -> None:
         self.current_ruleset = ruleset
@@ -161,6 +194,45 @@ class NftablesFirewall:
         return "rolled back to the previous ruleset" if self.current_ruleset else "rolled back"
 
     async def apply(self, policy: FrozenPolicy, *, rollback_on_failure: bool) -> ApplyOutcome:
+        outcome = await self._apply(policy, rollback_on_failure=rollback_on_failure)
+        if outcome.rules_in_force:
+            await self._count(policy)
+        return outcome
+
+    async def _count(self, policy: FrozenPolicy) -> None:
+        """Put the counting table in place for the policy now in force (or remove it).
+
+        Best effort: it holds no verdict that matters, so a failure is logged and the
+        enforcing rules stay exactly as they are (fail closed)."""
+        self._usage = None
+        try:
+            if policy.mode != "standard":
+                await self.load(render_release(usage_table(self.table)))
+                return
+            entries = tuple(usage_counters(policy))
+            await self.load(render_usage(policy, self.table))
+        except NftablesError as exc:
+            log.warning("usage counters not loaded, rules in force kept: %s", exc)
+            return
+        self._usage_generation += 1
+        self._usage = (policy.sequence, entries)
+
+    async def read_usage(self) -> UsageReading | None:
+        """The counters of the policy in force; None when nothing is counted."""
+        if self._usage is None:
+            return None
+        sequence, entries = self._usage
+        generation = self._usage_generation
+        listing = await self._nft(
+            "-j", "list", "counters", "table", "inet", usage_table(self.table)
+        )
+        try:
+            totals = parse_counters(listing)
+        except ValueError as exc:
+            raise NftablesError(f"unreadable counters: {exc}") from exc
+        return UsageReading(sequence, generation, entries, totals)
+
+    async def _apply(self, policy: FrozenPolicy, *, rollback_on_failure: bool) -> ApplyOutcome:
         try:
             ruleset = render_ruleset(policy, self.facts, self.table)
         except InvalidAddressError as exc:

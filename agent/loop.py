@@ -18,9 +18,11 @@ from agent.client import (
     ReportRefusedError,
     StatusReport,
     UnreadablePolicyError,
+    UsageRefusedError,
 )
-from agent.firewall import HostFirewall
+from agent.firewall import HostFirewall, NftablesError, UsageSource
 from agent.state import StateStore
+from agent.usage import UsageTracker
 from agent.verification import PinnedKey, SigningKeyError
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,11 @@ class AgentLoop:
         table_check_interval: float | None = 30.0,
         backoff_cap: float = 30.0,
         reenroll_after: int = REENROLL_AFTER,
+        usage_interval: float | None = 60.0,
     ) -> None:
+        # Seconds between usage reports while isolated (None or 0: never; DESIGN §4).
+        self.usage_interval = usage_interval
+        self.usage = UsageTracker()
         self.identity = identity
         self.client = client
         self.store = store
@@ -248,12 +254,19 @@ class AgentLoop:
         watchdog: asyncio.Task[None] | None = None
         if self.table_check_interval:
             watchdog = asyncio.create_task(self._watch_table(stop, self.table_check_interval))
+        counting: asyncio.Task[None] | None = None
+        if self.usage_interval and isinstance(self.firewall, UsageSource):
+            counting = asyncio.create_task(
+                self._count_usage(stop, self.firewall, self.usage_interval)
+            )
         try:
             await self._send_pending(stop, enrollment)
             await self._poll_loop(stop, enrollment)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if counting is not None:
+                counting.cancel()
 
     async def _send_pending(self, stop: asyncio.Event, enrollment: Enrollment) -> None:
         if self.state.pending_report is not None:
@@ -370,3 +383,45 @@ class AgentLoop:
                 await asyncio.wait_for(stop.wait(), interval)
             except TimeoutError:
                 await applier.ensure_table()
+
+    async def _count_usage(self, stop: asyncio.Event, source: UsageSource, interval: float) -> None:
+        """Every ``interval`` seconds while isolated: read the counters, report the deltas.
+
+        A failure to read or to report is logged and retried at the next tick; it never
+        touches the rules in force (fail closed). A new policy's first tick reports every entry
+        (zeros included); later ticks only entries whose counts rose."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            await self.report_usage_once(source)
+
+    async def report_usage_once(self, source: UsageSource) -> bool:
+        """One read and report; True if a report was taken by the enforcer."""
+        enrollment = self.enrollment
+        context = self._context()
+        try:
+            reading = await source.read_usage()
+        except NftablesError as exc:
+            log.warning("usage counters unreadable, retrying later: %s", exc, extra=context)
+            return False
+        if reading is None or enrollment is None:
+            return False
+        self.usage.observe(reading)
+        body = self.usage.body()
+        if body is None:
+            return False
+        try:
+            await self.client.report_usage(enrollment, body)
+        except (EnforcerUnavailableError, AgentRejectedError) as exc:
+            log.warning("usage report failed, kept for the next one: %s", exc, extra=context)
+            return False
+        except UsageRefusedError as exc:
+            # 409: a newer policy is held; its counters start from zero at the next apply.
+            log.warning("usage report refused, dropped: %s", exc, extra=context)
+            self.usage.sent(body)
+            return False
+        self.usage.sent(body)
+        return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -361,3 +362,103 @@ def is_permitted(
         return True
     peers = permitted_peers(policy, facts, now)
     return peers.permits(ipaddress.ip_address(address), protocol, port)
+
+
+# --- usage counters ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CounterEntry:
+    """The allowed entry a named counter counts, as the policy names it."""
+
+    name: str
+    address: str
+    protocol: str
+    ports: tuple[int, ...]
+
+
+def usage_table(table: str) -> str:
+    return f"{check_table_name(table)}_usage"
+
+
+def usage_counters(policy: FrozenPolicy, now: datetime | None = None) -> list[CounterEntry]:
+    """One named counter per live allowed entry of a standard policy (``e0``, ``e1``, …)."""
+    if policy.mode != "standard":
+        return []
+    at = now if now is not None else datetime.now(UTC)
+    return [
+        CounterEntry(
+            f"e{i}",
+            peer.address,
+            peer.protocol,
+            tuple(sorted(peer.ports)) if peer.protocol != "any" else (),
+        )
+        for i, peer in enumerate(policy.allowed_outbound)
+        if peer.expires_at is None or peer.expires_at > at
+    ]
+
+
+def render_usage(policy: FrozenPolicy, table: str, *, now: datetime | None = None) -> str:
+    """A counting table beside the enforcing one: one named counter per allowed entry.
+
+    Its chains hook output and input at a priority *after* the enforcing table's (filter + 10)
+    and only count, with policy accept: a packet the enforcing table dropped never gets here
+    (a drop is final), and an accept here loosens nothing. So the counts are exactly what the
+    allowlist let through, and the enforcing table's text and ``rules_sha256`` stay what they
+    were. Replacing this table (every apply) resets the counters.
+    """
+    name = usage_table(table)
+    lines = [f"add table inet {name}", f"delete table inet {name}", f"table inet {name} {{"]
+    out: list[str] = []
+    into: list[str] = []
+    for c in usage_counters(policy, now):
+        lines.append(f'\tcounter {c.name} {{ comment "{c.protocol} {c.address}" }}')
+        network = ipaddress.ip_network(c.address, strict=False)
+        ip = "ip" if network.version == 4 else "ip6"
+        address = _element(network)
+        if c.protocol == "any":
+            out.append(f'\t\tct direction original {ip} daddr {address} counter name "{c.name}"')
+            into.append(
+                f'\t\tct direction reply ct original {ip} daddr {address} counter name "{c.name}"'
+            )
+            continue
+        ports = "{ " + ", ".join(str(p) for p in c.ports) + " }"
+        out_ports = f" th dport {ports}" if c.ports else ""
+        in_ports = f" ct original proto-dst {ports}" if c.ports else ""
+        out.append(
+            f"\t\tct direction original meta l4proto {c.protocol} {ip} daddr {address}"
+            f'{out_ports} counter name "{c.name}"'
+        )
+        # As the enforcing table's reply rules: proto-dst needs the protocol from meta l4proto.
+        match = f"meta l4proto {c.protocol}" if c.ports else f"ct original protocol {c.protocol}"
+        into.append(
+            f"\t\tct direction reply {match}"
+            f' ct original {ip} daddr {address}{in_ports} counter name "{c.name}"'
+        )
+    lines += [
+        "\tchain output {",
+        "\t\ttype filter hook output priority filter + 10; policy accept;",
+        *out,
+        "\t}",
+        "\tchain input {",
+        "\t\ttype filter hook input priority filter + 10; policy accept;",
+        *into,
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_counters(listing: str) -> dict[str, tuple[int, int]]:
+    """``nft -j list counters table inet T`` → {name: (packets, bytes)}; raises ValueError."""
+    doc = json.loads(listing)
+    counters: dict[str, tuple[int, int]] = {}
+    for item in doc.get("nftables", []):
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if not isinstance(counter, dict):
+            continue
+        name, packets, size = counter.get("name"), counter.get("packets"), counter.get("bytes")
+        if not isinstance(name, str) or not isinstance(packets, int) or not isinstance(size, int):
+            raise ValueError(f"unreadable counter {counter!r}")
+        counters[name] = (packets, size)
+    return counters

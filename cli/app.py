@@ -792,6 +792,25 @@ def _watch(
         _out().print(f"all {len(targets)} endpoint(s) applied")
 
 
+def _entry_key(entry: dict[str, Any]) -> tuple[str, str, tuple[int, ...]]:
+    ports = tuple(sorted(int(p) for p in entry.get("ports") or ()))
+    return (str(entry.get("address")), str(entry.get("protocol") or "any"), ports)
+
+
+def _usage_by_entry(row: dict[str, Any]) -> dict[tuple[str, str, tuple[int, ...]], str]:
+    """ " (used N times, last at T)" per entry of an isolated endpoint's policy in force."""
+    if row.get("state") != "isolated":
+        return {}
+    notes: dict[tuple[str, str, tuple[int, ...]], str] = {}
+    for used in row.get("allowlist_usage") or []:
+        if not isinstance(used, dict):
+            continue
+        packets = used.get("packets") or 0
+        last = f", last at {_when(used['last_seen'])}" if used.get("last_seen") else ""
+        notes[_entry_key(used)] = f" (used {packets} times{last})" if packets else " (not used)"
+    return notes
+
+
 def _print_isolations(rows: list[dict[str, Any]]) -> None:
     table = Table(show_edge=False, header_style="bold")
     for column in (
@@ -808,8 +827,11 @@ def _print_isolations(rows: list[dict[str, Any]]) -> None:
         policy = row.get("policy") if isinstance(row.get("policy"), dict) else None
         peers = (policy or {}).get("allowed_outbound") or []
         in_force = policy is not None and policy.get("mode") not in (None, "none")
+        usage = _usage_by_entry(row)
         allowed = (
-            ", ".join(f"{p.get('name')} {p.get('address')}" for p in peers)
+            ", ".join(
+                f"{p.get('name')} {p.get('address')}{usage.get(_entry_key(p), '')}" for p in peers
+            )
             if peers
             else ("platform only" if in_force else "—")
         )

@@ -94,7 +94,8 @@ FLOWS: tuple[TopicFlow, ...] = (
     TopicFlow(
         TopicName.ISOLATION_STATUS,
         "What an agent reported for a policy sequence: applied (with the rules' hash) or "
-        "failed (with its reason).",
+        "failed (with its reason); and the agent's usage counters of its allowlist entries "
+        "(deltas per sequence).",
         publishers=("enforcer",),
         subscriptions=(
             Subscription(

@@ -611,6 +611,64 @@ class PolicyStatusReported(Message):
     )
 
 
+class AllowlistUsage(Contract):
+    """Traffic one allowed entry of the policy in force let through, as the agent counted it."""
+
+    address: str = Field(
+        description="The entry's address or prefix, as in the policy.",
+        examples=["203.0.113.10"],
+    )
+    ports: tuple[Port, ...] = Field((), description=_PORTS_DESCRIPTION, examples=[[8041]])
+    protocol: PeerProtocol = Field("any", description=_PROTOCOL_DESCRIPTION, examples=["tcp"])
+    packets: int = Field(ge=0, description="Packets counted (both directions).", examples=[42])
+    bytes: int = Field(ge=0, description="Bytes counted (both directions).", examples=[5120])
+    last_seen: datetime | None = Field(
+        None,
+        description="When the agent last saw the count rise (UTC); null if never.",
+        examples=["2026-11-29T12:05:00Z"],
+    )
+
+
+class AllowlistUsageReported(Message):
+    """The agent's counted deltas per allowed entry of the policy in force (DESIGN §4).
+
+    Deltas since the agent's previous report of the same sequence: a consumer adds them up per
+    sequence, and starts from zero when the sequence changes (a superseded policy's counts are
+    never mixed into the new one). Repeats carry the same ``id``.
+    """
+
+    type: Literal["AllowlistUsageReported"] = Field(
+        "AllowlistUsageReported", description="Message type.", examples=["AllowlistUsageReported"]
+    )
+    endpoint_id: str = Field(description="The endpoint (also the key).", examples=["ep-1"])
+    account_id: str = Field(description="Its account.", examples=["acct-1"])
+    sequence: int = Field(
+        ge=1, description="The sequence of the policy in force counted.", examples=[3]
+    )
+    counters: tuple[AllowlistUsage, ...] = Field(
+        (),
+        max_length=100,
+        description="Deltas per entry (at most 100).",
+        examples=[
+            [
+                {
+                    "address": "203.0.113.10",
+                    "ports": [8041],
+                    "protocol": "tcp",
+                    "packets": 42,
+                    "bytes": 5120,
+                    "last_seen": "2026-11-29T12:05:00Z",
+                }
+            ]
+        ],
+    )
+
+
+IsolationStatusMessage = Annotated[
+    PolicyStatusReported | AllowlistUsageReported, Field(discriminator="type")
+]
+
+
 # --- isolation.events.v1 (key = endpoint_id) --------------------------------------------
 
 
@@ -734,7 +792,7 @@ TOPIC_MESSAGE_TYPES: dict[TopicName, Any] = {
     TopicName.ENDPOINTS: EndpointRegistered,
     TopicName.ISOLATION_REQUESTS: IsolationRequest,
     TopicName.ISOLATION_REQUESTS_PRIORITY: IsolationRequest,
-    TopicName.ISOLATION_STATUS: PolicyStatusReported,
+    TopicName.ISOLATION_STATUS: IsolationStatusMessage,
     TopicName.ISOLATION_EVENTS: IsolationStateChanged,
     TopicName.ENFORCER_COMMANDS: EnforcePolicy,
     TopicName.ENFORCER_COMMANDS_PRIORITY: EnforcePolicy,

@@ -9,6 +9,8 @@ from shared.messages import (
     AllowedPeer,
     AllowlistChanged,
     AllowlistEntry,
+    AllowlistUsage,
+    AllowlistUsageReported,
     AuditRecorded,
     DeadLetter,
     EndpointRegistered,
@@ -127,6 +129,25 @@ SAMPLES: list[tuple[TopicName, str, Message]] = [
             sequence=1,
             status="applied",
             rules_sha256="a" * 64,
+        ),
+    ),
+    (
+        TopicName.ISOLATION_STATUS,
+        "ep-1",
+        AllowlistUsageReported(
+            endpoint_id="ep-1",
+            account_id="acct-1",
+            sequence=1,
+            counters=(
+                AllowlistUsage(
+                    address="203.0.113.10",
+                    ports=(8041,),
+                    protocol="tcp",
+                    packets=3,
+                    bytes=180,
+                    last_seen=NOW,
+                ),
+            ),
         ),
     ),
     (

@@ -568,6 +568,19 @@
     release: { label: "Release", cls: "btn btn-sm" },
   };
 
+  // Allowlist usage (DESIGN §4): "used N times, last at T" per entry of an isolated endpoint's
+  // policy in force, from what its agent counted; nothing when the agent reported nothing.
+  function usageNote(row, peer) {
+    if (row.state !== "isolated" || !Array.isArray(row.allowlist_usage)) return null;
+    const key = (u) => `${u.address}|${u.protocol || "any"}|${(u.ports || []).slice().sort((a, b) => a - b).join(",")}`;
+    const used = row.allowlist_usage.find((u) => key(u) === key(peer));
+    if (!used) return null;
+    const text = used.packets
+      ? `used ${used.packets} times` + (used.last_seen ? `, last at ${fmtTime(used.last_seen)}` : "")
+      : "not used";
+    return el("span", { class: "muted usage", text: ` · ${text}`, title: `${used.packets} packets, ${used.bytes} bytes through the allowlist` });
+  }
+
   function endpointRow(row) {
     const policy = row.policy || null;
     const mode = row.mode || (policy && policy.mode) || null;
@@ -576,7 +589,7 @@
     let allowCell;
     if (!inForce) allowCell = el("span", { class: "none", text: "—" });
     else if (peers.length === 0) allowCell = el("span", { class: "none", text: "None (platform only)" });
-    else allowCell = el("ul", { class: "peers" }, ...peers.map((p) => el("li", {}, `${p.name} `, el("span", { class: "addr mono", text: p.address }))));
+    else allowCell = el("ul", { class: "peers" }, ...peers.map((p) => el("li", {}, `${p.name} `, el("span", { class: "addr mono", text: p.address }), usageNote(row, p))));
     const seq = row.desired_sequence
       ? `#${row.desired_sequence}` + (row.applied_sequence === row.desired_sequence ? " applied" : row.applied_sequence ? ` (applied #${row.applied_sequence})` : "")
       : "—";

@@ -21,7 +21,7 @@ from fastapi import (
     status,
 )
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from redis.exceptions import RedisClusterException, RedisError
 
 from services.enforcer import handlers, presence
@@ -44,7 +44,7 @@ from services.enforcer.domain import (
 from shared.auth import AUDIENCE_ENFORCER, CurrentPrincipal
 from shared.config import ConfigError
 from shared.http import AuthRefusedError, Scope, install_request_guards, token_policy
-from shared.messages import SignedPolicy
+from shared.messages import AllowlistUsage, SignedPolicy
 from shared.problems import ErrorMapping, InputRejectedError, ProblemKind
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,45 @@ class StatusReportAccepted(BaseModel):
     endpoint_id: str
     sequence: int
     status: str
+
+
+class UsageCounter(BaseModel):
+    """Traffic one allowed entry let through since the agent's previous report (deltas)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    address: str = Field(
+        min_length=1, max_length=64, description="The entry's address or prefix, as in the policy."
+    )
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list, max_length=16, description="The entry's ports (empty: every port)."
+    )
+    protocol: Literal["tcp", "udp", "any"] = "any"
+    packets: int = Field(ge=0, le=2**63 - 1, description="Packets since the previous report.")
+    bytes: int = Field(ge=0, le=2**63 - 1, description="Bytes since the previous report.")
+    # Not strict: a JSON body carries the time as an RFC 3339 string.
+    last_seen: AwareDatetime | None = Field(
+        None,
+        strict=False,
+        description="When the agent last saw the count rise (RFC 3339 with offset).",
+    )
+
+
+class UsageReportRequest(BaseModel):
+    """The agent's usage counters of the policy it holds (deltas per allowed entry)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sequence: int = Field(ge=1, description="The sequence of the policy in force counted.")
+    counters: list[UsageCounter] = Field(max_length=100, description="At most 100 entries.")
+
+
+class UsageReportAccepted(BaseModel):
+    """The counters are on isolation.status.v1."""
+
+    endpoint_id: str
+    sequence: int
+    counters: int
 
 
 class SigningKeyResponse(BaseModel):
@@ -394,6 +433,37 @@ async def post_policy_status(
     metrics.status_reports.labels(report.status).inc()
     return StatusReportAccepted(
         endpoint_id=report.endpoint_id, sequence=report.sequence, status=report.status
+    )
+
+
+@router.post(
+    "/v1/agents/{agent_id}/usage",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=ERRORS.responses(PolicyNotHeldError),
+)
+async def post_usage(
+    body: UsageReportRequest, agent: CurrentAgent, deps: Deps
+) -> UsageReportAccepted:
+    """The agent's counters of traffic its allowlist let through (DESIGN §4); 409 unless the
+    sequence is the endpoint's held policy."""
+    message = await handlers.report_usage(
+        deps,
+        agent,
+        sequence=body.sequence,
+        counters=tuple(
+            AllowlistUsage(
+                address=c.address,
+                ports=tuple(c.ports),
+                protocol=c.protocol,
+                packets=c.packets,
+                bytes=c.bytes,
+                last_seen=c.last_seen,
+            )
+            for c in body.counters
+        ),
+    )
+    return UsageReportAccepted(
+        endpoint_id=message.endpoint_id, sequence=message.sequence, counters=len(message.counters)
     )
 
 

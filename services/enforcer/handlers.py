@@ -24,6 +24,7 @@ from services.enforcer.domain import (
     EnrollmentRateLimitedError,
     HeldPolicy,
     Lane,
+    PolicyNotHeldError,
     ReissueOutcome,
     StoreOutcome,
     UnknownAgentTokenError,
@@ -41,6 +42,8 @@ from services.enforcer.signing import PolicySigner
 from shared.enrollment import enrollment_key_matches
 from shared.messages import (
     Actor,
+    AllowlistUsage,
+    AllowlistUsageReported,
     AuditRecorded,
     EndpointRegistered,
     EnforcePolicy,
@@ -179,6 +182,8 @@ class EventPublisher(Protocol):
     async def audit_recorded(self, message: AuditRecorded) -> None: ...
 
     async def policy_status_reported(self, message: PolicyStatusReported) -> None: ...
+
+    async def allowlist_usage_reported(self, message: AllowlistUsageReported) -> None: ...
 
 
 class PolicyWaiter(Protocol):
@@ -578,3 +583,32 @@ async def report_policy_status(
         },
     )
     return report
+
+
+async def report_usage(
+    deps: EnforcerDeps,
+    identity: AgentIdentity,
+    *,
+    sequence: int,
+    counters: tuple[AllowlistUsage, ...],
+) -> AllowlistUsageReported:
+    """Publish the agent's usage deltas for the policy it holds on isolation.status.v1.
+
+    Counts only ever belong to the endpoint's held policy: a report naming another sequence (a
+    superseded policy, or one never issued) is refused with 409, so it cannot be mixed in.
+    """
+    held = await deps.policies.held(identity.agent_id)
+    if held is None or held.sequence != sequence:
+        raise PolicyNotHeldError(
+            f"sequence {sequence} is not the endpoint's held policy"
+            + ("" if held is None else f" (held: {held.sequence})")
+        )
+    message = AllowlistUsageReported(
+        endpoint_id=identity.agent_id,
+        account_id=identity.account_id,
+        sequence=sequence,
+        counters=counters,
+    )
+    # Published (acks=all) before the agent hears 202: an acknowledged report is never lost.
+    await deps.events.allowlist_usage_reported(message)
+    return message

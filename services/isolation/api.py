@@ -36,6 +36,7 @@ from shared.auth import (
 )
 from shared.messages import (
     AllowedPeer,
+    AllowlistUsage,
     FrozenPolicy,
     IsolationMode,
     IsolationState,
@@ -106,10 +107,18 @@ class IsolationView(BaseModel):
     rules_sha256: str | None
     detail: str
     updated_at: datetime | None
+    allowlist_usage: list[AllowlistUsage] = Field(
+        default_factory=list,
+        description="What the agent counted per allowed entry of the policy in force while "
+        "isolated (empty when unknown).",
+    )
 
     @classmethod
-    def of(cls, isolation: EndpointIsolation) -> IsolationView:
-        return cls.model_validate(isolation.model_dump())
+    def of(
+        cls, isolation: EndpointIsolation, usage: list[AllowlistUsage] | None = None
+    ) -> IsolationView:
+        view = cls.model_validate(isolation.model_dump())
+        return view.model_copy(update={"allowlist_usage": usage or []})
 
 
 class AccountIsolations(BaseModel):
@@ -255,7 +264,8 @@ def build_router(service: IsolationService) -> APIRouter:
         responses=_ENDPOINT_ERRORS,
     )
     async def get_isolation(endpoint_id: EndpointId, principal: Reader) -> IsolationView:
-        return IsolationView.of(await service.isolation_of(endpoint_id, principal))
+        isolation = await service.isolation_of(endpoint_id, principal)
+        return IsolationView.of(isolation, await service.usage_of(isolation))
 
     @router.get(
         "/accounts/{account_id}/isolations",

@@ -16,6 +16,7 @@ from services.isolation.adapters.redis_store import (
     RedisIsolationStore,
     RedisReplicaStore,
     RedisRevocationLog,
+    RedisUsageStore,
 )
 from services.isolation.adapters.replicas import (
     CompactedTopicReplica,
@@ -94,6 +95,7 @@ def build_app(
         settings_client=settings_client or HttpSettingsClient(settings.settings_url, jwt_secret),
         platform=tuple(settings.platform_addresses),
         revocations=RedisRevocationLog(runtime.redis, runtime.keys, batcher),
+        usage=RedisUsageStore(runtime.redis, runtime.keys, batcher),
     )
     inventory = InventoryService(replica_store, isolation_store, registry, publisher)
     consumers = IsolationConsumers(service, runtime.registry)

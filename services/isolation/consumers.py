@@ -14,6 +14,7 @@ from services.isolation.handlers import (
 from shared.kafka import MessageRejected
 from shared.messages import (
     AllowlistChanged,
+    AllowlistUsageReported,
     IsolateEndpoint,
     PolicyStatusReported,
     RefreshIsolation,
@@ -98,8 +99,18 @@ class IsolationConsumers:
             self._revocations.inc(fanned)
 
     async def on_status(
-        self, report: PolicyStatusReported, record: ConsumerRecord[bytes, bytes]
+        self,
+        report: PolicyStatusReported | AllowlistUsageReported,
+        record: ConsumerRecord[bytes, bytes],
     ) -> None:
+        if isinstance(report, AllowlistUsageReported):
+            try:
+                counted = await self._service.record_usage(report)
+            except (EndpointNotFoundError, AccountForbiddenError) as exc:
+                self._statuses.labels("usage_rejected").inc()
+                raise MessageRejected(f"{type(exc).__name__}: {exc}") from exc
+            self._statuses.labels("usage" if counted else "usage_ignored").inc()
+            return
         try:
             updated = await self._service.record_status(report)
         except (EndpointNotFoundError, AccountForbiddenError) as exc:

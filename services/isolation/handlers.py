@@ -37,6 +37,8 @@ from shared.messages import (
     Actor,
     AllowedPeer,
     AllowlistChanged,
+    AllowlistUsage,
+    AllowlistUsageReported,
     AuditRecorded,
     EnforcePolicy,
     FrozenPolicy,
@@ -84,6 +86,19 @@ class IsolationStore(Protocol):
     ) -> None: ...
     async def active_endpoints(self, account_id: str) -> list[str]: ...
     async def mark_sent(self, endpoint_id: str, request_key: str) -> None: ...
+
+
+class UsageStore(Protocol):
+    """Per endpoint: the usage counters accumulated for one policy sequence."""
+
+    async def add(self, report: AllowlistUsageReported) -> bool:
+        """Add the deltas (once per message id); a newer sequence starts from zero, an older
+        one is ignored. True if they were added."""
+        ...
+
+    async def usage(self, endpoint_id: str) -> tuple[int, list[AllowlistUsage]]:
+        """The stored sequence (0 if none) and its accumulated counters."""
+        ...
 
 
 class SettingsView(Protocol):
@@ -204,7 +219,10 @@ class IsolationService:
         clock: Callable[[], datetime] = utcnow,
         *,
         revocations: RevocationLog | None = None,
+        usage: UsageStore | None = None,
     ) -> None:
+        # None (some unit tests): usage reports are consumed and dropped, views carry none.
+        self._usage = usage
         # The composition root always passes the Redis log; None (some unit tests) only skips
         # recording revocations and the snapshot-raced-a-revocation check.
         self._revocations = revocations
@@ -633,6 +651,36 @@ class IsolationService:
             )
             return updated
         raise ConcurrentUpdateError(f"endpoint {report.endpoint_id} kept changing")
+
+    # -- allowlist usage (the agent's counters, DESIGN §4) --
+
+    async def record_usage(self, report: AllowlistUsageReported) -> bool:
+        """Accumulate the deltas for the endpoint's sequence; True if they counted.
+
+        Only the policy the endpoint holds counts: a report of another sequence than the
+        desired one (superseded, or not issued) is dropped, and a newer sequence resets.
+        """
+        if self._usage is None:
+            return False
+        current, _ = await self._store.load(report.endpoint_id)
+        if current is None:
+            raise EndpointNotFoundError(
+                f"endpoint_id: no isolation state for {report.endpoint_id!r}"
+            )
+        if current.account_id != report.account_id:
+            raise AccountForbiddenError(
+                f"account_id: {report.account_id!r} is not the endpoint's account"
+            )
+        if report.sequence != current.desired_sequence:
+            return False
+        return await self._usage.add(report)
+
+    async def usage_of(self, isolation: EndpointIsolation) -> list[AllowlistUsage]:
+        """The counters of the policy in force (empty when unknown or of another sequence)."""
+        if self._usage is None or isolation.applied_sequence < 1:
+            return []
+        sequence, counters = await self._usage.usage(isolation.endpoint_id)
+        return counters if sequence == isolation.applied_sequence else []
 
     # -- REST: decide what can be decided up front, then hand the request to Kafka --
 

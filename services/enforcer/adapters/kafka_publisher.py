@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from shared.kafka import publish
-from shared.messages import AuditRecorded, EndpointRegistered, PolicyStatusReported
+from shared.messages import (
+    AllowlistUsageReported,
+    AuditRecorded,
+    EndpointRegistered,
+    PolicyStatusReported,
+)
 from shared.topics import Topics
 
 
@@ -21,6 +26,10 @@ class KafkaEventPublisher:
         await publish(self._producer, self._topics.endpoints, message.endpoint_id, message)
 
     async def policy_status_reported(self, message: PolicyStatusReported) -> None:
+        await publish(self._producer, self._topics.isolation_status, message.endpoint_id, message)
+
+    async def allowlist_usage_reported(self, message: AllowlistUsageReported) -> None:
+        # Keyed by endpoint like its status reports: one partition keeps an endpoint's order.
         await publish(self._producer, self._topics.isolation_status, message.endpoint_id, message)
 
     async def audit_recorded(self, message: AuditRecorded) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -16,7 +17,13 @@ from services.isolation.domain import (
 from services.isolation.handlers import CommitConflictError, DuplicateRequest
 from services.isolation.inventory import InventoryRow
 from services.isolation.timeline import TIMELINE_MAX_EVENTS, TimelineEvent, timeline_event
-from shared.messages import Actor, AllowlistChanged, AllowlistEntry
+from shared.messages import (
+    Actor,
+    AllowlistChanged,
+    AllowlistEntry,
+    AllowlistUsage,
+    AllowlistUsageReported,
+)
 from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 
 REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
@@ -121,6 +128,48 @@ for i, member in ipairs(members) do
 end
 return rows
 """
+
+# Usage counters of one endpoint (one key, its slot): KEYS[1] a hash {seq, c:<entry> -> json},
+# KEYS[2] the ids of the messages already added (bounded). ARGV[1] sequence, ARGV[2] message
+# id, ARGV[3] JSON list of {k, p, b, t}. A newer sequence starts from zero; an older one is
+# ignored, so a superseded policy's counts never mix into the policy in force.
+_ADD_USAGE = """
+if redis.call('LPOS', KEYS[2], ARGV[2]) then
+  return 0
+end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local new = tonumber(ARGV[1])
+if new < seq then
+  return 0
+end
+if new > seq then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'seq', ARGV[1])
+end
+for _, c in ipairs(cjson.decode(ARGV[3])) do
+  local field = 'c:' .. c['k']
+  local old = redis.call('HGET', KEYS[1], field)
+  local p, b, t = c['p'], c['b'], c['t']
+  if old then
+    local o = cjson.decode(old)
+    p = p + o['p']
+    b = b + o['b']
+    if t == '' or (o['t'] ~= '' and o['t'] > t) then
+      t = o['t']
+    end
+  end
+  redis.call('HSET', KEYS[1], field, cjson.encode({p = p, b = b, t = t}))
+end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
+return 1
+"""
+
+# Message ids remembered per endpoint against a redelivered report being added twice.
+USAGE_IDS_KEPT = 64
+USAGE_TTL_S = 30 * 24 * 3600
 
 _TAG = "iso"
 _INVENTORY_TAG = "inv"
@@ -264,6 +313,77 @@ redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+
+
+class RedisUsageStore:
+    """The endpoint's usage counters for one sequence, beside its state (same hash tag)."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, batcher: RedisBatcher | None = None) -> None:
+        self._keys = keys
+        self._batch = batcher or RedisBatcher(redis)
+        self._add = BatchScript(_ADD_USAGE)
+
+    def _key(self, endpoint_id: str, part: str) -> str:
+        return self._keys("isolation", slot_tag(_TAG, endpoint_id), part, endpoint_id)
+
+    async def add(self, report: AllowlistUsageReported) -> bool:
+        items = [
+            {
+                "k": usage_key(c),
+                "p": c.packets,
+                "b": c.bytes,
+                # RFC 3339 UTC with a fixed width: strings compare as times in the script.
+                "t": "" if c.last_seen is None else _utc_text(c.last_seen),
+            }
+            for c in report.counters
+        ]
+        added = await self._batch.script(
+            self._add,
+            [self._key(report.endpoint_id, "usage"), self._key(report.endpoint_id, "usage-ids")],
+            [
+                report.sequence,
+                report.id,
+                orjson.dumps(items).decode() if items else "[]",
+                USAGE_IDS_KEPT,
+                USAGE_TTL_S,
+            ],
+        )
+        return bool(added)
+
+    async def usage(self, endpoint_id: str) -> tuple[int, list[AllowlistUsage]]:
+        raw = await self._batch.command("HGETALL", self._key(endpoint_id, "usage"))
+        fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
+        sequence = int(fields.pop("seq", "0") or 0)
+        counters: list[AllowlistUsage] = []
+        for field, value in sorted(fields.items()):
+            if not field.startswith("c:"):
+                continue
+            address, protocol, ports = field[2:].split("|")
+            doc = orjson.loads(value)
+            counters.append(
+                AllowlistUsage(
+                    address=address,
+                    protocol=protocol,
+                    ports=tuple(int(p) for p in ports.split(",") if p),
+                    packets=int(doc["p"]),
+                    bytes=int(doc["b"]),
+                    last_seen=datetime.fromisoformat(doc["t"]) if doc["t"] else None,
+                )
+            )
+        return sequence, counters
+
+
+def usage_key(usage: AllowlistUsage) -> str:
+    """An entry's identity in the counters: address, protocol and ports."""
+    return f"{usage.address}|{usage.protocol}|{','.join(str(p) for p in sorted(usage.ports))}"
+
+
+def _utc_text(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisRevocationLog:

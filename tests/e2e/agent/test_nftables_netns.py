@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.addresses import HostFacts
-from agent.nft import render_ruleset, rules_sha256
+from agent.nft import parse_counters, render_ruleset, rules_sha256, usage_table
 from shared.messages import FrozenPolicy, PolicyMode, SignedPolicy
 from tests.netns import probe, read_line, requires_netns, run, session_send
 from tests.unit.agent.policies import TestSigner, make_policy
@@ -140,7 +140,18 @@ class NetLab:
         return listed.stdout if listed.returncode == 0 else None
 
     def reset(self) -> None:
-        self.run(*self.exec_args(self.host, "nft", "delete", "table", "inet", TABLE), check=False)
+        for table in (TABLE, usage_table(TABLE)):
+            self.run(*self.exec_args(self.host, "nft", "delete", "table", "inet", table),
+                     check=False)  # fmt: skip
+
+    def counters(self) -> dict[str, tuple[int, int]] | None:
+        """The usage counters in ``host`` (``nft -j list counters``), None without the table."""
+        listed = self.run(
+            *self.exec_args(self.host, "nft", "-j", "list", "counters", "table", "inet",
+                            usage_table(TABLE)),
+            check=False,
+        )  # fmt: skip
+        return parse_counters(listed.stdout) if listed.returncode == 0 else None
 
     def cleanup(self) -> None:
         for proc in self.procs:
@@ -239,3 +250,29 @@ def test_agent_start_puts_a_vanished_table_back(lab: NetLab, state_dir: Path) ->
     assert lab.outbound()["unlisted"]
     assert lab.reapply(state_dir) == {"reapplied": 1}
     assert lab.outbound() == {"platform": True, "rmm": True, "unlisted": False}
+
+
+def test_usage_counters_rise_when_the_host_talks_to_the_rmm_and_only_then(
+    lab: NetLab, state_dir: Path
+) -> None:
+    policy = _policy(1, "standard")
+    report = lab.apply(state_dir, lab.signer.sign(policy))
+    # The counting table beside it leaves the enforcing rules and their hash as they were.
+    assert report["status"] == "applied" and report["rules_sha256"] == _expected_hash(policy)
+    before = lab.counters()
+    assert before is not None and set(before) == {"e0"}
+    assert lab.probe(lab.host, f"{UNLISTED}:{PORT}", f"{PLATFORM}:{PORT}") == {
+        f"{UNLISTED}:{PORT}": False,
+        f"{PLATFORM}:{PORT}": True,
+    }
+    assert lab.counters() == before, "blocked or platform traffic was counted for the RMM"
+    assert lab.probe(lab.host, f"{RMM}:{PORT}") == {f"{RMM}:{PORT}": True}
+    after = lab.counters()
+    assert after is not None
+    packets, size = after["e0"][0] - before["e0"][0], after["e0"][1] - before["e0"][1]
+    # A TCP connect and close both ways: SYN, ACK, FIN ... out, and SYN-ACK ... back.
+    assert packets >= 4 and size >= packets * 40, after
+
+    # Strict carries no allowlist: nothing is counted, and the counting table is gone.
+    assert lab.apply(state_dir, lab.signer.sign(_policy(2, "strict")))["status"] == "applied"
+    assert lab.counters() is None

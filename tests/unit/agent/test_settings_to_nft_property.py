@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.addresses import HostFacts
-from agent.nft import render_ruleset, retime
+from agent.nft import render_ruleset, render_usage, retime
 from services.isolation.domain import snapshot_allowlist
 from services.settings import domain
 from shared.messages import Actor, AllowlistChanged, FrozenPolicy
@@ -138,7 +138,8 @@ def test_whatever_settings_accepts_renders_into_a_file_nft_accepts(
     apply_at = snapshot_at + timedelta(seconds=apply_after)
     facts = HostFacts(dns_resolvers=("192.0.2.53", "2001:db8::53"))
     ruleset = render_ruleset(policy, facts, "hiprop", now=apply_at)
-    for text in (ruleset, retime(ruleset, apply_at + timedelta(seconds=apply_after))):
+    usage = render_usage(policy, "hiprop", now=apply_at)
+    for text in (ruleset, retime(ruleset, apply_at + timedelta(seconds=apply_after)), usage):
         checked = subprocess.run(
             ["ip", "netns", "exec", check_namespace, "nft", "-c", "-f", "-"],
             input=text,

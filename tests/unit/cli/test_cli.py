@@ -532,3 +532,28 @@ def test_status_json_keeps_markup_names_verbatim(fake: FakeApis) -> None:
     result = run(fake, "status", "-a", "acct-a", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["policy"]["allowed_outbound"][0]["name"] == "[/]"
+
+
+def test_status_shows_how_often_each_allowed_entry_was_used(fake: FakeApis) -> None:
+    row = _isolation("ep-1", "isolated", "standard", 3, 3)
+    row["policy"]["allowed_outbound"] = [
+        {"name": "RMM", "address": "203.0.113.10"},
+        {"name": "Relay", "address": "203.0.113.20", "protocol": "tcp", "ports": [8041]},
+    ]
+    row["allowlist_usage"] = [
+        {
+            "address": "203.0.113.10",
+            "ports": [],
+            "protocol": "any",
+            "packets": 12,
+            "bytes": 900,
+            "last_seen": "2026-12-01T12:00:00Z",
+        },
+        {"address": "203.0.113.20", "ports": [8041], "protocol": "tcp", "packets": 0, "bytes": 0},
+    ]
+    fake.timelines["ep-1"] = [row]
+    result = run(fake, "status", "-e", "ep-1")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "used 12 times, last at 2026-12-01 12:00:00" in out.replace("│", "").replace("  ", " ")
+    assert "Relay 203.0.113.20 (not used)" in out

@@ -26,7 +26,12 @@ from services.enforcer.handlers import (
     RateDecision,
 )
 from services.enforcer.signing import PolicySigner, generate_private_key_b64, parse_private_key
-from shared.messages import AuditRecorded, EndpointRegistered, PolicyStatusReported
+from shared.messages import (
+    AllowlistUsageReported,
+    AuditRecorded,
+    EndpointRegistered,
+    PolicyStatusReported,
+)
 
 SECRET = "unit-test-enrollment-secret-0123456789abcdef"
 
@@ -191,6 +196,7 @@ class RecordingEvents:
     def __init__(self) -> None:
         self.registered: list[EndpointRegistered] = []
         self.reports: list[PolicyStatusReported] = []
+        self.usage: list[AllowlistUsageReported] = []
         self.audits: list[AuditRecorded] = []
         self.fail_next = False
         self.fail_next_audit = False
@@ -203,6 +209,9 @@ class RecordingEvents:
 
     async def policy_status_reported(self, message: PolicyStatusReported) -> None:
         self.reports.append(message)
+
+    async def allowlist_usage_reported(self, message: AllowlistUsageReported) -> None:
+        self.usage.append(message)
 
     async def audit_recorded(self, message: AuditRecorded) -> None:
         if self.fail_next_audit:
