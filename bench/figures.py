@@ -68,7 +68,8 @@ class BenchSizes:
             account_endpoints=10_000,
             fanout_samples=40,
             revoke_endpoints=1000,
-            agents_per_process=250,
+            # One light-client process holds thousands of idle agents (≈ 8 KiB each).
+            agents_per_process=2000,
         )
 
     @classmethod
