@@ -19,8 +19,14 @@ import httpx
 
 from agent.addresses import HostFacts, permitted_peers, read_resolv_conf
 from agent.applier import AgentStats
-from agent.client import EnforcerClient, EnrollmentRefusedError, PlainHttpRefusedError
+from agent.client import (
+    EnforcerClient,
+    EnrollmentRefusedError,
+    HttpRequester,
+    PlainHttpRefusedError,
+)
 from agent.firewall import HostFirewall, NftablesFirewall, Probe, SimulatedFirewall
+from agent.lighthttp import LightHttpClient
 from agent.loop import (
     REENROLL_AFTER,
     AgentIdentity,
@@ -244,9 +250,9 @@ def agent_http_client(tls: ssl.SSLContext) -> httpx.AsyncClient:
 
 def build_loops(
     config: AgentConfig,
-    http: httpx.AsyncClient,
+    http: HttpRequester,
     stats: AgentStats,
-    agent_http: Callable[[], httpx.AsyncClient] | None = None,
+    agent_http: Callable[[], HttpRequester] | None = None,
 ) -> list[AgentLoop]:
     """The agents of ``config``; each gets its own client from ``agent_http`` (else ``http``)."""
     validate_config(config)
@@ -309,7 +315,12 @@ async def run_agents(config: AgentConfig, stop: asyncio.Event | None = None) -> 
     tls = tls_context(config.ca_file)
     async with contextlib.AsyncExitStack() as clients:
 
-        def agent_http() -> httpx.AsyncClient:
+        def agent_http() -> HttpRequester:
+            if config.simulated:
+                # Thousands per process: the light client (agent.lighthttp), not httpx.
+                light = LightHttpClient(config.enforcer_url, tls)
+                clients.push_async_callback(light.aclose)
+                return light
             client = agent_http_client(tls)
             clients.push_async_callback(client.aclose)
             return client

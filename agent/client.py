@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 from pydantic import ValidationError
 
 from shared.messages import SignedPolicy
+
+
+class HttpAnswer(Protocol):
+    """What the client reads of an answer (``httpx.Response``, ``agent.lighthttp.LightResponse``)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    @property
+    def text(self) -> str: ...
+
+    def json(self, **kwargs: Any) -> Any: ...
+
+
+class HttpRequester(Protocol):
+    """``httpx.AsyncClient`` (the real agent) or ``agent.lighthttp.LightHttpClient`` (simulated)."""
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        timeout: float,
+        json: Any,
+        params: Mapping[str, int | float] | None,
+    ) -> HttpAnswer: ...
 
 
 class EnforcerUnavailableError(Exception):
@@ -91,7 +122,7 @@ class EnforcerClient:
     """Enroll, fetch the signing key, long-poll for policies, report status."""
 
     def __init__(
-        self, base_url: str, http: httpx.AsyncClient, *, allow_plain_http: bool = False
+        self, base_url: str, http: HttpRequester, *, allow_plain_http: bool = False
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = http
@@ -112,7 +143,7 @@ class EnforcerClient:
         timeout: float = 10.0,
         json: dict[str, object] | None = None,
         params: dict[str, int | float] | None = None,
-    ) -> httpx.Response:
+    ) -> HttpAnswer:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             response = await self.http.request(

@@ -55,6 +55,39 @@ def bench_table(report: dict[str, Any]) -> str:
         ),
         ("1 bare aiokafka relay, same broker (msg/s)", t["baseline_bare_relay_msgs_per_s"], ""),
         ("1 ratio pipeline / relay (goal ≥ 0.4)", t["ratio"], ""),
+        *(
+            [
+                (
+                    "1 control-plane CPU ms per isolation (goal ≤ 3)",
+                    t["control_plane_cpu_ms_per_isolation"],
+                    "settings+isolation+enforcer+broker+Redis",
+                ),
+                (
+                    "1 bare relay CPU ms per message (client / + broker)",
+                    f"{t['bare_relay_cpu_ms_per_message']} / "
+                    f"{t['bare_relay_cpu_ms_per_message_with_broker']}",
+                    "same run",
+                ),
+                (
+                    "1 simulated agents CPU ms per applied policy (goal ≤ 0.5)",
+                    t["agents_cpu_ms_per_applied_policy"],
+                    "",
+                ),
+            ]
+            if "control_plane_cpu_ms_per_isolation" in t
+            else []
+        ),
+        *(
+            [
+                (
+                    "1 simulated agent RSS KiB per idle agent (goal ≤ 20)",
+                    report["agents"]["rss_kib_per_idle_agent"],
+                    "slope over the agent processes",
+                )
+            ]
+            if "agents" in report
+            else []
+        ),
         (
             f"2 latency p50 / p95 / p99 ms at {lat['offered_per_s']} req/s",
             f"{lat['p50_ms']} / {lat['p95_ms']} / {lat['p99_ms']}",
@@ -76,6 +109,18 @@ def bench_table(report: dict[str, Any]) -> str:
             f"4 account-wide strict of {acct['endpoints']:,} endpoints (s)",
             acct["strict_all_held_s"],
             f"{acct['endpoints_per_s']} endpoints/s",
+        ),
+        *(
+            [
+                (
+                    "4 account-wide strict: 50 % / 99 % / 100 % applied (s)",
+                    f"{acct['applied_50pct_s']} / {acct['applied_99pct_s']} / "
+                    f"{acct['applied_100pct_s']}",
+                    "goal: 100 % ≤ 15 s at 10,000",
+                )
+            ]
+            if "applied_100pct_s" in acct
+            else []
         ),
         ("4 ratio endpoints/s vs figure 1", acct["ratio_vs_pipeline_throughput"], ""),
         *(
@@ -123,6 +168,19 @@ def bench_table(report: dict[str, Any]) -> str:
             f"{t.get('pipeline_agent_processes', '?')} processes)\n"
         )
         out += table(("process", "cpu s"), sorted(cpu.items(), key=lambda kv: -kv[1]))
+    per_kind = fp.get("bytes_per_isolated_endpoint_by_kind")
+    if per_kind:
+        out += (
+            f"\n\nRedis bytes per isolated endpoint by kind ({fp['isolated_endpoints']} isolated;"
+            " goal ≤ 1,024 in total for the endpoint's own kinds)\n"
+        )
+        out += table(
+            ("kind", "bytes / isolated endpoint", "keys"),
+            [
+                (kind, per, fp["by_kind"][kind]["keys"])
+                for kind, per in sorted(per_kind.items(), key=lambda kv: -kv[1])
+            ],
+        )
     hops = t.get("hops")
     if hops:
         out += "\n\nWhere figure 1's time goes (per request)\n"

@@ -221,6 +221,31 @@ class RequestObservability:
                 span.set_attribute("http.response.status_code", status)
 
 
+def _http_implementation() -> str:
+    """uvicorn's compiled HTTP/1.1 parser (httptools) when installed, else the pure-Python h11."""
+    try:
+        import httptools  # noqa: F401  (only probing that the compiled parser imports)
+    except ImportError as exc:
+        logging.getLogger(__name__).warning("httptools unavailable (%s): serving with h11", exc)
+        return "h11"
+    return "httptools"
+
+
+def install_fast_event_loop() -> str:
+    """Make ``asyncio.run`` use uvloop (libuv) in this process; call before the loop starts.
+
+    Returns the loop's name; falls back to the default asyncio loop, logged, if uvloop does
+    not import (a platform without wheels).
+    """
+    try:
+        import uvloop
+    except ImportError as exc:
+        logging.getLogger(__name__).warning("uvloop unavailable (%s): default asyncio loop", exc)
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
 async def serve(
     app: FastAPI,
     host: str,
@@ -243,6 +268,9 @@ async def serve(
         log_level=log_level.lower(),
         access_log=False,
         lifespan="on",
+        # The loop is whichever runs this coroutine (uvloop via install_fast_event_loop() in
+        # each service's __main__); the HTTP parser is chosen here.
+        http=_http_implementation(),
         # Long polls hold requests for up to a minute; on SIGTERM they are cut after a short
         # grace (agents simply poll again) instead of delaying the shutdown until they end.
         timeout_graceful_shutdown=3,

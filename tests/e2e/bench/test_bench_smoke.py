@@ -42,6 +42,14 @@ async def test_reduced_bench_reports_every_figure() -> None:
     assert report["fanout"]["enforcer_rss_mib_large"] > 0
     assert report["footprint"]["bytes_per_isolated_endpoint"] > 0
     assert report["footprint"]["bytes_per_account_allowlist"] > 0
+    # Issue 14's fields.
+    assert report["throughput"]["control_plane_cpu_ms_per_isolation"] > 0
+    assert report["throughput"]["bare_relay_cpu_ms_per_message"] > 0
+    assert report["throughput"]["agents_cpu_ms_per_applied_policy"] > 0
+    strict = report["account_strict"]
+    assert 0 < strict["applied_50pct_s"] <= strict["applied_99pct_s"] <= strict["applied_100pct_s"]
+    assert report["footprint"]["bytes_per_isolated_endpoint_by_kind"]["enforcer:policy"] > 0
+    assert "isolation:state" in report["footprint"]["by_kind"]
 
 
 async def test_reduced_chaos_loses_nothing_and_delivers_nothing_wrong() -> None:

@@ -1,0 +1,258 @@
+"""A light HTTP/1.1 client for simulated agents (``python -m agent --simulated --count N``).
+
+Thousands of simulated agents share one event loop; httpx costs about a millisecond of CPU per
+request, more than the enforcer spends answering it. This client does only what the agent API
+needs: one keep-alive connection per request in flight, the compiled ``httptools`` parser,
+``Content-Length`` or chunked bodies, gzip answers (the enforcer stores a policy gzipped and
+sends those bytes as they are), one TLS context and one resolved address shared by every agent
+of the process. Its errors are httpx's, so :class:`agent.client.EnforcerClient` treats them as it
+treats httpx's. The real agent keeps httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import zlib
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import httptools
+import httpx
+import orjson
+
+# An agent has at most a poll and a report in flight (see agent.bootstrap.AGENT_POOL_LIMITS).
+MAX_IDLE_CONNECTIONS = 2
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024
+READ_CHUNK = 16 * 1024
+
+
+class LightResponse:
+    """The part of ``httpx.Response`` that :class:`agent.client.EnforcerClient` reads."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self, **_: Any) -> Any:
+        return orjson.loads(self.content)
+
+
+class _ResponseReader:
+    """httptools callbacks for one response (header names lower-cased)."""
+
+    __slots__ = ("body", "complete", "header_bytes", "headers", "last_field")
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.body: list[bytes] = []
+        self.complete = False
+        self.header_bytes = 0
+        self.last_field = ""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise httpx.RemoteProtocolError("response headers too large")
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class _Connection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @property
+    def usable(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def encode_request(
+    method: str,
+    target: str,
+    host: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+) -> bytes:
+    """The bytes of one HTTP/1.1 request (keep-alive, gzip accepted)."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: gzip"]
+    for name, value in headers.items():
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            raise httpx.LocalProtocolError(f"header {name!r}: CR/LF not allowed")
+        lines.append(f"{name}: {value}")
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if body else head
+
+
+def decode_body(headers: Mapping[str, str], body: bytes) -> bytes:
+    """Undo a ``Content-Encoding: gzip`` (the only coding we ask for)."""
+    coding = headers.get("content-encoding", "identity").strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding != "gzip":
+        raise httpx.DecodingError(f"unexpected Content-Encoding {coding!r}")
+    try:
+        inflater = zlib.decompressobj(wbits=31)
+        out = inflater.decompress(body, MAX_BODY_BYTES)
+    except zlib.error as exc:
+        raise httpx.DecodingError(f"gzip body: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise httpx.DecodingError("gzip body larger than the limit")
+    return out
+
+
+class LightHttpClient:
+    """One agent's client of one origin (scheme, host and port of ``base_url``).
+
+    ``request`` has the keyword arguments of ``httpx.AsyncClient.request`` that the agent
+    uses; the URL must be on the client's origin.
+    """
+
+    def __init__(self, base_url: str, tls: ssl.SSLContext | None) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"light client: unsupported URL {base_url!r}")
+        self.scheme = parts.scheme
+        self.hostname = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.host_header = parts.netloc
+        self.tls = tls if parts.scheme == "https" else None
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def _connect(self) -> _Connection:
+        try:
+            reader, writer = await asyncio.open_connection(
+                self.hostname,
+                self.port,
+                ssl=self.tls,
+                server_hostname=self.hostname if self.tls else None,
+                limit=READ_CHUNK * 4,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(f"{self.origin}: {exc!r}") from exc
+        return _Connection(reader, writer)
+
+    def _checkout(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable:
+                return connection
+            connection.close()
+        return None
+
+    def _release(self, connection: _Connection, keep: bool) -> None:
+        if keep and not self._closed and len(self._idle) < MAX_IDLE_CONNECTIONS:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        json: Any = None,
+        params: Mapping[str, int | float | str] | None = None,
+    ) -> LightResponse:
+        if self._closed:
+            raise httpx.ConnectError("light client closed")
+        if not url.startswith(self.origin + "/"):
+            raise httpx.UnsupportedProtocol(f"{url!r} is not on {self.origin}")
+        target = url[len(self.origin) :]
+        if params:
+            target += ("&" if "?" in target else "?") + urlencode(params)
+        body = orjson.dumps(json) if json is not None else None
+        payload = encode_request(method, target, self.host_header, headers or {}, body)
+        try:
+            async with asyncio.timeout(timeout):
+                reused = self._checkout()
+                if reused is not None:
+                    try:
+                        return await self._exchange(reused, payload, method)
+                    except _StaleConnectionError:
+                        pass  # the server closed it while idle: once more on a new connection
+                return await self._exchange(await self._connect(), payload, method)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"{method} {target}: no answer within {timeout} s") from exc
+        except _StaleConnectionError as exc:
+            raise httpx.RemoteProtocolError(f"{method} {target}: connection closed") from exc
+
+    async def _exchange(
+        self, connection: _Connection, payload: bytes, method: str
+    ) -> LightResponse:
+        keep = False
+        try:
+            response = await self._send_and_read(connection, payload, method)
+            keep = response.headers.get("connection", "").lower() != "close"
+            return response
+        finally:
+            self._release(connection, keep)
+
+    async def _send_and_read(
+        self, connection: _Connection, payload: bytes, method: str
+    ) -> LightResponse:
+        answer = _ResponseReader()
+        parser = httptools.HttpResponseParser(answer)
+        received = 0
+        try:
+            connection.writer.write(payload)
+            await connection.writer.drain()
+            while not answer.complete:
+                chunk = await connection.reader.read(READ_CHUNK)
+                if not chunk:
+                    if received == 0:
+                        raise _StaleConnectionError
+                    raise httpx.RemoteProtocolError("connection closed mid-response")
+                received += len(chunk)
+                if received > MAX_BODY_BYTES + MAX_HEADER_BYTES:
+                    raise httpx.RemoteProtocolError("response too large")
+                parser.feed_data(chunk)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            if received == 0:
+                raise _StaleConnectionError from exc
+            raise httpx.ReadError(repr(exc)) from exc
+        except OSError as exc:
+            raise httpx.ReadError(repr(exc)) from exc
+        except httptools.HttpParserError as exc:
+            raise httpx.RemoteProtocolError(f"unparsable response: {exc}") from exc
+        status = parser.get_status_code()
+        content = decode_body(answer.headers, b"".join(answer.body))
+        # (httptools' should_keep_alive() is False once the message is complete: decide here.)
+        if parser.get_http_version() != "1.1":
+            answer.headers["connection"] = "close"
+        return LightResponse(status, answer.headers, content)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+class _StaleConnectionError(Exception):
+    """The connection ended before any byte of the answer (a kept-alive socket the server closed)."""
