@@ -98,6 +98,7 @@ class PlatformLab:
         return ["ip", "netns", "exec", ns, sys.executable, *args]
 
     def setup(self) -> None:
+        remove_stale_labs()
         for ns in (self.host, self.peer):
             run("ip", "netns", "add", ns)
             self.namespaces.append(ns)
@@ -159,6 +160,25 @@ class PlatformLab:
             run("ip", "link", "del", link, check=False)
         for ns in self.namespaces:
             run("ip", "netns", "del", ns, check=False)
+
+
+def remove_stale_labs() -> None:
+    """Delete the namespaces of labs whose run was killed before its cleanup (no process left).
+
+    Every lab puts PLATFORM_ROOT on a root-namespace veth whose peer lives in the lab's ``host``
+    namespace, so one left behind by a killed run would shadow the next lab's route to the
+    platform; deleting its namespace deletes that veth too. Labs of one suite run one at a time.
+    """
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    for line in listed.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith("hi-"):
+            continue
+        pids = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+        )
+        if pids.returncode == 0 and not pids.stdout.strip():
+            run("ip", "netns", "del", name, check=False)
 
 
 @contextlib.contextmanager
