@@ -146,6 +146,7 @@ async def start_agent(
             "--hostname", hostname, "--state-dir", str(state_dir),
             "--platform-addresses", PLATFORM_ROOT, "--dns-resolvers", RESOLVER,
             "--negative-probe", f"{UNLISTED}:{PEER_PORT}", "--poll-wait", "10",
+            "--usage-interval", "1",
         ),
         stdout=open(tmp_path / "agent.log", "w"),  # noqa: ASYNC230, SIM115 - closed with the process
         stderr=subprocess.STDOUT,
@@ -221,6 +222,16 @@ async def test_isolation_enforced_by_nftables_end_to_end(
         assert lab.session_send(session).startswith("cut"), (
             "a session opened inbound before isolation survived"
         )
+
+        # The allowlist usage counters: the agent counted the RMM traffic the allowlist let
+        # through and reported it; the isolation status carries it for the policy in force.
+        async def rmm_used() -> dict[str, Any] | None:
+            usage = (await http.get(view_url, headers=SOC)).json().get("allowlist_usage") or []
+            used = [u for u in usage if u["address"] == RMM and u["packets"] > 0]
+            return used[0] if used else None
+
+        counted = await wait_for(rmm_used, timeout=30, message="RMM usage counted and reported")
+        assert counted["bytes"] > 0 and counted["last_seen"]
 
         # A settings change does not touch the isolated endpoint (frozen snapshot).
         disabled = await http.patch(allowlist, json={"enabled": False}, headers=SOC)
