@@ -134,6 +134,8 @@ class Isolation:
     # Newest first: the policies issued, each with the agent's (simulated) answer.
     timeline: list[dict[str, Any]] = field(default_factory=list)
     fail_next: str | None = None
+    # What the agent counted per allowed entry of the policy in force (DESIGN §4).
+    allowlist_usage: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FakePlatform:
@@ -386,6 +388,7 @@ def build_isolation_app(platform: FakePlatform, *, portal_origin: str) -> FastAP
             "rules_sha256": None,
             "detail": "",
             "updated_at": iso.updated_at,
+            "allowlist_usage": iso.allowlist_usage,
         }
 
     @app.get("/v1/endpoints/{endpoint_id}/isolation")

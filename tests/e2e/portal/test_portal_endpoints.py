@@ -117,6 +117,47 @@ def test_search_and_state_filter_narrow_the_list(
     assert page.js_errors == []
 
 
+def test_an_isolated_endpoint_shows_how_often_each_allowed_entry_was_used(
+    open_portal: OpenPortal, platform: FakePlatform, account: str
+) -> None:
+    platform.register(f"ep-rmm-{account}", account, hostname="rmm-client")
+    allowlist = platform.allowlist(account)
+    allowlist.enabled = True
+    allowlist.entries = [
+        {
+            "id": f"e-{account}-{i}",
+            "name": name,
+            "address": address,
+            "ports": [],
+            "protocol": "any",
+            "expires_at": None,
+            "created_at": "2026-12-01T10:00:00Z",
+            "created_by": "alice",
+        }
+        for i, (name, address) in enumerate(
+            [("Self-hosted RMM", "203.0.113.10"), ("Backup relay", "203.0.113.11")]
+        )
+    ]
+    endpoint = f"ep-rmm-{account}"
+    page = open_portal("soc", account, view="endpoints")
+    _row(page, "ep-rmm", account).get_by_role("button", name=f"Isolate {endpoint}").click()
+    _confirm(page, reason="incident 4711")
+    expect(_row(page, "ep-rmm", account).locator(".ep-state")).to_have_text("Isolated")
+    # The agent counted traffic through the RMM entry only; the backup relay was not used.
+    platform.isolations[endpoint].allowlist_usage = [
+        {"address": "203.0.113.10", "ports": [], "protocol": "any", "packets": 42,
+         "bytes": 5120, "last_seen": "2026-12-02T01:02:03Z"},
+        {"address": "203.0.113.11", "ports": [], "protocol": "any", "packets": 0,
+         "bytes": 0, "last_seen": None},
+    ]  # fmt: skip
+    page.reload()
+    row = _row(page, "ep-rmm", account)
+    expect(row.locator(".usage")).to_have_count(2)
+    expect(row.locator(".usage").first).to_contain_text("used 42 times, last at")
+    expect(row.locator(".usage").nth(1)).to_contain_text("not used")
+    assert page.js_errors == []
+
+
 def test_pages_go_forward_and_back_through_a_large_account(
     open_portal: OpenPortal, platform: FakePlatform, account: str
 ) -> None:
