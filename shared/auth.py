@@ -101,6 +101,13 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
+def service_call_token(secret: str, *, sub: str, audience: str, scope: str) -> str:
+    """A short-lived service token for one service-to-service call: one audience, one scope."""
+    return mint_token(
+        secret, sub=sub, role="service", ttl_s=300, audience=[audience], scopes=[scope]
+    )
+
+
 class TokenError(Exception):
     """The token is missing, expired, forged, too long-lived, for another service or incomplete."""
 

@@ -7,7 +7,7 @@ import logging
 import httpx
 
 from services.isolation.handlers import SettingsRefusedError
-from shared.auth import AUDIENCE_SETTINGS, SCOPE_ALLOWLIST_WRITE, mint_token
+from shared.auth import AUDIENCE_SETTINGS, SCOPE_ALLOWLIST_WRITE, service_call_token
 from shared.messages import Actor
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,11 @@ class HttpSettingsClient:
 
     async def disable_allowlist(self, account_id: str, requested_by: Actor) -> None:
         # Only what this call needs: the settings service's audience and the write scope.
-        token = mint_token(
+        token = service_call_token(
             self._secret,
             sub="isolation-service",
-            role="service",
-            ttl_s=300,
-            audience=[AUDIENCE_SETTINGS],
-            scopes=[SCOPE_ALLOWLIST_WRITE],
+            audience=AUDIENCE_SETTINGS,
+            scope=SCOPE_ALLOWLIST_WRITE,
         )
         url = f"{self._base_url}/v1/accounts/{account_id}/tooling-allowlist"
         try:

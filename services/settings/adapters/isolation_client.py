@@ -6,7 +6,7 @@ import logging
 
 import httpx
 
-from shared.auth import AUDIENCE_ISOLATION, SCOPE_ISOLATION_READ, mint_token
+from shared.auth import AUDIENCE_ISOLATION, SCOPE_ISOLATION_READ, service_call_token
 from shared.messages import AllowlistEntry
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,11 @@ class HttpRevocationCounter:
         self, account_id: str, revocation_id: str, entry: AllowlistEntry
     ) -> int | None:
         # Only what this call needs: the isolation service's audience and the read scope.
-        token = mint_token(
+        token = service_call_token(
             self._secret,
             sub="settings-service",
-            role="service",
-            ttl_s=300,
-            audience=[AUDIENCE_ISOLATION],
-            scopes=[SCOPE_ISOLATION_READ],
+            audience=AUDIENCE_ISOLATION,
+            scope=SCOPE_ISOLATION_READ,
         )
         url = f"{self._base_url}/v1/accounts/{account_id}/revocations/{revocation_id}"
         try:
