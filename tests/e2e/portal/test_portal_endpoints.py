@@ -118,7 +118,7 @@ def test_search_and_state_filter_narrow_the_list(
 
 
 def test_an_isolated_endpoint_shows_how_often_each_allowed_entry_was_used(
-    open_portal: OpenPortal, platform: FakePlatform, account: str
+    open_portal: OpenPortal, platform: FakePlatform, account: str, screenshot_dir: Path
 ) -> None:
     platform.register(f"ep-rmm-{account}", account, hostname="rmm-client")
     allowlist = platform.allowlist(account)
@@ -155,6 +155,12 @@ def test_an_isolated_endpoint_shows_how_often_each_allowed_entry_was_used(
     expect(row.locator(".usage")).to_have_count(2)
     expect(row.locator(".usage").first).to_contain_text("used 42 times, last at")
     expect(row.locator(".usage").nth(1)).to_contain_text("not used")
+    # The README's picture of what the SOC sees during an incident: was the RMM channel used?
+    page.set_viewport_size({"width": 1480, "height": 700})
+    page.evaluate("window.scrollTo(0, 0)")
+    shot = _shot(page, screenshot_dir, "endpoints-allowlist-usage")
+    if os.environ.get("HOSTISO_UPDATE_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(shot, ROOT / "docs" / "portal-usage.png")
     assert page.js_errors == []
 
 
