@@ -128,6 +128,9 @@ class LazyClient:
         self._client: Any = None
         self._broken: Any = None
         self._rebuild_lock = asyncio.Lock()
+        # Callers that start() at once (sixteen relay shards warming one consumer) must share one
+        # client: without the lock each built and started its own, and all but the last leaked.
+        self._start_lock = asyncio.Lock()
         # Records the broker acknowledged, by topic (producers only): read by /metrics.
         self.records_acked: Counter[str] = Counter()
 
@@ -138,16 +141,19 @@ class LazyClient:
     async def start(self) -> None:
         if self._client is not None:
             return
-        client = self._factory()
-        if self._prepare is not None:
-            self._prepare(client)
-        try:
-            await client.start()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await client.stop()
-            raise
-        self._client = client
+        async with self._start_lock:
+            if self._client is not None:
+                return  # started by a concurrent caller while this one waited
+            client = self._factory()
+            if self._prepare is not None:
+                self._prepare(client)
+            try:
+                await client.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+                raise
+            self._client = client
 
     async def stop(self) -> None:
         client, self._client = self._client, None

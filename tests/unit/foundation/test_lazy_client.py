@@ -57,6 +57,20 @@ async def test_client_is_built_only_on_start() -> None:
     assert await client.send_and_wait("t", b"x") == "t:x"
 
 
+async def test_concurrent_starts_build_and_start_one_client() -> None:
+    started: list[FakeProducer] = []
+
+    class SlowStart(FakeProducer):
+        async def start(self) -> None:
+            await asyncio.sleep(0.01)  # connecting: the other callers run meanwhile
+            started.append(self)
+
+    client = LazyClient(lambda: SlowStart(broken=False), "consumer")
+    await asyncio.gather(*(client.start() for _ in range(16)))
+    assert len(FakeProducer.instances) == 1
+    assert len(started) == 1
+
+
 async def test_producer_that_lost_its_sequence_state_is_replaced_for_the_next_send() -> None:
     builds = iter([True, False])
     client = LazyClient(lambda: FakeProducer(broken=next(builds)), "producer")
