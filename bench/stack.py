@@ -326,6 +326,9 @@ class Stack:
         self._ports: dict[str, int] = {}
         self.agents: list[AgentGroup] = []
         self.producer: Any = None
+        # Concurrent senders that all failed reset at once: one at a time, or each replaced the
+        # producer another had just started and leaked it ("Unclosed AIOKafkaProducer").
+        self._reset_lock = asyncio.Lock()
         self._extra_env = service_env or {}
         self.soc_token = mint_token(DEV_JWT_SECRET, sub="bench-soc", role="soc", ttl_s=86400)
 
@@ -571,12 +574,13 @@ class Stack:
     async def reset_producer(self) -> None:
         """A fresh producer (new producer id): aiokafka's idempotent producer does not recover
         from OutOfOrderSequenceNumber after a broker restart."""
-        with contextlib.suppress(Exception):
-            await self.producer.stop()
-        self.producer = make_producer(
-            self.bootstrap, client_id="hostiso-bench", options=self.kafka_options
-        )
-        await self.producer.start()
+        async with self._reset_lock:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
+            self.producer = make_producer(
+                self.bootstrap, client_id="hostiso-bench", options=self.kafka_options
+            )
+            await self.producer.start()
 
     def cpu_by_process(self) -> dict[str, float]:
         out = {name: cpu_seconds(s.pid) for name, s in self.instances.items() if s.alive()}
