@@ -21,9 +21,11 @@ or an endpoint of it not ending strict, counts as lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,6 +41,7 @@ from bench.figures import SOC, _end_offsets, _read_all
 from bench.report import chaos_table, write_json
 from bench.stack import SERVICES, GroupWatcher, Stack
 from shared.messages import IsolateEndpoint, ReleaseEndpoint
+from shared.topics import GroupName
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +348,59 @@ class Chaos:
         data: dict[str, Any] | None = response.json() if response.status_code == 200 else None
         return data
 
+    async def caught_up(self, deadline: float) -> None:
+        """Wait until the isolation lanes have committed past every request sent so far, then
+        the enforcer lanes past every command issued by then.
+
+        An endpoint's state alone does not show that its requests were handled: one that got an
+        even number of toggles ends where it started, and under a backlog (the malformed
+        scenario's 100-900 KB junk records) it looked settled before any of its requests was
+        read, so its requests were counted lost while their commands were still to come.
+        """
+        topics = self.stack.topics
+        for lanes in (
+            (
+                (GroupName.ISOLATION_REQUESTS, topics.isolation_requests),
+                (GroupName.ISOLATION_REQUESTS_PRIORITY, topics.isolation_requests_priority),
+            ),
+            (
+                (GroupName.ENFORCER_COMMANDS, topics.enforcer_commands),
+                (GroupName.ENFORCER_COMMANDS_PRIORITY, topics.enforcer_commands_priority),
+            ),
+        ):
+            for group, topic in lanes:
+                ends = await _end_offsets(self.stack, topic)
+                while True:
+                    committed = await self._committed(topics.group(group), list(ends))
+                    behind = {tp: end for tp, end in ends.items() if committed.get(tp, 0) < end}
+                    if not behind:
+                        break
+                    if time.monotonic() > deadline:
+                        log.warning("%s still behind on %s at the deadline", group, behind)
+                        return
+                    await asyncio.sleep(1.0)
+
+    async def _committed(self, group: str, partitions: list[Any]) -> dict[Any, int]:
+        """The group's committed offsets (-1 or absent: nothing committed yet)."""
+        admin = AIOKafkaAdminClient(
+            **self.stack.kafka_options, bootstrap_servers=self.stack.bootstrap
+        )
+        try:
+            await admin.start()
+            offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        except Exception as exc:  # a broker restarting: ask again on the next round
+            log.info("committed offsets of %s not read: %r", group, exc)
+            return {}
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        return {tp: meta.offset for tp, meta in offsets.items()}
+
     async def settle_and_check(self, name: str, work: Workload, note: str) -> dict[str, Any]:
-        """Wait until every endpoint's agent holds the desired policy, then count."""
+        """Wait until every request and command was handled and every endpoint's agent holds
+        the desired policy, then count."""
         deadline = time.monotonic() + self.sizes.settle_s
+        await self.caught_up(deadline)
         states: dict[str, dict[str, Any] | None] = {}
         held: dict[str, dict[str, Any]] = {}
         async with httpx.AsyncClient(timeout=10) as http:
@@ -832,7 +885,9 @@ async def malformed(chaos: Chaos) -> dict[str, Any]:
 
     work, _ = await chaos.drive(max(60, chaos.sizes.isolations // 4), fault)
     result = await chaos.settle_and_check("malformed traffic (HTTP + Kafka fuzz)", work, "")
-    deadline = time.monotonic() + 120
+    # The replicas and the status lane dead-letter their share too; they may lag behind the
+    # request lanes that settle_and_check waited for.
+    deadline = time.monotonic() + chaos.sizes.settle_s
     bad: set[tuple[str, int, int]] = holder["bad"]
     while True:
         dlq = await dlq_records(stack)
@@ -846,6 +901,7 @@ async def malformed(chaos: Chaos) -> dict[str, Any]:
         fuzz_http=http_counts,
         fuzz_kafka=len(bad),
         bad_kafka_without_dlq_reason=len(missing),
+        bad_kafka_without_dlq_reason_by_topic=dict(Counter(topic for topic, _, _ in missing)),
         crashed_services=crashed,
     )
     result["note"] = (
