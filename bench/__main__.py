@@ -37,6 +37,8 @@ def main(
     """Start Kafka, Redis, the services and simulated agents; measure; print and write the report."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # Each phase logs its end: a full-size run takes long and is followed in its log.
+    logging.getLogger("bench").setLevel(logging.INFO)
     sizes = BenchSizes.full() if full else BenchSizes()
     workdir = scratch_dir("hostiso-bench-")
     typer.echo(f"bench: {'full' if full else 'reduced'} sizes, logs in {workdir}")
