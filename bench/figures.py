@@ -31,6 +31,7 @@ from shared.messages import (
 log = logging.getLogger(__name__)
 
 SOC = Actor(sub="bench-soc", role="soc")
+# Longest wait for one agent's applied report at the reduced sizes (``BenchSizes.apply_wait_s``).
 WAIT_S = 180.0
 
 
@@ -56,6 +57,9 @@ class BenchSizes:
     agents_per_process: int = 100
     # Long-poll wait the simulated agents ask for: idle re-polls cost the enforcer CPU per agent.
     poll_wait_s: float = 20.0
+    # Longest wait for one request's applied report (a fleet-wide wait is 5 times it): past it
+    # the run stops, as a request that never applies is a failure, not a slow figure.
+    apply_wait_s: float = WAIT_S
 
     @classmethod
     def full(cls) -> BenchSizes:
@@ -75,6 +79,9 @@ class BenchSizes:
             # 10,000 agents re-polling every 20 s are 500 idle polls/s; 55 s (the enforcer's
             # limit is 60) makes that 190/s.
             poll_wait_s=55.0,
+            # 10,500 polling agents on 2 shared cores: one apply took over 180 s in figure 1 of
+            # a run that had enrolled them all; a slow figure is still a figure.
+            apply_wait_s=600.0,
         )
 
     @classmethod
@@ -108,9 +115,10 @@ def _ms(values: Sequence[float]) -> dict[str, float]:
 class Driver:
     """Sends requests and waits for the agents' applied reports."""
 
-    def __init__(self, stack: Stack, watcher: StatusWatcher) -> None:
+    def __init__(self, stack: Stack, watcher: StatusWatcher, wait_s: float = WAIT_S) -> None:
         self.stack = stack
         self.watcher = watcher
+        self.wait_s = wait_s
         self.isolated: dict[str, bool] = {}
 
     async def toggle(self, endpoint: str) -> float:
@@ -126,7 +134,7 @@ class Driver:
             )
         sent = time.time()
         await self.stack.send(topics.isolation_requests, endpoint, message)
-        _, applied_at = await asyncio.wait_for(future, WAIT_S)
+        _, applied_at = await asyncio.wait_for(future, self.wait_s)
         self.isolated[endpoint] = not self.isolated.get(endpoint)
         return max(0.0, applied_at - sent)
 
@@ -138,7 +146,7 @@ class Driver:
             endpoint,
             IsolateEndpoint(endpoint_id=endpoint, mode="strict", requested_by=SOC, reason="bench"),
         )
-        _, applied_at = await asyncio.wait_for(future, WAIT_S)
+        _, applied_at = await asyncio.wait_for(future, self.wait_s)
         self.isolated[endpoint] = True
         return max(0.0, applied_at - sent)
 
@@ -346,7 +354,7 @@ async def account_strict(
         account,
         StrictIsolateAccount(account_id=account, requested_by=SOC, reason="bench: RMM compromised"),
     )
-    applied = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S * 5)
+    applied = await asyncio.wait_for(asyncio.gather(*futures), driver.wait_s * 5)
     elapsed = time.perf_counter() - sent
     rate = len(endpoints) / elapsed
     return {
@@ -441,7 +449,7 @@ async def revoke(driver: Driver, endpoints: list[str], account: str) -> dict[str
         )
         accepted_s = time.time() - sent
         response.raise_for_status()
-    applied = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S * 5)
+    applied = await asyncio.wait_for(asyncio.gather(*futures), driver.wait_s * 5)
     last = max(at for _, at in applied)
     elapsed = max(0.0, last - sent)
     return {
@@ -551,7 +559,7 @@ async def delivery(
             endpoint,
             _command(endpoint, account, floor + 1, "strict"),
         )
-        _, at = await asyncio.wait_for(future, WAIT_S)
+        _, at = await asyncio.wait_for(future, driver.wait_s)
         latencies.append(max(0.0, at - sent))
     return _ms(latencies)
 
@@ -706,7 +714,7 @@ async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) 
         await stack.start_services(profile=("isolation", "enforcer") if profile else ())
         watcher = StatusWatcher(stack.bootstrap, stack.topics.isolation_status)
         await watcher.start()
-        driver = Driver(stack, watcher)
+        driver = Driver(stack, watcher, sizes.apply_wait_s)
         enforcer_pid = stack.services["enforcer"].pid
         accounts = ("acct-bench", "acct-strict")
         for i, account in enumerate(accounts):
