@@ -702,10 +702,21 @@ def summarize_profile(path: Path, lines: int = 80) -> list[str]:
     return text[:lines]
 
 
-async def run_bench(workdir: Path, sizes: BenchSizes, *, profile: bool = False) -> dict[str, Any]:
-    """Start the stack, measure the six figures, stop everything; returns the report."""
+async def run_bench(
+    workdir: Path,
+    sizes: BenchSizes,
+    *,
+    profile: bool = False,
+    report: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Start the stack, measure the six figures, stop everything; returns the report.
+
+    ``report`` is filled as the figures come: if the run fails, what it measured so far (and
+    the phases it finished) is still there for the caller to write.
+    """
     stack = Stack(workdir)
-    report: dict[str, Any] = {"sizes": asdict(sizes), "workdir": str(workdir)}
+    report = {} if report is None else report
+    report.update(sizes=asdict(sizes), workdir=str(workdir))
     started = time.perf_counter()
     clock = PhaseClock()
     report["phases_s"] = clock.seconds
