@@ -51,6 +51,12 @@ ENROLLMENT_KEY_ENV = "HOSTISO_AGENT_ENROLLMENT_KEY"
 SIGNING_KEY_ENV = "HOSTISO_AGENT_SIGNING_PUBLIC_KEY"
 
 
+# A simulated fleet's process enrolls this many agents at a time. Thousands at once overflowed
+# the enforcer (its bounded Redis pool answered 503 after 5 s, the agents' timeouts expired
+# first, every retry enrolled another endpoint): issue 14's full bench never finished.
+DEFAULT_ENROLL_CONCURRENCY = 50
+
+
 def dev_mode_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """``HOSTISO_DEV=1`` (as for the services) turns on the agent's dev mode too."""
     value = (os.environ if environ is None else environ).get("HOSTISO_DEV", "")
@@ -88,6 +94,9 @@ class AgentConfig:
     table_check_interval: float = 30.0
     # Seconds between usage-counter reports while isolated (0: never).
     usage_interval: float = 60.0
+    # Enrollment calls in flight at once among this process's agents (0: no bound). Only
+    # matters with --count > 1: one agent has one enrollment in flight anyway.
+    enroll_concurrency: int = DEFAULT_ENROLL_CONCURRENCY
 
 
 def read_resolvers(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
@@ -139,6 +148,8 @@ def validate_config(config: AgentConfig) -> None:
         )
     if config.count < 1:
         raise AgentConfigError("--count must be at least 1")
+    if config.enroll_concurrency < 0:
+        raise AgentConfigError("--enroll-concurrency must be 0 (no bound) or more")
     if config.count > 1 and not config.simulated:
         raise AgentConfigError("--count > 1 needs --simulated (one host has one firewall)")
     if not 0 < config.backoff_cap <= 600:
@@ -259,6 +270,11 @@ def build_loops(
     keys: tuple[PinnedKey, ...] | None = (
         parse_trusted_keys(config.signing_public_key) if config.signing_public_key else None
     )
+    gate = (
+        asyncio.Semaphore(config.enroll_concurrency)
+        if config.count > 1 and config.enroll_concurrency
+        else None
+    )
     loops = []
     for index in range(config.count):
         suffix = f"-{index}" if config.count > 1 else ""
@@ -267,6 +283,7 @@ def build_loops(
             config.enforcer_url,
             agent_http() if agent_http else http,
             allow_plain_http=config.dev,
+            enrollment_gate=gate,
         )
         loops.append(
             AgentLoop(

@@ -13,6 +13,7 @@ import typer
 
 from agent.addresses import HostFacts, InvalidAddressError
 from agent.bootstrap import (
+    DEFAULT_ENROLL_CONCURRENCY,
     ENROLLMENT_KEY_ENV,
     SIGNING_KEY_ENV,
     AgentConfig,
@@ -100,6 +101,13 @@ def main(
         bool, typer.Option(help="Verify and ack without touching nftables.")
     ] = False,
     count: Annotated[int, typer.Option(help="Simulated agents in this process.")] = 1,
+    enroll_concurrency: Annotated[
+        int,
+        typer.Option(
+            help="With --count > 1: enrollments in flight at once (0: no bound); the rest wait"
+            " their turn instead of timing out in the enforcer's queue."
+        ),
+    ] = DEFAULT_ENROLL_CONCURRENCY,
     poll_wait: Annotated[float, typer.Option(help="Long-poll wait in seconds.")] = 25.0,
     platform_probe: Annotated[
         str | None,
@@ -157,6 +165,7 @@ def main(
             signing_public_key=signing_public_key or os.environ.get(SIGNING_KEY_ENV) or None,
             simulated=simulated,
             count=count,
+            enroll_concurrency=enroll_concurrency,
             poll_wait=poll_wait,
             platform_probe=Probe.parse(platform_probe) if platform_probe else None,
             negative_probe=Probe.parse(negative_probe) if negative_probe else None,

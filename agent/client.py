@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -40,6 +42,13 @@ class HttpRequester(Protocol):
         json: Any,
         params: Mapping[str, int | float] | None,
     ) -> HttpAnswer: ...
+
+
+# Seconds an enrollment may take before the agent gives up and retries. Longer than the other
+# calls' 10 s: the enforcer finishes an enrollment whose caller has gone (the endpoint is on
+# endpoints.v1 before the answer), so giving up early under a fleet-wide burst leaves an orphan
+# endpoint per retry and adds work to the very queue that was late (issue 14).
+ENROLL_TIMEOUT_S = 30.0
 
 
 class EnforcerUnavailableError(Exception):
@@ -122,12 +131,26 @@ class EnforcerClient:
     """Enroll, fetch the signing key, long-poll for policies, report status."""
 
     def __init__(
-        self, base_url: str, http: HttpRequester, *, allow_plain_http: bool = False
+        self,
+        base_url: str,
+        http: HttpRequester,
+        *,
+        allow_plain_http: bool = False,
+        enrollment_gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = http
         # Dev mode only: the enrollment key is a secret, it never goes over plain http otherwise.
         self.allow_plain_http = allow_plain_http
+        # Shared by the agents of one process (simulated fleets): at most that many enrollment
+        # calls in flight. Taken before the request's timeout starts, so waiting for the gate
+        # never times an enrollment out.
+        self.enrollment_gate = enrollment_gate
+
+    def _gate(self) -> contextlib.AbstractAsyncContextManager[None]:
+        if self.enrollment_gate is None:
+            return contextlib.nullcontext()
+        return self.enrollment_gate
 
     @property
     def verified_channel(self) -> bool:
@@ -183,7 +206,10 @@ class EnforcerClient:
         }
         if endpoint_id is not None:
             body["endpoint_id"] = endpoint_id
-        response = await self._request("POST", "/v1/agents/enroll", json=body)
+        async with self._gate():
+            response = await self._request(
+                "POST", "/v1/agents/enroll", json=body, timeout=ENROLL_TIMEOUT_S
+            )
         if response.status_code >= 400:
             raise EnrollmentRefusedError(f"HTTP {response.status_code}: {response.text[:500]}")
         try:
@@ -199,7 +225,8 @@ class EnforcerClient:
 
     async def signing_key(self) -> str:
         """Only for the dev-mode pin at the first enrollment; never to replace a key."""
-        response = await self._request("GET", "/v1/signing-key")
+        async with self._gate():
+            response = await self._request("GET", "/v1/signing-key")
         if response.status_code != 200:
             raise EnforcerUnavailableError(f"GET /v1/signing-key: HTTP {response.status_code}")
         try:

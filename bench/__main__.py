@@ -6,7 +6,7 @@ import asyncio
 import logging
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,10 +37,20 @@ def main(
     """Start Kafka, Redis, the services and simulated agents; measure; print and write the report."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # Each phase logs its end: a full-size run takes long and is followed in its log.
+    logging.getLogger("bench").setLevel(logging.INFO)
     sizes = BenchSizes.full() if full else BenchSizes()
     workdir = scratch_dir("hostiso-bench-")
     typer.echo(f"bench: {'full' if full else 'reduced'} sizes, logs in {workdir}")
-    result = asyncio.run(run_bench(workdir, sizes, profile=profile))
+    result: dict[str, Any] = {}
+    try:
+        asyncio.run(run_bench(workdir, sizes, profile=profile, report=result))
+    except BaseException as exc:
+        # A full-size run takes long: keep what it measured before it failed.
+        result["failed"] = repr(exc)
+        write_json(report, result)
+        typer.echo(f"bench failed ({exc!r}); partial report: {report}", err=True)
+        raise
     write_json(report, result)
     typer.echo(bench_table(result))
     if profile:

@@ -159,7 +159,20 @@ def bench_table(report: dict[str, Any]) -> str:
             "incl. history + replica",
         ),
     ]
+    for account, group in report.get("enrollment", {}).items():
+        rows.append(
+            (
+                f"enrollment of {group['agents']:,} agents of {account} (s)",
+                group["all_enrolled_s"],
+                f"{group['agents_per_s']}/s, {group['enroll_concurrency_per_process']} in flight"
+                f" per process, {group['orphan_endpoints']} orphan endpoints",
+            )
+        )
     out = table(("figure", "value", "note"), rows)
+    phases = report.get("phases_s")
+    if phases:
+        out += f"\n\nWall seconds per phase ({report.get('wall_s', '?')} s in all)\n"
+        out += table(("phase", "s"), list(phases.items()))
     cpu = t.get("cpu_s_by_process")
     if cpu:
         out += (

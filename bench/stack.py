@@ -152,6 +152,13 @@ class ServiceProc:
         raise TimeoutError(f"{self.name} not ready after {timeout}s (log: {self.log_path})")
 
 
+# Enrollments a group of simulated agents has in flight at once, all its processes together.
+# What the enforcer answers within the agents' timeout is its enrollment rate times that
+# timeout (Little's law): at the ≈ 10 enrollments/s a loaded 2-core machine gives while
+# thousands of agents already poll, 250 in flight (50 in each of 5 processes) waited past the
+# 30 s timeout and left orphan endpoints; 50 wait ≈ 5 s, and at 100/s still keep it busy.
+FLEET_ENROLL_CONCURRENCY = 50
+
 # Simulated agents per process: one Python process serving every agent would be what the
 # benchmark measures (one core at most), not the enforcer and the pipeline in front of it.
 AGENTS_PER_PROCESS = 100
@@ -172,6 +179,13 @@ class AgentGroup:
     profile_path: Path | None = None
     # "pyisession" keeps every frame, for `pyinstrument --load=PATH --show-all` afterwards.
     profile_renderer: str = "text"
+    # Enrollments in flight at once over all the group's processes, split among them
+    # (``--enroll-concurrency`` of each; 0: no bound).
+    enroll_concurrency: int = FLEET_ENROLL_CONCURRENCY
+    # Filled by ``Stack.start_agents``: seconds until every agent held an endpoint id, and the
+    # account's endpoints on endpoints.v1 that no agent holds (enrollments answered too late).
+    enroll_s: float = 0.0
+    orphan_endpoints: int = 0
 
     @property
     def shares(self) -> list[int]:
@@ -179,6 +193,27 @@ class AgentGroup:
         processes = max(1, -(-self.count // max(1, self.per_process)))
         base, extra = divmod(self.count, processes)
         return [base + (1 if i < extra else 0) for i in range(processes)]
+
+    @property
+    def enroll_concurrency_per_process(self) -> int:
+        if not self.enroll_concurrency:
+            return 0
+        return max(1, self.enroll_concurrency // len(self.shares))
+
+    def state_dir_of(self, process: int) -> Path:
+        return self.state_dir / f"p{process}"
+
+    def state_paths(self) -> list[Path]:
+        """Every agent's state file, in process then agent order (``agent.bootstrap``'s layout:
+        ``agent-<i>/`` per agent when a process holds several)."""
+        paths = []
+        for process, count in enumerate(self.shares):
+            root = self.state_dir_of(process)
+            if count == 1:
+                paths.append(root / "agent-state.json")
+            else:
+                paths += [root / f"agent-{i}" / "agent-state.json" for i in range(count)]
+        return paths
 
     def start(self, enforcer_url: str, env: dict[str, str], poll_wait: float) -> None:
         for index, count in enumerate(self.shares):
@@ -214,7 +249,9 @@ class AgentGroup:
                 "--hostname",
                 f"{self.account_id}-host-p{index}",
                 "--state-dir",
-                str(self.state_dir / f"p{index}"),
+                str(self.state_dir_of(index)),
+                "--enroll-concurrency",
+                str(self.enroll_concurrency_per_process),
                 "--platform-addresses",
                 "127.0.0.1",
                 "--dns-resolvers",
@@ -529,14 +566,33 @@ class Stack:
             profile_renderer=profile or "text",
             per_process=per_process,
         )
+        started = time.perf_counter()
         group.start(self.url("enforcer"), self.base_env(), poll_wait)
         self.agents.append(group)
-        group.endpoints = await self.enrolled_endpoints(account_id, count, timeout=timeout)
+        group.endpoints = await self.enrolled_endpoints(
+            account_id, count, timeout=timeout, group=group
+        )
+        group.enroll_s = time.perf_counter() - started
         return group
 
-    async def enrolled_endpoints(self, account_id: str, count: int, *, timeout: float) -> list[str]:
+    async def enrolled_endpoints(
+        self, account_id: str, count: int, *, timeout: float, group: AgentGroup | None = None
+    ) -> list[str]:
+        """The endpoint ids of ``count`` enrolled agents of ``account_id``, once each is on
+        endpoints.v1.
+
+        With ``group``, the ids are the ones its agents hold (their state files): an enrollment
+        the enforcer finished after the agent had given up is on endpoints.v1 too, under an id no
+        agent holds, and counting it would hand the bench an endpoint nobody polls for. Those
+        orphans are counted in ``group.orphan_endpoints``. Without ``group`` the first ``count``
+        ids of the account on endpoints.v1 are taken (callers that start agents another way).
+        """
         found: list[str] = []
+        seen: set[str] = set()
+        held: dict[Path, str] = {}
+        pending = group.state_paths() if group is not None else []
         deadline = time.monotonic() + timeout
+        next_scan = 0.0
         consumer = AIOKafkaConsumer(
             **self.kafka_options, bootstrap_servers=self.bootstrap, enable_auto_commit=False
         )
@@ -550,10 +606,7 @@ class Stack:
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            seen: set[str] = set()
-            while len(found) < count:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(found)}/{count} agents of {account_id} enrolled")
+            while True:
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for records in batch.values():
                     for record in records:
@@ -562,9 +615,27 @@ class Stack:
                         if data.get("account_id") == account_id and endpoint not in seen:
                             seen.add(endpoint)
                             found.append(endpoint)
+                if group is None:
+                    if len(found) >= count:
+                        return found[:count]
+                elif time.monotonic() >= next_scan or len(held) == count:
+                    # The state files of agents not enrolled yet; a second is plenty (reading
+                    # thousands every 200 ms would be the bench's own CPU figure).
+                    next_scan = time.monotonic() + 1.0
+                    pending = [path for path in pending if not _held_id(path, held)]
+                    if not pending and all(e in seen for e in held.values()):
+                        group.orphan_endpoints = len(seen - set(held.values()))
+                        return [held[path] for path in group.state_paths()]
+                if time.monotonic() > deadline:
+                    progress = f"{len(found)}/{count} agents of {account_id} enrolled"
+                    if group is not None:
+                        progress = (
+                            f"{len(held)}/{count} agents of {account_id} hold an endpoint id"
+                            f" ({len(seen)} ids of the account on endpoints.v1)"
+                        )
+                    raise TimeoutError(progress)
         finally:
             await consumer.stop()
-        return found
 
     async def send(self, topic: str, key: str, message: Message | bytes) -> Any:
         """Queue a send; the returned future resolves when the broker acknowledged it."""
@@ -786,6 +857,18 @@ def _timestamp(value: Any) -> float:
         with contextlib.suppress(ValueError):
             return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return time.time()
+
+
+def _held_id(path: Path, held: dict[Path, str]) -> bool:
+    """Whether the agent whose state file is ``path`` holds an endpoint id (noted in ``held``)."""
+    try:
+        agent_id = orjson.loads(path.read_bytes()).get("agent_id")
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    if isinstance(agent_id, str) and agent_id:
+        held[path] = agent_id
+        return True
+    return False
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -50,6 +50,12 @@ async def test_reduced_bench_reports_every_figure() -> None:
     assert 0 < strict["applied_50pct_s"] <= strict["applied_99pct_s"] <= strict["applied_100pct_s"]
     assert report["footprint"]["bytes_per_isolated_endpoint_by_kind"]["enforcer:policy"] > 0
     assert "isolation:state" in report["footprint"]["by_kind"]
+    # Every agent of every group enrolled; the wall time of each phase (CI planning).
+    tiny = BenchSizes.tiny()
+    assert report["enrollment"]["acct-strict"]["agents"] == tiny.account_endpoints
+    assert report["enrollment"]["acct-strict"]["all_enrolled_s"] > 0
+    assert "fig 3: priority under backlog" in report["phases_s"]
+    assert sum(report["phases_s"].values()) <= report["wall_s"] + 1
 
 
 async def test_reduced_chaos_loses_nothing_and_delivers_nothing_wrong() -> None:

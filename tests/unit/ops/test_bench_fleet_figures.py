@@ -115,8 +115,22 @@ def test_the_printed_table_carries_the_fleet_fields() -> None:
             "by_kind": {"enforcer:policy": {"keys": 10, "bytes": 6000}},
             "bytes_per_isolated_endpoint_by_kind": {"enforcer:policy": 600},
         },
+        "enrollment": {
+            "acct-strict": {
+                "agents": 10_000,
+                "all_enrolled_s": 120.0,
+                "agents_per_s": 83.3,
+                "enroll_concurrency_per_process": 10,
+                "orphan_endpoints": 3,
+            }
+        },
+        "phases_s": {"enroll the pipeline and account agents": 120.0},
+        "wall_s": 900.0,
     }
     out = bench_table(report)
+    assert "enrollment of 10,000 agents of acct-strict (s)" in out
+    assert "3 orphan endpoints" in out
+    assert "Wall seconds per phase (900.0 s in all)" in out
     assert "control-plane CPU ms per isolation (goal ≤ 3)" in out
     assert "0.05 / 0.09" in out
     assert "0.4 / 0.9 / 1.0" in out
