@@ -1,5 +1,8 @@
 """``python -m services.enforcer.measure``: delivery latency, waiting-agent capacity, strict override under backlog.
 
+``--cpu-cycles N`` measures only the enforcer's CPU per isolation instead (see
+``measure_cpu_per_isolation``), optionally under pyinstrument (``--profile PATH``).
+
 Runs the enforcer as a real process against the Kafka and Redis given by HOSTISO_KAFKA_BOOTSTRAP /
 HOSTISO_REDIS_URL (or starts local ones), plays agents with httpx, and prints the figures.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -143,7 +147,10 @@ class Stack:
 
 
 @contextlib.contextmanager
-def enforcer_process(stack: Stack, prefix: str, log_dir: Path) -> Iterator[tuple[str, int]]:
+def enforcer_process(
+    stack: Stack, prefix: str, log_dir: Path, *, profile: Path | None = None
+) -> Iterator[tuple[str, int]]:
+    """The enforcer as a process (under pyinstrument, writing ``profile``, if given)."""
     port = free_port()
     env = dict(
         os.environ,
@@ -159,12 +166,19 @@ def enforcer_process(stack: Stack, prefix: str, log_dir: Path) -> Iterator[tuple
         HOSTISO_ENROLLMENT_MAX_ENDPOINTS_PER_ACCOUNT="10000000",
         HOSTISO_LOG_LEVEL="WARNING",
     )
-    proc = spawn(
-        [sys.executable, "-m", "services.enforcer"], log_path=log_dir / "enforcer.log", env=env
-    )
+    runner = [sys.executable]
+    if profile is not None:
+        runner += ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
+    proc = spawn([*runner, "-m", "services.enforcer"], log_path=log_dir / "enforcer.log", env=env)
     try:
         yield f"http://127.0.0.1:{port}", proc.pid
     finally:
+        if profile is not None and proc.poll() is None:
+            # pyinstrument writes its report when the program ends on KeyboardInterrupt.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            with contextlib.suppress(Exception):
+                proc.wait(120)
         stop(proc)
 
 
@@ -399,6 +413,177 @@ async def measure_capacity(stack: Stack, agents: int, log_dir: Path) -> dict[str
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def policy_template(peers: int) -> bytes:
+    """A standard EnforcePolicy with ``peers`` allowed entries (the bench's allowlist size)."""
+    from shared.messages import AllowedPeer
+
+    policy = FrozenPolicy(
+        policy_id="P",
+        endpoint_id="ENDPOINT",
+        account_id="acct-bench",
+        sequence=SEQUENCE_MARK,
+        mode="standard",
+        allowed_outbound=tuple(
+            AllowedPeer(
+                name=f"RMM relay {i}",
+                address=f"203.0.{i // 250}.{i % 250 + 1}",
+                ports=(443,),
+                protocol="tcp",
+            )
+            for i in range(peers)
+        ),
+        platform=("198.51.100.1",),
+        settings_version=1,
+        issued_at=utcnow(),
+        issued_by="bench",
+    )
+    return EnforcePolicy(request_id="R", policy=policy).model_dump_json().encode()
+
+
+async def measure_cpu_per_isolation(
+    stack: Stack,
+    agents: int,
+    cycles: int,
+    log_dir: Path,
+    *,
+    peers: int = 5,
+    profile: Path | None = None,
+    spy: Path | None = None,
+) -> dict[str, Any]:
+    """Enforcer CPU per isolation, the part of the bench's figure 1 the enforcer does.
+
+    ``agents`` agents (the simulated agents' light HTTP client) long-poll; for each, a closed
+    loop commands a new policy on the normal lane, waits until its agent got it and reported it
+    applied, and commands the next. Each cycle is what one isolation costs the enforcer: one
+    command stored and signed, the waiting poll answered, a new poll, a status report published.
+    """
+    from agent.lighthttp import LightHttpClient
+
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    topics = Topics(f"{prefix}.")
+    await ensure_topics(stack.bootstrap, topics)
+    template = policy_template(peers)
+    with enforcer_process(stack, prefix, log_dir, profile=profile) as (url, pid):
+        await wait_ready(url)
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=90) as http,
+            started_producer(stack.bootstrap) as producer,
+        ):
+            enrolled = await enroll_many(http, agents)
+            applied: dict[str, asyncio.Queue[int]] = {a: asyncio.Queue() for a, _ in enrolled}
+            stop_polling = asyncio.Event()
+            errors: list[str] = []
+
+            async def agent(agent_id: str, token: str) -> None:
+                client = LightHttpClient(url, None)
+                auth = {"Authorization": f"Bearer {token}"}
+                held = 0
+                while not stop_polling.is_set():
+                    answer = await client.request(
+                        "GET",
+                        f"{url}/v1/agents/{agent_id}/policy",
+                        headers=auth,
+                        params={"after": held, "wait": 20},
+                        timeout=40,
+                    )
+                    if answer.status_code == 204:
+                        continue
+                    if answer.status_code != 200:
+                        errors.append(f"poll {answer.status_code}")
+                        await asyncio.sleep(0.5)
+                        continue
+                    signed = orjson.loads(answer.content)
+                    policy = signed["policy"]
+                    report = await client.request(
+                        "POST",
+                        f"{url}/v1/agents/{agent_id}/policy-status",
+                        headers=auth,
+                        json={
+                            "sequence": policy["sequence"],
+                            "policy_id": policy["policy_id"],
+                            "status": "applied",
+                            "rules_sha256": "a" * 64,
+                        },
+                    )
+                    if report.status_code != 202:
+                        errors.append(f"report {report.status_code}")
+                    held = policy["sequence"]
+                    applied[agent_id].put_nowait(held)
+
+            async def commander(agent_id: str, first: int, count: int) -> None:
+                for sequence in range(first, first + count):
+                    await producer.send(
+                        topics.enforcer_commands,
+                        render_command(template, agent_id, sequence),
+                        key=agent_id.encode(),
+                    )
+                    while await applied[agent_id].get() < sequence:
+                        pass
+
+            pollers = [asyncio.create_task(agent(a, t)) for a, t in enrolled]
+            # Warm-up: one isolation each (connections, scripts, JIT-free but caches warm).
+            await asyncio.gather(*(commander(a, 1, 1) for a, _ in enrolled))
+            # py-spy (if asked) samples only the measured isolations, and only on-CPU stacks.
+            spying = (
+                None
+                if spy is None
+                else await asyncio.create_subprocess_exec(
+                    "py-spy", "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(spy)
+                )
+            )
+            before = {"enforcer": cpu_seconds(pid), "kafka": _kafka_cpu(stack)}
+            redis_before = await _redis_cpu(stack.redis_url)
+            started = time.monotonic()
+            await asyncio.gather(*(commander(a, 2, cycles) for a, _ in enrolled))
+            elapsed = time.monotonic() - started
+            if spying is not None:
+                spying.send_signal(signal.SIGINT)
+                await spying.wait()
+            after = {"enforcer": cpu_seconds(pid), "kafka": _kafka_cpu(stack)}
+            redis_after = await _redis_cpu(stack.redis_url)
+            stop_polling.set()
+            for task in pollers:
+                task.cancel()
+            await asyncio.gather(*pollers, return_exceptions=True)
+    isolations = agents * cycles
+    per = {name: 1000 * (after[name] - before[name]) / isolations for name in before}
+    per["redis"] = 1000 * (redis_after - redis_before) / isolations
+    return {
+        "agents": agents,
+        "isolations": isolations,
+        "seconds": round(elapsed, 2),
+        "isolations_per_s": round(isolations / elapsed, 1),
+        "cpu_ms_per_isolation": {k: round(v, 3) for k, v in per.items()},
+        "errors": errors[:10],
+    }
+
+
+def _kafka_cpu(stack: Stack) -> float:
+    total = 0.0
+    for owned in stack._owned:
+        for node in getattr(owned, "nodes", ()):
+            if node.proc is not None:
+                total += cpu_seconds(node.proc.pid)
+    return total
+
+
+async def _redis_cpu(url: str) -> float:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url)
+    try:
+        info = await redis.info("cpu")
+    finally:
+        await redis.aclose()
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
 def main(
     samples: Annotated[int, typer.Option(help="delivery latency samples")] = 200,
     agents: Annotated[
@@ -407,12 +592,28 @@ def main(
     backlog: Annotated[
         int, typer.Option(help="normal-lane backlog for the strict override")
     ] = 100_000,
+    cpu_cycles: Annotated[
+        int, typer.Option(help="only the CPU figure: isolations per agent (0: the others)")
+    ] = 0,
+    cpu_agents: Annotated[int, typer.Option(help="agents of the CPU figure")] = 200,
+    profile: Annotated[
+        Path | None, typer.Option(help="CPU figure under pyinstrument, text report here")
+    ] = None,
+    spy: Annotated[
+        Path | None, typer.Option(help="CPU figure sampled by py-spy, collapsed stacks here")
+    ] = None,
 ) -> None:
     """Print the enforcer's figures as JSON lines."""
     log_dir = Path(tempfile.mkdtemp(prefix="hostiso-measure-"))
 
     async def run() -> None:
         with Stack() as stack:
+            if cpu_cycles:
+                figure = await measure_cpu_per_isolation(
+                    stack, cpu_agents, cpu_cycles, log_dir, profile=profile, spy=spy
+                )
+                print(orjson.dumps({"cpu": figure}).decode(), flush=True)
+                return
             print(
                 orjson.dumps(
                     {"delivery": await measure_delivery(stack, samples, log_dir)}

@@ -302,7 +302,7 @@ def parse_policy_record(endpoint_id: str, raw: bytes) -> HeldPolicy:
 _OUTCOMES = {0: StoreOutcome.STALE, 1: StoreOutcome.STORED, 2: StoreOutcome.WRONG_ACCOUNT}
 
 
-class _Script:
+class RedisScript:
     """A Lua script run by EVALSHA, alone or many in one pipeline (reloaded on NOSCRIPT)."""
 
     def __init__(self, redis: RedisClient, source: str) -> None:
@@ -311,7 +311,13 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()  # how Redis names scripts
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return (await self.many([(keys, args)]))[0]
+        """One call, sent as a plain command: a pipeline of one costs the client more CPU."""
+        try:
+            return await self._redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # A restarted or promoted node forgot the script: it ran nowhere, so run it again.
+            await self._redis.script_load(self.source)
+            return await self._redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def many(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
         """One pipeline (on a cluster: one per node, sent together) for every call."""
@@ -342,9 +348,9 @@ class RedisPolicyStore:
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self.keys = EnforcerKeys(keys)
-        self._store = _Script(redis, _STORE_IF_NEWER)
-        self._poll = _Script(redis, _POLL)
-        self._record_delivery = _Script(redis, _RECORD_DELIVERY)
+        self._store = RedisScript(redis, _STORE_IF_NEWER)
+        self._poll = RedisScript(redis, _POLL)
+        self._record_delivery = RedisScript(redis, _RECORD_DELIVERY)
 
     async def store_if_newer(
         self, items: Sequence[PolicyToStore], lane: Lane
@@ -428,9 +434,9 @@ class RedisAgentStore:
         self._redis = redis
         self.keys = EnforcerKeys(keys)
         self._max_per_account = max_per_account
-        self._count = _Script(redis, _COUNT_AGENT)
-        self._create = _Script(redis, _CREATE_AGENT)
-        self._reissue = _Script(redis, _REISSUE_TOKEN)
+        self._count = RedisScript(redis, _COUNT_AGENT)
+        self._create = RedisScript(redis, _CREATE_AGENT)
+        self._reissue = RedisScript(redis, _REISSUE_TOKEN)
 
     async def create(self, record: AgentRecord) -> CreateOutcome:
         # Two slots, two steps: count the endpoint in its account (the cap), then write the
@@ -501,8 +507,8 @@ class RedisEnrollmentKeyStore:
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._hash = EnforcerKeys(keys).enrollment_keys
-        self._rotate = _Script(redis, _ROTATE_KEYS)
-        self._revoke = _Script(redis, _REVOKE_KEY)
+        self._rotate = RedisScript(redis, _ROTATE_KEYS)
+        self._revoke = RedisScript(redis, _REVOKE_KEY)
 
     async def get(self, account_id: str, key_id: str) -> EnrollmentKeyRecord | None:
         raw = await self._redis.hget(self._hash(account_id), key_id)
@@ -546,7 +552,7 @@ class RedisEnrollmentRateLimiter:
     def __init__(self, redis: RedisClient, keys: Keys, per_minute: int) -> None:
         self._key = EnforcerKeys(keys).enroll_rate
         self._per_minute = per_minute
-        self._hit = _Script(redis, _RATE_HIT)
+        self._hit = RedisScript(redis, _RATE_HIT)
 
     async def hit(self, account_id: str) -> RateDecision:
         count, ttl_ms = await self._hit([self._key(account_id)], [self.WINDOW_MS])

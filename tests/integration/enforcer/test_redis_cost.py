@@ -258,3 +258,16 @@ async def test_a_status_report_is_one_round_trip_after_the_token_check(lab: Lab)
     assert client_commands(ran) == ["EVALSHA"]
     assert "GET" not in script_commands(ran), "the signed policy is not read"
     assert await lab.policies.delivery_counts() == {"pending": 0, "applied": 1, "failed": 0}
+
+
+async def test_a_redis_that_forgot_the_scripts_is_sent_them_again(lab: Lab) -> None:
+    await enrolled(lab, "ep-flush", "token-flush")
+    await store_policy_commands(lab.deps, [command("ep-flush", 1)], NORMAL_LANE)
+    await lab.client.script_flush()  # as a restarted or newly promoted node would be
+    held = await poll_policy(lab.deps, "token-flush", "ep-flush", after=0, wait=0)
+    assert held is not None and held.sequence == 1
+    await lab.client.script_flush()
+    assert await lab.policies.record_delivery("ep-flush", 1, held.policy_id, "applied")
+    await lab.client.script_flush()
+    stored = await store_policy_commands(lab.deps, [command("ep-flush", 2)], NORMAL_LANE)
+    assert stored.stored == 1

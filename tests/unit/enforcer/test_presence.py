@@ -22,20 +22,25 @@ class Clock:
     def __call__(self) -> datetime:
         return self.now
 
+    def monotonic(self) -> float:
+        return (self.now - ENROLLED).total_seconds()
+
 
 class ExpiringGate:
-    """``SET NX EX`` in memory, on the test's clock."""
+    """``SET NX EX`` in memory, on the test's clock; counts the claims that reach it."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.until: dict[str, datetime] = {}
+        self.claims = 0
 
-    async def first_in_interval(self, endpoint_id: str, interval_s: int) -> bool:
+    async def claim(self, endpoint_id: str, interval_s: int) -> float:
+        self.claims += 1
         held = self.until.get(endpoint_id)
         if held is not None and held > self.clock.now:
-            return False
+            return (held - self.clock.now).total_seconds()
         self.until[endpoint_id] = self.clock.now + timedelta(seconds=interval_s)
-        return True
+        return 0.0
 
     async def reopen(self, endpoint_id: str) -> None:
         self.until.pop(endpoint_id, None)
@@ -66,13 +71,18 @@ class Published:
 
 
 def presence(interval_s: int = 300) -> tuple[Presence, Published, Clock]:
-    clock = Clock()
+    seen, published, clock, _ = presence_and_gate(interval_s)
+    return seen, published, clock
+
+
+def presence_and_gate(
+    interval_s: int = 300, gate: ExpiringGate | None = None, clock: Clock | None = None
+) -> tuple[Presence, Published, Clock, ExpiringGate]:
+    clock = clock or Clock()
+    gate = gate or ExpiringGate(clock)
     published = Published()
-    return (
-        Presence(ExpiringGate(clock), Registrations(), published, interval_s, clock),
-        published,
-        clock,
-    )
+    seen = Presence(gate, Registrations(), published, interval_s, clock, clock.monotonic)
+    return seen, published, clock, gate
 
 
 async def test_first_poll_publishes_the_full_registration_with_last_seen() -> None:
@@ -125,3 +135,40 @@ async def test_note_poll_never_raises_and_reports_through_the_log() -> None:
     seen.note_poll("ep-1")
     await seen.drain()
     assert len(published.messages) == 1
+
+
+async def test_polls_inside_an_interval_this_instance_took_ask_redis_nothing() -> None:
+    seen, published, clock, gate = presence_and_gate(interval_s=300)
+    assert await seen.seen("ep-1")
+    for _ in range(5):
+        clock.now += timedelta(seconds=50)
+        assert not await seen.seen("ep-1")
+    assert gate.claims == 1
+    clock.now += timedelta(seconds=51)
+    assert await seen.seen("ep-1")
+    assert (gate.claims, len(published.messages)) == (2, 2)
+
+
+async def test_an_interval_another_instance_took_is_asked_once_and_then_waited_out() -> None:
+    clock = Clock()
+    shared_gate = ExpiringGate(clock)
+    first, first_published, _, _ = presence_and_gate(300, shared_gate, clock)
+    second, second_published, _, _ = presence_and_gate(300, shared_gate, clock)
+    assert await first.seen("ep-1")
+    clock.now += timedelta(seconds=100)
+    assert not await second.seen("ep-1")  # asks, learns 200 s remain
+    clock.now += timedelta(seconds=199)
+    assert not await second.seen("ep-1")  # remembered: no claim
+    assert shared_gate.claims == 2
+    clock.now += timedelta(seconds=2)
+    assert await second.seen("ep-1")
+    assert (len(first_published.messages), len(second_published.messages)) == (1, 1)
+
+
+async def test_note_poll_starts_no_task_while_the_interval_is_known_taken() -> None:
+    seen, published, _, gate = presence_and_gate(interval_s=300)
+    seen.note_poll("ep-1")
+    await seen.drain()
+    seen.note_poll("ep-1")
+    assert seen.updates_in_flight == 0  # decided on the spot: nothing to wait for
+    assert (gate.claims, len(published.messages)) == (1, 1)
