@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -63,7 +64,8 @@ _REQUEST_FIELD_BYTES = 12
 # are a placeholder inside the service's namespace and slot (never read or written), because
 # Redis checks the ACL key patterns of every declared key and an empty name matches none.
 # Expired outcomes are dropped from the hash at the endpoint's next request (the hash holds the
-# requests of one TTL: a handful), and the whole hash expires a TTL after its last write.
+# requests of one TTL: a handful), and the whole hash expires a TTL after its last write. ARGV[12]
+# is the writer's time (epoch s).
 _COMMIT = """
 if ARGV[7] == '1' then
   local mark = redis.call('HGET', KEYS[2], ARGV[10])
@@ -87,7 +89,7 @@ if ARGV[2] ~= '' then
   end
 end
 if ARGV[7] == '1' then
-  local now = tonumber(redis.call('TIME')[1])
+  local now = tonumber(ARGV[12])
   local kept = redis.call('HGETALL', KEYS[2])
   for i = 1, #kept, 2 do
     if (tonumber(string.sub(kept[i + 1], 1, -2)) or 0) <= now then
@@ -134,7 +136,7 @@ return {mark, outcome, sent, state[1] or '', state[2] or ''}
 # (or an earlier version's outcome key) goes.
 _MARK_SENT = """
 local ttl = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[1], tostring(tonumber(redis.call('TIME')[1]) + ttl) .. 's')
+redis.call('HSET', KEYS[1], ARGV[1], tostring(tonumber(ARGV[3]) + ttl) .. 's')
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('DEL', KEYS[2])
 return 1
@@ -323,7 +325,7 @@ class RedisIsolationStore:
         await self._batch.script(
             self._mark_sent,
             [self._requests_key(endpoint_id), self._request_key(endpoint_id, request_key)],
-            [_request_field(request_key), str(self._outcome_ttl_s)],
+            [_request_field(request_key), str(self._outcome_ttl_s), _now_s()],
         )
 
     async def commit(
@@ -367,6 +369,7 @@ class RedisIsolationStore:
             str(TIMELINE_MAX_EVENTS),
             _request_field(request_key) if request_key else "",
             "p" if pending else "n",
+            _now_s(),
         ]
         reply = await self._batch.script(self._commit, keys, args)
         status = reply[0]
@@ -628,6 +631,11 @@ class RedisReplicaStore:
     async def endpoint(self, endpoint_id: str) -> EndpointRecord | None:
         raw = await self._batch.command("GET", self._keys("isolation", "endpoint", endpoint_id))
         return None if raw is None else EndpointRecord.model_validate_json(raw)
+
+
+def _now_s() -> str:
+    # The writer's clock, not Redis TIME (outside the services' ACL): expiries are hours long.
+    return str(int(time.time()))
 
 
 def _request_field(request_key: str) -> bytes:

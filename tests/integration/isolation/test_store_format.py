@@ -37,8 +37,19 @@ def keys(redis_prefix: str) -> Keys:
 
 
 @pytest.fixture
-def store(redis: Redis, keys: Keys) -> RedisIsolationStore:
-    return RedisIsolationStore(redis, keys)
+async def service_redis(redis_url: str) -> AsyncIterator[Redis]:
+    """The isolation service's own Redis user (its ACL) where the test Redis has users."""
+    url = SECURITY.redis_url_for("isolation") if SECURITY.redis_url_for else redis_url
+    client = make_redis(url, ca_file=SECURITY.redis_ca_file)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def store(service_redis: Redis, keys: Keys) -> RedisIsolationStore:
+    return RedisIsolationStore(service_redis, keys)
 
 
 def key(keys: Keys, kind: str, name: str) -> str:
@@ -88,7 +99,7 @@ def issued_outcome(isolation: EndpointIsolation, request_id: str) -> RequestOutc
 
 
 async def test_state_of_the_previous_version_is_read_and_rewritten_compact(
-    store: RedisIsolationStore, redis: Redis, keys: Keys
+    store: RedisIsolationStore, redis: Redis, service_redis: Redis, keys: Keys
 ) -> None:
     old = isolated(2, "req-old")
     state_key = key(keys, "state", EP)
@@ -104,7 +115,7 @@ async def test_state_of_the_previous_version_is_read_and_rewritten_compact(
     assert len(stored) < len(new.model_dump_json()) / 2
     assert await store.load(EP) == (new, 5)
     # A second store (another instance, nothing remembered) reads the same bytes the same way.
-    assert await RedisIsolationStore(redis, keys).load(EP) == (new, 5)
+    assert await RedisIsolationStore(service_redis, keys).load(EP) == (new, 5)
 
 
 async def test_request_outcome_of_the_previous_version_still_recognises_a_redelivery(
