@@ -85,7 +85,9 @@ def build_app(
         max_attempts=settings.consumer_max_attempts,
         kafka_options=runtime.kafka_options,
     )
-    isolation_store = RedisIsolationStore(runtime.redis, runtime.keys, batcher)
+    isolation_store = RedisIsolationStore(
+        runtime.redis, runtime.keys, batcher, outcome_ttl_s=settings.request_outcome_ttl_s
+    )
     publisher = KafkaPublisher(runtime.producer, runtime.topics)
     service = IsolationService(
         store=isolation_store,

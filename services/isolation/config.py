@@ -27,6 +27,12 @@ class IsolationSettings(ServiceSettings):
         default_factory=lambda: ["http://127.0.0.1:8001", "http://localhost:8001"],
         description="Origins allowed to call this API from a browser (comma-separated).",
     )
+    request_outcome_ttl_s: int = Field(
+        24 * 3600,
+        ge=3600,
+        description="How long a request's outcome is kept so that a redelivered request is "
+        "recognised instead of applied again: longer than any record can wait uncommitted.",
+    )
     catch_up_timeout_s: float = Field(
         10.0, gt=0, description="How long a snapshot waits for the settings replica to catch up."
     )

@@ -71,9 +71,8 @@ _AUDIT_ENDPOINTS_MAX = 1000
 class IsolationStore(Protocol):
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]: ...
     async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]: ...
-    async def outcome(self, endpoint_id: str, request_key: str) -> RequestOutcome | None: ...
     async def begin(
-        self, endpoint_id: str, request_key: str
+        self, endpoint_id: str, account_id: str, request_key: str
     ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]: ...
     async def commit(
         self,
@@ -475,7 +474,7 @@ class IsolationService:
     ) -> RequestOutcome:
         # The request's earlier outcome and the endpoint's state are read together (one round
         # trip); the revision check at commit makes the pair safe to act on.
-        prior, stored, rev = await self._store.begin(endpoint_id, request_key)
+        prior, stored, rev = await self._store.begin(endpoint_id, account_id, request_key)
         if prior is not None:
             return await self._repeat(request_key, prior, actor, action)
         for attempt in range(_MAX_CONFLICT_RETRIES):

@@ -21,15 +21,19 @@ PolicyOutcome = Literal["pending", "applied", "failed"]
 
 
 class TimelineEvent(BaseModel):
-    """One stored state change: a policy issued, or the agent's report on it."""
+    """One stored state change: a policy issued, or the agent's report on it.
+
+    A report names its policy by sequence alone (unique per endpoint): its policy id and mode
+    are the issued event's. Reports stored by earlier versions also carry both; either reads.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     kind: TimelineKind
     at: datetime
     sequence: int
-    policy_id: str
-    mode: PolicyMode
+    policy_id: str = ""
+    mode: PolicyMode | None = None
     settings_version: int = 0
     issued_by: str = ""
     reason: str = ""
@@ -85,8 +89,6 @@ def timeline_event(isolation: EndpointIsolation, *, issued: bool) -> TimelineEve
         kind=kind,
         at=isolation.updated_at or policy.issued_at,
         sequence=isolation.desired_sequence,
-        policy_id=policy.policy_id,
-        mode=policy.mode,
         detail=isolation.detail,
         rules_sha256=isolation.rules_sha256,
     )
@@ -95,17 +97,22 @@ def timeline_event(isolation: EndpointIsolation, *, issued: bool) -> TimelineEve
 def fold_timeline(events: Iterable[TimelineEvent], limit: int) -> list[TimelinePolicy]:
     """Newest policy first, each with its newest report; reports of trimmed policies are dropped."""
     issued: dict[str, TimelineEvent] = {}
-    reports: dict[str, TimelineEvent] = {}
+    reports: dict[int, list[TimelineEvent]] = {}
     for event in events:
         if event.kind == "issued":
-            issued.setdefault(event.policy_id, event)
+            if event.mode is not None:  # always set on an issued event
+                issued.setdefault(event.policy_id, event)
         else:
-            known = reports.get(event.policy_id)
-            if known is None or event.at >= known.at:
-                reports[event.policy_id] = event
+            reports.setdefault(event.sequence, []).append(event)
     policies = []
     for event in sorted(issued.values(), key=lambda e: (e.sequence, e.at), reverse=True)[:limit]:
-        report = reports.get(event.policy_id)
+        report: TimelineEvent | None = None
+        for candidate in reports.get(event.sequence, ()):
+            # An earlier version's report names its policy: one on another policy never counts.
+            if candidate.policy_id not in ("", event.policy_id):
+                continue
+            if report is None or candidate.at >= report.at:
+                report = candidate
         status: PolicyOutcome = "pending"
         if report is not None:
             status = "applied" if report.kind == "applied" else "failed"
@@ -113,7 +120,7 @@ def fold_timeline(events: Iterable[TimelineEvent], limit: int) -> list[TimelineP
             TimelinePolicy(
                 sequence=event.sequence,
                 policy_id=event.policy_id,
-                mode=event.mode,
+                mode=event.mode or "none",
                 issued_at=event.at,
                 issued_by=event.issued_by,
                 reason=event.reason,

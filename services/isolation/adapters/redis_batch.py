@@ -39,6 +39,7 @@ class RedisBatcher:
         self._queue: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._pipelines: set[asyncio.Task[None]] = set()
+        self._loading: dict[str, asyncio.Future[Any]] = {}
 
     def command(self, *args: Any, **options: Any) -> asyncio.Future[Any]:
         """Queue one command; the future holds its reply (parsed as the client would)."""
@@ -56,9 +57,20 @@ class RedisBatcher:
         try:
             return await self.command("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            # Redis restarted or flushed its script cache: load it once more and run it again.
-            await self._redis.script_load(script.source)
+            # Redis restarted or flushed its script cache (or this is the script's first run):
+            # load it once more and run it again. Every caller of the same batch meets the error
+            # together; one load serves them all instead of one load (and one new connection)
+            # each.
+            await self._load(script)
             return await self.command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _load(self, script: BatchScript) -> None:
+        loading = self._loading.get(script.sha)
+        if loading is None:
+            loading = asyncio.ensure_future(self._redis.script_load(script.source))
+            self._loading[script.sha] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(script.sha, None))
+        await asyncio.shield(loading)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

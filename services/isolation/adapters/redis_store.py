@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
+from collections import OrderedDict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
+from services.isolation.adapters.codec import pack, unpack
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
 from services.isolation.domain import (
     EndpointIsolation,
@@ -26,25 +31,50 @@ from shared.messages import (
 )
 from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 
-REQUEST_OUTCOME_TTL_S = 7 * 24 * 3600
+log = logging.getLogger(__name__)
+
+# How long a request's outcome is remembered: a record redelivered later than this (its offset
+# still uncommitted after a day, e.g. a partition held that long behind a record retried through
+# an outage, then a crash) is applied again. Redeliveries come within minutes of the first
+# delivery; a day covers an outage ridden out without an operator (HOSTISO_REQUEST_OUTCOME_TTL_S).
+REQUEST_OUTCOME_TTL_S = 24 * 3600
 # A revocation is remembered this long (and at most this many per account): far longer than a
 # snapshot in flight takes, which is all the record is for (handlers.revoke_entries).
 REVOCATION_TTL_S = 7 * 24 * 3600
 REVOCATIONS_PER_ACCOUNT = 200
+# Bytes of the request id's BLAKE2b digest that name its outcome in the endpoint's hash: a hash
+# of 12-byte fields stays in Redis' compact encoding, and two of the endpoint's requests of one
+# day sharing 96 bits is beyond any practical chance.
+_REQUEST_FIELD_BYTES = 12
 
-
+# Request outcomes of one endpoint live in one hash (KEYS[2] of _COMMIT): field = the request
+# id's digest, value = '<expiry, epoch s><mark>' with mark 'n' (changed nothing), 'p' (issued a
+# policy whose command has not left yet; the whole outcome, to send again, waits in KEYS[4]) or
+# 's' (issued, command acknowledged). A few bytes per request instead of a key holding the whole
+# command. Earlier versions kept one key per request (KEYS[4], the same name, with the outcome
+# JSON) and a 'sent' marker key (KEYS[6]): both are still read until they expire.
+#
 # State and request outcome are written in one script: a crash can never store one without the
 # other, and the revision check makes concurrent writers (two lanes, status, other instances)
 # retry instead of overwriting each other. Every key it touches carries the endpoint's hash tag
 # (one Redis Cluster slot): the account's isolated/pending set is kept per endpoint bucket.
 # The endpoint's timeline (KEYS[5], bounded) gets the event of the change in the same script, so
 # it holds exactly the changes that were stored: no lost entry, no entry for a refused commit.
-# ARGV[7] = '1' when the write carries a request outcome: without one KEYS[2] and KEYS[4] are a
-# placeholder inside the service's namespace and slot (never read or written), because Redis
-# checks the ACL key patterns of every declared key and an empty name matches none.
+# ARGV[7] = '1' when the write carries a request outcome: without one KEYS[2], KEYS[4] and KEYS[6]
+# are a placeholder inside the service's namespace and slot (never read or written), because
+# Redis checks the ACL key patterns of every declared key and an empty name matches none.
+# Expired outcomes are dropped from the hash at the endpoint's next request (the hash holds the
+# requests of one TTL: a handful), and the whole hash expires a TTL after its last write. ARGV[12]
+# is the writer's time (epoch s).
 _COMMIT = """
-if ARGV[7] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
-  return {'dup', redis.call('GET', KEYS[2]), redis.call('EXISTS', KEYS[4])}
+if ARGV[7] == '1' then
+  local mark = redis.call('HGET', KEYS[2], ARGV[10])
+  if mark then
+    return {'dup', string.sub(mark, -1), redis.call('GET', KEYS[4]) or '', 0}
+  end
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    return {'dup', '', redis.call('GET', KEYS[4]), redis.call('EXISTS', KEYS[6])}
+  end
 end
 local rev = redis.call('HGET', KEYS[1], 'rev') or '0'
 if rev ~= ARGV[1] then
@@ -59,7 +89,19 @@ if ARGV[2] ~= '' then
   end
 end
 if ARGV[7] == '1' then
-  redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[4]))
+  local now = tonumber(ARGV[12])
+  local kept = redis.call('HGETALL', KEYS[2])
+  for i = 1, #kept, 2 do
+    if (tonumber(string.sub(kept[i + 1], 1, -2)) or 0) <= now then
+      redis.call('HDEL', KEYS[2], kept[i])
+    end
+  end
+  local ttl = tonumber(ARGV[4])
+  redis.call('HSET', KEYS[2], ARGV[10], tostring(now + ttl) .. ARGV[11])
+  redis.call('EXPIRE', KEYS[2], ttl)
+  if ARGV[3] ~= '' then
+    redis.call('SET', KEYS[4], ARGV[3], 'EX', ttl)
+  end
 end
 if ARGV[2] ~= '' and ARGV[8] ~= '' then
   redis.call('LPUSH', KEYS[5], ARGV[8])
@@ -68,13 +110,36 @@ end
 return {'ok', ''}
 """
 
-# A request's earlier outcome, whether its command left, and the endpoint's state: one round trip.
-# Missing values come back as '' (a Lua nil would cut the reply short).
+# A request's earlier outcome (mark, the pending or earlier-format outcome, the earlier format's
+# sent marker) and the endpoint's state: one round trip. Missing values come back as '' (a Lua
+# nil would cut the reply short).
 _BEGIN = """
-local outcome = redis.call('GET', KEYS[1]) or ''
-local sent = redis.call('EXISTS', KEYS[2]) == 1 and '1' or ''
+local mark = redis.call('HGET', KEYS[1], ARGV[1])
+local outcome, sent = '', ''
+if mark then
+  mark = string.sub(mark, -1)
+  if mark == 'p' then
+    outcome = redis.call('GET', KEYS[2]) or ''
+  end
+else
+  mark = ''
+  outcome = redis.call('GET', KEYS[2]) or ''
+  if outcome ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
+    sent = '1'
+  end
+end
 local state = redis.call('HMGET', KEYS[3], 'doc', 'rev')
-return {outcome, sent, state[1] or '', state[2] or ''}
+return {mark, outcome, sent, state[1] or '', state[2] or ''}
+"""
+
+# The command left: the outcome becomes its 's' mark and the whole outcome kept to send it again
+# (or an earlier version's outcome key) goes.
+_MARK_SENT = """
+local ttl = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], tostring(tonumber(ARGV[3]) + ttl) .. 's')
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('DEL', KEYS[2])
+return 1
 """
 
 # Events may be redelivered or replayed from the start: only a newer version replaces the replica.
@@ -180,21 +245,35 @@ class RedisIsolationStore:
 
     Keys of one endpoint share its hash tag (``{iso<bucket>}``); the account's set of isolated
     or pending endpoints is split by that bucket, so the commit script stays in one slot and
-    ``active_endpoints`` gathers the account's members from every bucket.
+    ``active_endpoints`` gathers the account's members from every bucket. State documents and
+    timeline events are stored packed (``codec``); those of earlier versions read as they are.
     """
 
-    def __init__(self, redis: RedisClient, keys: Keys, batcher: RedisBatcher | None = None) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        batcher: RedisBatcher | None = None,
+        *,
+        outcome_ttl_s: int = REQUEST_OUTCOME_TTL_S,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._batch = batcher or RedisBatcher(redis)
+        self._outcome_ttl_s = outcome_ttl_s
         self._commit = BatchScript(_COMMIT)
         self._begin = BatchScript(_BEGIN)
+        self._mark_sent = BatchScript(_MARK_SENT)
+        self._states = StateDecoder()
 
     def _state_key(self, endpoint_id: str) -> str:
         return self._keys("isolation", slot_tag(_TAG, endpoint_id), "state", endpoint_id)
 
     def _active_key(self, endpoint_id: str, account_id: str) -> str:
         return self._keys("isolation", slot_tag(_TAG, endpoint_id), "active", account_id)
+
+    def _requests_key(self, endpoint_id: str) -> str:
+        return self._keys("isolation", slot_tag(_TAG, endpoint_id), "requests", endpoint_id)
 
     def _request_key(self, endpoint_id: str, request_key: str) -> str:
         return self._keys("isolation", slot_tag(_TAG, endpoint_id), "request", request_key)
@@ -208,27 +287,29 @@ class RedisIsolationStore:
     async def timeline(self, endpoint_id: str, count: int) -> list[TimelineEvent]:
         """The endpoint's newest ``count`` timeline events, newest first."""
         raw = await self._batch.command("LRANGE", self._timeline_key(endpoint_id), 0, count - 1)
-        return [TimelineEvent.model_validate_json(item) for item in raw or []]
+        return [TimelineEvent.model_validate_json(unpack("event", item)) for item in raw or []]
 
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
         doc, rev = await self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev")
-        return _isolation(doc, rev)
+        return self._isolation(doc, rev)
 
     async def begin(
-        self, endpoint_id: str, request_key: str
+        self, endpoint_id: str, account_id: str, request_key: str
     ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]:
         """What the request already did (if anything), and the endpoint's state and revision."""
-        raw, sent, doc, rev = await self._batch.script(
+        mark, raw, sent, doc, rev = await self._batch.script(
             self._begin,
             [
+                self._requests_key(endpoint_id),
                 self._request_key(endpoint_id, request_key),
-                self._sent_key(endpoint_id, request_key),
                 self._state_key(endpoint_id),
+                self._sent_key(endpoint_id, request_key),
             ],
-            [],
+            [_request_field(request_key)],
         )
-        current, revision = _isolation(doc or None, rev or None)
-        return _outcome(raw or None, sent or None), current, revision
+        current, revision = self._isolation(doc or None, rev or None)
+        prior = _outcome(endpoint_id, account_id, mark, raw, sent=bool(sent))
+        return prior, current, revision
 
     async def load_many(self, endpoint_ids: list[str]) -> list[EndpointIsolation]:
         if not endpoint_ids:
@@ -237,20 +318,14 @@ class RedisIsolationStore:
         for endpoint_id in endpoint_ids:
             pipe.hget(self._state_key(endpoint_id), "doc")
         docs = await pipe.execute()
-        return [EndpointIsolation.model_validate_json(d) for d in docs if d is not None]
-
-    async def outcome(self, endpoint_id: str, request_key: str) -> RequestOutcome | None:
-        raw, sent = await self._batch.command(
-            "MGET",
-            self._request_key(endpoint_id, request_key),
-            self._sent_key(endpoint_id, request_key),
-        )
-        return _outcome(raw, sent)
+        return [self._states.decode(d) for d in docs if d is not None]
 
     async def mark_sent(self, endpoint_id: str, request_key: str) -> None:
         """The command left: a redelivery of the request need not send it again."""
-        await self._batch.command(
-            "SET", self._sent_key(endpoint_id, request_key), b"1", "EX", REQUEST_OUTCOME_TTL_S
+        await self._batch.script(
+            self._mark_sent,
+            [self._requests_key(endpoint_id), self._request_key(endpoint_id, request_key)],
+            [_request_field(request_key), str(self._outcome_ttl_s), _now_s()],
         )
 
     async def commit(
@@ -265,35 +340,49 @@ class RedisIsolationStore:
         """Store the new state (if ``changed``) and the request outcome, only if unchanged since read."""
         endpoint_id = isolation.endpoint_id
         unused = self._keys("isolation", slot_tag(_TAG, endpoint_id), "no-request")
+        with_request = request_key is not None and outcome is not None
         keys = [
             self._state_key(endpoint_id),
-            self._request_key(endpoint_id, request_key) if request_key else unused,
+            self._requests_key(endpoint_id) if request_key else unused,
             self._active_key(endpoint_id, isolation.account_id),
-            self._sent_key(endpoint_id, request_key) if request_key else unused,
+            self._request_key(endpoint_id, request_key) if request_key else unused,
             self._timeline_key(endpoint_id),
+            self._sent_key(endpoint_id, request_key) if request_key else unused,
         ]
         event = (
             timeline_event(isolation, issued=outcome is not None and outcome.kind == "policy")
             if changed
             else None
         )
-        args = [
+        # A policy keeps its whole outcome (the command to send again) until the command left.
+        pending = outcome is not None and outcome.kind == "policy"
+        doc = self._states.encode(isolation) if changed else b""
+        args: list[str | bytes] = [
             str(current_rev),
-            isolation.model_dump_json() if changed else "",
-            outcome.model_dump_json() if outcome else "",
-            str(REQUEST_OUTCOME_TTL_S),
+            doc,
+            outcome.model_dump_json() if outcome and pending else "",
+            str(self._outcome_ttl_s),
             "1" if isolation.isolated_or_pending else "0",
             isolation.endpoint_id,
-            "1" if request_key else "0",
-            event.model_dump_json() if event else "",
+            "1" if with_request else "0",
+            pack("event", event.model_dump_json(exclude_defaults=True).encode()) if event else "",
             str(TIMELINE_MAX_EVENTS),
+            _request_field(request_key) if request_key else "",
+            "p" if pending else "n",
+            _now_s(),
         ]
-        status, payload, *sent = await self._batch.script(self._commit, keys, args)
+        reply = await self._batch.script(self._commit, keys, args)
+        status = reply[0]
         if status == b"dup":
-            prior = RequestOutcome.model_validate_json(payload)
-            raise DuplicateRequest(prior.model_copy(update={"sent": bool(sent and sent[0])}))
+            _, mark, raw, sent = reply
+            prior = _outcome(endpoint_id, isolation.account_id, mark, raw, sent=bool(sent))
+            if prior is None:  # unreachable: a dup always carries a mark or an outcome
+                raise CommitConflictError(endpoint_id)
+            raise DuplicateRequest(prior)
         if status == b"conflict":
             raise CommitConflictError(isolation.endpoint_id)
+        if changed:
+            self._states.remember(doc, isolation)
 
     async def active_endpoints(self, account_id: str) -> list[str]:
         pipe = self._redis.pipeline(transaction=False)
@@ -303,6 +392,50 @@ class RedisIsolationStore:
         for bucket in await pipe.execute():
             members.update(m.decode() if isinstance(m, bytes) else str(m) for m in bucket)
         return sorted(members)
+
+    def _isolation(
+        self, doc: bytes | None, rev: bytes | None
+    ) -> tuple[EndpointIsolation | None, int]:
+        if doc is None:
+            return None, 0
+        return self._states.decode(doc), int(rev or 0)
+
+
+class StateDecoder:
+    """Packs state documents and decodes stored ones, remembering the newest decodes.
+
+    Decoding a state validates its frozen policy again, and checking each address is most of the
+    service's CPU per request; the same stored bytes are read several times (the REST check, the
+    request, the agent's report, the status reads). The memo is keyed by the exact bytes read
+    from Redis, so it can never answer anything Redis does not hold: it only skips parsing bytes
+    already parsed (the models are frozen). Bounded, oldest first out.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._decoded: OrderedDict[bytes, EndpointIsolation] = OrderedDict()
+
+    def encode(self, isolation: EndpointIsolation) -> bytes:
+        return pack("state", isolation.model_dump_json().encode())
+
+    def remember(self, stored: bytes, isolation: EndpointIsolation) -> None:
+        """``stored`` (just written) is ``isolation``: its next read need not parse it."""
+        self._put(stored, isolation)
+
+    def decode(self, stored: bytes) -> EndpointIsolation:
+        found = self._decoded.get(stored)
+        if found is not None:
+            self._decoded.move_to_end(stored)
+            return found
+        isolation = EndpointIsolation.model_validate_json(unpack("state", stored))
+        self._put(stored, isolation)
+        return isolation
+
+    def _put(self, stored: bytes, isolation: EndpointIsolation) -> None:
+        self._decoded[stored] = isolation
+        self._decoded.move_to_end(stored)
+        while len(self._decoded) > self._size:
+            self._decoded.popitem(last=False)
 
 
 # One key per account (its own slot): add the revocation scored by its settings version, keep the
@@ -500,13 +633,33 @@ class RedisReplicaStore:
         return None if raw is None else EndpointRecord.model_validate_json(raw)
 
 
-def _isolation(doc: bytes | None, rev: bytes | None) -> tuple[EndpointIsolation | None, int]:
-    if doc is None:
-        return None, 0
-    return EndpointIsolation.model_validate_json(doc), int(rev or 0)
+def _now_s() -> str:
+    # The writer's clock, not Redis TIME (outside the services' ACL): expiries are hours long.
+    return str(int(time.time()))
 
 
-def _outcome(raw: bytes | None, sent: bytes | None) -> RequestOutcome | None:
-    if raw is None:
-        return None
-    return RequestOutcome.model_validate_json(raw).model_copy(update={"sent": sent is not None})
+def _request_field(request_key: str) -> bytes:
+    return hashlib.blake2b(request_key.encode(), digest_size=_REQUEST_FIELD_BYTES).digest()
+
+
+def _outcome(
+    endpoint_id: str, account_id: str, mark: bytes, raw: bytes, *, sent: bool
+) -> RequestOutcome | None:
+    """The stored outcome: a mark (with the whole outcome while 'p'), or an earlier format's."""
+    if mark in (b"s", b"n"):
+        kind: Literal["policy", "noop"] = "policy" if mark == b"s" else "noop"
+        return RequestOutcome(
+            kind=kind, endpoint_id=endpoint_id, account_id=account_id, sent=kind == "policy"
+        )
+    if raw:
+        # 'p' (not sent yet) or an earlier version's outcome key with its own sent marker.
+        prior = RequestOutcome.model_validate_json(raw)
+        return prior.model_copy(update={"sent": sent and mark != b"p"})
+    if mark == b"p":
+        # The outcome to send again expired with the request (only after a TTL): nothing to send.
+        log.warning(
+            "request outcome expired before its command was sent",
+            extra={"endpoint_id": endpoint_id},
+        )
+        return RequestOutcome(kind="policy", endpoint_id=endpoint_id, account_id=account_id)
+    return None

@@ -51,3 +51,24 @@ async def test_a_script_redis_forgot_is_loaded_again(redis: Redis, redis_prefix:
     assert await batcher.script(script, [key], []) == 1
     await redis.script_flush()
     assert await batcher.script(script, [key], []) == 2
+
+
+async def test_callers_meeting_an_unloaded_script_together_load_it_once(
+    redis: Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batcher = RedisBatcher(redis)
+    script = BatchScript("return redis.call('INCR', KEYS[1]) -- first run of this script")
+    await redis.script_flush()
+    loads = 0
+    load = redis.script_load
+
+    async def counted(source: str) -> str:
+        nonlocal loads
+        loads += 1
+        return await load(source)
+
+    monkeypatch.setattr(redis, "script_load", counted)
+    key = f"{redis_prefix}counter"
+    replies = await asyncio.gather(*(batcher.script(script, [key], []) for _ in range(50)))
+    assert sorted(replies) == list(range(1, 51))
+    assert loads == 1

@@ -50,7 +50,7 @@ class MemoryStore:
         return found.model_copy(update={"sent": request_key in self.sent})
 
     async def begin(
-        self, endpoint_id: str, request_key: str
+        self, endpoint_id: str, account_id: str, request_key: str
     ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]:
         state, rev = await self.load(endpoint_id)
         return await self.outcome(endpoint_id, request_key), state, rev

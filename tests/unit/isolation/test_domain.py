@@ -172,6 +172,33 @@ def test_snapshot_refuses_another_accounts_settings() -> None:
         snapshot_allowlist("acct-1", allowlist("203.0.113.10", account="acct-2"))
 
 
+def test_strict_and_release_refuse_another_accounts_settings_too() -> None:
+    foreign = allowlist("203.0.113.10", account="acct-2")
+    with pytest.raises(TenancyViolationError):
+        isolate(fresh_isolation(ENDPOINT), mode="strict", settings=foreign)
+
+
+def test_strict_records_the_settings_version_it_knew_without_the_entries() -> None:
+    strict = issued(
+        isolate(
+            fresh_isolation(ENDPOINT), mode="strict", settings=allowlist("203.0.113.10", version=4)
+        )
+    )
+    assert (strict.policy.settings_version, strict.policy.allowed_outbound) == (4, ())
+
+
+def test_snapshots_of_the_same_entries_share_their_checked_peers() -> None:
+    settings = allowlist("203.0.113.10", "198.51.100.0/24")
+    first, _ = snapshot_allowlist("acct-1", settings)
+    again, _ = snapshot_allowlist("acct-1", settings.model_copy(update={"version": 2}))
+    assert first == again and all(a is b for a, b in zip(first, again, strict=True))
+    renamed = settings.entries[0].model_copy(update={"name": "RMM renamed"})
+    moved, _ = snapshot_allowlist(
+        "acct-1", settings.model_copy(update={"entries": (renamed, settings.entries[1])})
+    )
+    assert moved[0].name == "RMM renamed" and moved[1] is first[1]
+
+
 def test_standard_isolation_freezes_allowlist_into_pending_policy_sequence_one() -> None:
     decision = issued(isolate(fresh_isolation(ENDPOINT), settings=allowlist("203.0.113.10")))
     assert decision.policy.sequence == 1

@@ -169,3 +169,17 @@ def test_fold_keeps_each_policy_with_its_newest_report_newest_first() -> None:
     assert fold_timeline(newest_first, limit=1)[0].sequence == 2
     pending = fold_timeline([event("issued", 3, 10)], limit=5)
     assert (pending[0].status, pending[0].reported_at) == ("pending", None)
+
+
+def test_reports_name_their_policy_by_sequence_and_earlier_reports_by_id_still_fold() -> None:
+    by_sequence = event("applied", 2, 9).model_copy(update={"policy_id": "", "mode": None})
+    earlier_format = event("failed", 1, 5, "nft: busy")  # carries policy id and mode
+    foreign = event("applied", 1, 7).model_copy(update={"policy_id": "p-other"})
+    folded = fold_timeline(
+        [by_sequence, event("issued", 2, 8), foreign, earlier_format, event("issued", 1, 1)],
+        limit=10,
+    )
+    assert [(p.sequence, p.policy_id, p.mode, p.status) for p in folded] == [
+        (2, "p-2", "standard", "applied"),
+        (1, "p-1", "standard", "failed"),  # the report naming another policy does not count
+    ]

@@ -1,0 +1,253 @@
+"""The isolation store's Redis format: compact, short-lived outcomes; earlier versions' keys read."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from redis.asyncio import Redis
+
+from services.isolation.adapters.redis_store import RedisIsolationStore
+from services.isolation.domain import EndpointIsolation, RequestOutcome
+from services.isolation.handlers import DuplicateRequest
+from services.isolation.timeline import TimelineEvent, fold_timeline, timeline_event
+from shared.messages import AllowedPeer, EnforcePolicy, FrozenPolicy
+from shared.redis import Keys, make_redis, slot_tag
+from tests.helpers import SECURITY
+
+EP = "ep-format-1"
+ACCT = "acct-format"
+AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = make_redis(redis_url, ca_file=SECURITY.redis_ca_file)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def keys(redis_prefix: str) -> Keys:
+    return Keys(redis_prefix)
+
+
+@pytest.fixture
+async def service_redis(redis_url: str) -> AsyncIterator[Redis]:
+    """The isolation service's own Redis user (its ACL) where the test Redis has users."""
+    url = SECURITY.redis_url_for("isolation") if SECURITY.redis_url_for else redis_url
+    client = make_redis(url, ca_file=SECURITY.redis_ca_file)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def store(service_redis: Redis, keys: Keys) -> RedisIsolationStore:
+    return RedisIsolationStore(service_redis, keys)
+
+
+def key(keys: Keys, kind: str, name: str) -> str:
+    return keys("isolation", slot_tag("iso", EP), kind, name)
+
+
+def isolated(sequence: int, request_id: str, *, pending: bool = False) -> EndpointIsolation:
+    policy = FrozenPolicy(
+        policy_id=f"pol-{sequence}",
+        endpoint_id=EP,
+        account_id=ACCT,
+        sequence=sequence,
+        mode="standard",
+        allowed_outbound=tuple(
+            AllowedPeer(name=f"RMM {i}", address=f"203.0.113.{10 + i}") for i in range(5)
+        ),
+        platform=("198.51.100.1",),
+        settings_version=7,
+        issued_at=AT + timedelta(minutes=sequence),
+        issued_by="soc-1",
+        reason="incident 42",
+    )
+    return EndpointIsolation(
+        endpoint_id=EP,
+        account_id=ACCT,
+        state="isolation_pending" if pending else "isolated",
+        mode="standard",
+        policy=policy,
+        desired_sequence=sequence,
+        applied_sequence=0 if pending else sequence,
+        rules_sha256=None if pending else hashlib.sha256(b"rules").hexdigest(),
+        updated_at=AT + timedelta(minutes=sequence, seconds=5),
+        request_ids=(request_id,),
+    )
+
+
+def issued_outcome(isolation: EndpointIsolation, request_id: str) -> RequestOutcome:
+    assert isolation.policy is not None
+    return RequestOutcome(
+        kind="policy",
+        endpoint_id=EP,
+        account_id=ACCT,
+        detail="standard policy",
+        lane="normal",
+        command=EnforcePolicy(request_id=request_id, policy=isolation.policy),
+    )
+
+
+async def test_state_of_the_previous_version_is_read_and_rewritten_compact(
+    store: RedisIsolationStore, redis: Redis, service_redis: Redis, keys: Keys
+) -> None:
+    old = isolated(2, "req-old")
+    state_key = key(keys, "state", EP)
+    await redis.hset(state_key, mapping={"doc": old.model_dump_json(), "rev": "4"})
+
+    assert await store.load(EP) == (old, 4)
+    assert await store.load_many([EP]) == [old]
+
+    new = isolated(3, "req-new", pending=True)
+    await store.commit(4, new, changed=True)
+    stored = await redis.hget(state_key, "doc")
+    assert stored is not None and stored[:1] == b"\x01"
+    assert len(stored) < len(new.model_dump_json()) / 2
+    assert await store.load(EP) == (new, 5)
+    # A second store (another instance, nothing remembered) reads the same bytes the same way.
+    assert await RedisIsolationStore(service_redis, keys).load(EP) == (new, 5)
+
+
+async def test_request_outcome_of_the_previous_version_still_recognises_a_redelivery(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    state = isolated(2, "req-sent")
+    await redis.hset(key(keys, "state", EP), mapping={"doc": state.model_dump_json(), "rev": "1"})
+    sent = issued_outcome(state, "req-sent")
+    await redis.set(key(keys, "request", "req-sent"), sent.model_dump_json(), ex=600)
+    await redis.set(key(keys, "request-sent", "req-sent"), b"1", ex=600)
+    unsent = issued_outcome(state, "req-unsent")
+    await redis.set(key(keys, "request", "req-unsent"), unsent.model_dump_json(), ex=600)
+
+    prior, current, rev = await store.begin(EP, ACCT, "req-sent")
+    assert prior == sent.model_copy(update={"sent": True})
+    assert (current, rev) == (state, 1)
+    prior, _, _ = await store.begin(EP, ACCT, "req-unsent")
+    assert prior == unsent  # not sent: the command is there to send again
+    with pytest.raises(DuplicateRequest) as dup:
+        await store.commit(1, state, changed=False, request_key="req-unsent", outcome=unsent)
+    assert dup.value.outcome == unsent
+
+    await store.mark_sent(EP, "req-unsent")
+    prior, _, _ = await store.begin(EP, ACCT, "req-unsent")
+    assert prior is not None and prior.kind == "policy" and prior.sent
+    assert await redis.exists(key(keys, "request", "req-unsent")) == 0
+
+
+async def test_outcome_is_a_mark_in_the_endpoints_hash_once_its_command_left(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    state = isolated(1, "req-1", pending=True)
+    outcome = issued_outcome(state, "req-1")
+    await store.commit(0, state, changed=True, request_key="req-1", outcome=outcome)
+    # Until the command is acknowledged the whole outcome is kept to send it again.
+    prior, _, _ = await store.begin(EP, ACCT, "req-1")
+    assert prior == outcome
+    assert await redis.exists(key(keys, "request", "req-1")) == 1
+
+    await store.mark_sent(EP, "req-1")
+    assert await redis.exists(key(keys, "request", "req-1")) == 0
+    prior, _, _ = await store.begin(EP, ACCT, "req-1")
+    assert prior == RequestOutcome(kind="policy", endpoint_id=EP, account_id=ACCT, sent=True)
+    with pytest.raises(DuplicateRequest) as dup:
+        await store.commit(1, state, changed=True, request_key="req-1", outcome=outcome)
+    assert dup.value.outcome.sent and dup.value.outcome.kind == "policy"
+
+    noop = RequestOutcome(kind="noop", endpoint_id=EP, account_id=ACCT, detail="already")
+    await store.commit(1, state, changed=False, request_key="req-2", outcome=noop)
+    prior, _, _ = await store.begin(EP, ACCT, "req-2")
+    assert prior is not None and prior.kind == "noop"
+    assert await redis.exists(key(keys, "request", "req-2")) == 0
+
+    requests = key(keys, "requests", EP)
+    assert await redis.hlen(requests) == 2
+    assert 0 < await redis.ttl(requests) <= 24 * 3600
+    assert await redis.object("encoding", requests) == b"listpack"
+
+
+async def test_expired_outcomes_leave_the_hash_at_the_endpoints_next_request(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    requests = key(keys, "requests", EP)
+    expired = hashlib.blake2b(b"req-old", digest_size=12).digest()
+    await redis.hset(requests, expired, b"1000s")  # expired in 1970
+    state = isolated(1, "req-new")
+    noop = RequestOutcome(kind="noop", endpoint_id=EP, account_id=ACCT)
+    await store.commit(0, state, changed=False, request_key="req-new", outcome=noop)
+    assert await redis.hexists(requests, expired) is False
+    assert await redis.hlen(requests) == 1
+
+
+async def test_timeline_reads_events_of_both_formats_newest_first(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    first = isolated(1, "req-1", pending=True)
+    old_issued = timeline_event(first, issued=True)
+    old_applied = timeline_event(isolated(1, "req-1"), issued=False)
+    assert old_issued is not None and old_applied is not None
+    timeline = key(keys, "timeline", EP)
+    await redis.lpush(timeline, old_issued.model_dump_json(), old_applied.model_dump_json())
+    await redis.hset(
+        key(keys, "state", EP), mapping={"doc": isolated(1, "req-1").model_dump_json(), "rev": "2"}
+    )
+
+    second = isolated(2, "req-2", pending=True)
+    await store.commit(
+        2, second, changed=True, request_key="req-2", outcome=issued_outcome(second, "req-2")
+    )
+    await store.commit(3, isolated(2, "req-2"), changed=True)
+
+    events = await store.timeline(EP, 10)
+    assert [(e.kind, e.sequence) for e in events] == [
+        ("applied", 2),
+        ("issued", 2),
+        ("applied", 1),
+        ("issued", 1),
+    ]
+    assert events[2:] == [old_applied, old_issued]
+    packed = await redis.lindex(timeline, 0)
+    assert packed is not None and packed[:1] == b"\x01"
+    folded = fold_timeline(events, 10)
+    assert [(p.sequence, p.status, p.issued_by, p.request_ids) for p in folded] == [
+        (2, "applied", "soc-1", ("req-2",)),
+        (1, "applied", "soc-1", ("req-1",)),
+    ]
+    assert isinstance(events[0], TimelineEvent)
+
+
+async def test_an_isolated_endpoint_costs_redis_a_fraction_of_what_it_did(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    """MEMORY USAGE after ten requests: bounds the per-kind figures of the bench's table."""
+    rev = 0
+    for sequence in range(1, 11):
+        request_id = f"{'a' * 36}:{sequence}"
+        pending = isolated(sequence, request_id, pending=True)
+        await store.commit(
+            rev,
+            pending,
+            changed=True,
+            request_key=request_id,
+            outcome=issued_outcome(pending, request_id),
+        )
+        await store.mark_sent(EP, request_id)
+        await store.commit(rev + 1, isolated(sequence, request_id), changed=True)
+        rev += 2
+
+    async def usage(kind: str) -> int:
+        found = await redis.memory_usage(key(keys, kind, EP), samples=0)
+        return int(found or 0)
+
+    assert await usage("state") < 800  # was 1,304 B with the same policy
+    assert await usage("requests") < 600  # was ~1,150 B for each request
+    assert await usage("timeline") < 3_000  # was 6,400 B for these 20 events
