@@ -267,6 +267,7 @@ class AgentLoop:
                 watchdog.cancel()
             if counting is not None:
                 counting.cancel()
+            self.store.flush()
 
     async def _send_pending(self, stop: asyncio.Event, enrollment: Enrollment) -> None:
         if self.state.pending_report is not None:
@@ -373,7 +374,7 @@ class AgentLoop:
     async def _sent(self, report: StatusReport) -> None:
         if self.state.pending_report == report.to_json():
             self.state.pending_report = None
-            await self.store.persist(self.state)
+            await self.store.persist_lazily(self.state)
 
     async def _watch_table(self, stop: asyncio.Event, interval: float) -> None:
         applier = self.applier
