@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from agent.applier import AgentStats, PolicyApplier
 from agent.client import (
@@ -274,6 +275,17 @@ class AgentLoop:
             await self._report(stop, enrollment, StatusReport.from_json(self.state.pending_report))
 
     async def _poll_loop(self, stop: asyncio.Event, enrollment: Enrollment) -> None:
+        # One waiter on ``stop`` for the whole loop, not one per poll: thousands of simulated
+        # agents poll in one process, and a task made and cancelled per poll is CPU for nothing.
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await self._polls(stop, stopping, enrollment)
+        finally:
+            stopping.cancel()
+
+    async def _polls(
+        self, stop: asyncio.Event, stopping: asyncio.Task[Literal[True]], enrollment: Enrollment
+    ) -> None:
         applier = self.applier
         assert applier is not None
         backoff = Backoff(stop, cap=self.backoff_cap)
@@ -285,12 +297,10 @@ class AgentLoop:
                     enrollment, after=self.state.poll_cursor, wait=self.poll_wait
                 )
             )
-            stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if poll not in done:
                 poll.cancel()
                 return
-            stopping.cancel()
             try:
                 signed = poll.result()
             except EnforcerUnavailableError as exc:
