@@ -11,3 +11,10 @@ async def test_micro_profile_applies_and_reports_every_policy_of_every_agent(
     result = await measure(agents=3, policies=4, directory=tmp_path)
     assert result.applied == 12
     assert result.cpu_seconds > 0
+
+
+async def test_micro_profile_over_http_uses_the_light_client_and_gzipped_policies(
+    tmp_path: Path,
+) -> None:
+    result = await measure(agents=2, policies=3, directory=tmp_path, http=True)
+    assert result.applied == 6
