@@ -85,11 +85,13 @@ class PolicyApplier:
         state = self.state
         last = state.last_policy
         if (
-            last is not None
+            # The sequence first: a new policy (the usual case) is told apart without
+            # comparing the whole signed document.
+            policy.sequence == state.last_applied_sequence
+            and last is not None
             and self._stored_trusted
-            and last == signed
-            and policy.sequence == state.last_applied_sequence
             and state.last_rules_sha256 is not None
+            and last == signed
         ):
             # Redelivery of what is in force (e.g. our earlier ack was lost): ack again, no re-apply.
             return Decision(

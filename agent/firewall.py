@@ -81,21 +81,70 @@ async def tcp_reachable(probe: Probe, timeout: float) -> tuple[bool, str]:
     return True, f"{probe}: connected"
 
 
+# What a ruleset's text depends on besides the host facts and the table name: the mode and, per
+# peer, what is rendered of it (its display name is not). Policy, endpoint and account ids and
+# the sequence never reach the text.
+_RenderKey = tuple[
+    str, tuple[tuple[str, str, tuple[int, ...]], ...], tuple[str, ...], HostFacts, str
+]
+
+
+class RenderCache:
+    """Rendered rulesets and their hashes by what they are rendered from, at most ``size``.
+
+    For simulated agents only: every agent of a simulated process belongs to one account and
+    is sent the same allowlist, so thousands of them would render the same table thousands of
+    times. The text is still the one ``render_ruleset`` (the real agent's renderer) returns: a
+    miss renders it, and a render that raises (a host fact nft cannot name) is never stored,
+    so it is refused every time. Policies with an expiring entry are rendered every time:
+    their text holds the seconds left, which depend on the apply time.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._rendered: dict[_RenderKey, tuple[str, str]] = {}
+
+    def render(self, policy: FrozenPolicy, facts: HostFacts, table: str) -> tuple[str, str]:
+        """``(ruleset, rules_sha256)`` of ``policy``; raises as ``render_ruleset`` does."""
+        peers = policy.allowed_outbound
+        if any(peer.expires_at is not None for peer in peers):
+            ruleset = render_ruleset(policy, facts, table)
+            return ruleset, rules_sha256(ruleset)
+        key: _RenderKey = (
+            policy.mode,
+            tuple((peer.address, peer.protocol, peer.ports) for peer in peers),
+            policy.platform,
+            facts,
+            table,
+        )
+        known = self._rendered.get(key)
+        if known is None:
+            ruleset = render_ruleset(policy, facts, table)
+            known = (ruleset, rules_sha256(ruleset))
+            if len(self._rendered) >= self.size:
+                del self._rendered[next(iter(self._rendered))]  # the oldest
+            self._rendered[key] = known
+        return known
+
+
+# Shared by the simulated agents of a process (each has its own SimulatedFirewall).
+SIMULATED_RENDERS = RenderCache()
+
+
 class SimulatedFirewall:
     """Renders (so bad addresses are still refused) and hashes, but touches nothing on the host."""
 
-    def __init__(self, facts: HostFacts, table: str) -> None:
+    def __init__(self, facts: HostFacts, table: str, *, renders: RenderCache | None = None) -> None:
         self.facts = facts
         self.table = table
+        self.renders = SIMULATED_RENDERS if renders is None else renders
 
     async def apply(self, policy: FrozenPolicy, *, rollback_on_failure: bool) -> ApplyOutcome:
         try:
-            ruleset = render_ruleset(policy, self.facts, self.table)
+            ruleset, digest = self.renders.render(policy, self.facts, self.table)
         except InvalidAddressError as exc:
             return ApplyOutcome("failed", None, f"refused to render: {exc}", rules_in_force=False)
-        return ApplyOutcome(
-            "applied", rules_sha256(ruleset), "simulated", rules_in_force=True, ruleset=ruleset
-        )
+        return ApplyOutcome("applied", digest, "simulated", rules_in_force=True, ruleset=ruleset)
 
     async def table_present(self) -> bool:
         return True

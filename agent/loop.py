@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from agent.applier import AgentStats, PolicyApplier
 from agent.client import (
@@ -267,12 +268,24 @@ class AgentLoop:
                 watchdog.cancel()
             if counting is not None:
                 counting.cancel()
+            self.store.flush()
 
     async def _send_pending(self, stop: asyncio.Event, enrollment: Enrollment) -> None:
         if self.state.pending_report is not None:
             await self._report(stop, enrollment, StatusReport.from_json(self.state.pending_report))
 
     async def _poll_loop(self, stop: asyncio.Event, enrollment: Enrollment) -> None:
+        # One waiter on ``stop`` for the whole loop, not one per poll: thousands of simulated
+        # agents poll in one process, and a task made and cancelled per poll is CPU for nothing.
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await self._polls(stop, stopping, enrollment)
+        finally:
+            stopping.cancel()
+
+    async def _polls(
+        self, stop: asyncio.Event, stopping: asyncio.Task[Literal[True]], enrollment: Enrollment
+    ) -> None:
         applier = self.applier
         assert applier is not None
         backoff = Backoff(stop, cap=self.backoff_cap)
@@ -284,12 +297,10 @@ class AgentLoop:
                     enrollment, after=self.state.poll_cursor, wait=self.poll_wait
                 )
             )
-            stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if poll not in done:
                 poll.cancel()
                 return
-            stopping.cancel()
             try:
                 signed = poll.result()
             except EnforcerUnavailableError as exc:
@@ -373,7 +384,7 @@ class AgentLoop:
     async def _sent(self, report: StatusReport) -> None:
         if self.state.pending_report == report.to_json():
             self.state.pending_report = None
-            await self.store.persist(self.state)
+            await self.store.persist_lazily(self.state)
 
     async def _watch_table(self, stop: asyncio.Event, interval: float) -> None:
         applier = self.applier

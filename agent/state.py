@@ -54,7 +54,7 @@ class AgentState(BaseModel):
 
 
 class StateStore:
-    """One JSON file in the state directory, replaced atomically (write, fsync, rename)."""
+    """One JSON file in the state directory, replaced atomically (write, fsync if durable, rename)."""
 
     def __init__(self, directory: Path, *, durable: bool = True) -> None:
         self.directory = directory
@@ -62,6 +62,9 @@ class StateStore:
         # A real host must find its policy after a power loss (fsync). A simulated agent enforces
         # nothing, and thousands of them in one process would queue on the disk instead.
         self.durable = durable
+        # A change only a non-durable store leaves for its next write (see ``persist_lazily``).
+        self._unwritten: AgentState | None = None
+        self._directory_made = False
 
     def load(self) -> AgentState:
         try:
@@ -87,7 +90,9 @@ class StateStore:
         return state
 
     def save(self, state: AgentState) -> None:
-        self._write(state.model_dump_json(indent=1).encode())
+        self._write(_dump(state))
+        if self._unwritten is state:
+            self._unwritten = None
 
     async def persist(self, state: AgentState) -> None:
         """``save`` without blocking the event loop on fsync (many agents share one loop).
@@ -95,26 +100,75 @@ class StateStore:
         The snapshot is taken in the loop, so later changes to ``state`` cannot tear the write;
         each agent awaits its own writes, so they never overlap on one file.
         """
-        data = state.model_dump_json(indent=1).encode()
+        data = _dump(state)
+        if self._unwritten is state:
+            self._unwritten = None
         if not self.durable:
             # Without fsync the write only reaches the page cache (tens of microseconds): a
-            # thread hop would cost more than it saves, twice per policy for every agent.
+            # thread hop would cost more than it saves, for every agent.
             self._write(data)
             return
         await asyncio.to_thread(self._write, data)
 
+    async def persist_lazily(self, state: AgentState) -> None:
+        """``persist`` for a change that only forgets finished work (a report the enforcer took).
+
+        A durable store (a real host) writes it now. A non-durable one (simulated agents) keeps
+        it for its next write or ``flush``: one write per policy instead of two. Losing it to a
+        crash only sends that report again at start, which the enforcer takes as a redelivery
+        (as it does when a real host crashes between the answer and this write).
+        """
+        if self.durable:
+            await self.persist(state)
+            return
+        self._unwritten = state
+
+    def flush(self) -> None:
+        """Write what ``persist_lazily`` left unwritten (the agent is stopping)."""
+        if self._unwritten is not None:
+            self.save(self._unwritten)
+
     def _write(self, data: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.durable:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._write_durably(data)
+            return
+        if not self._directory_made:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._directory_made = True
+        # Simulated agents: one temporary name per state directory is enough (each agent's
+        # non-durable writes are synchronous, so two never interleave), and one write call;
+        # the rename still keeps a torn file from ever being read back.
+        tmp = self.directory / ".agent-state.tmp"
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+
+    def _write_durably(self, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".agent-state.")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                if self.durable:
-                    os.fsync(handle.fileno())
+                os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def _dump(state: AgentState) -> bytes:
+    return state.model_dump_json(indent=1).encode()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -107,6 +107,18 @@ async def test_redelivery_of_the_policy_in_force_is_acked_again_without_reapplyi
     assert len(firewall.applied) == 1
 
 
+async def test_another_policy_with_the_sequence_in_force_is_refused_not_acked(
+    tmp_path: Path, signer: TestSigner
+) -> None:
+    firewall = RecordingFirewall()
+    applier = _applier(tmp_path, signer, firewall)
+    await applier.receive(signer.sign(make_policy(sequence=2)))
+    other = signer.sign(make_policy(sequence=2, mode="none"))
+    decision = await applier.receive(other)
+    assert decision.refused and "not above" in decision.report.detail
+    assert len(firewall.applied) == 1
+
+
 async def test_failed_apply_moves_the_poll_cursor_but_not_the_fence(
     tmp_path: Path, signer: TestSigner
 ) -> None:
