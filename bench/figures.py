@@ -576,6 +576,17 @@ async def footprint(stack: Stack, isolated: int, accounts: int, entries: int) ->
             for key in keys:
                 pipe.memory_usage(key, samples=0)
             sizes = await pipe.execute()
+        # Request outcomes are fields of one hash per endpoint (isolation:requests): count them.
+        outcome_keys = [
+            k
+            for k in keys
+            if key_kind_parts(k.decode()[len(stack.redis_prefix) :])[:2]
+            == ["isolation", "requests"]
+        ]
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in outcome_keys:
+                pipe.hlen(key)
+            outcomes = sum(int(n or 0) for n in await pipe.execute())
     finally:
         await redis.aclose()
     for key, size in zip(keys, sizes, strict=True):
@@ -590,9 +601,9 @@ async def footprint(stack: Stack, isolated: int, accounts: int, entries: int) ->
         return sum(by_kind.get(n, {"bytes": 0})["bytes"] for n in names)
 
     per_endpoint = total("isolation:state", "enforcer:policy") / max(isolated, 1)
-    per_request = total("isolation:request", "isolation:request-sent") / max(
-        by_kind.get("isolation:request", {"keys": 1})["keys"], 1
-    )
+    # Whole outcomes (isolation:request) live only until the command left; the per-endpoint
+    # hash keeps a 12-byte mark per request for the outcome TTL (24 h by default).
+    per_request = total("isolation:request", "isolation:requests") / max(outcomes, 1)
     per_agent = total("enforcer:agent", "enforcer:token", "isolation:endpoint") / max(
         by_kind.get("enforcer:agent", {"keys": 1})["keys"], 1
     )
@@ -601,7 +612,7 @@ async def footprint(stack: Stack, isolated: int, accounts: int, entries: int) ->
     return {
         "isolated_endpoints": isolated,
         "bytes_per_isolated_endpoint": round(per_endpoint),
-        "bytes_per_request_outcome_7d_ttl": round(per_request),
+        "bytes_per_request_outcome": round(per_request),
         "bytes_per_enrolled_agent": round(per_agent),
         "accounts_with_allowlist": accounts,
         "entries_per_allowlist": entries,

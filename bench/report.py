@@ -150,7 +150,7 @@ def bench_table(report: dict[str, Any]) -> str:
         (
             "6 Redis bytes per isolated endpoint",
             fp["bytes_per_isolated_endpoint"],
-            f"+ {fp['bytes_per_request_outcome_7d_ttl']} B per request outcome (7 d TTL)",
+            f"+ {fp['bytes_per_request_outcome']} B per request outcome (24 h TTL)",
         ),
         ("6 Redis bytes per enrolled agent", fp["bytes_per_enrolled_agent"], ""),
         (

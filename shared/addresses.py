@@ -9,6 +9,7 @@ non-literal as a hostname to resolve).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -94,7 +95,22 @@ def parse_address_or_prefix(
 
     ``max_prefix_v4``/``max_prefix_v6`` are the widest prefix lengths accepted (the settings
     service passes its configured limits; the defaults are the widest any configuration allows).
+
+    Every policy the services and agents decode checks each of its peers here (about 10 us per
+    address, most of a policy's decode): the answer for a string is pure and immutable, so it is
+    remembered. A refusal is not cached (it raises again, with the same message, each time).
     """
+    if isinstance(value, str):
+        return _parse_text(value, max_prefix_v4, max_prefix_v6)
+    return _parse(value, max_prefix_v4, max_prefix_v6)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _parse_text(value: str, max_prefix_v4: int, max_prefix_v6: int) -> IPNetwork:
+    return _parse(value, max_prefix_v4, max_prefix_v6)
+
+
+def _parse(value: object, max_prefix_v4: int, max_prefix_v6: int) -> IPNetwork:
     text = _literal(value)
     if "/" not in text:
         return ipaddress.ip_network(parse_host_address(text))

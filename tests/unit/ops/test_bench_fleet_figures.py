@@ -108,7 +108,7 @@ def test_the_printed_table_carries_the_fleet_fields() -> None:
         "footprint": {
             "isolated_endpoints": 10,
             "bytes_per_isolated_endpoint": 900,
-            "bytes_per_request_outcome_7d_ttl": 100,
+            "bytes_per_request_outcome": 100,
             "bytes_per_enrolled_agent": 600,
             "entries_per_allowlist": 5,
             "bytes_per_account_allowlist": 1000,

@@ -42,6 +42,7 @@ TEST_TOOLS = {
     "faststream": "the tests import shared.asyncapi, which imports it (the docs extra)",
     "pyinstrument": "`python -m bench --profile` runs the services under it (a script template)",
     "schemathesis": "tests/e2e/realstack/test_schemathesis_realstack.py runs its CLI",
+    "py-spy": "`python -m services.enforcer.measure --spy` samples the enforcer with its CLI",
 }
 
 
