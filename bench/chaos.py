@@ -372,7 +372,10 @@ class Chaos:
                 ends = await _end_offsets(self.stack, topic)
                 while True:
                     committed = await self._committed(topics.group(group), list(ends))
-                    behind = {tp: end for tp, end in ends.items() if committed.get(tp, 0) < end}
+                    # -1: nothing committed yet, which is only behind if the partition has records.
+                    behind = {
+                        tp: end for tp, end in ends.items() if max(committed.get(tp, 0), 0) < end
+                    }
                     if not behind:
                         break
                     if time.monotonic() > deadline:
