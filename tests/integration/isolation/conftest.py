@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from redis.asyncio import Redis
 
 from services.isolation.bootstrap import build_app
 from services.isolation.config import IsolationSettings
@@ -25,10 +26,21 @@ from shared.messages import (
     Message,
     PolicyStatusReported,
 )
+from shared.redis import make_redis
 from shared.topics import Topics
 from tests.helpers import SECURITY, kafka_admin_options, read_topic, wait_for
 
 SOC = Actor(sub="soc-analyst", role="soc")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the test Redis (its admin user where the test Redis has users)."""
+    client = make_redis(redis_url, ca_file=SECURITY.redis_ca_file)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 class RecordingSettingsClient:

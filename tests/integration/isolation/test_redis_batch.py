@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
-from shared.redis import make_redis
-from tests.helpers import SECURITY
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = make_redis(redis_url, ca_file=SECURITY.redis_ca_file)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_commands_issued_together_share_a_pipeline_and_keep_their_own_results(

@@ -23,15 +23,6 @@ AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = make_redis(redis_url, ca_file=SECURITY.redis_ca_file)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 def keys(redis_prefix: str) -> Keys:
     return Keys(redis_prefix)
 
