@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+import hiredis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 CLUSTER_SCHEME = "redis+cluster://"
 
@@ -45,6 +51,125 @@ def redis_tls_options(url: str, ca_file: str | None) -> dict[str, Any]:
     return {"ssl_ca_certs": ca_file, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
 
 
+# Argument types hiredis packs exactly as redis-py's encoder does (no bool, float or memoryview).
+_PACKED_AS_IS = frozenset({bytes, str, int})
+
+
+class _FastCommands:
+    """What redis-py's asyncio connection does per command, with its two avoidable costs cut.
+
+    - packing: redis-py packs commands in Python; hiredis (pinned, already its reply parser)
+      packs them in C. Only bytes, str and int arguments with the UTF-8 strict encoder, and a
+      first argument without spaces, take that path: anything else is packed by redis-py.
+    - writing: redis-py wraps every write in ``asyncio.wait_for`` (a new Task per command on
+      Python 3.11). The write is buffered at once; only when the transport holds bytes back
+      does the drain wait, and only then under the socket timeout (same error, same
+      disconnect, as redis-py's).
+    """
+
+    encoder: Any
+    socket_timeout: float | None
+    _writer: Any
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        head = args[0] if args else None
+        if (
+            ((type(head) is str and " " not in head) or (type(head) is bytes and b" " not in head))
+            and self.encoder.encoding == "utf-8"
+            and self.encoder.encoding_errors == "strict"
+            and all(type(arg) in _PACKED_AS_IS for arg in args)
+        ):
+            return [hiredis.pack_command(args)]
+        return super().pack_command(*args)  # type: ignore[misc, no-any-return]
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        writer = self._writer
+        writer.writelines(command)
+        if self.socket_timeout and writer.transport.get_write_buffer_size():
+            async with asyncio.timeout(self.socket_timeout):
+                await writer.drain()
+        else:
+            # Nothing held back: drain() returns at once (raising if the link was lost).
+            await writer.drain()
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        if not isinstance(command, list):
+            return await super().send_packed_command(command, check_health)  # type: ignore[misc, no-any-return]
+        if not self.is_connected:  # type: ignore[attr-defined]
+            await self.connect_check_health(check_health=False)  # type: ignore[attr-defined]
+        if check_health:
+            await self.check_health()  # type: ignore[attr-defined]
+        try:
+            await self._send_packed_command(command)
+        except TimeoutError:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as e:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            if len(e.args) == 1:
+                err_no, errmsg = "UNKNOWN", e.args[0]
+            else:
+                err_no, errmsg = e.args[0], e.args[1]
+            raise RedisConnectionError(f"Error {err_no} while writing to socket. {errmsg}.") from e
+        except BaseException:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise
+
+
+class FastConnection(_FastCommands, Connection):
+    """A TCP connection packing with hiredis and writing without a Task per command."""
+
+
+class FastSSLConnection(_FastCommands, SSLConnection):
+    """The TLS counterpart of ``FastConnection``."""
+
+
+_FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: FastConnection,
+    SSLConnection: FastSSLConnection,
+}
+
+
+class BoundedConnectionPool(ConnectionPool):
+    """A plain pool behind a semaphore: at most ``max_connections`` connections, and a command
+    beyond that waits up to ``timeout`` seconds for one (then ConnectionError, as redis-py's
+    BlockingConnectionPool answers), without that pool's per-command Condition and timer.
+
+    Only a command that finds every connection taken arms a timer.
+    """
+
+    def __init__(self, *, timeout: float | None = 20.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(self.max_connections)
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await slots.acquire()
+            except TimeoutError as err:
+                raise RedisConnectionError("No connection available.") from err
+        else:
+            await slots.acquire()  # free: returns at once
+        try:
+            # Never beyond the bound here, so the plain pool never raises MaxConnectionsError.
+            return await super().get_connection()  # type: ignore[no-untyped-call]
+        except BaseException:
+            # The plain pool released the connection it took, if it took one; the slot is ours.
+            slots.release()
+            raise
+
+    async def release(self, connection: AbstractConnection) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._slots.release()
+
+
 def make_redis(
     url: str,
     *,
@@ -55,15 +180,18 @@ def make_redis(
     """A client with a bounded pool; callers decode the bytes they read.
 
     The default pool opens one connection per concurrent command, so a burst (thousands of
-    long-polling agents, a hot consumer) can exhaust Redis' or the OS's limits; a blocking pool
-    makes such bursts queue for a connection instead.
+    long-polling agents, a hot consumer) can exhaust Redis' or the OS's limits; the bounded
+    pool makes such bursts queue for a connection instead (``BoundedConnectionPool``).
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
+    options = parse_url(url)  # what from_url would pass on (rediss:// names SSLConnection)
+    plain = options.pop("connection_class", Connection)
+    pool = BoundedConnectionPool(
+        connection_class=_FAST.get(plain, plain),
         max_connections=max_connections,
         timeout=pool_timeout_s,
         health_check_interval=30,
         **redis_tls_options(url, ca_file),
+        **options,
     )
     return Redis(connection_pool=pool, decode_responses=False)
 

@@ -1,0 +1,182 @@
+"""shared.redis's fast connection and bounded pool answer exactly what redis-py's would."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.redis import BoundedConnectionPool, FastConnection, FastSSLConnection, make_redis
+
+CASES: list[tuple[Any, ...]] = [
+    ("EVALSHA", "a" * 40, 2, "p:{enf07}:e1", "p:{enf07}:e2", "digest", 0),
+    (b"EVALSHA", b"sha", 1, b"key", -12, 10**19, b"\x00\xff binary"),
+    ("GET", "clé-ünïcode"),
+    ("SET", "k", b"v" * 200_000),  # above redis-py's chunking cutoff
+    ("SCRIPT LOAD", "return 1"),  # a first argument with a space: redis-py splits it
+    (b"CLIENT SETNAME", b"x"),
+    ("SET", "k", 1.5),  # floats: redis-py's encoder
+    ("SET", "k", 1e20),
+    ("SET", "k", memoryview(b"view")),
+    ("PING",),
+]
+
+
+def _packed(connection: Connection, args: tuple[Any, ...]) -> bytes:
+    return b"".join(bytes(chunk) for chunk in connection.pack_command(*args))
+
+
+@pytest.mark.parametrize(
+    "args", CASES, ids=[repr(case[0]) + str(i) for i, case in enumerate(CASES)]
+)
+def test_fast_packing_is_byte_for_byte_redis_pys(args: tuple[Any, ...]) -> None:
+    assert _packed(FastConnection(), args) == _packed(Connection(), args)
+
+
+def test_pipeline_packing_is_redis_pys() -> None:
+    commands = [CASES[0], CASES[1], CASES[4]]
+    fast = b"".join(bytes(c) for c in FastConnection().pack_commands(commands))
+    plain = b"".join(bytes(c) for c in Connection().pack_commands(commands))
+    assert fast == plain
+
+
+@pytest.mark.parametrize("bad", [("SET", "k", True), ("SET", "k", None), ("SET", "k", object())])
+def test_bad_arguments_fail_as_redis_pys(bad: tuple[Any, ...]) -> None:
+    with pytest.raises(DataError) as plain:
+        Connection().pack_command(*bad)
+    with pytest.raises(DataError) as fast:
+        FastConnection().pack_command(*bad)
+    assert str(fast.value) == str(plain.value)
+
+
+def test_unencodable_text_fails_as_redis_pys() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        Connection().pack_command("GET", "\udcff")
+    with pytest.raises(UnicodeEncodeError):
+        FastConnection().pack_command("GET", "\udcff")
+
+
+def test_other_encodings_take_redis_pys_packing() -> None:
+    args = ("SET", "k", "é")
+    fast = FastConnection(encoding="latin-1")
+    assert _packed(fast, args) == _packed(Connection(encoding="latin-1"), args)
+
+
+def test_make_redis_uses_the_fast_classes_and_the_bounded_pool() -> None:
+    plain = make_redis("redis://127.0.0.1:1/0", max_connections=3, pool_timeout_s=2)
+    pool = plain.connection_pool
+    assert isinstance(pool, BoundedConnectionPool)
+    assert pool.connection_class is FastConnection
+    assert (pool.max_connections, pool.timeout) == (3, 2)
+    tls = make_redis("rediss://u:p@127.0.0.1:1/0", ca_file="/nonexistent/ca.pem")
+    assert tls.connection_pool.connection_class is FastSSLConnection
+    assert issubclass(FastSSLConnection, SSLConnection)
+    kwargs = tls.connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"], kwargs["ssl_cert_reqs"]) == (
+        "u",
+        "p",
+        "required",
+    )
+
+
+class _Writer:
+    """A stream writer whose transport holds bytes back and never drains."""
+
+    def __init__(self, held: int) -> None:
+        self.written: list[bytes] = []
+        self.held = held
+        self.transport = self
+        self.drained = 0
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written.extend(data)
+
+    def close(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return self.held
+
+    async def drain(self) -> None:
+        self.drained += 1
+        if self.held:
+            await asyncio.Event().wait()
+
+
+class _Connected(FastConnection):
+    def __init__(self, writer: _Writer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._writer = writer  # type: ignore[assignment]
+        self.disconnects = 0
+
+    @property
+    def is_connected(self) -> bool:
+        return True
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self.disconnects += 1
+
+
+async def test_a_write_that_is_not_held_back_is_sent_and_drained() -> None:
+    writer = _Writer(held=0)
+    connection = _Connected(writer, socket_timeout=0.05)
+    await connection.send_command("PING", check_health=False)
+    assert b"".join(writer.written) == b"*1\r\n$4\r\nPING\r\n"
+    assert (writer.drained, connection.disconnects) == (1, 0)
+
+
+async def test_a_write_held_back_past_the_socket_timeout_fails_as_redis_pys() -> None:
+    connection = _Connected(_Writer(held=1 << 20), socket_timeout=0.05)
+    with pytest.raises(RedisTimeoutError, match="Timeout writing to socket"):
+        await connection.send_command("PING", check_health=False)
+    assert connection.disconnects == 1
+
+
+class _Unconnected(Connection):
+    """A connection the pool can hand out without a server (connect and can_read stubbed)."""
+
+    fail_connect = False
+
+    async def connect(self) -> None:
+        if self.fail_connect:
+            raise RedisConnectionError("refused")
+
+    async def can_read(self) -> bool:
+        return False
+
+
+async def test_the_pool_bound_queues_then_times_out_like_the_blocking_pool() -> None:
+    pool = BoundedConnectionPool(connection_class=_Unconnected, max_connections=2, timeout=0.05)
+    first, second = await pool.get_connection(), await pool.get_connection()
+    assert first is not second
+    with pytest.raises(RedisConnectionError, match="No connection available"):
+        await pool.get_connection()
+    waiting = asyncio.create_task(pool.get_connection())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await pool.release(first)
+    async with asyncio.timeout(5):
+        assert await waiting is first
+    await pool.release(second)
+    await pool.release(first)
+    # Every slot came back: two at once again, no more connections than the bound were made.
+    again = [await pool.get_connection(), await pool.get_connection()]
+    assert set(again) == {first, second}
+
+
+async def test_a_connection_that_fails_to_connect_gives_its_slot_back() -> None:
+    pool = BoundedConnectionPool(connection_class=_Unconnected, max_connections=1, timeout=0.05)
+    _Unconnected.fail_connect = True
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisConnectionError, match="refused"):
+                await pool.get_connection()
+    finally:
+        _Unconnected.fail_connect = False
+    connection = await pool.get_connection()
+    await pool.release(connection)
