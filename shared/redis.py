@@ -210,13 +210,32 @@ def make_redis_cluster(
     redis-py reloads a script on a node that answers NOSCRIPT (e.g. a promoted replica).
     """
     plain = url.replace("+cluster", "", 1) if is_cluster_url(url) else url
-    return RedisCluster.from_url(
+    client = RedisCluster.from_url(
         plain,
         max_connections=max_connections,
         decode_responses=False,
         health_check_interval=30,
         **redis_tls_options(url, ca_file),
     )
+    use_fast_connections(client)
+    return client
+
+
+def use_fast_connections(client: RedisCluster) -> None:
+    """Make every node connection of ``client`` a ``FastConnection`` (or its TLS counterpart).
+
+    redis-py's cluster client has no connection-class option: it builds every node, the
+    startup nodes and those it discovers, from its nodes manager's connection keywords. Called
+    before the client connects, so no connection of the plain class exists yet.
+    """
+    kwargs = client.nodes_manager.connection_kwargs
+    fast = _FAST.get(kwargs.get("connection_class", Connection))
+    if fast is None:
+        return
+    kwargs["connection_class"] = fast
+    for node in client.nodes_manager.startup_nodes.values():
+        if not node._connections:
+            node.connection_class = fast  # type: ignore[assignment]
 
 
 def make_redis_client(

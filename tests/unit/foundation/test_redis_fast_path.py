@@ -11,7 +11,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.redis import BoundedConnectionPool, FastConnection, FastSSLConnection, make_redis
+from shared.redis import (
+    BoundedConnectionPool,
+    FastConnection,
+    FastSSLConnection,
+    make_redis,
+    make_redis_cluster,
+)
 
 CASES: list[tuple[Any, ...]] = [
     ("EVALSHA", "a" * 40, 2, "p:{enf07}:e1", "p:{enf07}:e2", "digest", 0),
@@ -180,3 +186,16 @@ async def test_a_connection_that_fails_to_connect_gives_its_slot_back() -> None:
         _Unconnected.fail_connect = False
     connection = await pool.get_connection()
     await pool.release(connection)
+
+
+def test_the_cluster_client_builds_fast_connections_for_every_node() -> None:
+    plain = make_redis_cluster("redis+cluster://127.0.0.1:1")
+    assert plain.nodes_manager.connection_kwargs["connection_class"] is FastConnection
+    nodes = plain.nodes_manager.startup_nodes.values()
+    assert [n.connection_class for n in nodes] == [FastConnection]
+    assert isinstance(next(iter(nodes)).acquire_connection(), FastConnection)
+    tls = make_redis_cluster("rediss+cluster://127.0.0.1:1", ca_file="/nonexistent/ca.pem")
+    assert tls.nodes_manager.connection_kwargs["connection_class"] is FastSSLConnection
+    assert [n.connection_class for n in tls.nodes_manager.startup_nodes.values()] == [
+        FastSSLConnection
+    ]
