@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Iterable
 from typing import Any
 
 import hiredis
@@ -12,7 +11,6 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 CLUSTER_SCHEME = "redis+cluster://"
 
@@ -56,20 +54,16 @@ _PACKED_AS_IS = frozenset({bytes, str, int})
 
 
 class _FastCommands:
-    """What redis-py's asyncio connection does per command, with its two avoidable costs cut.
+    """redis-py's asyncio connection, packing commands with hiredis instead of in Python.
 
-    - packing: redis-py packs commands in Python; hiredis (pinned, already its reply parser)
-      packs them in C. Only bytes, str and int arguments with the UTF-8 strict encoder, and a
-      first argument without spaces, take that path: anything else is packed by redis-py.
-    - writing: redis-py wraps every write in ``asyncio.wait_for`` (a new Task per command on
-      Python 3.11). The write is buffered at once; only when the transport holds bytes back
-      does the drain wait, and only then under the socket timeout (same error, same
-      disconnect, as redis-py's).
+    hiredis is pinned and already parses the replies. Only bytes, str and int arguments with
+    the UTF-8 strict encoder, and a first argument without spaces, take that path: anything
+    else is packed by redis-py. Writes stay redis-py's (``asyncio.wait_for`` per write): writing
+    at once instead, without its Task, saved client CPU but spread the writes of concurrent
+    commands over more of Redis' event-loop turns and cost the server more than it saved.
     """
 
     encoder: Any
-    socket_timeout: float | None
-    _writer: Any
 
     def pack_command(self, *args: Any) -> list[bytes]:
         head = args[0] if args else None
@@ -82,44 +76,9 @@ class _FastCommands:
             return [hiredis.pack_command(args)]
         return super().pack_command(*args)  # type: ignore[misc, no-any-return]
 
-    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
-        writer = self._writer
-        writer.writelines(command)
-        if self.socket_timeout and writer.transport.get_write_buffer_size():
-            async with asyncio.timeout(self.socket_timeout):
-                await writer.drain()
-        else:
-            # Nothing held back: drain() returns at once (raising if the link was lost).
-            await writer.drain()
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        if not isinstance(command, list):
-            return await super().send_packed_command(command, check_health)  # type: ignore[misc, no-any-return]
-        if not self.is_connected:  # type: ignore[attr-defined]
-            await self.connect_check_health(check_health=False)  # type: ignore[attr-defined]
-        if check_health:
-            await self.check_health()  # type: ignore[attr-defined]
-        try:
-            await self._send_packed_command(command)
-        except TimeoutError:
-            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
-            raise RedisTimeoutError("Timeout writing to socket") from None
-        except OSError as e:
-            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
-            if len(e.args) == 1:
-                err_no, errmsg = "UNKNOWN", e.args[0]
-            else:
-                err_no, errmsg = e.args[0], e.args[1]
-            raise RedisConnectionError(f"Error {err_no} while writing to socket. {errmsg}.") from e
-        except BaseException:
-            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
-            raise
-
 
 class FastConnection(_FastCommands, Connection):
-    """A TCP connection packing with hiredis and writing without a Task per command."""
+    """A TCP connection packing commands with hiredis."""
 
 
 class FastSSLConnection(_FastCommands, SSLConnection):

@@ -9,7 +9,6 @@ import pytest
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis import (
     BoundedConnectionPool,
@@ -88,59 +87,6 @@ def test_make_redis_uses_the_fast_classes_and_the_bounded_pool() -> None:
         "p",
         "required",
     )
-
-
-class _Writer:
-    """A stream writer whose transport holds bytes back and never drains."""
-
-    def __init__(self, held: int) -> None:
-        self.written: list[bytes] = []
-        self.held = held
-        self.transport = self
-        self.drained = 0
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.written.extend(data)
-
-    def close(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return self.held
-
-    async def drain(self) -> None:
-        self.drained += 1
-        if self.held:
-            await asyncio.Event().wait()
-
-
-class _Connected(FastConnection):
-    def __init__(self, writer: _Writer, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._writer = writer  # type: ignore[assignment]
-        self.disconnects = 0
-
-    @property
-    def is_connected(self) -> bool:
-        return True
-
-    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
-        self.disconnects += 1
-
-
-async def test_a_write_that_is_not_held_back_is_sent_and_drained() -> None:
-    writer = _Writer(held=0)
-    connection = _Connected(writer, socket_timeout=0.05)
-    await connection.send_command("PING", check_health=False)
-    assert b"".join(writer.written) == b"*1\r\n$4\r\nPING\r\n"
-    assert (writer.drained, connection.disconnects) == (1, 0)
-
-
-async def test_a_write_held_back_past_the_socket_timeout_fails_as_redis_pys() -> None:
-    connection = _Connected(_Writer(held=1 << 20), socket_timeout=0.05)
-    with pytest.raises(RedisTimeoutError, match="Timeout writing to socket"):
-        await connection.send_command("PING", check_health=False)
-    assert connection.disconnects == 1
 
 
 class _Unconnected(Connection):
