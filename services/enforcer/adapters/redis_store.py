@@ -62,10 +62,18 @@ class EnforcerKeys:
         self._keys = keys
 
     def agent(self, endpoint_id: str) -> str:
-        return self._keys("enforcer", "agent", slot_tag(TAG, endpoint_id), endpoint_id)
+        return self.agent_of(slot_tag(TAG, endpoint_id), endpoint_id)
+
+    def agent_of(self, tag: str, endpoint_id: str) -> str:
+        """``agent(endpoint_id)`` when its hash tag is already known."""
+        return self._keys("enforcer", "agent", tag, endpoint_id)
 
     def policy(self, endpoint_id: str) -> str:
-        return self._keys("enforcer", "policy", slot_tag(TAG, endpoint_id), endpoint_id)
+        return self.policy_of(slot_tag(TAG, endpoint_id), endpoint_id)
+
+    def policy_of(self, tag: str, endpoint_id: str) -> str:
+        """``policy(endpoint_id)`` when its hash tag is already known."""
+        return self._keys("enforcer", "policy", tag, endpoint_id)
 
     def delivery(self, tag: str, state: str) -> str:
         return self._keys("enforcer", "delivery", tag, state)
@@ -75,11 +83,14 @@ class EnforcerKeys:
         return [self.delivery(tag, state) for state in DELIVERY_STATES]
 
     def wake(self, endpoint_id: str) -> str:
-        return self._keys("enforcer", "wake", slot_tag(TAG, endpoint_id))
+        return self.wake_of_tag(slot_tag(TAG, endpoint_id))
+
+    def wake_of_tag(self, tag: str) -> str:
+        return self._keys("enforcer", "wake", tag)
 
     def wake_channels(self) -> list[str]:
         """Every bucket's wake channel (sharded pub/sub: each lives on its bucket's shard)."""
-        return [self._keys("enforcer", "wake", tag) for tag in bucket_tags(TAG)]
+        return [self.wake_of_tag(tag) for tag in bucket_tags(TAG)]
 
     def account_agents(self, account_id: str) -> str:
         return self._keys("enforcer", "account-agents", _account_slot(account_id))
@@ -97,25 +108,44 @@ class EnforcerKeys:
 # script compares the sequence with GETRANGE 0 19 and never reads the signed bytes to do so.
 _SEQ_WIDTH = 20
 
-# Compare-and-set of the desired policy (guarantee 6). Atomic in Redis, so two enforcer instances
-# (or the two lanes) racing on one endpoint can never store an older sequence over a newer one.
-# The wake-up is published (SPUBLISH, on the bucket's shard) in the same script: a policy is
-# announced only once it is stored.
+# Compare-and-set of the desired policy (guarantee 6), for every policy of a lane batch whose
+# endpoint is in one bucket (one slot): KEYS are the bucket's three delivery sets, then the policy
+# and agent keys of each endpoint; ARGV the bucket's wake channel, then per endpoint its sequence,
+# record, account and id. Atomic in Redis, so two enforcer instances (or the two lanes) racing on
+# one endpoint can never store an older sequence over a newer one. The wake-up is published
+# (SPUBLISH, on the bucket's shard) in the same script, one message naming every endpoint stored
+# ("<endpoint> <sequence>" lines): a policy is announced only once it is stored. Answers one code
+# per endpoint, in order (0 stale, 1 stored, 2 another account's endpoint).
 _STORE_IF_NEWER = """
-local enrolled_account = redis.call('HGET', KEYS[2], 'account_id')
-if enrolled_account and enrolled_account ~= ARGV[3] then
-  return 2
+local codes = {}
+local stored = {}
+for i = 0, (#KEYS - 3) / 2 - 1 do
+  local policy_key, agent_key = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
+  local seq, record = ARGV[2 + 4 * i], ARGV[3 + 4 * i]
+  local account, endpoint = ARGV[4 + 4 * i], ARGV[5 + 4 * i]
+  local code = 1
+  local enrolled_account = redis.call('HGET', agent_key, 'account_id')
+  if enrolled_account and enrolled_account ~= account then
+    code = 2
+  else
+    local held = redis.call('GETRANGE', policy_key, 0, 19)
+    if held ~= '' and tonumber(held) >= tonumber(seq) then
+      code = 0
+    end
+  end
+  if code == 1 then
+    redis.call('SET', policy_key, record)
+    redis.call('SADD', KEYS[1], endpoint)
+    redis.call('SREM', KEYS[2], endpoint)
+    redis.call('SREM', KEYS[3], endpoint)
+    stored[#stored + 1] = endpoint .. ' ' .. seq
+  end
+  codes[#codes + 1] = code
 end
-local held = redis.call('GETRANGE', KEYS[1], 0, 19)
-if held ~= '' and tonumber(held) >= tonumber(ARGV[1]) then
-  return 0
+if #stored > 0 then
+  redis.call('SPUBLISH', ARGV[1], table.concat(stored, '\\n'))
 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[4])
-redis.call('SREM', KEYS[4], ARGV[4])
-redis.call('SREM', KEYS[5], ARGV[4])
-redis.call('SPUBLISH', ARGV[5], ARGV[4] .. ' ' .. ARGV[1])
-return 1
+return codes
 """
 
 # The whole agent request in one round trip: the token (its digest, kept in the agent record of
@@ -357,29 +387,36 @@ class RedisPolicyStore:
     ) -> list[StoreOutcome]:
         if not items:
             return []
-        calls = []
-        for item in items:
+        # One script per bucket of the batch (its endpoints share a slot and delivery sets),
+        # all in one pipeline (per node on a cluster): a round trip per batch, not per command.
+        groups: dict[str, tuple[list[str], list[Any], list[int]]] = {}
+        for index, item in enumerate(items):
             policy = item.policy
             endpoint_id = policy.endpoint_id
-            keys = [
-                self.keys.policy(endpoint_id),
-                self.keys.agent(endpoint_id),
-                *self.keys.deliveries(endpoint_id),
-            ]
-            record = policy_record(
-                policy.sequence, policy.policy_id, policy.account_id, item.signed_json
-            )
-            args = [
+            tag = slot_tag(TAG, endpoint_id)
+            group = groups.get(tag)
+            if group is None:
+                keys = [self.keys.delivery(tag, state) for state in DELIVERY_STATES]
+                group = groups[tag] = (keys, [self.keys.wake_of_tag(tag)], [])
+            keys, args, indexes = group
+            keys += [self.keys.policy_of(tag, endpoint_id), self.keys.agent_of(tag, endpoint_id)]
+            args += [
                 policy.sequence,
-                record,
+                policy_record(
+                    policy.sequence, policy.policy_id, policy.account_id, item.signed_json
+                ),
                 policy.account_id,
                 endpoint_id,
-                self.keys.wake(endpoint_id),
             ]
-            calls.append((keys, args))
-        # One pipeline per batch (per node on a cluster): a round trip per batch, not per command.
-        results = await self._store.many(calls)
-        return [_OUTCOMES[int(code)] for code in results]
+            indexes.append(index)
+        replies = await self._store.many([(keys, args) for keys, args, _ in groups.values()])
+        outcomes: list[StoreOutcome] = [StoreOutcome.STALE] * len(items)
+        for (_, _, indexes), codes in zip(groups.values(), replies, strict=True):
+            if len(codes) != len(indexes):
+                raise RuntimeError(f"store script answered {len(codes)} codes for {len(indexes)}")
+            for index, code in zip(indexes, codes, strict=True):
+                outcomes[index] = _OUTCOMES[int(code)]
+        return outcomes
 
     async def poll(self, endpoint_id: str, token_sha256: str, after: int) -> PollResult:
         reply = await self._poll(

@@ -213,9 +213,14 @@ class RedisPolicyWakeups:
                 await client.aclose()
 
     def _dispatch(self, data: bytes) -> None:
+        """One message of a store script: an ``<endpoint> <sequence>`` line per policy stored
+        (every endpoint of one bucket that a lane batch stored)."""
         self.wakeups_received += 1
-        endpoint_id, _, _sequence = data.decode("utf-8", "replace").partition(" ")
-        self.notify(endpoint_id)
+        waiters = self._waiters
+        for line in data.decode("utf-8", "replace").split("\n"):
+            endpoint_id, _, _sequence = line.partition(" ")
+            if endpoint_id in waiters:
+                self.notify(endpoint_id)
 
 
 async def _all_set(events: list[asyncio.Event]) -> None:

@@ -134,3 +134,89 @@ def test_every_bucket_has_its_own_wake_channel(redis_prefix: str) -> None:
     assert len(set(channels)) == 64 and all(TAG in c for c in channels)
     assert keys.wake("ep-1") in channels
     assert keys.wake("ep-1").endswith(keys.agent("ep-1").split(":")[-2])
+
+
+def _same_bucket(prefix: str, count: int) -> list[str]:
+    """``count`` endpoint ids of one bucket (one slot), for the per-bucket store script."""
+    by_bucket: dict[int, list[str]] = {}
+    for i in range(10_000):
+        endpoint = f"{prefix}-{i}"
+        members = by_bucket.setdefault(bucket_of(endpoint), [])
+        members.append(endpoint)
+        if len(members) == count:
+            return members
+    raise AssertionError("no bucket filled")
+
+
+async def test_a_batch_stores_each_endpoint_of_a_bucket_as_one_by_one_stores_would(
+    backend: Backend, redis_prefix: str
+) -> None:
+    # The same batch against two fresh namespaces: once as one batch (one script per bucket),
+    # once policy by policy; outcomes, held policies and delivery sets must be the same.
+    async def run(keys: Keys, one_by_one: bool) -> tuple[list[StoreOutcome], list[object], object]:
+        policies = RedisPolicyStore(backend.client, keys)
+        agents = RedisAgentStore(backend.client, keys)
+        a, b, c, d, e = _same_bucket("ep-g", 5)
+        await agents.create(agent(b, "t"))
+        await agents.create(agent(c, "t", account_id="acct-2"))
+        await policies.store_if_newer([item(d, 5)], NORMAL_LANE)
+        await policies.record_delivery(d, 5, f"pol-{d[:8]}-5", "applied")
+        others = [f"ep-o-{i}" for i in range(6)]
+        batch = [
+            item(a, 1),  # not enrolled: stored
+            item(others[0], 1),
+            item(b, 2),  # enrolled in acct-1: stored
+            item(c, 3),  # enrolled in acct-2: refused
+            item(others[1], 1),
+            item(d, 4),  # older than the held 5: stale
+            item(e, 7),
+            item(e, 8),  # the same endpoint twice: both stored, in order
+            *(item(o, 2) for o in others[2:]),
+        ]
+        if one_by_one:
+            outcomes = [(await policies.store_if_newer([i], NORMAL_LANE))[0] for i in batch]
+        else:
+            outcomes = await policies.store_if_newer(batch, NORMAL_LANE)
+        held = []
+        for endpoint in (a, b, c, d, e, *others):
+            policy = await policies.held(endpoint)
+            held.append(None if policy is None else (policy.sequence, policy.signed_json))
+        return outcomes, held, await policies.delivery_counts()
+
+    batched = await run(Keys(redis_prefix + "batch:"), one_by_one=False)
+    single = await run(Keys(redis_prefix + "single:"), one_by_one=True)
+    assert batched == single
+    outcomes = batched[0]
+    ok, stale, wrong = StoreOutcome.STORED, StoreOutcome.STALE, StoreOutcome.WRONG_ACCOUNT
+    assert outcomes == [ok, ok, ok, wrong, ok, stale, ok, ok, ok, ok, ok, ok]
+    assert batched[2] == {"pending": 9, "applied": 1, "failed": 0}
+
+
+async def test_one_wake_message_per_bucket_wakes_every_endpoint_stored_in_it(
+    stores: tuple[RedisPolicyStore, RedisAgentStore], wakeups: RedisPolicyWakeups
+) -> None:
+    policies, agents = stores
+    same = _same_bucket("ep-m", 4)
+    await agents.create(agent(same[3], "t", account_id="acct-2"))
+    with contextlib.ExitStack() as stack:
+        waiters = {e: stack.enter_context(wakeups.waiter(e)) for e in same}
+        for waiter in waiters.values():
+            waiter.arm()
+        received = wakeups.wakeups_received
+        outcomes = await policies.store_if_newer([item(e, 1) for e in same], NORMAL_LANE)
+        assert outcomes[-1] is StoreOutcome.WRONG_ACCOUNT
+        woken = await asyncio.wait_for(asyncio.gather(*(waiters[e].wait(20) for e in same[:3])), 25)
+        assert all(woken)
+        assert wakeups.wakeups_received == received + 1, "one message for the bucket"
+        assert not await waiters[same[3]].wait(0.2), "a refused policy wakes nobody"
+        # A batch with nothing stored in a bucket publishes nothing there.
+        for waiter in waiters.values():
+            waiter.arm()
+        assert (
+            await policies.store_if_newer([item(e, 1) for e in same[:3]], NORMAL_LANE)
+            == [StoreOutcome.STALE] * 3
+        )
+        assert not any(await asyncio.gather(*(waiters[e].wait(0.3) for e in same[:3]))), (
+            "stale policies wake nobody"
+        )
+        assert wakeups.wakeups_received == received + 1
