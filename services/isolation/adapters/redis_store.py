@@ -12,6 +12,7 @@ from typing import Any, Literal
 import orjson
 
 from services.isolation.adapters.codec import pack, unpack
+from services.isolation.adapters.event_codec import decode_event, encode_event
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
 from services.isolation.domain import (
     EndpointIsolation,
@@ -287,7 +288,7 @@ class RedisIsolationStore:
     async def timeline(self, endpoint_id: str, count: int) -> list[TimelineEvent]:
         """The endpoint's newest ``count`` timeline events, newest first."""
         raw = await self._batch.command("LRANGE", self._timeline_key(endpoint_id), 0, count - 1)
-        return [TimelineEvent.model_validate_json(unpack("event", item)) for item in raw or []]
+        return [decode_event(item) for item in raw or []]
 
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
         doc, rev = await self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev")
@@ -365,7 +366,7 @@ class RedisIsolationStore:
             "1" if isolation.isolated_or_pending else "0",
             isolation.endpoint_id,
             "1" if with_request else "0",
-            pack("event", event.model_dump_json(exclude_defaults=True).encode()) if event else "",
+            encode_event(event) if event else "",
             str(TIMELINE_MAX_EVENTS),
             _request_field(request_key) if request_key else "",
             "p" if pending else "n",
