@@ -36,7 +36,7 @@ EVENTS = [
     TimelineEvent(
         kind="issued",
         at=AT,
-        sequence=2**40,
+        sequence=2**64 - 1,
         policy_id=POLICY.upper(),
         mode="none",
         settings_version=2**33,
@@ -101,6 +101,7 @@ def test_binary_takes_much_less_than_the_deflated_json() -> None:
         TimelineEvent(kind="applied", at=AT.astimezone(timezone(timedelta(hours=2))), sequence=1),
         TimelineEvent(kind="applied", at=datetime(2026, 12, 2, 7, 45), sequence=1),  # naive
         TimelineEvent(kind="applied", at=AT, sequence=-1),
+        TimelineEvent(kind="applied", at=AT, sequence=2**64),
         TimelineEvent(kind="issued", at=AT, sequence=1, mode="strict", settings_version=-2),
     ],
 )
