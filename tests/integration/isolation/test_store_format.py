@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from redis.asyncio import Redis
 
+from services.isolation.adapters.codec import pack
 from services.isolation.adapters.redis_store import RedisIsolationStore
 from services.isolation.domain import EndpointIsolation, RequestOutcome
 from services.isolation.handlers import DuplicateRequest
@@ -179,15 +181,17 @@ async def test_expired_outcomes_leave_the_hash_at_the_endpoints_next_request(
     assert await redis.hlen(requests) == 1
 
 
-async def test_timeline_reads_events_of_both_formats_newest_first(
+async def test_timeline_reads_events_of_every_format_newest_first(
     store: RedisIsolationStore, redis: Redis, keys: Keys
 ) -> None:
+    """Plain JSON (first version), deflated JSON (the version before this one), binary (now)."""
     first = isolated(1, "req-1", pending=True)
     old_issued = timeline_event(first, issued=True)
     old_applied = timeline_event(isolated(1, "req-1"), issued=False)
     assert old_issued is not None and old_applied is not None
     timeline = key(keys, "timeline", EP)
-    await redis.lpush(timeline, old_issued.model_dump_json(), old_applied.model_dump_json())
+    deflated_applied = pack("event", old_applied.model_dump_json(exclude_defaults=True).encode())
+    await redis.lpush(timeline, old_issued.model_dump_json(), deflated_applied)
     await redis.hset(
         key(keys, "state", EP), mapping={"doc": isolated(1, "req-1").model_dump_json(), "rev": "2"}
     )
@@ -207,7 +211,8 @@ async def test_timeline_reads_events_of_both_formats_newest_first(
     ]
     assert events[2:] == [old_applied, old_issued]
     packed = await redis.lindex(timeline, 0)
-    assert packed is not None and packed[:1] == b"\x01"
+    assert packed is not None and packed[:1] == b"\x02"
+    assert await redis.lindex(timeline, 2) == deflated_applied
     folded = fold_timeline(events, 10)
     assert [(p.sequence, p.status, p.issued_by, p.request_ids) for p in folded] == [
         (2, "applied", "soc-1", ("req-2",)),
@@ -241,4 +246,33 @@ async def test_an_isolated_endpoint_costs_redis_a_fraction_of_what_it_did(
 
     assert await usage("state") < 800  # was 1,304 B with the same policy
     assert await usage("requests") < 600  # was ~1,150 B for each request
+    print("TIMELINE", await usage("timeline"))
     assert await usage("timeline") < 3_000  # was 6,400 B for these 20 events
+
+
+async def test_a_timeline_of_issued_ids_stores_them_as_bytes(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    """Ten policies with UUID request and policy ids, as issued: 1,464 B (2,232 B deflated JSON)."""
+    rev = 0
+    for sequence in range(1, 11):
+        request_id = str(uuid.uuid4())
+        pending = isolated(sequence, request_id, pending=True)
+        assert pending.policy is not None
+        policy = pending.policy.model_copy(update={"policy_id": str(uuid.uuid4())})
+        pending = pending.model_copy(update={"policy": policy})
+        await store.commit(
+            rev,
+            pending,
+            changed=True,
+            request_key=request_id,
+            outcome=issued_outcome(pending, request_id),
+        )
+        applied = isolated(sequence, request_id).model_copy(update={"policy": policy})
+        await store.commit(rev + 1, applied, changed=True)
+        rev += 2
+    timeline = key(keys, "timeline", EP)
+    assert all(event[:1] == b"\x02" for event in await redis.lrange(timeline, 0, -1))
+    assert int(await redis.memory_usage(timeline, samples=0) or 0) < 1_600
+    events = await store.timeline(EP, 20)
+    assert [(e.kind, e.sequence) for e in events[:2]] == [("applied", 10), ("issued", 10)]
