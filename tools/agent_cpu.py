@@ -75,6 +75,7 @@ class Answer:
     def __init__(self, status_code: int, content: bytes = b"") -> None:
         self.status_code = status_code
         self.content = content
+        self.headers: dict[str, str] = {}
 
     @property
     def text(self) -> str:
