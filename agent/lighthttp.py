@@ -87,6 +87,23 @@ class _Connection:
         self.writer.close()
 
 
+# Characters ``urlencode`` (``quote_plus``) never escapes: a key or value made only of them goes
+# as it is, so the poll's ``after=…&wait=…`` skips urllib (a quarter of an idle poll's CPU).
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+def encode_query(params: Mapping[str, int | float | str]) -> str:
+    """``urlencode(params)``, exactly, without urllib for plain keys and numbers."""
+    parts = []
+    for key, value in params.items():
+        name, text = str(key), str(value)
+        if _UNRESERVED.issuperset(name) and _UNRESERVED.issuperset(text):
+            parts.append(f"{name}={text}")
+        else:
+            parts.append(urlencode({key: value}))
+    return "&".join(parts)
+
+
 def encode_request(
     method: str,
     target: str,
@@ -186,7 +203,7 @@ class LightHttpClient:
             raise httpx.UnsupportedProtocol(f"{url!r} is not on {self.origin}")
         target = url[len(self.origin) :]
         if params:
-            target += ("&" if "?" in target else "?") + urlencode(params)
+            target += ("&" if "?" in target else "?") + encode_query(params)
         body = orjson.dumps(json) if json is not None else None
         payload = encode_request(method, target, self.host_header, headers or {}, body)
         try:

@@ -194,3 +194,26 @@ def test_an_unknown_content_encoding_and_a_corrupt_gzip_are_decoding_errors() ->
     with pytest.raises(httpx.DecodingError):
         decode_body({"content-encoding": "gzip"}, b"not gzip")
     assert decode_body({}, b"plain") == b"plain"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"after": 0, "wait": 25.0},
+        {"after": 12345678901234567890, "wait": 0.5},
+        {"wait": 1e20, "after": -3},  # "1e+20": the '+' is escaped
+        {"wait": float("inf"), "x": float("nan")},
+        {"a b": "c&d", "é": "ü", "k": ""},
+        {"q": "a=b?c/d#e%f+g~h"},
+        {"flag": True},
+        {},
+    ],
+)
+def test_query_fast_path_answers_exactly_what_urlencode_answers(
+    params: dict[str, int | float | str],
+) -> None:
+    from urllib.parse import urlencode
+
+    from agent.lighthttp import encode_query
+
+    assert encode_query(params) == urlencode(params)
