@@ -313,33 +313,50 @@ class AgentLoop:
         backoff = Backoff(stop, cap=self.backoff_cap)
         context = self._context()
         rejections = 0
+        # The poll runs in this task (no task and no asyncio.wait per poll): ``stop`` during a
+        # poll cancels this task, and only that cancellation is taken back here.
+        me = asyncio.current_task()
+        assert me is not None
+        polling = stopped_poll = False
+
+        def stop_polling(_: object) -> None:
+            nonlocal stopped_poll
+            if polling:
+                stopped_poll = True
+                me.cancel()
+
+        stopping.add_done_callback(stop_polling)
         while not stop.is_set():
-            poll = asyncio.create_task(
-                self.client.poll_policy(
+            failure: Exception | None = None
+            polling = True
+            try:
+                signed = await self.client.poll_policy(
                     enrollment, after=self.state.poll_cursor, wait=self.poll_wait
                 )
-            )
-            done, _ = await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if poll not in done:
-                poll.cancel()
-                return
-            try:
-                signed = poll.result()
-            except EnforcerUnavailableError as exc:
+            except asyncio.CancelledError:
+                # Ours (stop_polling) is taken back; anyone else's goes on up.
+                if stopped_poll and me.uncancel() == 0:
+                    return
+                raise
+            except (EnforcerUnavailableError, AgentRejectedError, UnreadablePolicyError) as exc:
+                signed, failure = None, exc
+            finally:
+                polling = False
+            if isinstance(failure, EnforcerUnavailableError):
                 self.stats.poll_errors += 1
-                log.warning("poll failed, rules in force kept: %s", exc, extra=context)
-                await backoff.wait(exc.retry_after)
+                log.warning("poll failed, rules in force kept: %s", failure, extra=context)
+                await backoff.wait(failure.retry_after)
                 continue
-            except AgentRejectedError as exc:
+            if isinstance(failure, AgentRejectedError):
                 # Anyone on the path can answer 401: never a reason to forget anything.
                 self.stats.rejected += 1
                 rejections += 1
                 log.error(
                     "ALARM enforcer rejected this agent (%s, %d in a row); rules in force,"
                     " key and fence kept",
-                    exc,
+                    failure,
                     rejections,
-                    extra={**context, "alarm": "rejected", "status": exc.status},
+                    extra={**context, "alarm": "rejected", "status": failure.status},
                 )
                 if rejections >= self.reenroll_after and (
                     self.client.verified_channel or self.dev_mode
@@ -348,10 +365,10 @@ class AgentLoop:
                     enrollment = await self._reenroll(enrollment)
                 await backoff.wait()
                 continue
-            except UnreadablePolicyError as exc:
+            if failure is not None:  # UnreadablePolicyError
                 # Nothing in the body can be trusted, not even the sequence to report against.
                 self.stats.refused_unreportable += 1
-                log.error("unreadable policy refused: %s", exc, extra=context)
+                log.error("unreadable policy refused: %s", failure, extra=context)
                 await backoff.wait()
                 continue
             rejections = 0
