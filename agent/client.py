@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -19,6 +21,11 @@ class HttpAnswer(Protocol):
 
     @property
     def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Looked up by lower-case name (httpx's are case-insensitive, the light client's lower)."""
+        ...
 
     @property
     def content(self) -> bytes: ...
@@ -52,7 +59,38 @@ ENROLL_TIMEOUT_S = 30.0
 
 
 class EnforcerUnavailableError(Exception):
-    """The enforcer did not answer usably (network error, 5xx, timeout); retry with backoff."""
+    """The enforcer did not answer usably (network error, 5xx, 429, timeout); retry with backoff.
+
+    ``retry_after``: the seconds a 503 or 429 answer's ``Retry-After`` asked for (None if it had
+    none or an unreadable one); :class:`agent.loop.Backoff` bounds it.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# A Retry-After longer than this is not read as a number (its bound is the backoff's cap anyway).
+_RETRY_AFTER_MAX_CHARS = 64
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (RFC 9110 §10.2.3: delta-seconds or an
+    HTTP-date); None when absent or unreadable. A date in the past is 0. Not bounded here."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > _RETRY_AFTER_MAX_CHARS:
+        return None
+    if value.isascii() and value.isdigit():
+        return float(int(value))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None  # not an HTTP-date (those are GMT)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class AgentRejectedError(Exception):
@@ -179,8 +217,14 @@ class EnforcerClient:
             )
         except httpx.HTTPError as exc:
             raise EnforcerUnavailableError(f"{method} {path}: {exc!r}") from exc
-        if response.status_code >= 500 or response.status_code == 429:
-            raise EnforcerUnavailableError(f"{method} {path}: HTTP {response.status_code}")
+        status = response.status_code
+        if status >= 500 or status == 429:
+            retry_after = (
+                parse_retry_after(response.headers.get("retry-after"))
+                if status in (429, 503)
+                else None
+            )
+            raise EnforcerUnavailableError(f"{method} {path}: HTTP {status}", retry_after)
         return response
 
     async def enroll(

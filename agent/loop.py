@@ -38,6 +38,14 @@ class AgentIdentity:
     platform: str
 
 
+# A Retry-After (503/429) is honoured within [floor, the backoff's cap]: a peer can neither
+# stall an agent for ever nor, with "Retry-After: 0", make it retry at once.
+RETRY_AFTER_FLOOR_S = 0.5
+# Up to this fraction is added to a honoured Retry-After, so a fleet told "1" does not come back
+# in the same millisecond.
+RETRY_AFTER_JITTER = 0.25
+
+
 class Backoff:
     """Exponential backoff with full jitter; the wait ends early when ``stop`` is set."""
 
@@ -50,13 +58,27 @@ class Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
-    async def wait(self) -> None:
+    def delay(self, retry_after: float | None = None) -> float:
+        """The next wait (and counts the attempt). ``retry_after``: what the peer asked for; it
+        may lengthen the wait, never shorten it below the backoff's own, and is bounded to
+        ``[RETRY_AFTER_FLOOR_S, cap]`` (plus up to ``RETRY_AFTER_JITTER``, still under cap)."""
         delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
         self.attempt += 1
+        if retry_after is not None and retry_after == retry_after:  # not NaN
+            asked = min(self.cap, max(RETRY_AFTER_FLOOR_S, retry_after))
+            asked = min(self.cap, asked * random.uniform(1.0, 1.0 + RETRY_AFTER_JITTER))
+            delay = max(delay, asked)
+        return delay
+
+    async def wait(self, retry_after: float | None = None) -> None:
         try:
-            await asyncio.wait_for(self.stop.wait(), delay)
+            await asyncio.wait_for(self.stop.wait(), self.delay(retry_after))
         except TimeoutError:
             return
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    return exc.retry_after if isinstance(exc, EnforcerUnavailableError) else None
 
 
 EnrollmentKeySource = Callable[[], Awaitable[str]]
@@ -158,7 +180,7 @@ class AgentLoop:
             except (EnforcerUnavailableError, SigningKeyError) as exc:
                 self.stats.poll_errors += 1
                 log.warning("enrollment: enforcer unavailable: %s", exc)
-                await backoff.wait()
+                await backoff.wait(retry_after_of(exc))
                 if stop.is_set():
                     raise AgentStoppedError("stopped before enrollment") from exc
                 continue
@@ -291,33 +313,50 @@ class AgentLoop:
         backoff = Backoff(stop, cap=self.backoff_cap)
         context = self._context()
         rejections = 0
+        # The poll runs in this task (no task and no asyncio.wait per poll): ``stop`` during a
+        # poll cancels this task, and only that cancellation is taken back here.
+        me = asyncio.current_task()
+        assert me is not None
+        polling = stopped_poll = False
+
+        def stop_polling(_: object) -> None:
+            nonlocal stopped_poll
+            if polling:
+                stopped_poll = True
+                me.cancel()
+
+        stopping.add_done_callback(stop_polling)
         while not stop.is_set():
-            poll = asyncio.create_task(
-                self.client.poll_policy(
+            failure: Exception | None = None
+            polling = True
+            try:
+                signed = await self.client.poll_policy(
                     enrollment, after=self.state.poll_cursor, wait=self.poll_wait
                 )
-            )
-            done, _ = await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if poll not in done:
-                poll.cancel()
-                return
-            try:
-                signed = poll.result()
-            except EnforcerUnavailableError as exc:
+            except asyncio.CancelledError:
+                # Ours (stop_polling) is taken back; anyone else's goes on up.
+                if stopped_poll and me.uncancel() == 0:
+                    return
+                raise
+            except (EnforcerUnavailableError, AgentRejectedError, UnreadablePolicyError) as exc:
+                signed, failure = None, exc
+            finally:
+                polling = False
+            if isinstance(failure, EnforcerUnavailableError):
                 self.stats.poll_errors += 1
-                log.warning("poll failed, rules in force kept: %s", exc, extra=context)
-                await backoff.wait()
+                log.warning("poll failed, rules in force kept: %s", failure, extra=context)
+                await backoff.wait(failure.retry_after)
                 continue
-            except AgentRejectedError as exc:
+            if isinstance(failure, AgentRejectedError):
                 # Anyone on the path can answer 401: never a reason to forget anything.
                 self.stats.rejected += 1
                 rejections += 1
                 log.error(
                     "ALARM enforcer rejected this agent (%s, %d in a row); rules in force,"
                     " key and fence kept",
-                    exc,
+                    failure,
                     rejections,
-                    extra={**context, "alarm": "rejected", "status": exc.status},
+                    extra={**context, "alarm": "rejected", "status": failure.status},
                 )
                 if rejections >= self.reenroll_after and (
                     self.client.verified_channel or self.dev_mode
@@ -326,10 +365,10 @@ class AgentLoop:
                     enrollment = await self._reenroll(enrollment)
                 await backoff.wait()
                 continue
-            except UnreadablePolicyError as exc:
+            if failure is not None:  # UnreadablePolicyError
                 # Nothing in the body can be trusted, not even the sequence to report against.
                 self.stats.refused_unreportable += 1
-                log.error("unreadable policy refused: %s", exc, extra=context)
+                log.error("unreadable policy refused: %s", failure, extra=context)
                 await backoff.wait()
                 continue
             rejections = 0
@@ -364,7 +403,7 @@ class AgentLoop:
                 return
             except EnforcerUnavailableError as exc:
                 log.warning("status report failed, retrying: %s", exc, extra=context)
-                await backoff.wait()
+                await backoff.wait(exc.retry_after)
             except AgentRejectedError as exc:
                 # Kept pending (if it was): sent again after the next properly answered poll.
                 self.stats.rejected += 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,3 +196,144 @@ def test_an_unknown_content_encoding_and_a_corrupt_gzip_are_decoding_errors() ->
     with pytest.raises(httpx.DecodingError):
         decode_body({"content-encoding": "gzip"}, b"not gzip")
     assert decode_body({}, b"plain") == b"plain"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"after": 0, "wait": 25.0},
+        {"after": 12345678901234567890, "wait": 0.5},
+        {"wait": 1e20, "after": -3},  # "1e+20": the '+' is escaped
+        {"wait": float("inf"), "x": float("nan")},
+        {"a b": "c&d", "é": "ü", "k": ""},
+        {"q": "a=b?c/d#e%f+g~h"},
+        {"flag": True},
+        {},
+    ],
+)
+def test_query_fast_path_answers_exactly_what_urlencode_answers(
+    params: dict[str, int | float | str],
+) -> None:
+    from urllib.parse import urlencode
+
+    from agent.lighthttp import encode_query
+
+    assert encode_query(params) == urlencode(params)
+
+
+# --- TLS (done by the client over ssl.MemoryBIO, not by asyncio's SSLProtocol) ---------------
+
+
+@asynccontextmanager
+async def serving_tls(
+    server: ScriptedServer, tmp_path: Path, host: str = "127.0.0.1"
+) -> AsyncIterator[tuple[str, ssl.SSLContext]]:
+    from agent.bootstrap import tls_context
+    from shared.devstack import dev_tls
+
+    ca, served = dev_tls(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(served.cert, served.key)
+    listener = await asyncio.start_server(server.handle, host, 0, ssl=context)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield f"https://{host}:{port}", tls_context(ca.cert)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_tls_keeps_one_verified_connection_alive_and_reads_gzip(tmp_path: Path) -> None:
+    body = b'{"policy": "' + b"y" * 100_000 + b'"}'
+    packed = gzip.compress(body)
+    server = ScriptedServer(lambda _: ok(packed, "Content-Encoding: gzip"))
+    async with serving_tls(server, tmp_path) as (url, tls):
+        client = LightHttpClient(url, tls)
+        for _ in range(3):
+            answer = await client.request("GET", url + "/x", headers={}, timeout=5)
+            assert answer.status_code == 200 and answer.content == body
+        await client.aclose()
+    assert server.connections == 1 and len(server.requests) == 3
+
+
+async def test_tls_large_plain_answer_spanning_many_records(tmp_path: Path) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB: many TLS records and reads
+    server = ScriptedServer(lambda _: ok(body))
+    async with serving_tls(server, tmp_path) as (url, tls):
+        client = LightHttpClient(url, tls)
+        answer = await client.request("GET", url + "/x", headers={}, timeout=10)
+        await client.aclose()
+    assert answer.content == body
+
+
+async def test_tls_an_untrusted_certificate_is_a_connect_error(tmp_path: Path) -> None:
+    server = ScriptedServer(lambda _: ok(b"{}"))
+    async with serving_tls(server, tmp_path / "served") as (url, _):
+        from agent.bootstrap import tls_context
+        from shared.devstack import dev_tls
+
+        other_ca, _ = dev_tls(tmp_path / "other")
+        client = LightHttpClient(url, tls_context(other_ca.cert))
+        with pytest.raises(httpx.ConnectError):
+            await client.request("GET", url + "/x", headers={}, timeout=5)
+        await client.aclose()
+    assert not server.requests
+
+
+async def test_tls_a_name_the_certificate_does_not_hold_is_a_connect_error(
+    tmp_path: Path,
+) -> None:
+    server = ScriptedServer(lambda _: ok(b"{}"))
+    # 127.0.0.2 is loopback too, and not among the certificate's names (127.0.0.1, localhost).
+    async with serving_tls(server, tmp_path, host="127.0.0.2") as (url, tls):
+        client = LightHttpClient(url, tls)
+        with pytest.raises(httpx.ConnectError, match=r"(?i)mismatch|match"):
+            await client.request("GET", url + "/x", headers={}, timeout=5)
+        await client.aclose()
+    assert not server.requests
+
+
+async def test_tls_retries_once_when_the_server_closed_the_idle_connection(
+    tmp_path: Path,
+) -> None:
+    server = ScriptedServer(lambda _: ok(b"{}"), close_after=1)
+    async with serving_tls(server, tmp_path) as (url, tls):
+        client = LightHttpClient(url, tls)
+        for _ in range(3):
+            answer = await client.request("GET", url + "/x", headers={}, timeout=5)
+            assert answer.status_code == 200
+        await client.aclose()
+    assert server.connections == 3
+
+
+async def test_tls_a_server_that_closes_mid_answer_is_a_protocol_error(tmp_path: Path) -> None:
+    half = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(half)
+        await writer.drain()
+        writer.close()
+
+    server = ScriptedServer(lambda _: None)
+    server.handle = cut  # type: ignore[method-assign]
+    async with serving_tls(server, tmp_path) as (url, tls):
+        client = LightHttpClient(url, tls)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.request("GET", url + "/x", headers={}, timeout=5)
+        await client.aclose()
+
+
+async def test_tls_silence_is_a_read_timeout(tmp_path: Path) -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = ScriptedServer(lambda _: None)
+    server.handle = mute  # type: ignore[method-assign]
+    async with serving_tls(server, tmp_path) as (url, tls):
+        client = LightHttpClient(url, tls)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.request("GET", url + "/x", headers={}, timeout=0.3)
+        await client.aclose()
