@@ -473,15 +473,12 @@ async def idle_agents(
     await client.stdin.drain()
     client.stdin.close()
     try:
-        deadline = time.monotonic() + 120
-        # A few are between two polls at any moment (or retrying a refused one).
-        while (waiting := await _metric(http, "hostiso_enforcer_waiting_agents ")) < 0.95 * len(
-            enrolled
-        ):
+        deadline = time.monotonic() + 180
+        # A few are between two polls at any moment (or retrying a refused one); an enforcer
+        # that cannot hold them all within the deadline is measured with what it holds.
+        while await _metric(http, "hostiso_enforcer_waiting_agents ") < 0.95 * len(enrolled):
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(enrolled)} idle agents: only {waiting} waiting after 120 s"
-                )
+                break
             await asyncio.sleep(0.5)
         yield
     finally:
@@ -583,6 +580,9 @@ async def measure_cpu_per_isolation(
             await exits.enter_async_context(idle_agents(http, url, idlers, idle_wait))
             if idle:
                 idle_figures["idle_polls"] = await idle_poll_cpu(http, pid, idle_window)
+                idle_figures["idle_waiting"] = await _metric(
+                    http, "hostiso_enforcer_waiting_agents "
+                )
             applied: dict[str, asyncio.Queue[int]] = {a: asyncio.Queue() for a, _ in enrolled}
             stop_polling = asyncio.Event()
             errors: list[str] = []
