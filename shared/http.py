@@ -164,6 +164,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+# A client's arbitrary method names each get a series (as before); the cache stays bounded.
+_MAX_CACHED_SERIES = 1024
+
+
 class RequestObservability:
     """ASGI middleware: request counts and durations by route template, and a span per request.
 
@@ -186,6 +190,22 @@ class RequestObservability:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self._cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _children(self, route: str, method: str, status: int) -> tuple[Any, Any]:
+        # ``.labels()`` validates and locks on every call: look each series up once. The keys
+        # are bounded as the series are: route templates (or "<unmatched>"), methods, statuses.
+        key = (route, method, status)
+        children = self._cache.get(key)
+        if children is None:
+            if len(self._cache) >= _MAX_CACHED_SERIES:
+                self._cache.clear()
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.seconds.labels(route, method),
+            )
+            self._cache[key] = children
+        return children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -213,8 +233,9 @@ class RequestObservability:
         finally:
             route = getattr(scope.get("route"), "path", None) or "<unmatched>"
             method = scope["method"]
-            self.requests.labels(route, method, str(status)).inc()
-            self.seconds.labels(route, method).observe(time.perf_counter() - started)
+            counter, histogram = self._children(route, method, status)
+            counter.inc()
+            histogram.observe(time.perf_counter() - started)
             if span is not None:
                 span.update_name(f"{method} {route}")
                 span.set_attribute("http.route", route)

@@ -24,7 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from redis.exceptions import RedisClusterException, RedisError
 
-from services.enforcer import handlers, presence
+from services.enforcer import fastpath, handlers, presence
 from services.enforcer.adapters.metrics import EnforcerMetrics
 from services.enforcer.config import EnforcerSettings
 from services.enforcer.domain import (
@@ -41,6 +41,7 @@ from services.enforcer.domain import (
     StatusReportInvalidError,
     UnknownAgentTokenError,
 )
+from services.enforcer.fastpath import AGENT_SCOPE_KEY, AGENT_TOKEN_KEY
 from shared.auth import AUDIENCE_ENFORCER, CurrentPrincipal
 from shared.config import ConfigError
 from shared.http import AuthRefusedError, Scope, install_request_guards, token_policy
@@ -551,14 +552,17 @@ async def revoke_enrollment_key(
 
 
 def install(app: FastAPI) -> None:
-    """Mount the agent routes and map named and infrastructure errors (never a 500)."""
+    """Mount the agent routes and map named and infrastructure errors (never a 500).
+
+    The poll and the report answer their happy path in ``fastpath`` (same answers, without
+    FastAPI's per-request work), in front of their routes here, which answer everything else.
+    """
     app.include_router(router)
     app.include_router(keys_router)
+    fastpath.install(app)
     ERRORS.install(app)
 
 
-AGENT_SCOPE_KEY = "hostiso.agent"
-AGENT_TOKEN_KEY = "hostiso.agent-token"
 _AGENT_ROUTE = re.compile(r"^/v1/agents/(?P<agent_id>[^/]+)/")
 _POLL_ROUTE = re.compile(r"^/v1/agents/[^/]+/policy$")
 

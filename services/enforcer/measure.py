@@ -413,6 +413,94 @@ async def measure_capacity(stack: Stack, agents: int, log_dir: Path) -> dict[str
     }
 
 
+IDLE_CLIENT_SCRIPT = r"""
+import asyncio, random, sys, orjson
+from agent.lighthttp import LightHttpClient
+async def main():
+    url, wait = sys.argv[1], float(sys.argv[2])
+    agents = orjson.loads(sys.stdin.buffer.read())
+    async def one(i, agent_id, token):
+        # Started over 20 s (a fleet does not arrive in one instant), then spread over the wait.
+        await asyncio.sleep(20 * i / len(agents))
+        client = LightHttpClient(url, None)
+        auth = {"Authorization": f"Bearer {token}"}
+        # The first wait is spread over the interval so the re-polls arrive evenly, as a fleet's do.
+        first = random.uniform(1.0, wait)
+        while True:
+            try:
+                await client.request("GET", f"{url}/v1/agents/{agent_id}/policy", headers=auth,
+                                     params={"after": 0, "wait": round(first, 3)}, timeout=wait + 60)
+            except Exception:
+                await asyncio.sleep(1)
+            first = wait
+    await asyncio.gather(*(one(i, a, t) for i, (a, t) in enumerate(agents)))
+asyncio.run(main())
+"""
+
+
+async def _metric(http: httpx.AsyncClient, prefix: str) -> float:
+    """The sum of every sample of ``/metrics`` whose line starts with ``prefix``."""
+    text = (await http.get("/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+async def _polls(http: httpx.AsyncClient) -> float:
+    text = (await http.get("/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("hostiso_http_requests_total{")
+        and 'route="/v1/agents/{agent_id}/policy"' in line
+        and 'method="GET"' in line
+    )
+
+
+@contextlib.asynccontextmanager
+async def idle_agents(
+    http: httpx.AsyncClient, url: str, enrolled: list[tuple[str, str]], wait: float
+) -> AsyncIterator[None]:
+    """``enrolled`` agents long-polling ``wait`` seconds for ever (light client, own process)."""
+    if not enrolled:
+        yield
+        return
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", IDLE_CLIENT_SCRIPT, url, str(wait), stdin=asyncio.subprocess.PIPE
+    )
+    assert client.stdin is not None
+    client.stdin.write(orjson.dumps(enrolled))
+    await client.stdin.drain()
+    client.stdin.close()
+    try:
+        deadline = time.monotonic() + 180
+        # A few are between two polls at any moment (or retrying a refused one); an enforcer
+        # that cannot hold them all within the deadline is measured with what it holds.
+        while await _metric(http, "hostiso_enforcer_waiting_agents ") < 0.95 * len(enrolled):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        yield
+    finally:
+        client.kill()
+        await client.wait()
+
+
+async def idle_poll_cpu(http: httpx.AsyncClient, pid: int, seconds: float) -> dict[str, float]:
+    """Enforcer CPU over ``seconds`` of idle polls only: per poll answered, and per second."""
+    polls_before, cpu_before, started = await _polls(http), cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    polls, cpu = await _polls(http) - polls_before, cpu_seconds(pid) - cpu_before
+    elapsed = time.monotonic() - started
+    return {
+        "seconds": round(elapsed, 1),
+        "polls": polls,
+        "polls_per_s": round(polls / elapsed, 1),
+        "cpu_ms_per_s": round(1000 * cpu / elapsed, 1),
+        "cpu_ms_per_poll": round(1000 * cpu / polls, 3) if polls else float("nan"),
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds ``pid`` has used so far (``/proc/<pid>/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -455,8 +543,16 @@ async def measure_cpu_per_isolation(
     peers: int = 5,
     profile: Path | None = None,
     spy: Path | None = None,
+    idle: int = 0,
+    idle_wait: float = 55.0,
+    idle_window: float = 20.0,
 ) -> dict[str, Any]:
     """Enforcer CPU per isolation, the part of the bench's figure 1 the enforcer does.
+
+    With ``idle`` agents more, long-polling ``idle_wait`` seconds and never commanded (the rest
+    of a fleet, in a process of their own), it also measures the enforcer's CPU over
+    ``idle_window`` seconds of their polls alone (per poll), after the same window with no agent
+    at all (the enforcer's own background).
 
     ``agents`` agents (the simulated agents' light HTTP client) long-poll; for each, a closed
     loop commands a new policy on the normal lane, waits until its agent got it and reported it
@@ -474,8 +570,19 @@ async def measure_cpu_per_isolation(
         async with (
             httpx.AsyncClient(base_url=url, timeout=90) as http,
             started_producer(stack.bootstrap) as producer,
+            contextlib.AsyncExitStack() as exits,
         ):
-            enrolled = await enroll_many(http, agents)
+            enrolled = await enroll_many(http, agents + idle)
+            enrolled, idlers = enrolled[:agents], enrolled[agents:]
+            idle_figures: dict[str, Any] = {}
+            if idle:
+                idle_figures["background"] = await idle_poll_cpu(http, pid, idle_window)
+            await exits.enter_async_context(idle_agents(http, url, idlers, idle_wait))
+            if idle:
+                idle_figures["idle_polls"] = await idle_poll_cpu(http, pid, idle_window)
+                idle_figures["idle_waiting"] = await _metric(
+                    http, "hostiso_enforcer_waiting_agents "
+                )
             applied: dict[str, asyncio.Queue[int]] = {a: asyncio.Queue() for a, _ in enrolled}
             stop_polling = asyncio.Event()
             errors: list[str] = []
@@ -485,13 +592,18 @@ async def measure_cpu_per_isolation(
                 auth = {"Authorization": f"Bearer {token}"}
                 held = 0
                 while not stop_polling.is_set():
-                    answer = await client.request(
-                        "GET",
-                        f"{url}/v1/agents/{agent_id}/policy",
-                        headers=auth,
-                        params={"after": held, "wait": 20},
-                        timeout=40,
-                    )
+                    try:
+                        answer = await client.request(
+                            "GET",
+                            f"{url}/v1/agents/{agent_id}/policy",
+                            headers=auth,
+                            params={"after": held, "wait": 20},
+                            timeout=40,
+                        )
+                    except httpx.HTTPError as exc:
+                        errors.append(f"poll {exc!r}")
+                        await asyncio.sleep(0.5)
+                        continue
                     if answer.status_code == 204:
                         continue
                     if answer.status_code != 200:
@@ -500,19 +612,24 @@ async def measure_cpu_per_isolation(
                         continue
                     signed = orjson.loads(answer.content)
                     policy = signed["policy"]
-                    report = await client.request(
-                        "POST",
-                        f"{url}/v1/agents/{agent_id}/policy-status",
-                        headers=auth,
-                        json={
-                            "sequence": policy["sequence"],
-                            "policy_id": policy["policy_id"],
-                            "status": "applied",
-                            "rules_sha256": "a" * 64,
-                        },
-                    )
-                    if report.status_code != 202:
-                        errors.append(f"report {report.status_code}")
+                    try:
+                        report = await client.request(
+                            "POST",
+                            f"{url}/v1/agents/{agent_id}/policy-status",
+                            headers=auth,
+                            json={
+                                "sequence": policy["sequence"],
+                                "policy_id": policy["policy_id"],
+                                "status": "applied",
+                                "rules_sha256": "a" * 64,
+                            },
+                            timeout=40,
+                        )
+                        if report.status_code != 202:
+                            errors.append(f"report {report.status_code}")
+                    except httpx.HTTPError as exc:
+                        # Counted, and the cycle goes on: one lost report must not hang the run.
+                        errors.append(f"report {exc!r}")
                     held = policy["sequence"]
                     applied[agent_id].put_nowait(held)
 
@@ -561,6 +678,7 @@ async def measure_cpu_per_isolation(
         "isolations_per_s": round(isolations / elapsed, 1),
         "cpu_ms_per_isolation": {k: round(v, 3) for k, v in per.items()},
         "errors": errors[:10],
+        **({"idle_agents": idle, "idle_wait_s": idle_wait, **idle_figures} if idle else {}),
     }
 
 
@@ -602,6 +720,10 @@ def main(
     spy: Annotated[
         Path | None, typer.Option(help="CPU figure sampled by py-spy, collapsed stacks here")
     ] = None,
+    cpu_idle_agents: Annotated[
+        int, typer.Option(help="CPU figure: agents more that only long-poll (never commanded)")
+    ] = 0,
+    cpu_idle_wait: Annotated[float, typer.Option(help="the idle agents' long-poll wait, s")] = 55.0,
 ) -> None:
     """Print the enforcer's figures as JSON lines."""
     log_dir = Path(tempfile.mkdtemp(prefix="hostiso-measure-"))
@@ -610,7 +732,14 @@ def main(
         with Stack() as stack:
             if cpu_cycles:
                 figure = await measure_cpu_per_isolation(
-                    stack, cpu_agents, cpu_cycles, log_dir, profile=profile, spy=spy
+                    stack,
+                    cpu_agents,
+                    cpu_cycles,
+                    log_dir,
+                    profile=profile,
+                    spy=spy,
+                    idle=cpu_idle_agents,
+                    idle_wait=cpu_idle_wait,
                 )
                 print(orjson.dumps({"cpu": figure}).decode(), flush=True)
                 return

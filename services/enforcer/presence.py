@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
 from fastapi import Request
@@ -213,6 +213,11 @@ class Presence:
 
 def note_poll(request: Request, endpoint_id: str) -> None:
     """The long-poll route's one line: mark ``endpoint_id`` seen (no-op when not wired)."""
-    presence = getattr(request.app.state, "presence", None)
+    note_poll_of(request.app, endpoint_id)
+
+
+def note_poll_of(app: Any, endpoint_id: str) -> None:
+    """``note_poll`` for the app itself (the fast poll route has no ``Request``)."""
+    presence = getattr(app.state, "presence", None)
     if isinstance(presence, Presence):
         presence.note_poll(endpoint_id)
