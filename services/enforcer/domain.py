@@ -105,12 +105,17 @@ class AgentIdentity:
     account_id: str
 
 
+# A plain signed policy at least this long goes gzipped to a client that accepts it: a strict
+# policy (about 470 B) gains a few dozen bytes for ~15 µs of CPU, one of 100 peers (8 KiB) half.
+GZIP_MIN_BYTES = 1024
+
+
 @dataclass(frozen=True)
 class HeldPolicy:
-    """The desired policy the enforcer holds for an endpoint, as stored.
+    """The desired policy the enforcer holds for an endpoint.
 
-    ``body`` is the signed policy JSON, gzip-compressed when ``gzipped`` (how the Redis store
-    keeps it: served as it is to agents that accept gzip, decompressed for the others).
+    ``body`` is the signed policy JSON, or that JSON gzip-compressed when ``gzipped`` (records of
+    earlier versions: served as they are to agents that accept gzip, decompressed for the others).
     """
 
     endpoint_id: str
@@ -126,9 +131,13 @@ class HeldPolicy:
 
     def encoded_for(self, accept_encoding: str) -> tuple[bytes, str | None]:
         """The body to send to a client that sent ``accept_encoding``, and its content coding."""
-        if self.gzipped and accepts_gzip(accept_encoding):
-            return self.body, "gzip"
-        return self.signed_json, None
+        if self.gzipped:
+            if accepts_gzip(accept_encoding):
+                return self.body, "gzip"
+            return self.signed_json, None
+        if len(self.body) >= GZIP_MIN_BYTES and accepts_gzip(accept_encoding):
+            return gzip.compress(self.body, compresslevel=6, mtime=0), "gzip"
+        return self.body, None
 
 
 def accepts_gzip(accept_encoding: str) -> bool:

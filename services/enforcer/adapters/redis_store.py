@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
+import dataclasses
 import hashlib
 import hmac
 import logging
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,9 +105,24 @@ class EnforcerKeys:
 
 # The desired policy of an endpoint is one string, the signed policy stored once behind a short
 # fixed-width header: the sequence (20 digits), the byte lengths of the policy id and of the
-# account id (3 digits each), those two ids, then the signed policy JSON, gzipped. A
+# account id (3 digits each), those two ids, then the signed policy JSON, compressed. A
 # script compares the sequence with GETRANGE 0 19 and never reads the signed bytes to do so.
 _SEQ_WIDTH = 20
+# The compressed body: ``\x02`` then raw deflate with a preset dictionary (v2), or a gzip
+# stream (v1, what earlier versions wrote, still read). The dictionary is the signed policy's
+# field names in the order they are dumped, then the record's own account id, endpoint id (from
+# the key) and policy id (from the header): each of them in the JSON is a back-reference of a
+# few bits instead of up to 36 characters, and gzip has no preset dictionary at all. The
+# dictionary is part of the stored format: never edit it, add a new tag beside it.
+_BODY_DEFLATE_V2 = b"\x02"
+_GZIP_MAGIC = b"\x1f\x8b"
+_RAW_DEFLATE_BITS = -15
+_POLICY_DICTIONARY = (
+    b'{"policy":{"policy_id":"","endpoint_id":"","account_id":"","sequence":,"mode":"standard",'
+    b'"allowed_outbound":[{"name":"","address":"","ports":[],"protocol":"any","expires_at":null}'
+    b'],"platform":[""],"settings_version":,"issued_at":"2026-12-02T00:00:00.000000Z",'
+    b'"issued_by":"","reason":""},"signature":"==","key_id":"'
+)
 
 # Compare-and-set of the desired policy (guarantee 6), for every policy of a lane batch whose
 # endpoint is in one bucket (one slot): KEYS are the bucket's three delivery sets, then the policy
@@ -304,29 +320,59 @@ def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def policy_record(sequence: int, policy_id: str, account_id: str, signed_json: bytes) -> bytes:
-    """The stored form of a desired policy (see ``_SEQ_WIDTH``); the signed JSON gzipped."""
+def policy_record(
+    sequence: int, policy_id: str, account_id: str, endpoint_id: str, signed_json: bytes
+) -> bytes:
+    """The stored form of a desired policy (see ``_SEQ_WIDTH``); the signed JSON compressed."""
     pid, account = policy_id.encode(), account_id.encode()
     if len(pid) > 999 or len(account) > 999 or not 0 <= sequence < 10**_SEQ_WIDTH:
         raise ValueError("policy id, account id or sequence too long for the policy record")
     header = f"{sequence:0{_SEQ_WIDTH}d}{len(pid):03d}{len(account):03d}".encode()
-    # Compressed once, when stored: about a third smaller with a short allowlist and half with a
-    # long one, and served as it is (Content-Encoding: gzip) to agents that accept it.
-    return header + pid + account + gzip.compress(signed_json, compresslevel=6, mtime=0)
+    deflate = zlib.compressobj(
+        9,
+        zlib.DEFLATED,
+        _RAW_DEFLATE_BITS,
+        9,
+        zlib.Z_DEFAULT_STRATEGY,
+        _record_dictionary(endpoint_id, pid, account),
+    )
+    body = deflate.compress(signed_json) + deflate.flush()
+    return header + pid + account + _BODY_DEFLATE_V2 + body
 
 
 def parse_policy_record(endpoint_id: str, raw: bytes) -> HeldPolicy:
+    """A stored desired policy: its signed JSON inflated (v2), or as stored, gzipped (v1)."""
     at = _SEQ_WIDTH
     id_len, account_len = int(raw[at : at + 3]), int(raw[at + 3 : at + 6])
     at += 6
-    return HeldPolicy(
+    pid, account = raw[at : at + id_len], raw[at + id_len : at + id_len + account_len]
+    body = raw[at + id_len + account_len :]
+    held = HeldPolicy(
         endpoint_id=endpoint_id,
         sequence=int(raw[:_SEQ_WIDTH]),
-        policy_id=raw[at : at + id_len].decode(),
-        account_id=raw[at + id_len : at + id_len + account_len].decode(),
-        body=raw[at + id_len + account_len :],
+        policy_id=pid.decode(),
+        account_id=account.decode(),
+        body=body,
         gzipped=True,
     )
+    if body[:2] == _GZIP_MAGIC:
+        return held
+    if body[:1] != _BODY_DEFLATE_V2:
+        raise ValueError(f"stored policy of {endpoint_id}: unknown body format {body[:1]!r}")
+    inflate = zlib.decompressobj(
+        _RAW_DEFLATE_BITS, zdict=_record_dictionary(endpoint_id, pid, account)
+    )
+    try:
+        signed = inflate.decompress(body[1:]) + inflate.flush()
+    except zlib.error as exc:
+        raise ValueError(f"stored policy of {endpoint_id} does not inflate: {exc}") from exc
+    # Raw deflate has no checksum: bytes that inflate wrongly fail the agent's signature check.
+    return dataclasses.replace(held, body=signed, gzipped=False)
+
+
+def _record_dictionary(endpoint_id: str, policy_id: bytes, account_id: bytes) -> bytes:
+    # The ids last: the nearest bytes of a dictionary are the cheapest to refer to.
+    return _POLICY_DICTIONARY + account_id + b'"' + endpoint_id.encode() + b'"' + policy_id
 
 
 _OUTCOMES = {0: StoreOutcome.STALE, 1: StoreOutcome.STORED, 2: StoreOutcome.WRONG_ACCOUNT}
@@ -403,7 +449,11 @@ class RedisPolicyStore:
             args += [
                 policy.sequence,
                 policy_record(
-                    policy.sequence, policy.policy_id, policy.account_id, item.signed_json
+                    policy.sequence,
+                    policy.policy_id,
+                    policy.account_id,
+                    endpoint_id,
+                    item.signed_json,
                 ),
                 policy.account_id,
                 endpoint_id,

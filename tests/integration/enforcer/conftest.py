@@ -19,7 +19,7 @@ from shared.config import DEV_ENROLLMENT_SECRET
 from shared.enrollment import enrollment_key
 from shared.infra.redis_cluster import LocalRedisCluster
 from shared.kafka import make_producer, publish, wait_topics_ready
-from shared.messages import EnforcePolicy, FrozenPolicy, utcnow
+from shared.messages import AllowedPeer, EnforcePolicy, FrozenPolicy, utcnow
 from shared.redis import RedisClient, make_redis, make_redis_cluster
 from shared.topics import TOPIC_SPECS, Topics
 from tests.helpers import SECURITY, kafka_admin_options
@@ -31,6 +31,7 @@ def policy_command(
     *,
     mode: str = "standard",
     account_id: str = "acct-1",
+    peers: int = 0,
 ) -> EnforcePolicy:
     policy = FrozenPolicy(
         policy_id=f"pol-{endpoint_id[:8]}-{sequence}",
@@ -38,7 +39,9 @@ def policy_command(
         account_id=account_id,
         sequence=sequence,
         mode=mode,  # type: ignore[arg-type]
-        allowed_outbound=(),
+        allowed_outbound=tuple(
+            AllowedPeer(name=f"tool {i}", address=f"203.0.113.{i + 1}") for i in range(peers)
+        ),
         platform=("198.51.100.1",),
         settings_version=1,
         issued_at=utcnow(),

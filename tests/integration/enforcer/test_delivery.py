@@ -113,18 +113,20 @@ async def test_invalid_and_foreign_account_commands_go_to_the_dlq_and_the_lane_c
     await wait_for(lambda: lane.processed >= 3, message="all three records committed")
 
 
-async def test_the_policy_is_served_gzipped_as_stored_or_plain_to_a_client_without_gzip(
+async def test_a_long_policy_is_served_gzipped_to_a_client_that_accepts_it_a_short_one_plain(
     enforcer: Running,
 ) -> None:
     app, http = enforcer
-    agent = await enroll(http)
-    await store_policy_commands(app.state.deps, [policy_command(agent.agent_id, 1)], NORMAL_LANE)
-    route = f"/v1/agents/{agent.agent_id}/policy"
-    gzipped = await http.get(route, headers={**agent.auth, "Accept-Encoding": "gzip"})
-    plain = await http.get(route, headers={**agent.auth, "Accept-Encoding": "identity"})
-    assert gzipped.headers["content-encoding"] == "gzip"
-    assert "content-encoding" not in plain.headers
-    assert gzipped.headers["vary"] == plain.headers["vary"] == "Accept-Encoding"
-    # httpx decoded the gzip: both are the same signed policy, byte for byte.
-    assert gzipped.content == plain.content
-    assert SignedPolicy.model_validate_json(plain.content).policy.sequence == 1
+    short, long = await enroll(http), await enroll(http)
+    commands = [policy_command(short.agent_id, 1), policy_command(long.agent_id, 1, peers=40)]
+    await store_policy_commands(app.state.deps, commands, NORMAL_LANE)
+    for agent, coded in ((short, None), (long, "gzip")):
+        route = f"/v1/agents/{agent.agent_id}/policy"
+        gzipped = await http.get(route, headers={**agent.auth, "Accept-Encoding": "gzip"})
+        plain = await http.get(route, headers={**agent.auth, "Accept-Encoding": "identity"})
+        assert gzipped.headers.get("content-encoding") == coded
+        assert "content-encoding" not in plain.headers
+        assert gzipped.headers["vary"] == plain.headers["vary"] == "Accept-Encoding"
+        # httpx decoded any gzip: both are the same signed policy, byte for byte.
+        assert gzipped.content == plain.content
+        assert SignedPolicy.model_validate_json(plain.content).policy.sequence == 1

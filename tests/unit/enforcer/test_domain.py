@@ -93,5 +93,15 @@ def test_gzip_is_sent_only_to_clients_that_accept_it() -> None:
     assert stored.signed_json == b'{"a":1}'
     assert stored.encoded_for("gzip") == (stored.body, "gzip")
     assert stored.encoded_for("identity") == (b'{"a":1}', None)
-    plain = HeldPolicy("ep-1", "acct-1", "pol-1", 1, b'{"a":1}')
-    assert plain.encoded_for("gzip") == (b'{"a":1}', None)
+    small = HeldPolicy("ep-1", "acct-1", "pol-1", 1, b'{"a":1}')
+    assert small.encoded_for("gzip") == (b'{"a":1}', None)
+    # A long policy (many peers) is worth compressing on the way out; a short one is not.
+    long_json = (
+        b'{"peers":['
+        + b",".join(b'{"name":"RMM","address":"203.0.113.%d"}' % i for i in range(60))
+        + b"]}"
+    )
+    large = HeldPolicy("ep-1", "acct-1", "pol-1", 1, long_json)
+    body, coding = large.encoded_for("gzip")
+    assert coding == "gzip" and gzip.decompress(body) == long_json and len(body) < len(long_json)
+    assert large.encoded_for("identity") == (long_json, None)
