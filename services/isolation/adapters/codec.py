@@ -6,8 +6,10 @@ repeats stores them in a third of the space (measured: a state of 924 B in 269 B
 event of 330 B in 135 B) for a few microseconds of CPU, and Lua never needs to look inside.
 
 A stored value starts with its format tag: ``{`` is plain JSON (what earlier versions wrote, read
-as is, so an upgrade needs no migration), ``\\x01`` is deflate with the dictionary of its kind. A
-dictionary is part of the stored format: never edit one, add a new tag beside it.
+as is, so an upgrade needs no migration), ``\\x01`` is deflate with the dictionary of its kind,
+``\\x02`` the same dictionary followed by the value's context (the endpoint id its key names,
+which the reader knows): the document's first copy of that id then costs a back-reference, not
+36 characters. A dictionary is part of the stored format: never edit one, add a new tag beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Final, Literal
 DocumentKind = Literal["state", "event"]
 
 _DEFLATE_V1: Final = b"\x01"
+_DEFLATE_CONTEXT_V2: Final = b"\x02"
 _RAW_DEFLATE_BITS: Final = -15  # no zlib header or checksum: Redis stores what it is given
 
 # Field names and values in the order the models dump them; later bytes are cheaper to refer to.
@@ -43,23 +46,31 @@ class StoredDocumentError(ValueError):
     """A stored value is in no format this version reads (written by a newer version?)."""
 
 
-def pack(kind: DocumentKind, document: bytes) -> bytes:
-    """``document`` (JSON) as it is stored."""
+def pack(kind: DocumentKind, document: bytes, context: bytes = b"") -> bytes:
+    """``document`` (JSON) as it is stored; ``context`` (if any) must be given again to unpack."""
+    tag = _DEFLATE_CONTEXT_V2 if context else _DEFLATE_V1
     deflate = zlib.compressobj(
-        9, zlib.DEFLATED, _RAW_DEFLATE_BITS, 9, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[kind]
+        9,
+        zlib.DEFLATED,
+        _RAW_DEFLATE_BITS,
+        9,
+        zlib.Z_DEFAULT_STRATEGY,
+        _DICTIONARIES[kind] + context,
     )
-    return _DEFLATE_V1 + deflate.compress(document) + deflate.flush()
+    return tag + deflate.compress(document) + deflate.flush()
 
 
-def unpack(kind: DocumentKind, stored: bytes) -> bytes:
-    """The JSON document of a stored value, in either format."""
-    if stored[:1] == b"{":
+def unpack(kind: DocumentKind, stored: bytes, context: bytes = b"") -> bytes:
+    """The JSON document of a stored value, in any of the formats."""
+    tag = stored[:1]
+    if tag == b"{":
         return stored
-    if stored[:1] == _DEFLATE_V1:
-        inflate = zlib.decompressobj(_RAW_DEFLATE_BITS, zdict=_DICTIONARIES[kind])
-        try:
-            document = inflate.decompress(stored[1:]) + inflate.flush()
-        except zlib.error as exc:
-            raise StoredDocumentError(f"stored {kind} document does not inflate: {exc}") from exc
-        return document
-    raise StoredDocumentError(f"stored {kind} document has an unknown format tag {stored[:1]!r}")
+    if tag not in (_DEFLATE_V1, _DEFLATE_CONTEXT_V2):
+        raise StoredDocumentError(f"stored {kind} document has an unknown format tag {tag!r}")
+    dictionary = _DICTIONARIES[kind] + (context if tag == _DEFLATE_CONTEXT_V2 else b"")
+    inflate = zlib.decompressobj(_RAW_DEFLATE_BITS, zdict=dictionary)
+    try:
+        document = inflate.decompress(stored[1:]) + inflate.flush()
+    except zlib.error as exc:
+        raise StoredDocumentError(f"stored {kind} document does not inflate: {exc}") from exc
+    return document

@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
+from redis.exceptions import ResponseError
 
-from services.isolation.adapters.codec import pack, unpack
+from services.isolation.adapters.codec import StoredDocumentError, pack, unpack
 from services.isolation.adapters.event_codec import decode_event, encode_event
 from services.isolation.adapters.redis_batch import BatchScript, RedisBatcher
 from services.isolation.domain import (
@@ -55,6 +56,11 @@ _REQUEST_FIELD_BYTES = 12
 # command. Earlier versions kept one key per request (KEYS[4], the same name, with the outcome
 # JSON) and a 'sent' marker key (KEYS[6]): both are still read until they expire.
 #
+# The state of an endpoint is one string, ``<rev>:<document>`` (the document packed by ``codec``
+# with the endpoint id as its context): a revision and a document of ~240 B as a hash would leave
+# Redis' compact encoding (values over 64 B) and cost twice the bytes. Earlier versions stored a
+# hash of ``doc`` and ``rev``: read as the same pair, replaced by the string at its next write.
+#
 # State and request outcome are written in one script: a crash can never store one without the
 # other, and the revision check makes concurrent writers (two lanes, status, other instances)
 # retry instead of overwriting each other. Every key it touches carries the endpoint's hash tag
@@ -77,12 +83,18 @@ if ARGV[7] == '1' then
     return {'dup', '', redis.call('GET', KEYS[4]), redis.call('EXISTS', KEYS[6])}
   end
 end
-local rev = redis.call('HGET', KEYS[1], 'rev') or '0'
+local rev = '0'
+local held = redis.call('TYPE', KEYS[1])['ok']
+if held == 'string' then
+  rev = string.match(redis.call('GETRANGE', KEYS[1], 0, 20), '^(%d+):') or '0'
+elseif held == 'hash' then
+  rev = redis.call('HGET', KEYS[1], 'rev') or '0'
+end
 if rev ~= ARGV[1] then
   return {'conflict', rev}
 end
 if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'doc', ARGV[2], 'rev', tostring(tonumber(rev) + 1))
+  redis.call('SET', KEYS[1], tostring(tonumber(rev) + 1) .. ':' .. ARGV[2])
   if ARGV[5] == '1' then
     redis.call('SADD', KEYS[3], ARGV[6])
   else
@@ -129,8 +141,17 @@ else
     sent = '1'
   end
 end
-local state = redis.call('HMGET', KEYS[3], 'doc', 'rev')
-return {mark, outcome, sent, state[1] or '', state[2] or ''}
+local state = ''
+local held = redis.call('TYPE', KEYS[3])['ok']
+if held == 'string' then
+  state = redis.call('GET', KEYS[3])
+elseif held == 'hash' then
+  local old = redis.call('HMGET', KEYS[3], 'doc', 'rev')
+  if old[1] then
+    state = (old[2] or '0') .. ':' .. old[1]
+  end
+end
+return {mark, outcome, sent, state}
 """
 
 # The command left: the outcome becomes its 's' mark and the whole outcome kept to send it again
@@ -291,14 +312,20 @@ class RedisIsolationStore:
         return [decode_event(item) for item in raw or []]
 
     async def load(self, endpoint_id: str) -> tuple[EndpointIsolation | None, int]:
-        doc, rev = await self._batch.command("HMGET", self._state_key(endpoint_id), "doc", "rev")
-        return self._isolation(doc, rev)
+        key = self._state_key(endpoint_id)
+        try:
+            stored = await self._batch.command("GET", key)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            stored = _earlier_state(await self._batch.command("HMGET", key, "doc", "rev"))
+        return self._isolation(endpoint_id, stored)
 
     async def begin(
         self, endpoint_id: str, account_id: str, request_key: str
     ) -> tuple[RequestOutcome | None, EndpointIsolation | None, int]:
         """What the request already did (if anything), and the endpoint's state and revision."""
-        mark, raw, sent, doc, rev = await self._batch.script(
+        mark, raw, sent, stored = await self._batch.script(
             self._begin,
             [
                 self._requests_key(endpoint_id),
@@ -308,7 +335,7 @@ class RedisIsolationStore:
             ],
             [_request_field(request_key)],
         )
-        current, revision = self._isolation(doc or None, rev or None)
+        current, revision = self._isolation(endpoint_id, stored or None)
         prior = _outcome(endpoint_id, account_id, mark, raw, sent=bool(sent))
         return prior, current, revision
 
@@ -317,9 +344,21 @@ class RedisIsolationStore:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for endpoint_id in endpoint_ids:
-            pipe.hget(self._state_key(endpoint_id), "doc")
-        docs = await pipe.execute()
-        return [self._states.decode(d) for d in docs if d is not None]
+            pipe.get(self._state_key(endpoint_id))
+        replies = await pipe.execute(raise_on_error=False)
+        earlier = [i for i, r in enumerate(replies) if _wrong_type(r)]
+        if earlier:
+            # States an earlier version stored (a hash of doc and rev), not rewritten since.
+            pipe = self._redis.pipeline(transaction=False)
+            for i in earlier:
+                pipe.hmget(self._state_key(endpoint_ids[i]), "doc", "rev")
+            for i, reply in zip(earlier, await pipe.execute(), strict=True):
+                replies[i] = _earlier_state(reply)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        out = [self._isolation(e, r)[0] for e, r in zip(endpoint_ids, replies, strict=True)]
+        return [isolation for isolation in out if isolation is not None]
 
     async def mark_sent(self, endpoint_id: str, request_key: str) -> None:
         """The command left: a redelivery of the request need not send it again."""
@@ -383,7 +422,7 @@ class RedisIsolationStore:
         if status == b"conflict":
             raise CommitConflictError(isolation.endpoint_id)
         if changed:
-            self._states.remember(doc, isolation)
+            self._states.remember(endpoint_id, doc, isolation)
 
     async def active_endpoints(self, account_id: str) -> list[str]:
         pipe = self._redis.pipeline(transaction=False)
@@ -395,11 +434,15 @@ class RedisIsolationStore:
         return sorted(members)
 
     def _isolation(
-        self, doc: bytes | None, rev: bytes | None
+        self, endpoint_id: str, stored: bytes | None
     ) -> tuple[EndpointIsolation | None, int]:
-        if doc is None:
+        """The state and revision of a stored ``<rev>:<document>`` value."""
+        if not stored:
             return None, 0
-        return self._states.decode(doc), int(rev or 0)
+        rev, colon, doc = stored.partition(b":")
+        if not colon or not rev.isdigit():
+            raise StoredDocumentError(f"stored state of {endpoint_id} has no revision")
+        return self._states.decode(endpoint_id, doc), int(rev)
 
 
 class StateDecoder:
@@ -414,27 +457,30 @@ class StateDecoder:
 
     def __init__(self, size: int = 4096) -> None:
         self._size = size
-        self._decoded: OrderedDict[bytes, EndpointIsolation] = OrderedDict()
+        self._decoded: OrderedDict[tuple[str, bytes], EndpointIsolation] = OrderedDict()
 
     def encode(self, isolation: EndpointIsolation) -> bytes:
-        return pack("state", isolation.model_dump_json().encode())
+        # The endpoint id, which the key names, is the document's context (codec tag 2).
+        return pack("state", isolation.model_dump_json().encode(), isolation.endpoint_id.encode())
 
-    def remember(self, stored: bytes, isolation: EndpointIsolation) -> None:
+    def remember(self, endpoint_id: str, stored: bytes, isolation: EndpointIsolation) -> None:
         """``stored`` (just written) is ``isolation``: its next read need not parse it."""
-        self._put(stored, isolation)
+        self._put((endpoint_id, stored), isolation)
 
-    def decode(self, stored: bytes) -> EndpointIsolation:
-        found = self._decoded.get(stored)
+    def decode(self, endpoint_id: str, stored: bytes) -> EndpointIsolation:
+        memo = (endpoint_id, stored)
+        found = self._decoded.get(memo)
         if found is not None:
-            self._decoded.move_to_end(stored)
+            self._decoded.move_to_end(memo)
             return found
-        isolation = EndpointIsolation.model_validate_json(unpack("state", stored))
-        self._put(stored, isolation)
+        document = unpack("state", stored, endpoint_id.encode())
+        isolation = EndpointIsolation.model_validate_json(document)
+        self._put(memo, isolation)
         return isolation
 
-    def _put(self, stored: bytes, isolation: EndpointIsolation) -> None:
-        self._decoded[stored] = isolation
-        self._decoded.move_to_end(stored)
+    def _put(self, memo: tuple[str, bytes], isolation: EndpointIsolation) -> None:
+        self._decoded[memo] = isolation
+        self._decoded.move_to_end(memo)
         while len(self._decoded) > self._size:
             self._decoded.popitem(last=False)
 
@@ -691,3 +737,16 @@ def _outcome(
         )
         return RequestOutcome(kind="policy", endpoint_id=endpoint_id, account_id=account_id)
     return None
+
+
+def _wrong_type(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
+def _earlier_state(reply: list[Any]) -> bytes | None:
+    """An earlier version's state (a hash of ``doc`` and ``rev``) as a ``<rev>:<doc>`` value."""
+    doc, rev = reply
+    if doc is None:
+        return None
+    rev_text = rev if isinstance(rev, bytes) else str(rev or 0).encode()
+    return rev_text + b":" + (doc if isinstance(doc, bytes) else doc.encode())

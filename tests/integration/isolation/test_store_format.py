@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from services.isolation.adapters.codec import pack
 from services.isolation.adapters.redis_store import RedisIsolationStore
 from services.isolation.domain import EndpointIsolation, RequestOutcome
-from services.isolation.handlers import DuplicateRequest
+from services.isolation.handlers import CommitConflictError, DuplicateRequest
 from services.isolation.timeline import TimelineEvent, fold_timeline, timeline_event
 from shared.messages import AllowedPeer, EnforcePolicy, FrozenPolicy
 from shared.redis import Keys, make_redis, slot_tag
@@ -103,12 +103,58 @@ async def test_state_of_the_previous_version_is_read_and_rewritten_compact(
 
     new = isolated(3, "req-new", pending=True)
     await store.commit(4, new, changed=True)
-    stored = await redis.hget(state_key, "doc")
-    assert stored is not None and stored[:1] == b"\x01"
+    # Now one string, ``<rev>:<document>``, the document packed with the endpoint as context.
+    assert await redis.type(state_key) == b"string"
+    stored = await redis.get(state_key)
+    assert stored is not None and stored[:3] == b"5:\x02"
     assert len(stored) < len(new.model_dump_json()) / 2
     assert await store.load(EP) == (new, 5)
+    assert await store.load_many([EP]) == [new]
     # A second store (another instance, nothing remembered) reads the same bytes the same way.
     assert await RedisIsolationStore(service_redis, keys).load(EP) == (new, 5)
+
+
+async def test_a_state_packed_as_the_previous_version_did_is_read_and_fenced_by_its_rev(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    # The previous version: a hash whose doc is deflated with the state dictionary (tag 1).
+    old = isolated(2, "req-old")
+    state_key = key(keys, "state", EP)
+    await redis.hset(
+        state_key, mapping={"doc": pack("state", old.model_dump_json().encode()), "rev": "7"}
+    )
+    other = "ep-format-2"
+    assert await store.load(EP) == (old, 7)
+    assert await store.load_many([other, EP]) == [old]
+    prior, current, rev = await store.begin(EP, ACCT, "req-x")
+    assert (prior, current, rev) == (None, old, 7)
+    # A writer that read an older revision is refused, whichever format the state is in.
+    with pytest.raises(CommitConflictError):
+        await store.commit(6, isolated(3, "req-new"), changed=True)
+    assert await redis.type(state_key) == b"hash"
+    await store.commit(7, isolated(3, "req-new"), changed=True)
+    assert await redis.type(state_key) == b"string"
+    with pytest.raises(CommitConflictError):
+        await store.commit(7, isolated(4, "req-newer"), changed=True)
+    assert await store.load(EP) == (isolated(3, "req-new"), 8)
+
+
+async def test_a_state_takes_one_compact_string_in_redis(
+    store: RedisIsolationStore, redis: Redis, keys: Keys
+) -> None:
+    state = isolated(3, "req-1")
+    await store.commit(
+        0, state, changed=True, request_key="req-1", outcome=issued_outcome(state, "req-1")
+    )
+    used = await redis.memory_usage(key(keys, "state", EP), samples=0)
+    # A hash of the same two values left the compact encoding (its document is over 64 B).
+    probe = key(keys, "probe", EP)
+    await redis.hset(probe, mapping={"doc": await redis.get(key(keys, "state", EP)), "rev": "1"})
+    try:
+        as_hash = await redis.memory_usage(probe, samples=0)
+    finally:
+        await redis.delete(probe)
+    assert used is not None and as_hash is not None and used < as_hash
 
 
 async def test_request_outcome_of_the_previous_version_still_recognises_a_redelivery(
