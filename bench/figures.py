@@ -347,6 +347,7 @@ async def account_strict(
     await asyncio.gather(*(isolate(e) for e in endpoints))
     isolate_s = time.perf_counter() - started
     futures = [driver.watcher.expect(e) for e in endpoints]
+    cpu_before = stack.cpu_by_process()
     sent = time.perf_counter()
     sent_wall = time.time()
     await stack.send(
@@ -357,6 +358,8 @@ async def account_strict(
     applied = await asyncio.wait_for(asyncio.gather(*futures), driver.wait_s * 5)
     elapsed = time.perf_counter() - sent
     rate = len(endpoints) / elapsed
+    # 2 shared cores: which process the fleet's strict spent them in (ms per endpoint).
+    cpu = cpu_per_unit(cpu_before, stack.cpu_by_process(), len(endpoints))
     return {
         "endpoints": len(endpoints),
         "standard_isolation_of_all_s": round(isolate_s, 2),
@@ -364,6 +367,7 @@ async def account_strict(
         **fleet_applied_times([at for _, at in applied], sent_wall),
         "endpoints_per_s": round(rate, 1),
         "ratio_vs_pipeline_throughput": round(rate / pipeline_rate, 2) if pipeline_rate else None,
+        "cpu_ms_per_endpoint_by_process": cpu["by_process_cpu_ms"],
     }
 
 
