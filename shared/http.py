@@ -252,21 +252,6 @@ def _http_implementation() -> str:
     return "httptools"
 
 
-def install_fast_event_loop() -> str:
-    """Make ``asyncio.run`` use uvloop (libuv) in this process; call before the loop starts.
-
-    Returns the loop's name; falls back to the default asyncio loop, logged, if uvloop does
-    not import (a platform without wheels).
-    """
-    try:
-        import uvloop
-    except ImportError as exc:
-        logging.getLogger(__name__).warning("uvloop unavailable (%s): default asyncio loop", exc)
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
 async def serve(
     app: FastAPI,
     host: str,
@@ -289,8 +274,9 @@ async def serve(
         log_level=log_level.lower(),
         access_log=False,
         lifespan="on",
-        # The loop is whichever runs this coroutine (uvloop via install_fast_event_loop() in
-        # each service's __main__); the HTTP parser is chosen here.
+        # The loop is whichever runs this coroutine (uvloop via
+        # shared.process.install_fast_event_loop() in each service's __main__); the HTTP parser is
+        # chosen here.
         http=_http_implementation(),
         # Long polls hold requests for up to a minute; on SIGTERM they are cut after a short
         # grace (agents simply poll again) instead of delaying the shutdown until they end.

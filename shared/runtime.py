@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +28,7 @@ from shared.kafka import (
     make_consumer,
     make_producer,
 )
+from shared.process import settle_heap
 from shared.redis import Keys, RedisClient, make_redis_client
 from shared.tasks import Supervisor
 from shared.topics import Topics
@@ -36,23 +36,6 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 STALL_AFTER_S = 120.0
-# Young collections every 20,000 container allocations instead of 700: a request's objects
-# (scope, tasks, frames, models) mostly die with it, by reference count, before the next
-# collection instead of being traced and promoted; see settle_heap().
-GC_THRESHOLDS = (20_000, 20, 10)
-
-
-def settle_heap() -> None:
-    """Process-wide GC tuning, once the service has started (idempotent).
-
-    Everything alive after start-up (modules, FastAPI and pydantic schemas, clients: about
-    100,000 objects in the enforcer) lives as long as the process: ``gc.freeze()`` takes it
-    out of every later collection, which otherwise traces it all on each full collection.
-    Measured with ``python -m services.enforcer.measure --cpu-cycles 10 [--cpu-idle-agents N]``.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Runtime:

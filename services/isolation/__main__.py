@@ -1,7 +1,7 @@
 """``python -m services.isolation``: run the isolation service."""
 
 from services.isolation.bootstrap import main
-from shared.http import install_fast_event_loop
+from shared.process import install_fast_event_loop
 
 install_fast_event_loop()
 main()

@@ -1,7 +1,7 @@
 """``python -m services.settings`` runs the settings service."""
 
 from services.settings.bootstrap import main
-from shared.http import install_fast_event_loop
+from shared.process import install_fast_event_loop
 
 if __name__ == "__main__":
     install_fast_event_loop()
