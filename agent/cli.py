@@ -21,6 +21,7 @@ from agent.bootstrap import (
     dev_mode_from_env,
     read_resolvers,
     run_agents,
+    tune_fleet_process,
     validate_config,
 )
 from agent.client import EnrollmentRefusedError, PlainHttpRefusedError
@@ -183,6 +184,8 @@ def main(
     ) as exc:
         typer.echo(f"agent: invalid configuration: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if config.simulated:
+        tune_fleet_process()
     try:
         asyncio.run(run_agents(config))
     except (

@@ -16,7 +16,7 @@ import contextlib
 import ssl
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode, urlsplit
 
 import httptools
@@ -113,8 +113,8 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's does not subclass asyncio.Transport: no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
         if self._tls is not None:
             self._step_handshake()
 

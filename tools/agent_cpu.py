@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from agent.addresses import HostFacts
 from agent.applier import AgentStats
-from agent.bootstrap import tls_context
+from agent.bootstrap import tls_context, tune_fleet_process
 from agent.client import EnforcerClient
 from agent.firewall import SimulatedFirewall
 from agent.lighthttp import LightHttpClient
@@ -253,6 +253,9 @@ def _serve(
         server = await asyncio.start_server(enforcer.serve, sock=listening, ssl=context)
         await server.serve_forever()
 
+    # Forked from inside the parent's running loop: uvloop's does not survive a fork, so the
+    # stub enforcer gets a new loop of asyncio's own (it is not what is measured).
+    asyncio.set_event_loop_policy(None)
     asyncio.run(run())
 
 
@@ -500,7 +503,14 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-hold", type=float, default=None, help="seconds before an idle poll's 204"
     )
     parser.add_argument("--no-tls-idle", action="store_true", help="--idle-polls over plain http")
+    parser.add_argument(
+        "--untuned",
+        action="store_true",
+        help="asyncio's own loop and the default GC (simulated agents before tune_fleet_process)",
+    )
     args = parser.parse_args(argv)
+    if not args.untuned:
+        tune_fleet_process()  # as `agent --simulated` runs (agent/cli.py)
     best: Measurement | None = None
     for _ in range(args.repeat):
         # CPU time, not wall: the machine is shared, and waiting is not what is measured.

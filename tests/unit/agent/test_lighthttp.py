@@ -70,6 +70,24 @@ def ok(body: bytes, *extra: str, status: str = "200 OK") -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def test_works_on_uvloop_the_loop_simulated_agents_run_on() -> None:
+    # uvloop's transports do not subclass asyncio.Transport; `agent --simulated` runs on it.
+    import uvloop
+
+    async def exchange() -> list[int]:
+        server = ScriptedServer(lambda _: ok(b'{"a": 1}'))
+        async with serving(server) as url:
+            client = LightHttpClient(url, None)
+            codes = [(await client.request("GET", url + "/x", timeout=5)).status_code]
+            codes.append((await client.request("GET", url + "/y", timeout=5)).status_code)
+            await client.aclose()
+            assert server.connections == 1
+            return codes
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(exchange()) == [200, 200]
+
+
 async def test_keeps_one_connection_alive_across_requests() -> None:
     server = ScriptedServer(lambda _: ok(b'{"a": 1}'))
     async with serving(server) as url:
