@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
@@ -260,10 +261,14 @@ async def serve(
     *,
     ssl_certfile: str | os.PathLike[str] | None = None,
     ssl_keyfile: str | os.PathLike[str] | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> None:
     """Run uvicorn in this event loop until cancelled or signalled (SIGINT/SIGTERM).
 
     With ``ssl_certfile`` and ``ssl_keyfile`` it serves HTTPS only (the enforcer's agent API).
+    ``on_shutdown`` is called when the shutdown begins, before the requests in flight are
+    waited for (the graceful timeout below), e.g. to answer long polls instead of having them
+    cancelled.
     """
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise ValueError("serve: ssl_certfile and ssl_keyfile go together")
@@ -278,14 +283,26 @@ async def serve(
         # shared.process.install_fast_event_loop() in each service's __main__); the HTTP parser is
         # chosen here.
         http=_http_implementation(),
-        # Long polls hold requests for up to a minute; on SIGTERM they are cut after a short
-        # grace (agents simply poll again) instead of delaying the shutdown until they end.
+        # Long polls hold requests for up to a minute: on SIGTERM the enforcer answers them
+        # at once (``on_shutdown``); whatever is still running after this grace is cut (uvicorn
+        # answers 500 if nothing was sent yet) instead of delaying the shutdown.
         timeout_graceful_shutdown=3,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, on_shutdown)
     await server.serve()
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+        await super().shutdown(sockets)
 
 
 async def with_timeout(check: Awaitable[object], timeout: float = 2.0) -> bool:

@@ -250,7 +250,15 @@ async def _serve(settings: EnforcerSettings) -> None:
         settings.log_level,
         ssl_certfile=settings.tls_cert_file,
         ssl_keyfile=settings.tls_key_file,
+        on_shutdown=lambda: _drain_long_polls(app),
     )
+
+
+def _drain_long_polls(app: FastAPI) -> None:
+    # The deps exist once the lifespan has started (a shutdown during start-up has none).
+    deps = getattr(app.state, "deps", None)
+    if deps is not None:
+        deps.wakeups.drain()
 
 
 def main() -> None:

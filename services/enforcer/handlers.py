@@ -195,6 +195,11 @@ class PolicyWaiter(Protocol):
 class PolicyWakeups(Protocol):
     def waiter(self, endpoint_id: str) -> AbstractContextManager[PolicyWaiter]: ...
 
+    @property
+    def draining(self) -> bool:
+        """The process is shutting down: a poll answers what it finds now instead of waiting."""
+        ...
+
 
 class SignerNotReadyError(RuntimeError):
     """The signing key has not been loaded yet (startup not finished)."""
@@ -528,6 +533,8 @@ async def poll_policy(
     Each check is one Redis round trip that also authenticates the token (a token revoked by a
     re-enrollment during the wait stops it): an idle check compares the stored sequence and
     never reads the signed policy. Between checks the poll waits for a wake-up of its endpoint.
+    Once the process drains (shutting down) a poll answers after its next check: nothing newer
+    is a 204 the agent follows with a new poll, to another instance or to this one restarted.
     """
     digest = token_digest(token)
     deadline = time.monotonic() + wait
@@ -541,7 +548,7 @@ async def poll_policy(
             if found.newer is not None:
                 return found.newer
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or deps.wakeups.draining:
                 return None
             await waiter.wait(remaining)
 

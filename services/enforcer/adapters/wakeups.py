@@ -78,6 +78,7 @@ class RedisPolicyWakeups:
         self.wakeups_received = 0
         self.shards = 0
         self.subscriptions = 0  # times every shard link was (re)built
+        self._draining = False
 
     @property
     def waiting_count(self) -> int:
@@ -106,6 +107,17 @@ class RedisPolicyWakeups:
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.wake()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """Shutting down: every waiting poll answers now (after one more check) and no new poll
+        waits, so the server's graceful shutdown ends them with answers instead of cancelling
+        them (a cancelled poll is a cut connection and a traceback in the log)."""
+        self._draining = True
+        self.wake_all()
 
     async def start(self, timeout: float = 60.0) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="policy-wakeups")

@@ -93,3 +93,41 @@ async def test_state_survives_a_redis_crash_and_wakeups_resume(
             assert SignedPolicy.model_validate_json(response.content).policy.sequence == 2
     finally:
         redis.close()
+
+
+async def test_a_shutdown_answers_the_waiting_long_polls_instead_of_cutting_them(
+    service_env: dict[str, str], topics: Topics, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import time
+
+    port = free_port()
+    log = tmp_path / "enforcer.log"
+    enforcer = ServiceProcess("services.enforcer", service_env, port, log)
+    enforcer.start()
+    try:
+        await enforcer.wait_ready()
+        async with httpx.AsyncClient(base_url=enforcer.url, timeout=40) as http:
+            agents = [await enroll(http) for _ in range(5)]
+            polls = [asyncio.create_task(agent.poll(after=0, wait=50)) for agent in agents]
+
+            async def all_waiting() -> bool:
+                metrics = (await http.get("/metrics")).text
+                return "hostiso_enforcer_waiting_agents 5.0" in metrics
+
+            await wait_for(all_waiting, timeout=20, message="five polls waiting")
+            signalled = time.monotonic()
+            os.killpg(enforcer.proc.pid, signal.SIGTERM)
+            answers = await asyncio.gather(*polls)
+            answered_in = time.monotonic() - signalled
+        # Each one answered "nothing newer" (the agent polls again), well before the server's
+        # graceful timeout (3 s) would have cancelled it.
+        assert [a.status_code for a in answers] == [204] * 5
+        assert answered_in < 2.5, answered_in
+        await asyncio.to_thread(enforcer.proc.wait, 20)
+        text = log.read_text(errors="replace")
+        assert "Exception in ASGI application" not in text
+        assert "timeout graceful shutdown exceeded" not in text
+    finally:
+        enforcer.kill()

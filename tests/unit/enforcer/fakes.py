@@ -120,6 +120,7 @@ class CountingRateLimiter:
 class InMemoryWakeups:
     def __init__(self) -> None:
         self.waiters: dict[str, set[PolicyWaiter]] = {}
+        self.draining = False
 
     @contextlib.contextmanager
     def waiter(self, endpoint_id: str) -> Iterator[PolicyWaiter]:

@@ -26,7 +26,7 @@ from services.enforcer.signing import verify_signed_policy
 from shared.enrollment import enrollment_key
 from shared.messages import EnforcePolicy, SignedPolicy
 from tests.samples import sample_policy
-from tests.unit.enforcer.fakes import SECRET, make_deps
+from tests.unit.enforcer.fakes import SECRET, InMemoryWakeups, make_deps
 
 
 def command(sequence: int, mode: str = "standard", endpoint_id: str = "ep-1") -> EnforcePolicy:
@@ -194,6 +194,29 @@ async def test_wait_ends_empty_when_nothing_newer_arrives() -> None:
     agent = await enrolled(deps)
     await store_policy_commands(deps, [command(1, endpoint_id=agent.agent_id)], NORMAL_LANE)
     assert await poll_policy(deps, agent.agent_token, agent.agent_id, after=1, wait=0.05) is None
+
+
+async def test_a_draining_process_answers_its_waiting_polls_after_one_more_check() -> None:
+    deps, _, policies, _ = make_deps()
+    agent = await enrolled(deps)
+    await store_policy_commands(deps, [command(1, endpoint_id=agent.agent_id)], NORMAL_LANE)
+    waiting = asyncio.create_task(
+        poll_policy(deps, agent.agent_token, agent.agent_id, after=1, wait=30)
+    )
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    wakeups = deps.wakeups
+    assert isinstance(wakeups, InMemoryWakeups)
+    wakeups.draining = True
+    for waiters in wakeups.waiters.values():
+        for waiter in waiters:
+            waiter.wake()
+    assert await asyncio.wait_for(waiting, 2) is None
+    assert policies.polls == 2
+    # A poll that arrives while draining does not wait either; one newer than it still delivers.
+    assert await poll_policy(deps, agent.agent_token, agent.agent_id, after=1, wait=30) is None
+    held = await poll_policy(deps, agent.agent_token, agent.agent_id, after=0, wait=30)
+    assert held is not None and held.sequence == 1
 
 
 async def test_a_poll_with_a_token_revoked_by_reenrollment_is_refused() -> None:
