@@ -33,6 +33,7 @@ from services.enforcer.domain import (
     StoreOutcome,
 )
 from services.enforcer.handlers import AgentRecord, PolicyToStore, PollResult, RateDecision
+from shared.deflate import deflate_raw, inflate_raw
 from shared.redis import Keys, RedisClient, bucket_tags, slot_tag
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,6 @@ _SEQ_WIDTH = 20
 # dictionary is part of the stored format: never edit it, add a new tag beside it.
 _BODY_DEFLATE_V2 = b"\x02"
 _GZIP_MAGIC = b"\x1f\x8b"
-_RAW_DEFLATE_BITS = -15
 _POLICY_DICTIONARY = (
     b'{"policy":{"policy_id":"","endpoint_id":"","account_id":"","sequence":,"mode":"standard",'
     b'"allowed_outbound":[{"name":"","address":"","ports":[],"protocol":"any","expires_at":null}'
@@ -328,15 +328,7 @@ def policy_record(
     if len(pid) > 999 or len(account) > 999 or not 0 <= sequence < 10**_SEQ_WIDTH:
         raise ValueError("policy id, account id or sequence too long for the policy record")
     header = f"{sequence:0{_SEQ_WIDTH}d}{len(pid):03d}{len(account):03d}".encode()
-    deflate = zlib.compressobj(
-        9,
-        zlib.DEFLATED,
-        _RAW_DEFLATE_BITS,
-        9,
-        zlib.Z_DEFAULT_STRATEGY,
-        _record_dictionary(endpoint_id, pid, account),
-    )
-    body = deflate.compress(signed_json) + deflate.flush()
+    body = deflate_raw(signed_json, _record_dictionary(endpoint_id, pid, account))
     return header + pid + account + _BODY_DEFLATE_V2 + body
 
 
@@ -359,11 +351,8 @@ def parse_policy_record(endpoint_id: str, raw: bytes) -> HeldPolicy:
         return held
     if body[:1] != _BODY_DEFLATE_V2:
         raise ValueError(f"stored policy of {endpoint_id}: unknown body format {body[:1]!r}")
-    inflate = zlib.decompressobj(
-        _RAW_DEFLATE_BITS, zdict=_record_dictionary(endpoint_id, pid, account)
-    )
     try:
-        signed = inflate.decompress(body[1:]) + inflate.flush()
+        signed = inflate_raw(body[1:], _record_dictionary(endpoint_id, pid, account))
     except zlib.error as exc:
         raise ValueError(f"stored policy of {endpoint_id} does not inflate: {exc}") from exc
     # Raw deflate has no checksum: bytes that inflate wrongly fail the agent's signature check.

@@ -17,11 +17,12 @@ from __future__ import annotations
 import zlib
 from typing import Final, Literal
 
+from shared.deflate import deflate_raw, inflate_raw
+
 DocumentKind = Literal["state", "event"]
 
 _DEFLATE_V1: Final = b"\x01"
 _DEFLATE_CONTEXT_V2: Final = b"\x02"
-_RAW_DEFLATE_BITS: Final = -15  # no zlib header or checksum: Redis stores what it is given
 
 # Field names and values in the order the models dump them; later bytes are cheaper to refer to.
 _DICTIONARIES: Final[dict[DocumentKind, bytes]] = {
@@ -49,15 +50,7 @@ class StoredDocumentError(ValueError):
 def pack(kind: DocumentKind, document: bytes, context: bytes = b"") -> bytes:
     """``document`` (JSON) as it is stored; ``context`` (if any) must be given again to unpack."""
     tag = _DEFLATE_CONTEXT_V2 if context else _DEFLATE_V1
-    deflate = zlib.compressobj(
-        9,
-        zlib.DEFLATED,
-        _RAW_DEFLATE_BITS,
-        9,
-        zlib.Z_DEFAULT_STRATEGY,
-        _DICTIONARIES[kind] + context,
-    )
-    return tag + deflate.compress(document) + deflate.flush()
+    return tag + deflate_raw(document, _DICTIONARIES[kind] + context)
 
 
 def unpack(kind: DocumentKind, stored: bytes, context: bytes = b"") -> bytes:
@@ -68,9 +61,8 @@ def unpack(kind: DocumentKind, stored: bytes, context: bytes = b"") -> bytes:
     if tag not in (_DEFLATE_V1, _DEFLATE_CONTEXT_V2):
         raise StoredDocumentError(f"stored {kind} document has an unknown format tag {tag!r}")
     dictionary = _DICTIONARIES[kind] + (context if tag == _DEFLATE_CONTEXT_V2 else b"")
-    inflate = zlib.decompressobj(_RAW_DEFLATE_BITS, zdict=dictionary)
     try:
-        document = inflate.decompress(stored[1:]) + inflate.flush()
+        document = inflate_raw(stored[1:], dictionary)
     except zlib.error as exc:
         raise StoredDocumentError(f"stored {kind} document does not inflate: {exc}") from exc
     return document
