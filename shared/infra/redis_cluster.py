@@ -239,6 +239,35 @@ class LocalRedisCluster:
         info = self._cli(port, "info", "replication")
         return "role:master" in info or "master_link_status:up" in info
 
+    def wait_replicated(self, index: int, timeout: float = 30.0) -> None:
+        """Until every replica of the master ``nodes[index]`` has acknowledged all it holds now.
+
+        Replication is asynchronous: a write acknowledged by a master that is SIGKILLed before
+        its replica got it is lost with it, as on any Redis Cluster. A test that asserts the
+        data survives a failover waits for this first."""
+        port = self.nodes[index].port
+        deadline = time.monotonic() + timeout
+        target: int | None = None
+        while time.monotonic() < deadline:
+            fields = dict(
+                line.split(":", 1)
+                for line in self._cli(port, "info", "replication").splitlines()
+                if ":" in line
+            )
+            if target is None:
+                target = int(fields.get("master_repl_offset", "0").strip())
+            offsets = [
+                int(part.split("=", 1)[1])
+                for key, value in fields.items()
+                if key.startswith("slave") and key[5:].isdigit()
+                for part in value.strip().split(",")
+                if part.startswith("offset=")
+            ]
+            if offsets and min(offsets) >= target:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"replicas of node {index} did not catch up within {timeout}s")
+
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Until every running node reports ``cluster_state:ok`` and every replica is in sync."""
         deadline = time.monotonic() + timeout
