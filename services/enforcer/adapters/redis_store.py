@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import hmac
 import logging
@@ -339,24 +338,23 @@ def parse_policy_record(endpoint_id: str, raw: bytes) -> HeldPolicy:
     at += 6
     pid, account = raw[at : at + id_len], raw[at + id_len : at + id_len + account_len]
     body = raw[at + id_len + account_len :]
-    held = HeldPolicy(
+    gzipped = body[:2] == _GZIP_MAGIC
+    if not gzipped:
+        if body[:1] != _BODY_DEFLATE_V2:
+            raise ValueError(f"stored policy of {endpoint_id}: unknown body format {body[:1]!r}")
+        try:
+            body = inflate_raw(body[1:], _record_dictionary(endpoint_id, pid, account))
+        except zlib.error as exc:
+            raise ValueError(f"stored policy of {endpoint_id} does not inflate: {exc}") from exc
+        # Raw deflate has no checksum: bytes that inflate wrongly fail the agent's signature check.
+    return HeldPolicy(
         endpoint_id=endpoint_id,
         sequence=int(raw[:_SEQ_WIDTH]),
         policy_id=pid.decode(),
         account_id=account.decode(),
         body=body,
-        gzipped=True,
+        gzipped=gzipped,
     )
-    if body[:2] == _GZIP_MAGIC:
-        return held
-    if body[:1] != _BODY_DEFLATE_V2:
-        raise ValueError(f"stored policy of {endpoint_id}: unknown body format {body[:1]!r}")
-    try:
-        signed = inflate_raw(body[1:], _record_dictionary(endpoint_id, pid, account))
-    except zlib.error as exc:
-        raise ValueError(f"stored policy of {endpoint_id} does not inflate: {exc}") from exc
-    # Raw deflate has no checksum: bytes that inflate wrongly fail the agent's signature check.
-    return dataclasses.replace(held, body=signed, gzipped=False)
 
 
 def _record_dictionary(endpoint_id: str, policy_id: bytes, account_id: bytes) -> bytes:
